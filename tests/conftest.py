@@ -1,0 +1,41 @@
+"""Shared fixtures. Tests run offline on real images: the embedded CIFAR-10 sample in assets/,
+the shared CIFAR-10 subset beside the project (../shared/data), or files a test writes."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# No test may reach the network: gradio_client and huggingface_hub phone home unless told not to.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_ZIP = ROOT / "assets" / "cifar10-sample.zip"
+SHARED_ZIP = ROOT.parent / "shared" / "data" / "cifar10-jpg-mini.zip"
+
+
+def pytest_configure(config):
+    import torch
+
+    # 2-core machines: one intra-op thread per test process keeps the suite predictable.
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def sample_zip() -> Path:
+    return SAMPLE_ZIP
+
+
+@pytest.fixture(scope="session")
+def shared_zip() -> Path:
+    if not SHARED_ZIP.exists():
+        pytest.skip(f"shared CIFAR-10 subset not found at {SHARED_ZIP}")
+    return SHARED_ZIP
+
+
+@pytest.fixture(scope="session")
+def session_data_dir(tmp_path_factory) -> Path:
+    """A data directory shared by the whole test session (the embedded sample is extracted once)."""
+    return tmp_path_factory.mktemp("data")
