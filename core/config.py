@@ -1,0 +1,234 @@
+"""The run configuration: one object shared by the dashboard, the command line and saved runs.
+
+``RunConfig`` nests ``DataConfig``, ``ModelConfig`` and ``OptimConfig``. Every field has a
+commented default; ``RunConfig.from_dict`` rejects unknown fields and invalid values with a message
+that names the field, and ``to_dict``/``from_dict`` round-trip through JSON.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import ConfigError
+
+SOURCES = ("sample", "torchvision", "folder", "zip", "index")
+NORMALIZE_CHOICES = ("auto", "tutorial", "imagenet", "dataset", "none")
+IN_MEMORY_CHOICES = ("auto", "on", "off")
+FREEZE_CHOICES = ("none", "features", "stages")
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULERS = ("none", "step", "multistep", "exponential", "cosine", "onecycle", "plateau")
+PRECISIONS = ("fp32", "bf16", "fp16")
+MONITORS = ("val_accuracy", "val_loss")
+DEVICES_HINT = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+
+
+@dataclass
+class DataConfig:
+    source: str = "sample"            # sample | torchvision | folder | zip | index
+    location: str | None = None       # torchvision set name, or a folder / .zip / index-file path
+    val_fraction: float = 0.1         # of the whole dataset (ignored where the source has a val split)
+    test_fraction: float = 0.1        # of the whole dataset (ignored where the source has a test split)
+    split_seed: int = 0               # the split is a function of this seed only
+    image_size: int | None = None     # None: what the model needs (native size with small-input stem)
+    train_augment: list[dict] | None = None  # transforms spec; None: the tutorials' crop + flip
+    normalize: str = "auto"           # auto: imagenet for pretrained weights, else tutorial [-1, 1]
+    batch_size: int = 64
+    num_workers: int | str = "auto"   # "auto": the tutorials' rule, 0 on machines with <= 2 cores
+    in_memory: str = "auto"           # hold small splits as one uint8 tensor (auto: when it fits)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tutorial_net"        # a name from core.models.list_models()
+    pretrained: bool = False          # torchvision ImageNet weights (local file or download)
+    weights_path: str | None = None   # a user's own .pth (state_dict or checkpoint)
+    small_input_stem: bool = True     # adapt the first layers for small images instead of resizing
+    freeze: str = "none"              # none | features (train the head only) | stages
+    freeze_stages: int = 0            # with freeze="stages": how many leading stages to freeze
+    init: str = "default"             # initialisation of layers that are not pretrained
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "sgd"            # sgd | adam | adamw | rmsprop
+    lr: float = 0.01                  # backbone (and head, unless head_lr is set) learning rate
+    head_lr: float | None = None      # a separate learning rate for the classifier head
+    momentum: float = 0.9             # SGD / RMSprop momentum (the tutorials use 0.9)
+    nesterov: bool = False
+    weight_decay: float = 5e-4        # not applied to biases and normalisation parameters
+    scheduler: str = "none"           # none | step | multistep | exponential | cosine | onecycle | plateau
+    step_size: int = 10               # StepLR: epochs between decays
+    milestones: list[int] = field(default_factory=lambda: [30, 60])  # MultiStepLR epochs
+    gamma: float = 0.1                # decay factor (Step, MultiStep, Exponential, Plateau)
+    warmup_epochs: int = 0            # linear warm-up from lr/warmup_steps to lr (not with onecycle)
+    label_smoothing: float = 0.0
+    class_weights: str | list[float] | None = None  # None | "balanced" (inverse frequency) | list
+    accumulation_steps: int = 1       # gradient accumulation: a bigger batch on a small card
+    grad_clip: float | None = None    # max gradient norm; None: no clipping
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: int = 5
+    device: str = "auto"              # auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps
+    precision: str = "fp32"           # fp32 | bf16 | fp16 (mixed precision; fp16 needs CUDA)
+    seed: int = 0                     # Python, NumPy and torch seeds
+    deterministic: bool = False       # torch.use_deterministic_algorithms + cudnn.deterministic
+    early_stopping_patience: int | None = None  # epochs without improvement before stopping
+    monitor: str = "val_accuracy"     # what "best" means: val_accuracy (max) or val_loss (min)
+    multi_gpu: bool = False           # DataParallel over all visible GPUs, as the tutorials show
+    name: str | None = None           # a label for the run; None: model name and time
+
+    # ---- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
+        """Build and validate a configuration; unknown fields raise ConfigError naming them."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"A run configuration must be a JSON object, got {type(raw).__name__}.")
+        raw = dict(raw)
+        sections = {}
+        for key, sub in (("data", DataConfig), ("model", ModelConfig), ("optim", OptimConfig)):
+            sections[key] = _build(sub, raw.pop(key, {}) or {}, prefix=f"{key}.")
+        cfg = _build(cls, raw, prefix="", extra=sections)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"The configuration is not valid JSON: {err}.") from None
+        return cls.from_dict(raw)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"Cannot read the configuration file {path}: {err.strerror}.") from None
+        try:
+            return cls.from_json(text)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json(), encoding="utf-8")
+
+    # ---- validation ----------------------------------------------------------------------
+    def validate(self) -> "RunConfig":
+        """Check ranges and choices; raise ConfigError naming the field and what is allowed."""
+        d, m, o = self.data, self.model, self.optim
+        _choice("data.source", d.source, SOURCES)
+        if d.source != "sample" and not d.location:
+            raise ConfigError(f"data.location is needed for the {d.source!r} source "
+                              "(a torchvision set name, or a folder, .zip or index-file path).")
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(d, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"data.{name} must be in [0, 1), got {value}.")
+        if d.val_fraction + d.test_fraction >= 1.0:
+            raise ConfigError("data.val_fraction + data.test_fraction must leave images to train on "
+                              f"(sum < 1), got {d.val_fraction + d.test_fraction:.2f}.")
+        if d.image_size is not None and d.image_size < 8:
+            raise ConfigError(f"data.image_size must be at least 8 pixels, got {d.image_size}.")
+        _positive_int("data.batch_size", d.batch_size)
+        if not (d.num_workers == "auto" or (isinstance(d.num_workers, int) and d.num_workers >= 0)):
+            raise ConfigError(f"data.num_workers must be 'auto' or an integer >= 0, got {d.num_workers!r}.")
+        _choice("data.normalize", d.normalize, NORMALIZE_CHOICES)
+        _choice("data.in_memory", d.in_memory, IN_MEMORY_CHOICES)
+        _choice("model.freeze", m.freeze, FREEZE_CHOICES)
+        if m.freeze == "stages" and m.freeze_stages < 1:
+            raise ConfigError("model.freeze_stages must be at least 1 with model.freeze='stages'.")
+        _choice("optim.optimizer", o.optimizer, OPTIMIZERS)
+        _choice("optim.scheduler", o.scheduler, SCHEDULERS)
+        for name in ("lr",) + (("head_lr",) if o.head_lr is not None else ()):
+            value = getattr(o, name)
+            if not value > 0:
+                raise ConfigError(f"optim.{name} must be > 0, got {value}.")
+        if not 0.0 <= o.momentum < 1.0:
+            raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}.")
+        if o.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay}.")
+        if not 0.0 <= o.label_smoothing < 1.0:
+            raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}.")
+        if not 0.0 < o.gamma <= 1.0:
+            raise ConfigError(f"optim.gamma must be in (0, 1], got {o.gamma}.")
+        _positive_int("optim.step_size", o.step_size)
+        _positive_int("optim.accumulation_steps", o.accumulation_steps)
+        if o.warmup_epochs < 0:
+            raise ConfigError(f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}.")
+        if o.grad_clip is not None and not o.grad_clip > 0:
+            raise ConfigError(f"optim.grad_clip must be > 0 or empty, got {o.grad_clip}.")
+        if isinstance(o.class_weights, str) and o.class_weights != "balanced":
+            raise ConfigError(f"optim.class_weights must be empty, 'balanced' or a list of numbers, "
+                              f"got {o.class_weights!r}.")
+        if isinstance(o.class_weights, list) and any(not w >= 0 for w in o.class_weights):
+            raise ConfigError("optim.class_weights must all be >= 0.")
+        _positive_int("epochs", self.epochs)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("monitor", self.monitor, MONITORS)
+        if self.early_stopping_patience is not None:
+            _positive_int("early_stopping_patience", self.early_stopping_patience)
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device must be {DEVICES_HINT}, got {self.device!r}.")
+        return self
+
+
+def _build(cls, raw: dict, prefix: str, extra: dict | None = None):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'configuration'} must be an object, got {raw!r}.")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        valid = ", ".join(prefix + n for n in names)
+        raise ConfigError(f"Unknown configuration field(s): {', '.join(prefix + u for u in unknown)}. "
+                          f"Valid fields: {valid}.")
+    kwargs = dict(extra or {})
+    for key, value in raw.items():
+        kwargs[key] = _coerce(prefix + key, names[key], value)
+    return cls(**kwargs)
+
+
+def _coerce(label: str, f: dataclasses.Field, value: Any) -> Any:
+    """Light type checking for JSON values: ints for int fields, numbers for float fields."""
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{label} must be true or false, got {value!r}.")
+    elif isinstance(default, float) or (f.type in ("float", "float | None") and value is not None):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{label} must be a number, got {value!r}.")
+        value = float(value)
+    elif isinstance(default, int) and f.type == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{label} must be a whole number, got {value!r}.")
+    elif isinstance(default, str) and f.type == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{label} must be text, got {value!r}.")
+    return value
+
+
+def _choice(label: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{label} must be one of {', '.join(choices)}; got {value!r}.")
+
+
+def _positive_int(label: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{label} must be a whole number >= 1, got {value!r}.")

@@ -1,0 +1,64 @@
+"""RunConfig: defaults, JSON round-trip, and clear messages for unknown or invalid fields."""
+import json
+
+import pytest
+
+from core.config import RunConfig
+from core.errors import ConfigError
+
+
+def test_defaults_are_valid_and_round_trip_through_json(tmp_path):
+    cfg = RunConfig()
+    cfg.optim.lr = 0.05
+    cfg.data.train_augment = [{"name": "RandomHorizontalFlip", "params": {"p": 0.5}}]
+    path = tmp_path / "run.json"
+    cfg.save(path)
+    again = RunConfig.load(path)
+    assert again == cfg
+    assert json.loads(path.read_text())["optim"]["lr"] == 0.05
+
+
+def test_unknown_field_is_named_with_the_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict({"optim": {"learning_rate": 0.1}})
+    msg = str(err.value)
+    assert "optim.learning_rate" in msg and "optim.lr" in msg
+
+
+def test_unknown_top_level_field():
+    with pytest.raises(ConfigError, match="epochz"):
+        RunConfig.from_dict({"epochz": 3})
+
+
+@pytest.mark.parametrize("raw, field", [
+    ({"optim": {"lr": -1}}, "optim.lr"),
+    ({"optim": {"optimizer": "lbfgs"}}, "optim.optimizer"),
+    ({"optim": {"scheduler": "warm"}}, "optim.scheduler"),
+    ({"data": {"batch_size": 0}}, "data.batch_size"),
+    ({"data": {"val_fraction": 0.6, "test_fraction": 0.5}}, "val_fraction + data.test_fraction"),
+    ({"data": {"source": "folder"}}, "data.location"),
+    ({"epochs": 0}, "epochs"),
+    ({"epochs": "five"}, "epochs"),
+    ({"precision": "fp8"}, "precision"),
+    ({"device": "tpu"}, "device"),
+    ({"model": {"freeze": "stages", "freeze_stages": 0}}, "model.freeze_stages"),
+    ({"optim": {"class_weights": "inverse"}}, "optim.class_weights"),
+    ({"model": {"pretrained": "yes"}}, "model.pretrained"),
+])
+def test_invalid_values_name_the_field(raw, field):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict(raw)
+    assert field in str(err.value)
+
+
+def test_integers_are_accepted_for_float_fields_and_whole_floats_for_ints():
+    cfg = RunConfig.from_dict({"optim": {"lr": 1}, "epochs": 3.0})
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.epochs == 3 and isinstance(cfg.epochs, int)
+
+
+def test_bad_json_text_and_unreadable_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        RunConfig.from_json("{epochs: 3")
+    with pytest.raises(ConfigError, match="Cannot read"):
+        RunConfig.load(tmp_path / "missing.json")
