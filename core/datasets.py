@@ -1,0 +1,1145 @@
+"""Datasets: every source becomes one ``LabDataset``.
+
+Sources (``load_dataset(kind, ...)``, dispatched through ``SOURCES``):
+
+* ``"sample"``      the embedded CIFAR-10 sample (assets/cifar10-sample.zip), extracted once;
+* ``"torchvision"`` CIFAR10, CIFAR100, MNIST, FashionMNIST through ``torchvision.datasets``
+                    (downloaded when possible, else read from files placed by hand);
+* ``"folder"``      an ImageFolder tree (one sub-folder per class, optionally inside train/ val/ test/);
+* ``"zip"``         an uploaded .zip of such a tree, safely extracted under ``<data_dir>/uploads/``;
+* ``"index"``       a .txt/.csv file of ``path,label[,split]`` lines.
+
+File-backed sources check every image when they are loaded (cheaply: header plus a reduced-size
+decode), so corrupt, truncated or oversized files are listed in ``ds.skipped`` instead of crashing
+a training run an hour later. Images are converted to one mode per dataset ("RGB" or "L").
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import math
+import os
+import re
+import shutil
+import socket
+import tarfile
+import tempfile
+import unicodedata
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+from urllib.parse import urlparse
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from core.errors import ConfigError, DataError, MissingFileError
+from core.registry import Registry
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA_DIR = ROOT / "data"
+SAMPLE_ZIP = ROOT / "assets" / "cifar10-sample.zip"
+SAMPLE_FOLDER = "cifar10-sample"  # top folder inside the sample zip, and its name under data_dir
+SAMPLE_NAME = "CIFAR-10 sample"
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
+# File modes whose pixels carry no colour: a dataset made only of these is loaded as "L".
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+# Folder (and index-file) names of a predefined split → canonical split name.
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+SPLIT_ORDER = ("train", "val", "test")
+
+# Reasons written in ds.skipped (the text after the colon gives details).
+REASON_NOT_IMAGE = "not an image"
+REASON_CORRUPT = "corrupt image"
+REASON_TRUNCATED = "truncated image"
+REASON_TOO_LARGE = "image too large"
+REASON_NO_CLASS = "not inside a class folder"
+REASON_NOT_FOUND = "file not found"
+
+# Non-JPEG images up to this many pixels are fully decoded at scan time (cheap for small images);
+# larger ones get Pillow's structural verify() only, and load_image reports problems later.
+FULL_DECODE_MAX_PIXELS = 1 << 20
+
+# Upload limits: a zip that would unpack beyond these is refused before anything is written.
+MAX_ZIP_TOTAL_BYTES = 2 * 1024**3
+MAX_ZIP_ENTRIES = 200_000
+MAX_COMPRESSION_RATIO = 100  # JPEG/PNG barely compress; 100:1 is zeros or text, i.e. a zip bomb
+RATIO_CHECK_MIN_BYTES = 1 << 20  # a small entry cannot be a bomb whatever its ratio
+
+# Torchvision sets: checked against the official MD5 sums unless turned off (custom subsets saved in
+# the official on-disk format, and the test suite, use the unverified path).
+VERIFY_CHECKSUMS = True
+DOWNLOAD_PROBE_TIMEOUT_S = 3.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Image conversion and checking
+# --------------------------------------------------------------------------------------------------
+
+def convert_image(image: Image.Image, mode: str) -> Image.Image:
+    """Convert any Pillow image to ``mode`` ("RGB" or "L").
+
+    16-bit and 32-bit images are scaled to 8 bits (Pillow's own convert clips them to 255),
+    palettes are expanded, and transparent pixels are composited on white.
+    """
+    if image.mode == mode:
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _to_8bit(image)
+    if image.mode in ("P", "PA") or "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert(mode)
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """I;16* (0..65535) and I (assumed 16-bit range) → L by /257; F (assumed 0..1) → L by ×255."""
+    a = np.asarray(image)
+    if image.mode == "F":
+        out = np.clip(np.nan_to_num(a.astype(np.float64)) * 255.0 + 0.5, 0, 255)
+    else:
+        out = (np.clip(a.astype(np.int64), 0, 65535) * 255 + 32767) // 65535
+    return Image.fromarray(out.astype(np.uint8))  # 2-D uint8 → "L"
+
+
+class _Skip(Exception):
+    """A file to leave out; the message is the reason shown in ``ds.skipped``."""
+
+
+def check_image(path: str | os.PathLike) -> tuple[int, int, str]:
+    """Return (width, height, file mode) of an image file, or raise ``_Skip`` with the reason.
+
+    JPEGs are decoded at 1/8 scale (reads the whole entropy stream, so truncation shows, for a
+    fraction of the cost); other formats are decoded fully when small, else structurally verified.
+    """
+    path = os.fspath(path)
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        # Pillow raises above 2× MAX_IMAGE_PIXELS and only warns above 1×: the explicit check skips
+        # those too. (No warnings.catch_warnings here: it is not thread-safe and the UI is threaded.)
+        with Image.open(path) as im:
+            w, h = im.size
+            mode, fmt = im.mode, im.format
+            if limit is not None and w * h > limit:
+                raise _Skip(_too_large_reason(w, h, limit))
+            if fmt == "JPEG":
+                im.draft(None, (max(1, w // 8), max(1, h // 8)))
+                im.load()
+            elif w * h <= FULL_DECODE_MAX_PIXELS:
+                im.load()
+            else:
+                im.verify()
+    except _Skip:
+        raise
+    except Image.DecompressionBombError as e:
+        raise _Skip(f"{REASON_TOO_LARGE}: {e} (Image.MAX_IMAGE_PIXELS); shrink the image") from None
+    except UnidentifiedImageError:
+        raise _Skip(f"{REASON_CORRUPT}: Pillow cannot identify the file as an image") from None
+    except FileNotFoundError:
+        raise _Skip(REASON_NOT_FOUND) from None
+    except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, struct.error...
+        text = str(e) or type(e).__name__
+        if "truncat" in text.lower():
+            raise _Skip(f"{REASON_TRUNCATED}: {text}") from None
+        raise _Skip(f"{REASON_CORRUPT}: {text}") from None
+    return w, h, mode
+
+
+def _too_large_reason(w: int, h: int, limit: int) -> str:
+    return (f"{REASON_TOO_LARGE}: {w}x{h} = {w * h:,} pixels is over Pillow's decompression-bomb "
+            f"limit of {limit:,} (Image.MAX_IMAGE_PIXELS); shrink the image")
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _nfc(name: str) -> str:
+    # macOS writes decomposed (NFD) names: "é" in train/ and test/ must be one class.
+    return unicodedata.normalize("NFC", name)
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+# --------------------------------------------------------------------------------------------------
+# The dataset objects
+# --------------------------------------------------------------------------------------------------
+
+class LabDataset:
+    """One uniform dataset whatever the source (see docs/architecture.md).
+
+    Attributes: ``name``, ``classes``, ``targets``, ``mode``, ``splits``, ``skipped``, ``source``,
+    ``warnings`` (messages for the user, e.g. a dropped empty class folder).
+    """
+
+    def __init__(self, *, name: str, classes: list[str], targets: list[int], mode: str,
+                 splits: dict[str, list[int]] | None, skipped: list[tuple[str, str]] | None = None,
+                 source: dict | None = None, warnings: list[str] | None = None):
+        self.name = name
+        self.classes = list(classes)
+        self.targets = [int(t) for t in targets]
+        self.mode = mode
+        self.splits = splits
+        self.skipped = list(skipped or [])
+        self.source = dict(source or {})
+        self.warnings = list(warnings or [])
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __repr__(self) -> str:
+        splits = {k: len(v) for k, v in (self.splits or {}).items()}
+        return (f"{type(self).__name__}(name={self.name!r}, images={len(self)}, "
+                f"classes={len(self.classes)}, mode={self.mode!r}, splits={splits or None})")
+
+    # subclasses implement these four
+    def _open(self, i: int) -> Image.Image:
+        raise NotImplementedError
+
+    def describe(self, i: int) -> str:
+        """Where sample ``i`` comes from: a path, or e.g. "MNIST train #12"."""
+        raise NotImplementedError
+
+    def image_path(self, i: int) -> str | None:
+        """The file of sample ``i`` on disk, or None for array-backed sets."""
+        raise NotImplementedError
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        """(width, height) of sample ``i`` as stored (known from the scan: no decoding)."""
+        raise NotImplementedError
+
+    def image_mode(self, i: int) -> str:
+        """Pillow mode of sample ``i`` as stored (before conversion to ``self.mode``)."""
+        raise NotImplementedError
+
+    def load_image(self, i: int) -> Image.Image:
+        """Sample ``i`` as a PIL image in ``self.mode``."""
+        return convert_image(self._open(i), self.mode)
+
+    def class_counts(self) -> list[int]:
+        """Number of images of each class, in ``classes`` order."""
+        return np.bincount(np.asarray(self.targets, dtype=np.int64), minlength=len(self.classes)).tolist()
+
+    def to_uint8_array(self, indices: Iterable[int], size: int | Sequence[int] | None = None) -> np.ndarray:
+        """Images ``indices`` as one N×H×W×C uint8 array (C = 1 for "L", 3 for "RGB").
+
+        ``size`` = (height, width) (or an int for square) resizes each image (bilinear, antialiased);
+        without it every image must already have the same size.
+        """
+        idx = [int(i) for i in indices]
+        channels = 1 if self.mode == "L" else 3
+        if size is not None:
+            h, w = _pair(size)
+        elif idx:
+            w, h = self.image_size(idx[0])
+        else:
+            return np.zeros((0, 0, 0, channels), dtype=np.uint8)
+        out = np.empty((len(idx), h, w, channels), dtype=np.uint8)
+        for k, i in enumerate(idx):
+            im = self.load_image(i)
+            if im.size != (w, h):
+                if size is None:
+                    raise DataError(
+                        f"{self.describe(i)} is {im.size[0]}x{im.size[1]} but {self.describe(idx[0])} is "
+                        f"{w}x{h}: images of different sizes need a target size (size=(height, width)).")
+                im = im.resize((w, h), Image.BILINEAR)
+            out[k] = np.asarray(im).reshape(h, w, channels)
+        return out
+
+
+class FileDataset(LabDataset):
+    """Images stored as files (sample, folder, zip, index sources)."""
+
+    def __init__(self, *, root: str | os.PathLike, paths: list[str], sizes: list[tuple[int, int]],
+                 file_modes: list[str], **kw):
+        super().__init__(**kw)
+        self.root = str(root)
+        self.paths = list(paths)
+        self.sizes = [tuple(s) for s in sizes]
+        self.file_modes = list(file_modes)
+
+    def _open(self, i: int) -> Image.Image:
+        path = self.paths[i]
+        limit = Image.MAX_IMAGE_PIXELS
+        try:
+            with Image.open(path) as im:
+                if limit is not None and im.size[0] * im.size[1] > limit:
+                    raise Image.DecompressionBombError(f"{im.size[0]}x{im.size[1]} pixels is over {limit:,}")
+                im.load()  # decode now: the file is closed on leaving the block
+                return im
+        except FileNotFoundError:
+            raise DataError(f"Image {path} no longer exists. Reload the dataset.") from None
+        except Image.DecompressionBombError as e:
+            raise DataError(f"Image {path} is too large to open safely ({e}). Shrink it or remove it.") from None
+        except Exception as e:
+            raise DataError(f"Image {path} cannot be read ({e or type(e).__name__}): the file is corrupt or "
+                            f"was changed after the dataset was loaded. Remove it and reload the dataset.") from None
+
+    def describe(self, i: int) -> str:
+        path = Path(self.paths[i])
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
+    def image_path(self, i: int) -> str | None:
+        return self.paths[i]
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        return self.sizes[i]
+
+    def image_mode(self, i: int) -> str:
+        return self.file_modes[i]
+
+
+class ArrayDataset(LabDataset):
+    """Images held in one uint8 array: N×H×W ("L") or N×H×W×C (C = 1, 3)."""
+
+    def __init__(self, *, data: np.ndarray, split_names: Sequence[tuple[str, int]] | None = None, **kw):
+        data = np.asarray(data)
+        if data.dtype != np.uint8:
+            raise DataError(f"Array data for {kw.get('name')!r} is {data.dtype}; uint8 images are expected.")
+        if data.ndim == 4 and data.shape[3] == 1:
+            data = data[..., 0]
+        if not (data.ndim == 3 or (data.ndim == 4 and data.shape[3] == 3)):
+            raise DataError(f"Array data for {kw.get('name')!r} has shape {data.shape}; expected N×H×W or N×H×W×3.")
+        kw.setdefault("mode", "L" if data.ndim == 3 else "RGB")
+        super().__init__(**kw)
+        if len(data) != len(self.targets):
+            raise DataError(f"{self.name}: {len(data)} images but {len(self.targets)} labels.")
+        self.data = data
+        # (split name, first index) in order, for describe(): "MNIST test #12"
+        self._split_starts = list(split_names or [])
+
+    def _open(self, i: int) -> Image.Image:
+        return Image.fromarray(self.data[i])  # H×W uint8 → "L", H×W×3 → "RGB"
+
+    def describe(self, i: int) -> str:
+        split, start = "", 0
+        for name, first in self._split_starts:
+            if i >= first:
+                split, start = name, first
+        return f"{self.name} {split} #{i - start}" if split else f"{self.name} #{i}"
+
+    def image_path(self, i: int) -> str | None:
+        return None
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        return int(self.data.shape[2]), int(self.data.shape[1])
+
+    def image_mode(self, i: int) -> str:
+        return "L" if self.data.ndim == 3 else "RGB"
+
+    def to_uint8_array(self, indices: Iterable[int], size: int | Sequence[int] | None = None) -> np.ndarray:
+        idx = np.asarray(list(indices), dtype=np.int64)
+        h, w = self.data.shape[1:3]
+        if size is None or _pair(size) == (h, w):
+            out = self.data[idx]
+            return out[..., None] if out.ndim == 3 else out
+        return super().to_uint8_array(idx.tolist(), size)
+
+
+def common_image_size(ds: LabDataset) -> tuple[int, int] | None:
+    """(width, height) shared by every image of ``ds``, or None when sizes differ."""
+    if isinstance(ds, ArrayDataset):
+        return ds.image_size(0) if len(ds) else None
+    sizes = {ds.image_size(i) for i in range(len(ds))}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Building a file-backed dataset from (path, class, split) entries
+# --------------------------------------------------------------------------------------------------
+
+def _build_file_dataset(*, name: str, root: Path, where: str, class_names: Iterable[str],
+                        entries: Iterable[tuple[Path, str, str | None]], skipped: list[tuple[str, str]],
+                        warnings: list[str], source: dict) -> FileDataset:
+    """Scan every entry, drop files that are not usable images, drop empty classes, check ≥ 2 classes."""
+    root = Path(root)
+
+    def rel(p: Path) -> str:
+        try:
+            return p.relative_to(root).as_posix()
+        except ValueError:
+            return str(p)
+
+    good: list[tuple[str, str, str | None, int, int, str]] = []
+    skipped_per_class: dict[str, int] = {}
+    for path, cls, split in entries:
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            reason = REASON_NOT_IMAGE
+        else:
+            try:
+                w, h, fmode = check_image(path)
+                good.append((str(path), cls, split, w, h, fmode))
+                continue
+            except _Skip as s:
+                reason = str(s)
+        skipped.append((rel(path), reason))
+        skipped_per_class[cls] = skipped_per_class.get(cls, 0) + 1
+
+    present = {g[1] for g in good}
+    classes = []
+    for cls in class_names:
+        if cls in present:
+            classes.append(cls)
+        else:
+            extra = f" ({skipped_per_class[cls]} unusable files skipped)" if cls in skipped_per_class else ""
+            warnings.append(f"Class '{cls}' has no usable images{extra}; it was left out.")
+    if not classes:
+        detail = f" ({len(skipped)} files skipped; see the skipped list)" if skipped else ""
+        raise DataError(f"No usable images found in {where}{detail}. Expected one sub-folder per class "
+                        f"holding image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+    if len(classes) == 1:
+        raise DataError(f"A classifier needs at least 2 classes, found 1: '{classes[0]}' in {where}. "
+                        f"Add images of at least one more class (one sub-folder, or label, per class).")
+    index = {c: k for k, c in enumerate(classes)}
+    gray = all(g[5] in GRAYSCALE_MODES for g in good)
+    splits: dict[str, list[int]] | None = None
+    if any(g[2] is not None for g in good):
+        splits = {}
+        for i, g in enumerate(good):
+            splits.setdefault(g[2] or "train", []).append(i)
+        splits = {k: splits[k] for k in SPLIT_ORDER if k in splits}
+    return FileDataset(
+        name=name, classes=classes, targets=[index[g[1]] for g in good], mode="L" if gray else "RGB",
+        splits=splits, skipped=skipped, source=source, warnings=warnings, root=root,
+        paths=[g[0] for g in good], sizes=[(g[3], g[4]) for g in good], file_modes=[g[5] for g in good])
+
+
+def _visible(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Sorted (sub-folders, files) of ``folder``, hidden entries and __MACOSX left out."""
+    dirs, files = [], []
+    for p in sorted(folder.iterdir(), key=lambda p: p.name):
+        if _is_hidden(p.name):
+            continue
+        (dirs if p.is_dir() else files).append(p)
+    return dirs, files
+
+
+def _class_files(folder: Path) -> list[Path]:
+    """Every visible file below a class folder (nested folders included), sorted."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        out.extend(Path(dirpath) / f for f in sorted(filenames) if not _is_hidden(f))
+    return out
+
+
+def _unwrap(folder: Path) -> Path:
+    """Step into single wrapper folders (a zip of ``mydata/<class>/...``)."""
+    for _ in range(4):
+        dirs, files = _visible(folder)
+        has_images = any(f.suffix.lower() in IMAGE_EXTENSIONS for f in files)
+        if (len(dirs) == 1 and not has_images and dirs[0].name.lower() not in SPLIT_ALIASES
+                and _visible(dirs[0])[0]):
+            folder = dirs[0]
+        else:
+            break
+    return folder
+
+
+def _load_folder_tree(folder: Path, *, name: str, source: dict) -> FileDataset:
+    """ImageFolder layout, optionally split into train/ val|valid|validation/ test/ first."""
+    if not folder.is_dir():
+        raise DataError(f"Folder {folder} does not exist or is not a folder. Give the path of a folder "
+                        f"that holds one sub-folder per class.")
+    folder = _unwrap(folder)
+    dirs, files = _visible(folder)
+    skipped: list[tuple[str, str]] = []
+    warnings: list[str] = []
+    split_dirs = [d for d in dirs if d.name.lower() in SPLIT_ALIASES]
+    if split_dirs:
+        others = [d.name for d in dirs if d.name.lower() not in SPLIT_ALIASES]
+        if others:
+            raise DataError(
+                f"Folder {folder} mixes split folders ({', '.join(d.name for d in split_dirs)}) with other "
+                f"folders ({', '.join(others)}). Put every class folder inside train/, val/ and test/, or use "
+                f"no split folders at all.")
+        groups = sorted(((SPLIT_ALIASES[d.name.lower()], d) for d in split_dirs),
+                        key=lambda g: (SPLIT_ORDER.index(g[0]), g[1].name))
+    else:
+        groups = [(None, folder)]
+    entries: list[tuple[Path, str, str | None]] = []
+    class_names: set[str] = set()
+    for split, top in groups:
+        class_dirs, loose = _visible(top)
+        loose_images = [f for f in loose if f.suffix.lower() in IMAGE_EXTENSIONS]
+        for f in loose_images:
+            skipped.append((f.relative_to(folder).as_posix(), REASON_NO_CLASS))
+        if loose_images:
+            warnings.append(f"{len(loose_images)} images directly in {top} are not inside a class folder "
+                            f"and were left out.")
+        for d in class_dirs:
+            cls = _nfc(d.name)
+            class_names.add(cls)
+            entries.extend((f, cls, split) for f in _class_files(d))
+    if not class_names:
+        raise DataError(f"Folder {folder} has no class sub-folders. Expected {folder}/<class>/<image> "
+                        f"(or {folder}/train/<class>/<image>), e.g. cats/001.jpg and dogs/001.jpg.")
+    return _build_file_dataset(name=name, root=folder, where=str(folder), class_names=sorted(class_names),
+                               entries=entries, skipped=skipped, warnings=warnings, source=source)
+
+
+# --------------------------------------------------------------------------------------------------
+# Zip archives
+# --------------------------------------------------------------------------------------------------
+
+def _zip_parts(name: str, label: str) -> list[str] | None:
+    """Path components of a zip entry; None for entries to ignore; DataError for unsafe ones."""
+    n = name.replace("\\", "/")
+    if n.startswith("/") or re.match(r"^[A-Za-z]:", n):
+        raise DataError(f"Archive {label} has an entry with an absolute path ({name!r}); it could write outside "
+                        f"the upload folder, so the archive was rejected. Zip the dataset folder with relative paths.")
+    parts = [p for p in n.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise DataError(f"Archive {label} has an entry that points outside the archive ({name!r}, a 'zip slip'); "
+                        f"the archive was rejected. Re-create the zip from inside the dataset folder.")
+    if not parts or n.endswith("/") or any(_is_hidden(p) for p in parts):
+        return None
+    return parts
+
+
+def check_zip(zf: zipfile.ZipFile, label: str) -> list[tuple[zipfile.ZipInfo, list[str]]]:
+    """Validate every entry of an open archive; return the (entry, path parts) to extract."""
+    infos = zf.infolist()
+    if len(infos) > MAX_ZIP_ENTRIES:
+        raise DataError(f"Archive {label} has {len(infos):,} entries, more than the limit of {MAX_ZIP_ENTRIES:,}. "
+                        f"Upload a smaller dataset, or unzip it yourself and load the folder.")
+    members, total = [], 0
+    for info in infos:
+        parts = _zip_parts(info.filename, label)
+        if stat_is_link(info):
+            raise DataError(f"Archive {label} contains a symbolic link ({info.filename!r}); links are not allowed "
+                            f"in uploads. Zip the real files instead.")
+        if parts is None or info.is_dir():
+            continue
+        if info.flag_bits & 0x1:
+            raise DataError(f"Archive {label} is password-protected ({info.filename!r}). Upload an unencrypted zip.")
+        if (info.file_size >= RATIO_CHECK_MIN_BYTES
+                and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1)):
+            ratio = info.file_size / max(info.compress_size, 1)
+            raise DataError(
+                f"Archive {label}: entry {info.filename!r} expands {ratio:,.0f}:1 ({info.compress_size:,} → "
+                f"{info.file_size:,} bytes), above the {MAX_COMPRESSION_RATIO}:1 limit; it looks like a zip bomb "
+                f"and the archive was rejected. Images do not compress like that: check the archive.")
+        total += info.file_size
+        members.append((info, parts))
+    if total > MAX_ZIP_TOTAL_BYTES:
+        raise DataError(f"Archive {label} would unpack to {total / 1e9:,.2f} GB, more than the limit of "
+                        f"{MAX_ZIP_TOTAL_BYTES / 1e9:,.2f} GB. Upload a smaller dataset, or unzip it yourself "
+                        f"and load the folder.")
+    if not members:
+        raise DataError(f"Archive {label} contains no files (hidden files and __MACOSX/ are ignored).")
+    return members
+
+
+def stat_is_link(info: zipfile.ZipInfo) -> bool:
+    """True when a zip entry is a Unix symbolic link (mode bits in the high word of external_attr)."""
+    return (info.external_attr >> 16) & 0o170000 == 0o120000
+
+
+def safe_extract(zip_path: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Extract a zip into ``dest`` after ``check_zip``; each entry is bounded by its declared size."""
+    zip_path, dest = Path(zip_path), Path(dest)
+    label = zip_path.name
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            members = check_zip(zf, label)
+            free = shutil.disk_usage(dest).free
+            need = sum(i.file_size for i, _ in members)
+            if need > free:
+                raise DataError(f"Archive {label} needs {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free "
+                                f"in {dest}. Free some disk space.")
+            root = dest.resolve()
+            for info, parts in members:
+                target = dest.joinpath(*parts)
+                if root not in target.resolve().parents:  # belt and braces after _zip_parts
+                    raise DataError(f"Archive {label}: entry {info.filename!r} escapes the upload folder; rejected.")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                written = 0
+                with zf.open(info) as src, open(target, "wb") as out:
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > info.file_size:  # the header lied about the size
+                            raise DataError(f"Archive {label}: entry {info.filename!r} is larger than it declares; "
+                                            f"the archive was rejected.")
+                        out.write(chunk)
+    except zipfile.BadZipFile as e:
+        raise DataError(f"{label} is not a valid zip archive ({e}). Re-create it with a zip tool.") from None
+    except zipfile.LargeZipFile as e:
+        raise DataError(f"Archive {label} is too large ({e}).") from None
+
+
+def _extract_once(zip_path: Path, dest: Path, inner: str | None = None) -> Path:
+    """Extract ``zip_path`` to ``dest`` atomically: into a temporary folder beside it, then one rename.
+
+    Another process (or user) never sees a half-extracted folder; whoever renames first wins and the
+    others reuse its result. ``inner`` picks one top-level folder of the archive as ``dest``.
+    """
+    if dest.is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-partial-", dir=dest.parent))
+    try:
+        safe_extract(zip_path, tmp)
+        src = tmp / inner if inner else tmp
+        if not src.is_dir():
+            raise DataError(f"Archive {zip_path} has no top-level folder {inner}/.")
+        try:
+            os.rename(src, dest)
+        except OSError:
+            if not dest.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _file_hash(path: Path, length: int = 16) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------------
+
+SOURCES: Registry[Callable[..., LabDataset]] = Registry("dataset source")
+
+
+@SOURCES.register("sample")
+def _load_sample(location: str | None, data_dir: Path, download: bool) -> LabDataset:
+    folder = data_dir / SAMPLE_FOLDER
+    if not folder.is_dir():
+        if not SAMPLE_ZIP.is_file():
+            raise MissingFileError(f"The embedded sample {SAMPLE_ZIP.name} is missing from {SAMPLE_ZIP.parent}. "
+                                   f"Restore it from the repository (git checkout assets/).",
+                                   files=[SAMPLE_ZIP.name], folder=str(SAMPLE_ZIP.parent))
+        _extract_once(SAMPLE_ZIP, folder, inner=SAMPLE_FOLDER)
+    return _load_folder_tree(folder, name=SAMPLE_NAME, source={"kind": "sample"})
+
+
+@SOURCES.register("folder")
+def _load_folder(location: str | None, data_dir: Path, download: bool) -> LabDataset:
+    if not location:
+        raise DataError("No folder given. Enter the path of a folder with one sub-folder per class.")
+    folder = Path(location).expanduser()
+    return _load_folder_tree(folder, name=folder.name or str(folder),
+                             source={"kind": "folder", "location": str(folder.resolve())})
+
+
+@SOURCES.register("zip")
+def _load_zip(location: str | None, data_dir: Path, download: bool) -> LabDataset:
+    if not location:
+        raise DataError("No zip file given. Upload a .zip of a folder with one sub-folder per class.")
+    path = Path(location).expanduser()
+    if not path.is_file():
+        raise DataError(f"Zip file {path} does not exist. Upload it again.")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path.name} is not a zip archive. Upload a .zip of a folder with one sub-folder per class.")
+    dest = _extract_once(path, data_dir / "uploads" / _file_hash(path))
+    return _load_folder_tree(dest, name=path.stem,
+                             source={"kind": "zip", "location": str(path.resolve()), "extracted": str(dest)})
+
+
+# ---- index files -----------------------------------------------------------------------------------
+
+_PATH_HEADERS = {"path", "file", "filename", "file_name", "filepath", "image", "image_path", "img", "name"}
+_LABEL_HEADERS = {"label", "class", "target", "category", "class_name", "y"}
+_SPLIT_HEADERS = {"split", "subset", "set", "fold", "partition"}
+
+
+def _index_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of every data line; comments and blank lines dropped."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"Index file {path} is not UTF-8 text ({e}). Save it as UTF-8.") from None
+    rows = []
+    for no, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        if "," in s:
+            fields = next(csv.reader([s]))
+        elif "\t" in s:
+            fields = s.split("\t")
+        else:
+            fields = s.split()
+            # "my file.jpg cat" → the path may contain spaces: the label (and split) are the last tokens
+            if len(fields) > 2:
+                n_tail = 2 if fields[-1].lower() in SPLIT_ALIASES else 1
+                fields = s.rsplit(None, n_tail)
+        rows.append((no, [f.strip() for f in fields]))
+    return rows
+
+
+@SOURCES.register("index")
+def _load_index(location: str | None, data_dir: Path, download: bool) -> LabDataset:
+    if not location:
+        raise DataError("No index file given. Give a .txt or .csv file with one 'path,label' line per image.")
+    index = Path(location).expanduser()
+    if not index.is_file():
+        raise DataError(f"Index file {index} does not exist.")
+    rows = _index_rows(index)
+    if not rows:
+        raise DataError(f"Index file {index} has no data lines. Write one 'path,label' line per image.")
+    cols = {"path": 0, "label": 1, "split": None}
+    first = [f.lower() for f in rows[0][1]]
+    if any(f in _LABEL_HEADERS for f in first) and any(f in _PATH_HEADERS for f in first):
+        for k, f in enumerate(first):
+            if f in _PATH_HEADERS:
+                cols["path"] = k
+            elif f in _LABEL_HEADERS:
+                cols["label"] = k
+            elif f in _SPLIT_HEADERS:
+                cols["split"] = k
+        rows = rows[1:]
+    elif rows and len(rows[0][1]) >= 3:
+        cols["split"] = 2
+    base = index.parent
+    items: list[tuple[int, Path, str, str | None]] = []
+    need = max(c for c in cols.values() if c is not None) + 1
+    for no, fields in rows:
+        if len(fields) < need or not fields[cols["path"]] or not fields[cols["label"]]:
+            expected = "path,label,split" if cols["split"] is not None else "path,label"
+            raise DataError(f"Index file {index.name}, line {no}: expected '{expected}' but found "
+                            f"{','.join(fields)!r}. Fix or remove that line.")
+        split = None
+        if cols["split"] is not None:
+            raw = fields[cols["split"]].lower()
+            if raw not in SPLIT_ALIASES:
+                raise DataError(f"Index file {index.name}, line {no}: split {fields[cols['split']]!r} is not one of "
+                                f"train, val, valid, validation, test.")
+            split = SPLIT_ALIASES[raw]
+        p = Path(fields[cols["path"]].replace("\\", "/") if os.sep == "/" else fields[cols["path"]])  # Windows-made index
+        items.append((no, p if p.is_absolute() else base / p, _nfc(fields[cols["label"]]), split))
+    if not items:
+        raise DataError(f"Index file {index} has a header but no data lines.")
+    labels = {it[2] for it in items}
+    if all(re.fullmatch(r"[+-]?\d+", lab) for lab in labels):
+        # integer labels: ordered numerically so "10" comes after "9", and stored as canonical "7" not "07"
+        norm = {lab: str(int(lab)) for lab in labels}
+        class_names = sorted(set(norm.values()), key=int)
+    else:
+        norm = {lab: lab for lab in labels}
+        class_names = sorted(labels)
+    skipped: list[tuple[str, str]] = []
+    entries = []
+    for no, p, lab, split in items:
+        if not p.is_file():
+            skipped.append((_rel_to(p, base), f"{REASON_NOT_FOUND} (line {no})"))
+            continue
+        entries.append((p, norm[lab], split))
+    return _build_file_dataset(name=index.stem, root=base, where=str(index), class_names=class_names,
+                               entries=entries, skipped=skipped, warnings=[],
+                               source={"kind": "index", "location": str(index.resolve())})
+
+
+def _rel_to(p: Path, base: Path) -> str:
+    try:
+        return p.relative_to(base).as_posix()
+    except ValueError:
+        return str(p)
+
+
+# ---- torchvision ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _TvSet:
+    name: str          # torchvision class name, also the folder under data_dir
+    display: str
+    family: str        # "cifar" or "mnist"
+
+
+TORCHVISION_SETS = {
+    "CIFAR10": _TvSet("CIFAR10", "CIFAR-10", "cifar"),
+    "CIFAR100": _TvSet("CIFAR100", "CIFAR-100", "cifar"),
+    "MNIST": _TvSet("MNIST", "MNIST", "mnist"),
+    "FashionMNIST": _TvSet("FashionMNIST", "Fashion-MNIST", "mnist"),
+}
+
+
+def _tv_lookup(location: str | None) -> _TvSet:
+    key = re.sub(r"[-_ ]", "", (location or "")).lower()
+    for name, s in TORCHVISION_SETS.items():
+        if key == name.lower():
+            return s
+    raise ConfigError(f"Unknown torchvision dataset {location!r}. Choose one of: {', '.join(TORCHVISION_SETS)}.")
+
+
+def torchvision_folder(location: str, data_dir: str | os.PathLike = DEFAULT_DATA_DIR) -> Path:
+    """The folder where the files of a torchvision set live (and must be placed when offline)."""
+    s = _tv_lookup(location)
+    cls = _tv_class(s, verify=True)
+    if s.family == "cifar":
+        return Path(data_dir) / s.name / cls.base_folder
+    return Path(data_dir) / s.name / "raw"
+
+
+def _tv_class(s: _TvSet, verify: bool):
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, s.name)
+    if verify or s.family != "cifar":  # MNIST checks only that the raw files exist
+        return cls
+    # Same class with the MD5 sums cleared: torchvision's check_integrity(path, None) only tests existence.
+    return type(f"_Unverified{s.name}", (cls,), {
+        "train_list": [[f, None] for f, _ in cls.train_list],
+        "test_list": [[f, None] for f, _ in cls.test_list],
+        "meta": {**cls.meta, "md5": None},
+    })
+
+
+def _tv_expected(s: _TvSet, data_dir: Path) -> tuple[Path, list[str], list[str], str]:
+    """(folder, expected files, archives that can replace them, download url)."""
+    cls = _tv_class(s, verify=True)
+    if s.family == "cifar":
+        root = data_dir / s.name
+        files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        return root, [f"{cls.base_folder}/{f}" for f in files], [cls.filename], cls.url
+    raw = data_dir / s.name / "raw"
+    gz = [f for f, _ in cls.resources]
+    return raw, [f[: -len(".gz")] for f in gz], gz, cls.mirrors[0]
+
+
+def _prepare_placed_files(s: _TvSet, data_dir: Path) -> None:
+    """Unpack archives placed by hand so torchvision finds the files without downloading."""
+    folder, files, archives, _ = _tv_expected(s, data_dir)
+    if s.family == "cifar":
+        if all((folder / f).is_file() for f in files):
+            return
+        tgz = folder / archives[0]
+        if not tgz.is_file():
+            return
+        cls = _tv_class(s, verify=True)
+        if VERIFY_CHECKSUMS and not _md5_ok(tgz, cls.tgz_md5):
+            raise DataError(f"{tgz.name} in {folder} is damaged or not the official file (checksum mismatch). "
+                            f"Delete it and download it again from {cls.url}.")
+        # unpack beside the target and move into place, so a concurrent load never reads half a file
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cls.base_folder}-partial-", dir=folder))
+        try:
+            with tarfile.open(tgz, "r:gz") as tar:
+                members = [m for m in tar.getmembers() if m.name.split("/")[0] == cls.base_folder]
+                tar.extractall(tmp, members=members, filter="data")
+            target = folder / cls.base_folder
+            target.mkdir(exist_ok=True)
+            for f in (tmp / cls.base_folder).iterdir():
+                if not (target / f.name).exists():
+                    os.replace(f, target / f.name)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(f"{tgz} cannot be unpacked ({e}). Delete it and download it again from {cls.url}.") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    for f in files:
+        target, gz = folder / f, folder / f"{f}.gz"
+        if target.is_file() or not gz.is_file():
+            continue
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=folder)
+        tmp = Path(name)
+        try:
+            with gzip.open(gz, "rb") as src, os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(src, out)
+            os.replace(tmp, target)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{gz} cannot be decompressed ({e}). Delete it and place the file again.") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _md5_ok(path: Path, md5: str) -> bool:
+    from torchvision.datasets.utils import check_integrity
+
+    return check_integrity(str(path), md5)
+
+
+def _probe_network(url: str, timeout: float = DOWNLOAD_PROBE_TIMEOUT_S) -> str | None:
+    """None when the download host answers within ``timeout``, else the reason.
+
+    torchvision's downloader has no timeout; probing first keeps an offline machine from hanging.
+    """
+    u = urlparse(url)
+    try:
+        with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"cannot reach {u.hostname}: {e}"
+
+
+@SOURCES.register("torchvision")
+def _load_torchvision(location: str | None, data_dir: Path, download: bool) -> LabDataset:
+    s = _tv_lookup(location)
+    folder, files, archives, url = _tv_expected(s, data_dir)
+    tv_root = data_dir / s.name if s.family == "cifar" else data_dir
+    _prepare_placed_files(s, data_dir)
+    missing = [f for f in files if not (folder / f).is_file()]
+    legacy = data_dir / s.name / "processed"  # torchvision < 0.9 cached MNIST as training.pt/test.pt
+    if s.family == "mnist" and (legacy / "training.pt").is_file() and (legacy / "test.pt").is_file():
+        missing = []
+    if missing:
+        reason = "download is turned off"
+        if download:
+            reason = _probe_network(url)
+            if reason is None:
+                reason = _tv_download(s, tv_root)
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            alt = (f"{archives[0]} (from {url})" if s.family == "cifar"
+                   else f"the .gz files ({', '.join(archives)}) or the same files unpacked")
+            raise MissingFileError(
+                f"{s.display} is not in {folder} and could not be downloaded ({reason}). Place {alt} in {folder}, "
+                f"or these files: {', '.join(missing)}; then load it again.",
+                files=missing + ([archives[0]] if s.family == "cifar" else []), folder=str(folder))
+    if VERIFY_CHECKSUMS and s.family == "cifar":
+        cls = _tv_class(s, verify=True)
+        bad = [f for f, md5 in cls.train_list + cls.test_list + [[cls.meta["filename"], cls.meta["md5"]]]
+               if not _md5_ok(folder / cls.base_folder / f, md5)]
+        if bad:
+            raise DataError(f"{', '.join(bad)} in {folder / cls.base_folder} do not match the official "
+                            f"{s.display} files (checksum mismatch). Delete them and place {archives[0]} again "
+                            f"(from {url}).")
+    cls = _tv_class(s, verify=VERIFY_CHECKSUMS)
+    try:
+        parts = [cls(str(tv_root), train=t, download=False) for t in (True, False)]
+    except Exception as e:  # torchvision raises RuntimeError/AssertionError/ValueError/pickle errors
+        raise DataError(f"The {s.display} files in {folder} cannot be read ({type(e).__name__}: {e}). "
+                        f"Delete them and place the official files again.") from None
+    arrays, targets = [], []
+    for p in parts:
+        data = p.data.numpy() if hasattr(p.data, "numpy") else np.asarray(p.data)
+        t = p.targets.tolist() if hasattr(p.targets, "tolist") else list(p.targets)
+        if len(data) != len(t):
+            raise DataError(f"The {s.display} files in {folder} disagree: {len(data)} images but {len(t)} labels.")
+        arrays.append(data)
+        targets.extend(int(x) for x in t)
+    classes = list(parts[0].classes)
+    if targets and max(targets) >= len(classes):
+        raise DataError(f"The {s.display} files in {folder} have label {max(targets)} but only {len(classes)} classes.")
+    n_train = len(arrays[0])
+    return ArrayDataset(
+        name=s.display, classes=classes, targets=targets, data=np.concatenate(arrays),
+        splits={"train": list(range(n_train)), "test": list(range(n_train, len(targets)))},
+        split_names=[("train", 0), ("test", n_train)], source={"kind": "torchvision", "location": s.name})
+
+
+def _tv_download(s: _TvSet, tv_root: Path) -> str | None:
+    """Download through torchvision; None on success, else the reason."""
+    from urllib.error import URLError
+
+    cls = _tv_class(s, verify=True)
+    try:
+        cls(str(tv_root), train=True, download=True)
+        cls(str(tv_root), train=False, download=True)
+    except (URLError, OSError, RuntimeError) as e:
+        return f"download failed: {e}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------------
+
+def load_dataset(kind: str = "sample", location: str | os.PathLike | None = None,
+                 data_dir: str | os.PathLike = DEFAULT_DATA_DIR, download: bool = True) -> LabDataset:
+    """Load a dataset: kind "sample" | "torchvision" | "folder" | "zip" | "index" (see module doc)."""
+    loader = SOURCES.get(kind)
+    data_dir = Path(data_dir).expanduser()
+    return loader(None if location is None else os.fspath(location), data_dir, download)
+
+
+def load_from_source(source: dict, data_dir: str | os.PathLike = DEFAULT_DATA_DIR,
+                     download: bool = False) -> LabDataset:
+    """Reload a dataset from its ``ds.source`` dict (a zip whose upload is gone reuses its extracted folder)."""
+    kind = source.get("kind")
+    if kind == "zip" and not Path(source.get("location", "")).is_file() and source.get("extracted"):
+        folder = Path(source["extracted"])
+        ds = _load_folder_tree(folder, name=Path(source["location"]).stem, source=dict(source))
+        return ds
+    return load_dataset(kind, source.get("location"), data_dir=data_dir, download=download)
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary and preview
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class DatasetSummary:
+    """Counts for the Data tab. ``per_class``: class, images, share (fraction of all images, 0..1);
+    ``sizes``: width, height, mode (as stored), images; ``skipped``: file, reason."""
+    per_class: pd.DataFrame
+    sizes: pd.DataFrame
+    total: int
+    skipped: pd.DataFrame
+
+
+def summarize(ds: LabDataset) -> DatasetSummary:
+    """Per-class counts, image sizes/modes and skipped files (from the load-time scan: no decoding)."""
+    counts = ds.class_counts()
+    total = len(ds)
+    per_class = pd.DataFrame({"class": ds.classes, "images": counts,
+                              "share": [c / total if total else 0.0 for c in counts]})
+    if isinstance(ds, ArrayDataset):
+        w, h = ds.image_size(0) if total else (0, 0)
+        sizes = pd.DataFrame({"width": [w], "height": [h], "mode": [ds.image_mode(0) if total else ds.mode],
+                              "images": [total]})
+    else:
+        frame = pd.DataFrame([(*ds.image_size(i), ds.image_mode(i)) for i in range(total)],
+                             columns=["width", "height", "mode"])
+        sizes = (frame.groupby(["width", "height", "mode"], sort=False).size().reset_index(name="images")
+                 .sort_values(["images", "width", "height", "mode"], ascending=[False, True, True, True]).reset_index(drop=True))
+    skipped = pd.DataFrame(ds.skipped, columns=["file", "reason"])
+    return DatasetSummary(per_class=per_class, sizes=sizes, total=total, skipped=skipped)
+
+
+def preview_samples(ds: LabDataset, n: int = 24, per_class: int | None = None,
+                    seed: int = 0) -> list[tuple[Image.Image, str]]:
+    """(image, class name) pairs: ``n`` random images, or ``per_class`` images of each class in class order."""
+    rng = np.random.default_rng(seed)
+    if per_class is not None:
+        targets = np.asarray(ds.targets)
+        picks = []
+        for c in range(len(ds.classes)):
+            idx = np.flatnonzero(targets == c)
+            picks.extend(rng.choice(idx, size=min(per_class, len(idx)), replace=False).tolist())
+    else:
+        picks = rng.choice(len(ds), size=min(n, len(ds)), replace=False).tolist()
+    return [(ds.load_image(i), ds.classes[ds.targets[i]]) for i in picks]
+
+
+# --------------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Split:
+    """Disjoint sorted index lists covering the dataset. ``note`` says how they were made."""
+    train: list[int]
+    val: list[int]
+    test: list[int]
+    warnings: list[str] = field(default_factory=list)
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {"train": self.train, "val": self.val, "test": self.test, "warnings": self.warnings, "note": self.note}
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    for label, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0 <= f < 1:
+            raise ConfigError(f"{label} must be a number in [0, 1), got {f!r}.")
+    if val_fraction + test_fraction >= 1:
+        raise ConfigError(f"val_fraction + test_fraction must be below 1 so some images are left to train on; "
+                          f"got {val_fraction} + {test_fraction}.")
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5 + 1e-9))
+
+
+def _carve(indices: Sequence[int], targets: np.ndarray, fractions: dict[str, float],
+           rng: np.random.Generator) -> dict[str, list[int]]:
+    """Stratified random carving of ``indices``: each class gives round(n × fraction) to each part and
+    keeps at least one image in "rest". Classes are visited in label order, so a seed fixes the result."""
+    out: dict[str, list[int]] = {k: [] for k in fractions}
+    out["rest"] = []
+    idx = np.asarray(sorted(indices), dtype=np.int64)
+    labels = targets[idx] if len(idx) else np.zeros(0, dtype=np.int64)
+    for c in np.unique(labels):
+        members = rng.permutation(idx[labels == c])
+        n = len(members)
+        counts = {k: _round_half_up(n * f) for k, f in fractions.items()}
+        while sum(counts.values()) > n - 1 and any(counts.values()):
+            biggest = max(counts, key=lambda k: counts[k])
+            counts[biggest] -= 1
+        start = 0
+        for k in fractions:
+            out[k].extend(members[start:start + counts[k]].tolist())
+            start += counts[k]
+        out["rest"].extend(members[start:].tolist())
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def split_dataset(ds: LabDataset, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0) -> Split:
+    """Stratified train/val/test split, deterministic for a seed.
+
+    Without a predefined split, each class gives round(n × fraction) images to val and to test (at
+    least one stays in train). With one: train/val/test are used as they are; a missing val (or test)
+    is carved out of train, stratified, sized ``val_fraction`` (or ``test_fraction``) **of the whole
+    dataset** — so the sliders mean the same for every source — and the other fraction is unused.
+    A source split without train/ is ignored (random split of everything, with a warning).
+    """
+    _check_fractions(val_fraction, test_fraction)
+    rng = np.random.default_rng(seed)
+    targets = np.asarray(ds.targets, dtype=np.int64)
+    n = len(ds)
+    pre = {k: list(v) for k, v in (ds.splits or {}).items() if v}
+    warnings: list[str] = []
+    if "train" not in pre:
+        if pre:
+            warnings.append(f"The source has {'/'.join(pre)} but no train split; it was ignored and the images "
+                            f"were split at random.")
+        parts = _carve(range(n), targets, {"val": val_fraction, "test": test_fraction}, rng)
+        train, val, test = parts["rest"], parts["val"], parts["test"]
+        note = f"random stratified split (val {val_fraction:g}, test {test_fraction:g}, seed {seed})"
+    else:
+        train = pre["train"]
+        missing = {k: f for k, f in (("val", val_fraction), ("test", test_fraction)) if k not in pre}
+        # of the whole dataset → of the train part
+        scaled = {k: f * n / len(train) for k, f in missing.items()}
+        if sum(scaled.values()) >= 1:
+            raise ConfigError(
+                f"The predefined train split has {len(train)} of {n} images: it cannot also give "
+                f"{' + '.join(f'{k}_fraction={f:g}' for k, f in missing.items())} of the whole dataset. "
+                f"Lower the fraction.")
+        parts = _carve(train, targets, scaled, rng) if missing else {"rest": sorted(train)}
+        train = parts["rest"]
+        val = sorted(pre["val"]) if "val" in pre else parts["val"]
+        test = sorted(pre["test"]) if "test" in pre else parts["test"]
+        carved = ", ".join(f"{k} carved from train ({missing[k]:g} of all images)" for k in missing)
+        note = "predefined split from the source" + (f"; {carved}, seed {seed}" if carved else "")
+    for label, part, wanted in (("training", train, True), ("validation", val, bool(val) or val_fraction > 0),
+                                ("test", test, bool(test) or test_fraction > 0)):
+        if not wanted:
+            continue
+        have = np.bincount(targets[np.asarray(part, dtype=np.int64)], minlength=len(ds.classes)) if part else \
+            np.zeros(len(ds.classes), dtype=np.int64)
+        for c, k in enumerate(have):
+            if k == 0:
+                warnings.append(f"Class '{ds.classes[c]}' has no {label} images "
+                                f"({int((targets == c).sum())} images in all); add images or change the fractions.")
+    return Split(train=list(train), val=list(val), test=list(test), warnings=warnings, note=note)
+
+
+def split_table(ds: LabDataset, split: Split) -> pd.DataFrame:
+    """Images per class in each part: columns class, train, val, test, total."""
+    targets = np.asarray(ds.targets, dtype=np.int64)
+    k = len(ds.classes)
+
+    def count(part: list[int]) -> list[int]:
+        if not part:
+            return [0] * k
+        return np.bincount(targets[np.asarray(part, dtype=np.int64)], minlength=k).tolist()
+
+    table = pd.DataFrame({"class": ds.classes, "train": count(split.train), "val": count(split.val),
+                          "test": count(split.test)})
+    table["total"] = table["train"] + table["val"] + table["test"]
+    return table
