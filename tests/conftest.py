@@ -39,3 +39,39 @@ def shared_zip() -> Path:
 def session_data_dir(tmp_path_factory) -> Path:
     """A data directory shared by the whole test session (the embedded sample is extracted once)."""
     return tmp_path_factory.mktemp("data")
+
+
+TINY_CLASSES = ("airplane", "cat", "ship")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A small real dataset cut from the embedded sample: 3 classes, 40 train + 10 test images each,
+    in the ImageFolder layout with train/ and test/ folders (trains in about a second on a CPU)."""
+    import zipfile
+
+    root = tmp_path_factory.mktemp("tiny") / "tiny"
+    with zipfile.ZipFile(SAMPLE_ZIP) as zf:
+        names = sorted(zf.namelist())
+        for split, keep in (("train", 40), ("test", 10)):
+            for cls in TINY_CLASSES:
+                prefix = f"cifar10-sample/{split}/{cls}/"
+                files = [n for n in names if n.startswith(prefix) and n.endswith(".jpg")][:keep]
+                out = root / split / cls
+                out.mkdir(parents=True)
+                for n in files:
+                    (out / Path(n).name).write_bytes(zf.read(n))
+    return root
+
+
+@pytest.fixture
+def tiny_config(tiny_folder):
+    """A RunConfig that trains the tutorial net on ``tiny_folder`` for 2 epochs on the CPU."""
+    from core.config import RunConfig
+
+    return RunConfig.from_dict({
+        "data": {"source": "folder", "location": str(tiny_folder), "batch_size": 16},
+        "model": {"name": "tutorial_net"},
+        "optim": {"lr": 0.01},
+        "epochs": 2, "device": "cpu", "seed": 1,
+    })

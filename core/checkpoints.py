@@ -1,0 +1,89 @@
+"""Checkpoints: one plain dict, written atomically, read with ``weights_only=True``.
+
+Contents: model/optimizer/scheduler/scaler state, epochs completed, the run configuration, class
+names, the eval transform (as data, see ``core.transforms.transform_state``), RNG states and the
+metric history. Nothing in it needs this project to load: ``torch.load(path, weights_only=True)``
+gives the dict, and ``ckpt["model"]`` is a state_dict for the torchvision architecture named in
+``ckpt["model_name"]`` (see README, "Using a checkpoint without the lab").
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.errors import DataError
+
+FORMAT = "classifier-lab/1"
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then a rename,
+    so a crash or a stop mid-write never leaves a half-written checkpoint where a good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": FORMAT, **state}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True`` (nothing in the file is executed).
+
+    Raises DataError with the file name when it is missing, corrupt, or not a lab checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Checkpoint {path} does not exist. Pick a run with a saved checkpoint "
+                        "or upload a .pth file.")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # any parse failure of a foreign or damaged file (torch raises many kinds)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path.name} is not a readable PyTorch checkpoint ({first[:200]}). "
+                        "Use a .pth file saved by the lab or by torch.save of a state_dict.") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise DataError(f"{path.name} is a PyTorch file but not a Classifier Lab checkpoint "
+                        "(no 'format' entry). To use plain weights, pick them as 'your own "
+                        "weights (.pth)' on the Model tab instead.")
+    return state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states in weights_only-loadable types (lists and tensors)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    if not state:
+        return
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,165 @@
+"""Prediction: a run folder or checkpoint file → top-k classes for any image.
+
+The Predictor rebuilds the model from the checkpoint's configuration, loads its weights with
+``weights_only=True`` and applies the run's own eval transform (stored in the checkpoint as data),
+so an image of any size, mode or format gets exactly the preprocessing the model was trained with.
+Optional test-time augmentation averages the softmax over FiveCrop or TenCrop views.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2
+
+from core import datasets, models, transforms
+from core.checkpoints import load_checkpoint
+from core.errors import DataError
+
+TTA_CHOICES = ("none", "five", "ten")
+CHECKPOINT_NAMES = ("best.pth", "last.pth")
+
+
+def find_checkpoint(run_dir: str | Path) -> Path:
+    """The run's best checkpoint, else its last one; DataError naming the folder when neither exists."""
+    run_dir = Path(run_dir)
+    for name in CHECKPOINT_NAMES:
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise DataError(f"The run folder {run_dir} has no checkpoint (best.pth or last.pth) yet: train it for "
+                    "at least one epoch, or pick another run.")
+
+
+def open_image(image, mode: str) -> Image.Image:
+    """Accept a PIL image, a path, bytes or an H×W(×C) uint8 array; return it converted to ``mode``."""
+    if isinstance(image, Image.Image):
+        return datasets.convert_image(image, mode)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise DataError(f"An image array must be uint8 (got {image.dtype}).")
+        return datasets.convert_image(Image.fromarray(image), mode)
+    if isinstance(image, (bytes, bytearray)):
+        source, label = io.BytesIO(image), "the uploaded image"
+    else:
+        source, label = os.fspath(image), os.fspath(image)
+        if not Path(source).is_file():
+            raise DataError(f"{label} does not exist.")
+    try:
+        with Image.open(source) as im:
+            im.load()
+            return datasets.convert_image(im, mode)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as err:
+        raise DataError(f"{label} cannot be read as an image ({type(err).__name__}: {err}). "
+                        "Use a JPEG, PNG, BMP, GIF, WebP or TIFF file.") from None
+
+
+class Predictor:
+    """Top-k predictions with a trained checkpoint. Thread-safe for concurrent ``predict`` calls."""
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu"):
+        self.path = Path(checkpoint)
+        ckpt = load_checkpoint(self.path, map_location="cpu")
+        cfg = ckpt["config"]["model"]
+        self.classes: list[str] = list(ckpt["classes"])
+        self.transform_state: dict = ckpt["transform"]
+        self.mode: str = self.transform_state["mode"]
+        c, h, w = ckpt["input_shape"]
+        created = models.create_model(cfg["name"], num_classes=len(self.classes), in_channels=c,
+                                      input_size=(h, w), pretrained=False, weights_path=None,
+                                      small_input_stem=cfg["small_input_stem"], init="default")
+        self.model = created.model
+        self.model.load_state_dict(ckpt["model"])
+        self.device = torch.device(device)
+        self.model.to(self.device).eval()
+        self.model_name: str = cfg["name"]
+        self.input_shape = (c, h, w)
+        self.epoch: int = ckpt.get("epoch", 0)
+        self._eval_tf = transforms.eval_transform_from_state(self.transform_state)
+        self._tta: dict[str, object] = {}
+        # A run trained at the images' native size stores no resize step; an image of any other
+        # size must still reach the model at its input size (shorter side, then centre crop).
+        self._resizes = any(step["name"] in ("Resize", "RandomResizedCrop")
+                            for step in self.transform_state["eval_spec"])
+
+    def _fit(self, image: Image.Image) -> Image.Image:
+        _, h, w = self.input_shape
+        if self._resizes or image.size == (w, h):
+            return image
+        fit = transforms.build_transform(transforms.default_eval_spec((h, w), native_size=image.size),
+                                         "none", self.mode)
+        steps = [t for t in fit.transforms if not isinstance(t, (v2.ToImage, v2.ToDtype, v2.Normalize))]
+        return v2.Compose(steps)(image)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str = "cpu") -> "Predictor":
+        return cls(find_checkpoint(run_dir), device=device)
+
+    def _tta_transform(self, kind: str):
+        if kind not in self._tta:
+            self._tta[kind] = transforms.tta_transform_from_state(self.transform_state, kind)
+        return self._tta[kind]
+
+    @torch.inference_mode()
+    def probabilities(self, images: Sequence, tta: str = "none") -> np.ndarray:
+        """Softmax probabilities (N×K) for a batch of images (any form ``open_image`` accepts)."""
+        if tta not in TTA_CHOICES:
+            raise DataError(f"Test-time augmentation must be one of {', '.join(TTA_CHOICES)}; got {tta!r}.")
+        pil = [self._fit(open_image(im, self.mode)) for im in images]
+        if tta == "none":
+            x = torch.stack([self._eval_tf(im) for im in pil]).to(self.device)
+            return torch.softmax(self.model(x).float(), dim=1).cpu().numpy()
+        tf = self._tta_transform(tta)
+        views = torch.stack([tf(im) for im in pil])            # N × V × C × H × W
+        n, v = views.shape[:2]
+        probs = torch.softmax(self.model(views.flatten(0, 1).to(self.device)).float(), dim=1)
+        return probs.view(n, v, -1).mean(1).cpu().numpy()
+
+    def predict(self, image, topk: int = 5, tta: str = "none") -> list[tuple[str, float]]:
+        """[(class, probability), ...] best first, for one image."""
+        probs = self.probabilities([image], tta=tta)[0]
+        order = np.argsort(-probs)[: max(1, min(topk, len(self.classes)))]
+        return [(self.classes[i], float(probs[i])) for i in order]
+
+    def predict_many(self, images: Iterable, topk: int = 5, tta: str = "none", batch_size: int = 64,
+                     names: Sequence[str] | None = None) -> pd.DataFrame:
+        """One row per image: name, top-1 class and probability, and the top-k list. Unreadable
+        images get an 'error' entry instead of stopping the batch."""
+        items = list(images)
+        names = list(names) if names is not None else [str(getattr(i, "name", i)) if not isinstance(i, Image.Image)
+                                                       else f"image {k}" for k, i in enumerate(items)]
+        rows = []
+        k = max(1, min(topk, len(self.classes)))
+        for start in range(0, len(items), batch_size):
+            chunk, chunk_names = items[start:start + batch_size], names[start:start + batch_size]
+            good, good_names = [], []
+            for item, name in zip(chunk, chunk_names):
+                try:
+                    good.append(item if isinstance(item, Image.Image) else open_image(item, self.mode))
+                    good_names.append(name)
+                except DataError as err:
+                    rows.append({"image": name, "prediction": None, "probability": None, "top_k": "", "error": str(err)})
+            if not good:
+                continue
+            probs = self.probabilities(good, tta=tta)
+            for name, p in zip(good_names, probs):
+                order = np.argsort(-p)[:k]
+                rows.append({"image": name, "prediction": self.classes[order[0]], "probability": float(p[order[0]]),
+                             "top_k": ", ".join(f"{self.classes[i]} {p[i]:.1%}" for i in order), "error": ""})
+        return pd.DataFrame(rows, columns=["image", "prediction", "probability", "top_k", "error"])
+
+    def predict_folder(self, folder: str | Path, **kwargs) -> pd.DataFrame:
+        """Predict every image file under ``folder`` (recursively, sorted)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise DataError(f"{folder} is not a folder.")
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in datasets.IMAGE_EXTENSIONS
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        if not files:
+            raise DataError(f"No image files in {folder} (looked for {', '.join(sorted(datasets.IMAGE_EXTENSIONS))}).")
+        return self.predict_many(files, names=[str(p.relative_to(folder)) for p in files], **kwargs)

@@ -1,0 +1,120 @@
+"""The in-memory path: a small split held once as one uint8 tensor, augmented a whole batch at a time.
+
+Why: on a 2-core CPU the per-image PIL → tensor pipeline costs more than the tutorial Net's own
+step (measured, shared/performance-notes.md: tutorial Net at batch 128 trains at 10,246 images/s
+from a tensor but 3,732 through PIL + DataLoader). Holding the split as uint8 and doing the
+tutorials' augmentation (random crop with zero padding, horizontal flip) on whole batches removes
+that cost. It supports exactly those steps; other specs use the DataLoader path.
+
+``TensorLoader`` iterates ``(images float32 N×C×H×W normalised, labels int64)`` like a DataLoader,
+with a per-epoch order that depends only on (seed, epoch) so a resumed run sees the same batches.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+# Steps the batched augmentation reproduces; a spec with anything else needs the per-image path.
+SUPPORTED_STEPS = ("Resize", "RandomCrop", "RandomHorizontalFlip")
+# Above this many bytes (uint8) a split is not held in memory by "auto" (e.g. 64k CIFAR images
+# are 200 MB; 224 px ImageNet-size splits are not small any more).
+AUTO_MAX_BYTES = 512 * 1024 * 1024
+
+
+def batched_augment_params(spec: Sequence[dict], size: tuple[int, int]) -> dict | None:
+    """Translate a transforms spec into batched-augmentation parameters, or None when it uses a
+    step this path does not reproduce (or a crop size other than the image size)."""
+    padding, flip_p = 0, 0.0
+    for step in spec:
+        name, params = step.get("name"), step.get("params", {}) or {}
+        if name not in SUPPORTED_STEPS:
+            return None
+        if name == "Resize":  # the tensor is built at the model's size, so only a no-op Resize fits
+            target = params.get("size")
+            target = (target, target) if isinstance(target, int) else tuple(target or ())
+            if target != tuple(size):
+                return None
+        elif name == "RandomCrop":
+            crop = params.get("size", size[0])
+            crop = (crop, crop) if isinstance(crop, int) else tuple(crop)
+            pad = params.get("padding", 0) or 0
+            if crop != tuple(size) or not isinstance(pad, int) or params.get("padding_mode", "constant") != "constant" \
+                    or params.get("fill", 0) not in (0, None) or params.get("pad_if_needed"):
+                return None
+            padding = pad
+        elif name == "RandomHorizontalFlip":
+            flip_p = float(params.get("p", 0.5))
+    return {"padding": padding, "flip_p": flip_p}
+
+
+class TensorLoader:
+    """Batches from a uint8 tensor (N×C×H×W) on ``device``, normalised with ``mean``/``std``.
+
+    train=True: a fresh permutation each epoch (seeded by ``set_epoch``), random crop from a
+    zero-padded copy and random horizontal flip, done on the whole batch.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: Sequence[int], batch_size: int, train: bool,
+                 mean: Sequence[float], std: Sequence[float], padding: int = 0, flip_p: float = 0.0,
+                 seed: int = 0, device: str | torch.device = "cpu"):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError("TensorLoader needs a uint8 tensor shaped N×C×H×W")
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = torch.as_tensor(list(labels), dtype=torch.int64, device=self.device)
+        self.batch_size = int(batch_size)
+        self.train = train
+        self.padding = int(padding) if train else 0
+        self.flip_p = float(flip_p) if train else 0.0
+        self.seed = seed
+        self.epoch = 0
+        self.skip_batches = 0
+        c = images.shape[1]
+        self.mean = torch.tensor(list(mean)[:c] if len(mean) >= c else list(mean) * c,
+                                 device=self.device).view(1, c, 1, 1) * 255.0
+        self.std = torch.tensor(list(std)[:c] if len(std) >= c else list(std) * c,
+                                device=self.device).view(1, c, 1, 1) * 255.0
+        if self.padding:  # pad once, not per batch
+            self.padded = torch.nn.functional.pad(self.images, [self.padding] * 4)
+        self.dataset = self  # DataLoader-like attribute some callers read (len(loader.dataset))
+
+    def __len__(self) -> int:  # batches per epoch
+        return (len(self.labels) + self.batch_size - 1) // self.batch_size
+
+    def num_samples(self) -> int:
+        return len(self.labels)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Fix the order and augmentation of ``epoch``; skip its first batches (resume mid-epoch)."""
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        gen = torch.Generator(device="cpu").manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
+        h, w = self.images.shape[2:]
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            # Draw this batch's random numbers even for skipped batches, so batch k of an epoch is
+            # the same whether or not the epoch was resumed.
+            if self.padding:
+                oy = torch.randint(0, 2 * self.padding + 1, (len(idx),), generator=gen)
+                ox = torch.randint(0, 2 * self.padding + 1, (len(idx),), generator=gen)
+            if self.flip_p:
+                flip = torch.rand(len(idx), generator=gen) < self.flip_p
+            if b < self.skip_batches:
+                continue
+            idx_d = idx.to(self.device)
+            if self.padding:
+                rows = (oy[:, None] + torch.arange(h)).to(self.device)        # B×H
+                cols = (ox[:, None] + torch.arange(w)).to(self.device)        # B×W
+                x = self.padded[idx_d[:, None, None, None], torch.arange(self.images.shape[1], device=self.device)[None, :, None, None],
+                                rows[:, None, :, None], cols[:, None, None, :]]
+            else:
+                x = self.images[idx_d]
+            if self.flip_p:
+                x = torch.where(flip.to(self.device)[:, None, None, None], x.flip(3), x)
+            x = (x.float() - self.mean) / self.std
+            yield x, self.labels[idx_d]
+        self.skip_batches = 0

@@ -1,0 +1,171 @@
+"""Command line: train a configuration and write a run folder the dashboard can open.
+
+    python -m core.train                                   # tutorial net on the embedded sample
+    python -m core.train --model resnet18 --epochs 10 --lr 0.05 --scheduler cosine
+    python -m core.train --config my_run.json --set optim.lr=0.001 --set data.batch_size=32
+    python -m core.train --resume runs/<run-id>/last.pth --epochs 20
+    python -m core.train --print-config > my_run.json      # the full default configuration
+
+Exit status: 0 finished, 1 failed, 130 stopped (Ctrl-C stops after the current batch and leaves
+a checkpoint to resume from).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from pathlib import Path
+
+from core import events as ev
+from core.checkpoints import load_checkpoint
+from core.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, SOURCES, RunConfig
+from core.datasets import DEFAULT_DATA_DIR
+from core.errors import LabError
+from core.trainer import DEFAULT_RUNS_DIR, fit
+
+# flag → dotted config field (one table, so a new flag is one line)
+FLAGS = {
+    "source": ("data.source", str, f"dataset source: {', '.join(SOURCES)}"),
+    "location": ("data.location", str, "torchvision set name, or folder / .zip / index path"),
+    "batch_size": ("data.batch_size", int, "batch size"),
+    "image_size": ("data.image_size", int, "input size fed to the model (default: what it needs)"),
+    "workers": ("data.num_workers", int, "DataLoader workers (default: auto)"),
+    "model": ("model.name", str, "model name (see --list-models)"),
+    "freeze": ("model.freeze", str, "none | features | stages"),
+    "weights": ("model.weights_path", str, "your own .pth weights to start from"),
+    "optimizer": ("optim.optimizer", str, f"{', '.join(OPTIMIZERS)}"),
+    "lr": ("optim.lr", float, "learning rate"),
+    "scheduler": ("optim.scheduler", str, f"{', '.join(SCHEDULERS)}"),
+    "weight_decay": ("optim.weight_decay", float, "weight decay"),
+    "epochs": ("epochs", int, "number of epochs"),
+    "device": ("device", str, "auto | cpu | cuda | cuda:N | mps"),
+    "precision": ("precision", str, f"{', '.join(PRECISIONS)}"),
+    "seed": ("seed", int, "random seed"),
+    "name": ("name", str, "a label for the run"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m core.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--config", help="a JSON run configuration (as saved in runs/<id>/config.json)")
+    for flag, (_, typ, help_) in FLAGS.items():
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, help=help_)
+    p.add_argument("--pretrained", action="store_true", default=None, help="start from ImageNet weights")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set any field, e.g. optim.momentum=0.8 (value parsed as JSON when it can be)")
+    p.add_argument("--resume", help="continue a run from its last.pth")
+    p.add_argument("--runs-dir", default=str(DEFAULT_RUNS_DIR), help="where run folders go (default runs/)")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="dataset cache folder (default data/)")
+    p.add_argument("--print-config", action="store_true", help="print the resulting configuration and exit")
+    p.add_argument("--list-models", action="store_true", help="list the model zoo and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Merge: defaults < --config file (or the resumed checkpoint's config) < flags < --set."""
+    if args.resume:
+        raw = load_checkpoint(args.resume)["config"]
+    elif args.config:
+        raw = RunConfig.load(args.config).to_dict()
+    else:
+        raw = RunConfig().to_dict()
+    for flag, (dotted, _, _) in FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            _assign(raw, dotted, value)
+    if args.pretrained:
+        _assign(raw, "model.pretrained", True)
+    for item in args.set:
+        if "=" not in item:
+            raise LabError(f"--set needs FIELD=VALUE, got {item!r}.")
+        key, text = item.split("=", 1)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        _assign(raw, key.strip(), value)
+    return RunConfig.from_dict(raw)
+
+
+def _assign(raw: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            raise LabError(f"Unknown configuration section {part!r} in {dotted!r} (sections: data, model, optim).")
+        node = node[part]
+    node[leaf] = value
+
+
+class ProgressPrinter:
+    """A one-line progress bar on stderr, plus a line per epoch."""
+
+    def __init__(self, stream=sys.stderr, quiet: bool = False):
+        self.stream, self.quiet = stream, quiet
+
+    def __call__(self, event: ev.Event) -> None:
+        s = self.stream
+        if isinstance(event, ev.RunStarted):
+            print(f"run {event.run_id} on {event.device}: {event.split_sizes}, input {event.input_shape}, "
+                  f"{event.params_trainable:,}/{event.params_total:,} trainable parameters", file=s)
+            for note in event.notes:
+                print(f"  note: {note}", file=s)
+        elif isinstance(event, ev.BatchEnded) and not self.quiet:
+            done = event.batch / event.batches
+            bar = "#" * int(done * 30)
+            print(f"\repoch {event.epoch} [{bar:<30}] {event.batch}/{event.batches} loss {event.loss:.4f} "
+                  f"{event.images_per_sec:,.0f} img/s", end="", file=s, flush=True)
+        elif isinstance(event, ev.EpochEnded):
+            val = (f" val loss {event.val_loss:.4f} acc {event.val_accuracy:.1%}"
+                   if event.val_loss is not None else "")
+            print(f"\repoch {event.epoch}/{event.epochs}: train loss {event.train_loss:.4f} acc "
+                  f"{event.train_accuracy:.1%}{val} ({event.seconds:.1f} s, ETA {event.eta_seconds:.0f} s)"
+                  f"{' *best*' if event.is_best else ''}" + " " * 10, file=s)
+        elif isinstance(event, ev.Evaluated):
+            print(f"{event.split}: accuracy {event.accuracy:.1%}, macro F1 {event.macro_f1:.3f}"
+                  + (f", top-5 {event.top5_accuracy:.1%}" if event.top5_accuracy is not None else ""), file=s)
+        elif isinstance(event, ev.RunFinished):
+            print(f"{event.status}: {event.message}", file=s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.list_models:
+            from core.models import list_models
+            for spec in list_models():
+                print(f"{spec.name:22s} {spec.family:14s} {spec.description}")
+            return 0
+        config = config_from_args(args)
+        if args.print_config:
+            print(config.to_json())
+            return 0
+    except LabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    box: dict = {}
+    # fit runs in a worker thread so Ctrl-C (delivered to the main thread) becomes a clean stop
+    # request: the run ends after the current batch and writes last.pth to resume from.
+    worker = threading.Thread(target=lambda: box.update(result=fit(
+        config, on_event=ProgressPrinter(quiet=args.quiet), should_stop=stop.is_set,
+        runs_dir=args.runs_dir, data_dir=args.data_dir, resume_from=args.resume)), daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.2)
+    except KeyboardInterrupt:
+        print("\nstopping after the current batch (Ctrl-C again to abort)...", file=sys.stderr)
+        stop.set()
+        worker.join()
+    result = box["result"]
+    print(str(Path(result.run_dir)))
+    return {ev.FINISHED: 0, ev.STOPPED: 130}.get(result.status, 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,614 @@
+"""The training loop: ``fit(config, on_event, should_stop)``.
+
+Reads top to bottom: ``prepare`` turns a RunConfig into data, model and loaders; ``fit`` runs
+``train_one_epoch`` and ``evaluate`` per epoch, writes checkpoints (last and best) and events to the
+run folder, then evaluates the best weights on the test split. It runs in the calling thread; the
+job manager (core.jobs) runs it in a background thread.
+
+Reproducibility: each epoch's order and augmentation depend only on (seed, epoch), and RNG states
+are checkpointed, so "2 epochs in one go" and "1 epoch, stop, resume 1 epoch" give the same weights
+on the CPU (tests/test_trainer.py checks it).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+import traceback
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from core import datasets, events as ev, loaders, metrics, models, tensorloader, transforms
+from core.checkpoints import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from core.config import RunConfig
+from core.errors import ConfigError, LabError
+
+DEFAULT_RUNS_DIR = Path("runs")
+LAST_CKPT, BEST_CKPT = "last.pth", "best.pth"
+EVENTS_FILE, CONFIG_FILE, EVAL_FILE, STATUS_FILE = "events.jsonl", "config.json", "eval.json", "status.json"
+REPORT_EVERY_S = 0.25   # BatchEnded at most ~4 per second (the dashboard redraws at 2-4 Hz)
+# Models trained in channels_last memory format: measured 2.9x faster for MobileNet-V3 on the CPU
+# (depthwise convolutions) and no gain for ResNet-18 or the tutorial Net
+# (shared/performance-notes.md), so only the depthwise families use it.
+CHANNELS_LAST_MODELS = frozenset({"mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+                                  "efficientnet_b0", "shufflenet_v2_x1_0"})
+
+EventSink = Callable[[ev.Event], None]
+StopFlag = Callable[[], bool]
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+# ---------------------------------------------------------------------------------------------
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then Apple MPS, then the CPU; a named device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for but no CUDA GPU is visible here. "
+                          "Choose 'auto' or 'cpu'.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} does not exist: {torch.cuda.device_count()} GPU(s) visible.")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device 'mps' was asked for but Apple MPS is not available here.")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (as the tutorials do); optionally force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+@dataclass
+class Prepared:
+    """Everything ``fit`` needs, built from a RunConfig (also used by benchmarks and tests)."""
+    config: RunConfig
+    dataset: Any
+    split: Any
+    device: torch.device
+    model: nn.Module
+    created: Any
+    input_size: tuple[int, int]
+    in_channels: int
+    normalization: Any
+    train_spec: list[dict]
+    eval_spec: list[dict]
+    transform_state: dict
+    train_loader: Any
+    val_loader: Any | None
+    test_loader: Any | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.dataset.classes)
+
+
+def _native_size(ds, indices: Sequence[int]) -> tuple[int, int] | None:
+    """(h, w) when the images all share one size (checked on up to 200 of them), else None."""
+    sizes = Counter(ds.image_size(i) for i in list(indices)[:200])
+    if len(sizes) == 1:
+        w, h = next(iter(sizes))
+        return (h, w)
+    return None
+
+
+def prepare(config: RunConfig, data_dir: str | Path = datasets.DEFAULT_DATA_DIR, dataset=None) -> Prepared:
+    """Load data, split it, build the model and the loaders for ``config`` (no training)."""
+    config.validate()
+    d, m = config.data, config.model
+    notes: list[str] = []
+    device = resolve_device(config.device)
+    if config.precision == "fp16" and device.type != "cuda":
+        raise ConfigError("fp16 mixed precision needs a CUDA GPU; use bf16 or fp32 on this device.")
+
+    ds = dataset if dataset is not None else datasets.load_dataset(d.source, d.location, data_dir=data_dir)
+    split = datasets.split_dataset(ds, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+                                   seed=d.split_seed)
+    notes.extend(split.warnings)
+    in_channels = 1 if ds.mode == "L" else 3
+
+    native = _native_size(ds, split.train)
+    if d.image_size:
+        input_size = (d.image_size, d.image_size)
+    else:
+        input_size = tuple(models.resolve_input_size(m.name, native or (224, 224), m.small_input_stem))
+    created = models.create_model(m.name, num_classes=len(ds.classes), in_channels=in_channels,
+                                  input_size=input_size, pretrained=m.pretrained,
+                                  weights_path=m.weights_path, small_input_stem=m.small_input_stem,
+                                  init=m.init, weights_dir=None)
+    model = created.model
+    notes.extend(created.notes)
+    if native and tuple(native) != tuple(input_size):
+        notes.append(f"images are resized from {native[1]}×{native[0]} to {input_size[1]}×{input_size[0]} "
+                     f"for {m.name}")
+    models.apply_freeze(model, m.name, m.freeze, m.freeze_stages)
+
+    preset = d.normalize
+    if preset == "auto":
+        preset = "imagenet" if (m.pretrained or m.weights_path) else "tutorial"
+    # One channel for grayscale sets; "dataset" statistics from the training split only.
+    normalization = transforms.make_normalization(preset, ds.mode, ds, split.train)
+    needs_resize = native is None or tuple(native) != tuple(input_size)
+    native_wh = (native[1], native[0]) if native else (0, 0)  # (0, 0): mixed sizes, always resize
+    hflip = not (d.source == "torchvision" and d.location == "MNIST")  # a mirrored digit is another glyph
+    if d.train_augment is not None:
+        train_spec = list(d.train_augment)
+        if needs_resize and not any(s["name"] in ("RandomResizedCrop", "Resize") for s in train_spec):
+            train_spec = [{"name": "Resize", "params": {"size": list(input_size)}}] + train_spec
+    else:
+        train_spec = transforms.default_train_spec(input_size, native_size=native_wh, hflip=hflip)
+    eval_spec = transforms.default_eval_spec(input_size, native_size=native_wh)
+    t_state = transforms.transform_state(eval_spec, normalization, ds.mode, list(input_size))
+    train_tf = transforms.build_transform(train_spec, normalization, ds.mode)
+    eval_tf = transforms.build_transform(eval_spec, normalization, ds.mode)
+
+    # In-memory path: all images one size, a supported augmentation, and small enough.
+    batched = tensorloader.batched_augment_params(train_spec, input_size) if native else None
+    n_bytes = len(ds) * in_channels * input_size[0] * input_size[1]
+    use_memory = {"on": True, "off": False}.get(d.in_memory, n_bytes <= tensorloader.AUTO_MAX_BYTES)
+    if use_memory and batched is None:
+        if d.in_memory == "on":
+            notes.append("in-memory loading was asked for, but the images differ in size or the "
+                         "augmentation uses steps other than crop and flip: using the DataLoader")
+        use_memory = False
+
+    def make(indices, train):
+        if not len(indices):
+            return None
+        if use_memory:
+            arr = ds.to_uint8_array(indices, size=None if tuple(native) == tuple(input_size) else input_size)
+            images = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()
+            return tensorloader.TensorLoader(
+                images, [ds.targets[i] for i in indices], d.batch_size, train,
+                normalization.mean, normalization.std, seed=config.seed, device=device,
+                **(batched if train else {}))
+        return loaders.make_loader(ds, list(indices), train_tf if train else eval_tf, d.batch_size,
+                                   train=train, num_workers=d.num_workers, device=str(device),
+                                   seed=config.seed)
+
+    train_loader = make(split.train, True)
+    if train_loader is None:
+        raise ConfigError("The training split is empty: lower the val/test fractions or add images.")
+    notes.append("data: in-memory uint8 tensor, batched crop/flip" if use_memory
+                 else f"data: DataLoader with {loaders.resolve_num_workers(d.num_workers, d.batch_size)} worker(s)")
+    return Prepared(config, ds, split, device, model, created, tuple(input_size), in_channels,
+                    normalization, train_spec, eval_spec, t_state, train_loader,
+                    make(split.val, False), make(split.test, False), notes)
+
+
+def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    o = config.optim
+    groups = models.param_groups(model, config.model.name, o.lr, head_lr=o.head_lr,
+                                 weight_decay=o.weight_decay)
+    if not any(p.requires_grad for g in groups for p in g["params"]):
+        raise ConfigError("No parameter is trainable with this freezing choice; unfreeze something.")
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+    if o.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=o.lr)
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr)
+    return torch.optim.RMSprop(groups, lr=o.lr, momentum=o.momentum)
+
+
+def build_scheduler(optimizer, config: RunConfig, steps_per_epoch: int):
+    """Return (scheduler or None, stepped_per_batch). Warm-up is applied separately (per batch)."""
+    o, epochs = config.optim, config.epochs
+    main_epochs = max(1, epochs - o.warmup_epochs)
+    if o.scheduler == "none":
+        return None, False
+    if o.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.step_size, gamma=o.gamma), False
+    if o.scheduler == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(o.milestones), gamma=o.gamma), False
+    if o.scheduler == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=o.gamma), False
+    if o.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_epochs), False
+    if o.scheduler == "plateau":
+        mode = "max" if config.monitor == "val_accuracy" else "min"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=o.gamma, patience=2), False
+    # OneCycle has its own warm-up (pct_start) and is stepped per optimiser step.
+    steps = math.ceil(steps_per_epoch / o.accumulation_steps) * epochs
+    max_lrs = [g["lr"] for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=steps), True
+
+
+def class_weights_for(config: RunConfig, targets: Sequence[int], num_classes: int) -> torch.Tensor | None:
+    cw = config.optim.class_weights
+    if cw is None:
+        return None
+    if cw == "balanced":  # inverse class frequency, scaled so a balanced set gives all ones
+        counts = torch.bincount(torch.as_tensor(list(targets)), minlength=num_classes).float()
+        return counts.sum() / (num_classes * counts.clamp(min=1))
+    if len(cw) != num_classes:
+        raise ConfigError(f"optim.class_weights has {len(cw)} values but the dataset has {num_classes} classes.")
+    return torch.tensor(cw, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# One epoch, and evaluation
+# ---------------------------------------------------------------------------------------------
+class Diverged(LabError):
+    """The loss became NaN or infinite."""
+
+
+class _StopRequested(Exception):
+    pass
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return torch.autocast(device_type=device.type, enabled=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_one_epoch(model, loader, optimizer, loss_fn, device, *, epoch: int, epochs: int, config: RunConfig,
+                    scaler=None, scheduler=None, per_batch_scheduler=False, warmup_steps=0,
+                    step_offset=0, skip_batches=0, emit: EventSink = lambda e: None,
+                    should_stop: StopFlag = lambda: False, model_name: str = "") -> dict:
+    """Train for one epoch; return {'loss', 'accuracy', 'images', 'seconds', 'stopped_at'}.
+
+    ``stopped_at`` is the number of batches done when a stop was requested (None when the epoch
+    finished). Warm-up scales the learning rate linearly over the first ``warmup_steps`` batches.
+    """
+    o = config.optim
+    models.set_train_mode(model, True)
+    non_blocking = device.type == "cuda"
+    batches = len(loader)
+    total_loss, correct, seen = 0.0, 0, 0
+    t0 = last_report = time.perf_counter()
+    rate_images, rate_t0 = 0, t0
+    optimizer.zero_grad(set_to_none=True)
+    step = step_offset
+    for b, (x, y) in enumerate(loader, start=skip_batches + 1):
+        if should_stop():
+            return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
+                    "images": seen, "seconds": time.perf_counter() - t0, "stopped_at": b - 1}
+        step += 1
+        if warmup_steps and step <= warmup_steps:
+            for g in optimizer.param_groups:
+                g["lr"] = g["base_lr"] * step / warmup_steps
+        x = x.to(device, non_blocking=non_blocking)
+        y = y.to(device, non_blocking=non_blocking)
+        if getattr(model, "_lab_channels_last", False):
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, config.precision):
+            out = model(x)
+            loss = loss_fn(out, y)
+        if not torch.isfinite(loss):
+            raise Diverged(f"The loss became {loss.item()} at epoch {epoch}, batch {b}. The learning rate "
+                           f"({optimizer.param_groups[0]['lr']:.3g}) is probably too high: try "
+                           f"{optimizer.param_groups[0]['lr'] / 10:.3g}, or turn on gradient clipping.")
+        scaled = loss / o.accumulation_steps
+        (scaler.scale(scaled) if scaler else scaled).backward()
+        if b % o.accumulation_steps == 0 or b == batches:
+            if o.grad_clip:
+                if scaler:
+                    scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if per_batch_scheduler and scheduler is not None:
+                scheduler.step()
+        n = y.shape[0]
+        total_loss += loss.item() * n
+        correct += (out.argmax(1) == y).sum().item()
+        seen += n
+        rate_images += n
+        now = time.perf_counter()
+        if now - last_report >= REPORT_EVERY_S or b == batches:
+            emit(ev.BatchEnded(epoch=epoch, batch=b, batches=batches, step=step, loss=loss.item(),
+                               lr=optimizer.param_groups[0]["lr"],
+                               images_per_sec=rate_images / max(now - rate_t0, 1e-9)))
+            last_report, rate_images, rate_t0 = now, 0, now
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images": seen,
+            "seconds": time.perf_counter() - t0, "stopped_at": None}
+
+
+def evaluate(model, loader, loss_fn, device, precision="fp32", class_names=None, sample_ids=None):
+    """Loss, accuracy and (when class_names is given) a full metrics report on ``loader``."""
+    models.set_train_mode(model, False)
+    acc = metrics.Accumulator()
+    total_loss, seen = 0.0, 0
+    with torch.inference_mode():
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            if getattr(model, "_lab_channels_last", False):
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, precision):
+                out = model(x)
+            out = out.float()
+            total_loss += loss_fn(out, y).item() * y.shape[0]
+            seen += y.shape[0]
+            acc.update(out.cpu(), y.cpu())
+    report = acc.report(class_names, sample_ids=sample_ids) if class_names is not None else None
+    return {"loss": total_loss / max(seen, 1), "accuracy": acc.accuracy(), "report": report}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+def new_run_id(config: RunConfig) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{config.model.name}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class FitResult:
+    run_id: str
+    run_dir: Path
+    status: str
+    message: str
+    best_epoch: int | None
+    best_metric: float | None
+    epochs_completed: int
+    history: list[dict]
+    eval_report: Any = None
+
+
+class _RunLog:
+    """Forwards events to the caller and appends them to events.jsonl in the run folder."""
+
+    def __init__(self, run_dir: Path, sink: EventSink | None):
+        self.path = run_dir / EVENTS_FILE
+        self.sink = sink
+
+    def __call__(self, event: ev.Event) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(event.to_dict(), ensure_ascii=False) + "\n")
+        if self.sink is not None:
+            self.sink(event)
+
+
+def write_status(run_dir: Path, status: str, message: str = "", **extra) -> None:
+    data = {"status": status, "message": message, "updated": time.time(), "pid": os.getpid(), **extra}
+    tmp = run_dir / (STATUS_FILE + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, run_dir / STATUS_FILE)
+
+
+def fit(config: RunConfig, on_event: EventSink | None = None, should_stop: StopFlag | None = None, *,
+        runs_dir: str | Path = DEFAULT_RUNS_DIR, data_dir: str | Path = datasets.DEFAULT_DATA_DIR,
+        run_id: str | None = None, resume_from: str | Path | None = None, dataset=None) -> FitResult:
+    """Train ``config``; report through ``on_event``; stop when ``should_stop()`` turns true.
+
+    resume_from: a checkpoint (``last.pth`` of a run); training continues in that run's folder,
+    from where it stopped, up to ``config.epochs`` epochs. Errors never escape: a failed run ends
+    with a RunFinished(status='failed') event carrying the reason, and is returned as such.
+    """
+    should_stop = should_stop or (lambda: False)
+    ckpt = load_checkpoint(resume_from) if resume_from else None
+    if ckpt is not None:
+        run_dir = Path(resume_from).parent
+        run_id = run_dir.name
+    else:
+        run_id = run_id or new_run_id(config)
+        run_dir = Path(runs_dir) / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(run_dir / CONFIG_FILE)
+    emit = _RunLog(run_dir, on_event)
+    t_start = time.time()
+    history: list[dict] = []
+    best_epoch, best_metric = None, None
+    epochs_done = 0
+    try:
+        emit(ev.StatusChanged(status=ev.RUNNING, message="preparing data and model"))
+        write_status(run_dir, ev.RUNNING, "preparing")
+        seed_everything(config.seed, config.deterministic)
+        prep = prepare(config, data_dir=data_dir, dataset=dataset)
+        device, model = prep.device, prep.model
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = not config.deterministic
+        if config.model.name in CHANNELS_LAST_MODELS:
+            model = model.to(memory_format=torch.channels_last)
+            model._lab_channels_last = True
+        model.to(device)
+        if config.multi_gpu and device.type == "cuda" and torch.cuda.device_count() > 1:
+            model = nn.DataParallel(model)
+            prep.notes.append(f"DataParallel over {torch.cuda.device_count()} GPUs")
+        core_model = model.module if isinstance(model, nn.DataParallel) else model
+        optimizer = build_optimizer(core_model, config)
+        for g in optimizer.param_groups:
+            g["base_lr"] = g["lr"]
+        batches = len(prep.train_loader)
+        scheduler, per_batch = build_scheduler(optimizer, config, batches)
+        scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+        weights = class_weights_for(config, [prep.dataset.targets[i] for i in prep.split.train], len(prep.classes))
+        loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
+                                      label_smoothing=config.optim.label_smoothing)
+        eval_loss_fn = nn.CrossEntropyLoss()
+        warmup_steps = 0 if config.optim.scheduler == "onecycle" else config.optim.warmup_epochs * batches
+        skip_batches = 0
+        if ckpt is not None:
+            core_model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if scheduler is not None and ckpt.get("scheduler"):
+                scheduler.load_state_dict(ckpt["scheduler"])
+            if scaler is not None and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            epochs_done = ckpt["epoch"]
+            skip_batches = ckpt.get("batches_done", 0)
+            history = list(ckpt.get("history", []))
+            best_epoch, best_metric = ckpt.get("best_epoch"), ckpt.get("best_metric")
+        trainable = sum(p.numel() for p in core_model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in core_model.parameters())
+        emit(ev.RunStarted(run_id=run_id, run_dir=str(run_dir), device=str(device), classes=prep.classes,
+                           split_sizes={"train": len(prep.split.train), "val": len(prep.split.val),
+                                        "test": len(prep.split.test)},
+                           input_shape=[prep.in_channels, *prep.input_size], params_total=total,
+                           params_trainable=trainable, batches_per_epoch=batches,
+                           start_epoch=epochs_done, epochs=config.epochs, notes=prep.notes))
+        write_status(run_dir, ev.RUNNING, "training", pid=os.getpid())
+        monitor_max = config.monitor == "val_accuracy"
+        bad_epochs = 0
+        epoch_times: list[float] = []
+
+        def checkpoint_state(epoch_count: int, batches_done: int) -> dict:
+            return {"model": core_model.state_dict(), "model_name": config.model.name,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "epoch": epoch_count, "batches_done": batches_done, "config": config.to_dict(),
+                    "classes": prep.classes, "transform": prep.transform_state,
+                    "input_shape": [prep.in_channels, *prep.input_size], "rng": capture_rng_state(),
+                    "history": history, "best_epoch": best_epoch, "best_metric": best_metric}
+
+        for epoch in range(epochs_done + 1, config.epochs + 1):
+            if should_stop():
+                raise _StopRequested
+            seed = _epoch_seed(config.seed, epoch)
+            torch.manual_seed(seed)
+            _set_loader_epoch(prep.train_loader, seed, epoch, skip_batches)
+            if skip_batches and ckpt is not None and ckpt.get("rng"):
+                restore_rng_state(ckpt["rng"])  # continue mid-epoch with the RNG where it stopped
+            stats = train_one_epoch(model, prep.train_loader, optimizer, loss_fn, device, epoch=epoch,
+                                    epochs=config.epochs, config=config, scaler=scaler,
+                                    scheduler=scheduler, per_batch_scheduler=per_batch,
+                                    warmup_steps=warmup_steps, step_offset=(epoch - 1) * batches + skip_batches,
+                                    skip_batches=skip_batches, emit=emit, should_stop=should_stop)
+            if stats["stopped_at"] is not None:
+                save_checkpoint(run_dir / LAST_CKPT, checkpoint_state(epoch - 1, stats["stopped_at"]))
+                raise _StopRequested
+            skip_batches = 0
+            val = evaluate(model, prep.val_loader, eval_loss_fn, device, config.precision) if prep.val_loader else None
+            if scheduler is not None and not per_batch:
+                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    if val is not None:
+                        scheduler.step(val["accuracy"] if monitor_max else val["loss"])
+                elif epoch > config.optim.warmup_epochs:
+                    scheduler.step()
+            metric = None if val is None else (val["accuracy"] if monitor_max else val["loss"])
+            improved = metric is not None and (best_metric is None or
+                                               (metric > best_metric if monitor_max else metric < best_metric))
+            if improved:
+                best_epoch, best_metric, bad_epochs = epoch, metric, 0
+            else:
+                bad_epochs += 1
+            epoch_times.append(stats["seconds"])
+            row = {"epoch": epoch, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
+                   "val_loss": val["loss"] if val else None, "val_accuracy": val["accuracy"] if val else None,
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": stats["seconds"],
+                   "images_per_sec": stats["images"] / max(stats["seconds"], 1e-9)}
+            history.append(row)
+            epochs_done = epoch
+            state = checkpoint_state(epoch, 0)
+            save_checkpoint(run_dir / LAST_CKPT, state)
+            if improved or (val is None and epoch == config.epochs):
+                save_checkpoint(run_dir / BEST_CKPT, state)
+            emit(ev.EpochEnded(epoch=epoch, epochs=config.epochs, train_loss=row["train_loss"],
+                               train_accuracy=row["train_accuracy"], val_loss=row["val_loss"],
+                               val_accuracy=row["val_accuracy"], lr=row["lr"], seconds=row["seconds"],
+                               eta_seconds=float(np.mean(epoch_times)) * (config.epochs - epoch),
+                               images_per_sec=row["images_per_sec"], is_best=improved))
+            patience = config.early_stopping_patience
+            if patience and val is not None and bad_epochs >= patience:
+                emit(ev.StatusChanged(status=ev.RUNNING, message=f"early stopping: no improvement in "
+                                      f"{config.monitor} for {patience} epoch(s)"))
+                break
+
+        report = _final_evaluation(run_dir, prep, model, core_model, eval_loss_fn, device, config, emit)
+        message = f"finished {epochs_done} epoch(s)"
+        if report is not None:
+            message += f"; test accuracy {report.accuracy:.1%}"
+        return _finish(run_dir, run_id, emit, ev.FINISHED, message, best_epoch, best_metric,
+                       epochs_done, history, t_start, report)
+    except _StopRequested:
+        return _finish(run_dir, run_id, emit, ev.STOPPED,
+                       f"stopped by request after {epochs_done} complete epoch(s); resume from last.pth",
+                       best_epoch, best_metric, epochs_done, history, t_start)
+    except LabError as err:
+        return _finish(run_dir, run_id, emit, ev.FAILED, str(err), best_epoch, best_metric,
+                       epochs_done, history, t_start)
+    except torch.cuda.OutOfMemoryError:
+        return _finish(run_dir, run_id, emit, ev.FAILED, _oom_message(config), best_epoch, best_metric,
+                       epochs_done, history, t_start)
+    except Exception as err:  # a bug or an unexpected library error: keep the trace in the run folder
+        (run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
+        return _finish(run_dir, run_id, emit, ev.FAILED,
+                       f"internal error: {type(err).__name__}: {err} (details in {run_dir / 'error.log'})",
+                       best_epoch, best_metric, epochs_done, history, t_start)
+
+
+def _set_loader_epoch(loader, seed: int, epoch: int, skip_batches: int) -> None:
+    """Make the epoch's order (and, for the tensor loader, augmentation) depend on (seed, epoch)."""
+    if isinstance(loader, tensorloader.TensorLoader):
+        loader.set_epoch(epoch, skip_batches)
+    else:
+        loaders.set_epoch(loader, seed, skip_batches)
+
+
+def _final_evaluation(run_dir, prep, model, core_model, loss_fn, device, config, emit):
+    loader, split_name, indices = prep.test_loader, "test", prep.split.test
+    if loader is None:
+        loader, split_name, indices = prep.val_loader, "val", prep.split.val
+    if loader is None:
+        return None
+    best = run_dir / BEST_CKPT
+    if best.exists():  # evaluate the weights the run keeps as best
+        core_model.load_state_dict(load_checkpoint(best, map_location=device)["model"])
+    ids = [str(i) for i in indices]
+    result = evaluate(model, loader, loss_fn, device, config.precision, class_names=prep.classes, sample_ids=ids)
+    report = result["report"]
+    data = report.to_dict()
+    data.update({"split": split_name, "loss": result["loss"],
+                 "files": {str(i): prep.dataset.describe(i) for i in indices}})
+    tmp = run_dir / (EVAL_FILE + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, run_dir / EVAL_FILE)
+    emit(ev.Evaluated(split=split_name, accuracy=report.accuracy, top5_accuracy=report.topk.get(5),
+                      macro_f1=report.macro_f1, report_path=str(run_dir / EVAL_FILE)))
+    return report
+
+
+def _finish(run_dir, run_id, emit, status, message, best_epoch, best_metric, epochs_done, history,
+            t_start, report=None) -> FitResult:
+    seconds = time.time() - t_start
+    write_status(run_dir, status, message, seconds=seconds, epochs_completed=epochs_done)
+    emit(ev.RunFinished(status=status, message=message, best_epoch=best_epoch, best_metric=best_metric,
+                        seconds=seconds))
+    return FitResult(run_id, run_dir, status, message, best_epoch, best_metric, epochs_done, history, report)
+
+
+def _oom_message(config: RunConfig) -> str:
+    """Out of GPU memory: say which batch size the memory calculator says would fit."""
+    msg = f"Out of GPU memory at batch size {config.data.batch_size}."
+    try:
+        from core import memory
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.empty_cache()
+        fit_bs = memory.max_batch_size_for_config(config, budget_bytes=int(total * 0.9))
+        msg += f" The memory calculator says batch size {fit_bs} fits in 90 % of this GPU's memory."
+    except Exception:  # the hint is best effort; the OOM itself is the message
+        pass
+    return msg + " Lower the batch size, use bf16/fp16 mixed precision or gradient accumulation."

@@ -1,0 +1,51 @@
+"""The command line, run as a user would: a subprocess from the project root."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args, cwd=ROOT, timeout=300):
+    return subprocess.run([sys.executable, "-m", "core.train", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_trains_and_writes_a_run_folder(tmp_path, tiny_folder):
+    proc = run("--source", "folder", "--location", str(tiny_folder), "--epochs", "1", "--batch-size", "16",
+               "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"),
+               "--set", "optim.momentum=0.8", "--name", "cli test")
+    assert proc.returncode == 0, proc.stderr
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    assert run_dir.parent == tmp_path / "runs"
+    assert (run_dir / "best.pth").exists() and (run_dir / "eval.json").exists()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["optim"]["momentum"] == 0.8 and config["name"] == "cli test"
+    assert "epoch 1/1" in proc.stderr and "test: accuracy" in proc.stderr
+
+
+def test_cli_config_file_and_print_config(tmp_path):
+    proc = run("--print-config", "--model", "resnet18", "--lr", "0.1")
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads(proc.stdout)
+    assert cfg["model"]["name"] == "resnet18" and cfg["optim"]["lr"] == 0.1
+    path = tmp_path / "run.json"
+    path.write_text(proc.stdout)
+    again = run("--print-config", "--config", str(path), "--set", "epochs=7")
+    assert json.loads(again.stdout)["epochs"] == 7 and json.loads(again.stdout)["model"]["name"] == "resnet18"
+
+
+def test_cli_rejects_bad_input_with_a_message_not_a_traceback(tmp_path):
+    proc = run("--print-config", "--set", "optim.learning_rate=1")
+    assert proc.returncode == 2
+    assert "optim.learning_rate" in proc.stderr and "Traceback" not in proc.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    proc = run("--config", str(bad))
+    assert proc.returncode == 2 and "not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_lists_models():
+    proc = run("--list-models")
+    assert proc.returncode == 0 and "tutorial_net" in proc.stdout and "resnet18" in proc.stdout
