@@ -168,3 +168,25 @@ def test_run_folder_and_checkpoint_load_with_plain_torch_and_torchvision(tmp_pat
     assert RunConfig.from_dict(ckpt["config"]) == tiny_config
     status = json.loads((result.run_dir / "status.json").read_text())
     assert status["status"] == ev.FINISHED
+
+
+@pytest.mark.parametrize("in_memory", ["on", "off"])
+def test_grayscale_images_train_with_one_channel_on_both_data_paths(tmp_path, tiny_folder, tiny_config, in_memory):
+    from PIL import Image
+    gray = tmp_path / "gray"
+    for f in tiny_folder.rglob("*.jpg"):
+        out = gray / f.relative_to(tiny_folder)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(f).convert("L").save(out.with_suffix(".png"))
+    tiny_config.data.location = str(gray)
+    tiny_config.data.in_memory = in_memory
+    tiny_config.data.normalize = "imagenet"     # 3-channel statistics must be reduced to one
+    tiny_config.epochs = 1
+    seen, sink = _collect()
+    result = fit(tiny_config, runs_dir=tmp_path / "runs", on_event=sink)
+    assert result.status == ev.FINISHED, result.message
+    started = next(e for e in seen if isinstance(e, ev.RunStarted))
+    assert started.input_shape == [1, 32, 32]
+    assert any(("in-memory" in n) == (in_memory == "on") for n in started.notes if n.startswith("data:"))
+    ckpt = load_checkpoint(result.run_dir / "last.pth")
+    assert len(ckpt["transform"]["normalization"]["mean"]) == 1
