@@ -422,6 +422,7 @@ def fit(config: RunConfig, on_event: EventSink | None = None, should_stop: StopF
     history: list[dict] = []
     best_epoch, best_metric = None, None
     epochs_done = 0
+    prep = None
     try:
         emit(ev.StatusChanged(status=ev.RUNNING, message="preparing data and model"))
         write_status(run_dir, ev.RUNNING, "preparing")
@@ -551,8 +552,10 @@ def fit(config: RunConfig, on_event: EventSink | None = None, should_stop: StopF
         return _finish(run_dir, run_id, emit, ev.FAILED, str(err), best_epoch, best_metric,
                        epochs_done, history, t_start)
     except torch.cuda.OutOfMemoryError:
-        return _finish(run_dir, run_id, emit, ev.FAILED, _oom_message(config), best_epoch, best_metric,
-                       epochs_done, history, t_start)
+        shape = [prep.in_channels, *prep.input_size] if prep is not None else None
+        classes = len(prep.classes) if prep is not None else None
+        return _finish(run_dir, run_id, emit, ev.FAILED, _oom_message(config, shape, classes), best_epoch,
+                       best_metric, epochs_done, history, t_start)
     except Exception as err:  # a bug or an unexpected library error: keep the trace in the run folder
         (run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
         return _finish(run_dir, run_id, emit, ev.FAILED,
@@ -600,15 +603,25 @@ def _finish(run_dir, run_id, emit, status, message, best_epoch, best_metric, epo
     return FitResult(run_id, run_dir, status, message, best_epoch, best_metric, epochs_done, history, report)
 
 
-def _oom_message(config: RunConfig) -> str:
+def largest_fitting_batch(config: RunConfig, input_shape: Sequence[int], num_classes: int, budget_bytes: float) -> int:
+    """The largest batch the memory calculator says fits ``budget_bytes`` for this run's model."""
+    from core import memory
+    c, h, w = input_shape
+    factory = memory.ZooFactory(config.model.name, num_classes, c, (h, w), config.model.small_input_stem,
+                                config.model.freeze, config.model.freeze_stages)
+    return int(memory.max_batch_size(factory, (c, h, w), budget_bytes, optimizer=config.optim.optimizer,
+                                     momentum=config.optim.momentum, precision=config.precision))
+
+
+def _oom_message(config: RunConfig, input_shape: Sequence[int] | None, num_classes: int | None) -> str:
     """Out of GPU memory: say which batch size the memory calculator says would fit."""
     msg = f"Out of GPU memory at batch size {config.data.batch_size}."
-    try:
-        from core import memory
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.empty_cache()
-        fit_bs = memory.max_batch_size_for_config(config, budget_bytes=int(total * 0.9))
-        msg += f" The memory calculator says batch size {fit_bs} fits in 90 % of this GPU's memory."
-    except Exception:  # the hint is best effort; the OOM itself is the message
-        pass
-    return msg + " Lower the batch size, use bf16/fp16 mixed precision or gradient accumulation."
+    if input_shape is not None and num_classes:
+        try:
+            torch.cuda.empty_cache()
+            total = torch.cuda.get_device_properties(0).total_memory
+            fit_bs = largest_fitting_batch(config, input_shape, num_classes, total * 0.9)
+            msg += f" The memory calculator says batch size {fit_bs} fits in 90 % of this GPU's memory."
+        except Exception:  # the hint is best effort; the out-of-memory itself is the message
+            pass
+    return msg + " Lower the batch size, or use bf16/fp16 mixed precision or gradient accumulation."

@@ -190,3 +190,16 @@ def test_grayscale_images_train_with_one_channel_on_both_data_paths(tmp_path, ti
     assert any(("in-memory" in n) == (in_memory == "on") for n in started.notes if n.startswith("data:"))
     ckpt = load_checkpoint(result.run_dir / "last.pth")
     assert len(ckpt["transform"]["normalization"]["mean"]) == 1
+
+
+def test_out_of_memory_hint_uses_the_memory_calculator(tiny_config):
+    """On a GPU an OOM stops the run with the batch the calculator says fits; checked here on the
+    calculator side: the batch it names fits the budget and one more does not."""
+    from core import memory
+    from core.trainer import largest_fitting_batch
+    budget = 64 * 1024**2
+    bs = largest_fitting_batch(tiny_config, (3, 32, 32), 3, budget)
+    factory = memory.ZooFactory("tutorial_net", 3, 3, (32, 32), True, "none", 0)
+    assert bs > 0
+    assert memory.estimate_memory(factory, (3, 32, 32), bs).required_bytes <= budget
+    assert memory.estimate_memory(factory, (3, 32, 32), bs + 1).required_bytes > budget
