@@ -144,6 +144,7 @@ def prepare(config: RunConfig, data_dir: str | Path = datasets.DEFAULT_DATA_DIR,
                                   init=m.init, weights_dir=None)
     model = created.model
     notes.extend(created.notes)
+    input_size = tuple(created.input_size)  # the model may round it (ViT: a multiple of its patch)
     if native and tuple(native) != tuple(input_size):
         notes.append(f"images are resized from {native[1]}×{native[0]} to {input_size[1]}×{input_size[0]} "
                      f"for {m.name}")
@@ -292,6 +293,10 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, epoch: int, ep
         if should_stop():
             return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
                     "images": seen, "seconds": time.perf_counter() - t0, "stopped_at": b - 1}
+        if y.shape[0] == 1 and batches > 1:
+            # A last batch of one image: BatchNorm cannot take statistics of a single value per
+            # channel (1×1 feature maps fail outright), so it is left out of this epoch.
+            continue
         step += 1
         if warmup_steps and step <= warmup_steps:
             for g in optimizer.param_groups:
