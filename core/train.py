@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resulting configuration and exit")
     p.add_argument("--list-models", action="store_true", help="list the model zoo and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard logs into the run folder (needs `pip install tensorboard`)")
     return p
 
 
@@ -147,12 +149,25 @@ def main(argv: list[str] | None = None) -> int:
     except LabError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    sinks = [ProgressPrinter(quiet=args.quiet)]
+    if args.tensorboard:
+        from core import tb
+        try:
+            sinks.append(tb.TensorBoardLogger(data_dir=args.data_dir).sink(config))
+        except LabError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+    def on_event(event: ev.Event) -> None:
+        for sink in sinks:
+            sink(event)
+
     stop = threading.Event()
     box: dict = {}
     # fit runs in a worker thread so Ctrl-C (delivered to the main thread) becomes a clean stop
     # request: the run ends after the current batch and writes last.pth to resume from.
     worker = threading.Thread(target=lambda: box.update(result=fit(
-        config, on_event=ProgressPrinter(quiet=args.quiet), should_stop=stop.is_set,
+        config, on_event=on_event, should_stop=stop.is_set,
         runs_dir=args.runs_dir, data_dir=args.data_dir, resume_from=args.resume)), daemon=True)
     worker.start()
     try:

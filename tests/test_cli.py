@@ -49,3 +49,13 @@ def test_cli_rejects_bad_input_with_a_message_not_a_traceback(tmp_path):
 def test_cli_lists_models():
     proc = run("--list-models")
     assert proc.returncode == 0 and "tutorial_net" in proc.stdout and "resnet18" in proc.stdout
+
+
+def test_cli_tensorboard_writes_an_event_file(tmp_path, tiny_folder):
+    import pytest
+    pytest.importorskip("tensorboard")
+    proc = run("--source", "folder", "--location", str(tiny_folder), "--epochs", "1", "--device", "cpu",
+               "--runs-dir", str(tmp_path / "runs"), "--tensorboard", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    assert list(run_dir.rglob("events.out.tfevents.*")), list(run_dir.iterdir())

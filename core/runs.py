@@ -1,0 +1,833 @@
+"""Reading runs back: the run folders under ``runs/`` are the source of truth.
+
+Each run folder holds ``config.json``, ``events.jsonl``, ``status.json``, ``eval.json`` and the
+checkpoints (see core/trainer.py). This module turns a folder into a ``RunRecord`` (curves,
+final metrics, status) and lists the runs of a runs directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from core import events as ev
+from core.config import RunConfig
+from core.errors import ConfigError, DataError
+from core.metrics import EvalReport
+from core.trainer import BEST_CKPT, CONFIG_FILE, EVAL_FILE, EVENTS_FILE, LAST_CKPT, STATUS_FILE
+
+# A run whose status.json still says "running" but whose writer is gone, or that has not been
+# touched for this long while "running", is shown as interrupted (the server died during it).
+STALE_AFTER_S = 15 * 60
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    run_dir: Path
+    config: RunConfig | None
+    status: str
+    message: str
+    epochs: pd.DataFrame                      # one row per epoch (EpochEnded fields)
+    steps: pd.DataFrame                       # step, epoch (fractional), loss, lr, images_per_sec
+    started: dict[str, Any] | None = None     # the RunStarted event as a dict
+    eval: dict[str, Any] | None = None        # eval.json
+    seconds: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        name = (self.config.name if self.config and self.config.name else None) or self.run_id
+        return name
+
+    @property
+    def checkpoint(self) -> Path | None:
+        for name in (BEST_CKPT, LAST_CKPT):
+            if (self.run_dir / name).is_file():
+                return self.run_dir / name
+        return None
+
+    def report(self) -> EvalReport | None:
+        return EvalReport.from_dict(self.eval) if self.eval else None
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_status(run_dir: Path, live_ids: set[str] | frozenset = frozenset()) -> tuple[str, str]:
+    """(status, message) of a run folder; a 'running' run that no live job owns is 'interrupted'."""
+    path = run_dir / STATUS_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return (ev.INTERRUPTED, "no status file: the run did not get past its start") if (run_dir / CONFIG_FILE).exists() \
+            else ("unknown", "not a run folder")
+    status, message = data.get("status", "unknown"), data.get("message", "")
+    if status in (ev.RUNNING, ev.STOPPING, ev.QUEUED) and run_dir.name not in live_ids:
+        same_process = data.get("pid") == os.getpid()
+        if not same_process or not _pid_alive(data.get("pid")):
+            return ev.INTERRUPTED, "the server stopped while this run was training; resume it from its last checkpoint"
+    return status, message
+
+
+def load_run(run_dir: str | Path, live_ids: set[str] | frozenset = frozenset()) -> RunRecord:
+    """Read one run folder (tolerates a run that is still being written)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise DataError(f"{run_dir} is not a Classifier Lab run folder (no {CONFIG_FILE}).")
+    try:
+        config = RunConfig.load(run_dir / CONFIG_FILE)
+    except Exception:  # a config from an older or edited version: still show the run
+        config = None
+    epochs, steps, started, seconds = [], [], None, None
+    events_path = run_dir / EVENTS_FILE
+    if events_path.exists():
+        with events_path.open(encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    raw = json.loads(line)
+                except json.JSONDecodeError:  # a line being written right now
+                    continue
+                kind = raw.get("kind")
+                if kind == "EpochEnded":
+                    epochs.append(raw)
+                elif kind == "BatchEnded":
+                    steps.append({"step": raw["step"], "epoch": raw["epoch"] - 1 + raw["batch"] / raw["batches"],
+                                  "loss": raw["loss"], "lr": raw["lr"], "images_per_sec": raw["images_per_sec"]})
+                elif kind == "RunStarted":
+                    started = raw
+                    if raw.get("start_epoch", 0) == 0:  # a fresh start (not a resume) resets curves
+                        epochs, steps = [], []
+                elif kind == "RunFinished":
+                    seconds = (seconds or 0.0) + raw.get("seconds", 0.0)
+    # A resumed run repeats the epochs after its checkpoint: keep the latest row per epoch.
+    epoch_df = pd.DataFrame(epochs)
+    if not epoch_df.empty:
+        epoch_df = epoch_df.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
+    step_df = pd.DataFrame(steps, columns=["step", "epoch", "loss", "lr", "images_per_sec"])
+    if not step_df.empty:
+        step_df = step_df.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
+    status, message = read_status(run_dir, live_ids)
+    eval_data = None
+    if (run_dir / EVAL_FILE).exists():
+        try:
+            eval_data = json.loads((run_dir / EVAL_FILE).read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            eval_data = None
+    return RunRecord(run_dir.name, run_dir, config, status, message, epoch_df, step_df, started, eval_data, seconds)
+
+
+def list_run_dirs(runs_dir: str | Path) -> list[Path]:
+    """Run folders, newest first."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    dirs = [p for p in runs_dir.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file()]
+    return sorted(dirs, key=lambda p: p.name, reverse=True)
+
+
+def run_choices(runs_dir: str | Path, need: str = "checkpoint") -> list[tuple[str, str]]:
+    """(label, run_dir) pairs for a dropdown. need: 'checkpoint' or 'eval' (runs that have one)."""
+    out = []
+    for run_dir in list_run_dirs(runs_dir):
+        has = (run_dir / EVAL_FILE).exists() if need == "eval" else \
+            any((run_dir / n).exists() for n in (BEST_CKPT, LAST_CKPT))
+        if not has:
+            continue
+        label = run_dir.name
+        try:
+            cfg = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+            if cfg.get("name"):
+                label = f"{cfg['name']} ({run_dir.name})"
+        except (OSError, json.JSONDecodeError):
+            pass
+        if (run_dir / EVAL_FILE).exists():
+            try:
+                acc = json.loads((run_dir / EVAL_FILE).read_text(encoding="utf-8"))["accuracy"]
+                label += f" — test {acc:.1%}"
+            except (OSError, json.JSONDecodeError, KeyError):
+                pass
+        out.append((label, str(run_dir)))
+    return out
+
+
+def misclassified_images(record: RunRecord, limit: int = 24, data_dir: str | Path | None = None):
+    """(image, caption) pairs of the run's most confident test errors, for a gallery.
+
+    File-backed datasets give the image path directly; array-backed ones (torchvision sets) are
+    reloaded from the data directory to fetch the pixels."""
+    if not record.eval:
+        return []
+    report = record.report()
+    rows = report.misclassified.head(limit)
+    files = record.eval.get("files", {})
+    need_dataset = any(not Path(str(files.get(str(r["sample"]), ""))).is_file() for _, r in rows.iterrows())
+    ds = None
+    if need_dataset and record.config is not None:
+        from core import datasets
+        try:
+            ds = datasets.load_dataset(record.config.data.source, record.config.data.location,
+                                       data_dir=data_dir or datasets.DEFAULT_DATA_DIR, download=False)
+        except Exception:  # the data may be gone; show what we can
+            ds = None
+    out = []
+    for _, r in rows.iterrows():
+        caption = f"true: {r['true']} → predicted: {r['predicted']} ({r['confidence']:.0%})"
+        path = files.get(str(r["sample"]))
+        if path and Path(path).is_file():
+            out.append((path, caption))
+        elif ds is not None:
+            out.append((ds.load_image(int(r["sample"])), caption))
+    return out
+
+
+# =============================================================================================
+# Run history: an SQLite index over the run folders
+# =============================================================================================
+# The folders stay the source of truth. The index (``<runs_dir>/index.sqlite``) makes listing,
+# filtering and sorting hundreds of runs instant and holds what the folders do not say by
+# themselves in a cheap way (the owner, comparison groups, a cached memory estimate); everything
+# the index holds that cannot be recomputed from config/events/status/eval is also written to
+# ``meta.json`` in the run folder, so ``rebuild()`` loses nothing.
+SCHEMA_VERSION = 1
+INDEX_FILE, META_FILE, CARD_FILE = "index.sqlite", "meta.json", "card.json"
+RESUMABLE_STATUSES = (ev.STOPPED, ev.FAILED, ev.INTERRUPTED)
+LIVE_STATUSES = (ev.QUEUED, ev.RUNNING, ev.STOPPING)
+MAX_NAME_CHARS, MAX_TAGS = 200, 20
+
+# (column, SQLite type). Fractions 0..1 for accuracies; bytes for sizes; Unix times.
+INDEX_COLUMNS: list[tuple[str, str]] = [
+    ("run_id", "TEXT PRIMARY KEY"), ("name", "TEXT"), ("tags", "TEXT"), ("owner", "TEXT"),
+    ("model", "TEXT"), ("dataset", "TEXT"), ("status", "TEXT"), ("message", "TEXT"),
+    ("created", "REAL"), ("updated", "REAL"), ("epochs_done", "INTEGER"), ("epochs", "INTEGER"),
+    ("best_val_accuracy", "REAL"), ("test_accuracy", "REAL"), ("macro_f1", "REAL"),
+    ("params", "INTEGER"), ("trainable_params", "INTEGER"), ("train_seconds", "REAL"),
+    ("images_per_sec", "REAL"), ("predicted_memory_bytes", "INTEGER"), ("checkpoint_bytes", "INTEGER"),
+    ("group_id", "TEXT"), ("batch_size", "INTEGER"), ("lr", "REAL"), ("optimizer", "TEXT"),
+    ("freeze", "TEXT"), ("has_last", "INTEGER"), ("has_eval", "INTEGER"), ("run_dir", "TEXT"),
+    ("status_mtime", "REAL"),
+]
+COLUMN_NAMES = [c for c, _ in INDEX_COLUMNS]
+SORT_COLUMNS = tuple(c for c in COLUMN_NAMES if c not in ("run_dir", "status_mtime"))
+
+
+def _atomic_write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def read_meta(run_dir: str | Path) -> dict:
+    """The run's ``meta.json`` (name, tags, owner, group_id, cached memory estimate), or {}."""
+    return _read_json(Path(run_dir) / META_FILE)
+
+
+def normalize_tags(tags: str | Sequence[str] | None) -> list[str]:
+    """'a, b,,a ' or ['a', 'b'] → ['a', 'b'] (trimmed, no empties, no duplicates, order kept)."""
+    if tags is None:
+        return []
+    items = tags.split(",") if isinstance(tags, str) else [str(t) for t in tags]
+    out: list[str] = []
+    for t in items:
+        t = " ".join(t.split())
+        if t and t not in out:
+            out.append(t[:50])
+    if len(out) > MAX_TAGS:
+        raise ConfigError(f"At most {MAX_TAGS} tags per run; got {len(out)}. Remove some.")
+    return out
+
+
+def dataset_label(data: dict | Any) -> str:
+    """A readable dataset name from a DataConfig (or its dict): 'CIFAR-10 sample', 'CIFAR10',
+    the folder's or file's name."""
+    d = data if isinstance(data, dict) else dataclasses.asdict(data)
+    source, location = d.get("source", "sample"), d.get("location")
+    if source == "sample" or not location:
+        return "CIFAR-10 sample" if source == "sample" else source
+    if source == "torchvision":
+        return str(location)
+    return Path(str(location)).name or str(location)
+
+
+def _created_time(run_dir: Path) -> float:
+    """When the run was started: the first event's time, else the config file's mtime."""
+    try:
+        with (run_dir / EVENTS_FILE).open(encoding="utf-8") as fh:
+            return float(json.loads(fh.readline())["time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        return (run_dir / CONFIG_FILE).stat().st_mtime
+    except OSError:
+        return time.time()
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _macro_f1(eval_data: dict | None) -> float | None:
+    for row in (eval_data or {}).get("averages", []) or []:
+        if row.get("average") == "macro":
+            return float(row["f1"])
+    return None
+
+
+def _num(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if value != value else value  # NaN → None
+
+
+def summarize_record(record: RunRecord, meta: dict | None = None) -> dict[str, Any]:
+    """One index row (see INDEX_COLUMNS) from a RunRecord and its meta.json."""
+    meta = read_meta(record.run_dir) if meta is None else meta
+    cfg, started, epochs = record.config, record.started or {}, record.epochs
+    best_val = ips = None
+    epochs_done = 0
+    train_seconds = record.seconds
+    if not epochs.empty:
+        epochs_done = int(epochs["epoch"].max())
+        if "val_accuracy" in epochs:
+            best_val = _num(pd.to_numeric(epochs["val_accuracy"], errors="coerce").max())
+        if "images_per_sec" in epochs:
+            ips = _num(pd.to_numeric(epochs["images_per_sec"], errors="coerce").mean())
+        if train_seconds is None and "seconds" in epochs:
+            train_seconds = _num(pd.to_numeric(epochs["seconds"], errors="coerce").sum())
+    status_data = _read_json(record.run_dir / STATUS_FILE)
+    if status_data.get("epochs_completed") is not None:
+        epochs_done = max(epochs_done, int(status_data["epochs_completed"]))
+    memory = meta.get("predicted_memory") or {}
+    key = memory_key(cfg, len(started.get("classes") or []), started.get("input_shape")) if cfg else None
+    return {
+        "run_id": record.run_id,
+        "name": meta.get("name") or (cfg.name if cfg and cfg.name else None),
+        "tags": ", ".join(normalize_tags(meta.get("tags"))),
+        "owner": meta.get("owner"),
+        "model": cfg.model.name if cfg else None,
+        "dataset": dataset_label(cfg.data) if cfg else None,
+        "status": record.status,
+        "message": record.message,
+        "created": _created_time(record.run_dir),
+        "updated": time.time(),
+        "epochs_done": epochs_done,
+        "epochs": cfg.epochs if cfg else None,
+        "best_val_accuracy": best_val,
+        "test_accuracy": _num((record.eval or {}).get("accuracy")),
+        "macro_f1": _macro_f1(record.eval),
+        "params": started.get("params_total"),
+        "trainable_params": started.get("params_trainable"),
+        "train_seconds": _num(train_seconds),
+        "images_per_sec": ips,
+        "predicted_memory_bytes": memory.get("bytes") if key is not None and memory.get("key") == key else None,
+        "checkpoint_bytes": _size(record.run_dir / BEST_CKPT),
+        "group_id": meta.get("group_id"),
+        "batch_size": cfg.data.batch_size if cfg else None,
+        "lr": cfg.optim.lr if cfg else None,
+        "optimizer": cfg.optim.optimizer if cfg else None,
+        "freeze": cfg.model.freeze if cfg else None,
+        "has_last": int((record.run_dir / LAST_CKPT).is_file()),
+        "has_eval": int((record.run_dir / EVAL_FILE).is_file()),
+        "run_dir": str(record.run_dir),
+        "status_mtime": _mtime(record.run_dir / STATUS_FILE),
+    }
+
+
+def memory_key(config: RunConfig | None, num_classes: int, input_shape) -> str | None:
+    """What a training-memory estimate depends on (a cached estimate is reused only on a match)."""
+    if config is None or not num_classes or not input_shape:
+        return None
+    m, o = config.model, config.optim
+    return json.dumps([m.name, int(num_classes), [int(v) for v in input_shape], config.data.batch_size,
+                       o.optimizer, o.momentum, config.precision, m.freeze, m.freeze_stages,
+                       m.small_input_stem])
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that matter to reproduce a run (for card.json)."""
+    import platform
+
+    import numpy
+    import torch
+    out = {"python": platform.python_version(), "platform": platform.platform(),
+           "torch": torch.__version__, "numpy": numpy.__version__}
+    try:
+        import torchvision
+        out["torchvision"] = torchvision.__version__
+    except ImportError:  # the zoo needs it, but a card must never fail
+        pass
+    try:
+        import PIL
+        out["pillow"] = PIL.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        out["cuda"] = str(torch.version.cuda)
+        out["cudnn"] = str(torch.backends.cudnn.version())
+    return out
+
+
+def write_card(run_dir: str | Path, config: RunConfig, started: ev.RunStarted | None = None,
+               finished: ev.RunFinished | None = None, owner: str | None = None) -> Path:
+    """Write (or complete) ``card.json``: what was trained on what, where, with which libraries.
+
+    Called at RunStarted (model, data, split sizes, seed, device, versions) and again at
+    RunFinished (status, duration). A resumed run keeps its first start time and adds up the
+    durations of its sessions."""
+    run_dir = Path(run_dir)
+    card = _read_json(run_dir / CARD_FILE)
+    d, m = config.data, config.model
+    fresh = {
+        "run_id": run_dir.name,
+        "name": config.name,
+        "model": {"name": m.name, "pretrained": m.pretrained, "weights_path": m.weights_path,
+                  "small_input_stem": m.small_input_stem, "freeze": m.freeze,
+                  "freeze_stages": m.freeze_stages, "init": m.init},
+        "dataset": {"name": dataset_label(d), "source": d.source, "location": d.location,
+                    "val_fraction": d.val_fraction, "test_fraction": d.test_fraction,
+                    "split_seed": d.split_seed, "normalize": d.normalize,
+                    "augmentation": "custom" if d.train_augment is not None else "default"},
+        "training": {"epochs": config.epochs, "batch_size": d.batch_size, "optimizer": config.optim.optimizer,
+                     "lr": config.optim.lr, "scheduler": config.optim.scheduler,
+                     "precision": config.precision, "deterministic": config.deterministic},
+        "seed": config.seed,
+        "versions": library_versions(),
+    }
+    for key, value in fresh.items():  # nested sections are merged: RunStarted's details stay
+        if isinstance(value, dict) and isinstance(card.get(key), dict):
+            card[key].update(value)
+        else:
+            card[key] = value
+    if owner:
+        card["owner"] = owner
+    if started is not None:
+        card.setdefault("started", started.time)
+        card["sessions"] = card.get("sessions", 0) + 1
+        card["device"] = started.device
+        if started.device.startswith("cuda"):
+            try:
+                import torch
+                card["device_name"] = torch.cuda.get_device_name(torch.device(started.device))
+            except Exception:  # a name is a nicety
+                pass
+        card["dataset"].update({"classes": list(started.classes), "num_classes": len(started.classes),
+                                "split_sizes": dict(started.split_sizes)})
+        card["model"].update({"input_shape": list(started.input_shape), "params": started.params_total,
+                              "trainable_params": started.params_trainable})
+        card["notes"] = list(started.notes)
+        card["status"] = ev.RUNNING
+    if finished is not None:
+        card["finished"] = finished.time
+        card["status"] = finished.status
+        card["message"] = finished.message
+        durations = card.setdefault("session_seconds", [])
+        durations.append(round(float(finished.seconds), 3))
+        card["duration_s"] = round(sum(durations), 3)
+        card["best_epoch"] = finished.best_epoch
+    _atomic_write_json(run_dir / CARD_FILE, card)
+    return run_dir / CARD_FILE
+
+
+class RunHistory:
+    """SQLite index of the runs under ``runs_dir`` (``index.sqlite``, WAL mode).
+
+    Thread-safe: every call opens its own short connection and writes are serialised by a lock.
+    The index is rebuilt from the folders when it is missing, unreadable or of another schema
+    version; ``list`` also picks up folders written by someone else (the command line, another
+    server) and notices runs whose process died (status 'interrupted').
+    """
+
+    def __init__(self, runs_dir: str | Path = "runs"):
+        self.runs_dir = Path(runs_dir)
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.runs_dir / INDEX_FILE
+        self.manager = None
+        self._lock = threading.RLock()
+        self._pending: dict[str, dict] = {}   # run id → meta to write when its folder appears
+        self._attached: set[int] = set()
+        if not self._index_ok():
+            self.rebuild()
+
+    # ---- connection and schema -----------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        con.row_factory = sqlite3.Row
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=NORMAL")
+        return con
+
+    def _index_ok(self) -> bool:
+        if not self.path.is_file():
+            return False
+        try:
+            with closing(self._connect()) as con:
+                row = con.execute("SELECT value FROM info WHERE key='schema_version'").fetchone()
+                cols = [r[1] for r in con.execute("PRAGMA table_info(runs)")]
+            return row is not None and int(row[0]) == SCHEMA_VERSION and cols == COLUMN_NAMES
+        except (sqlite3.DatabaseError, ValueError):
+            return False
+
+    def rebuild(self) -> int:
+        """Re-create the index from the run folders; returns the number of runs indexed."""
+        with self._lock:
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(self.path) + suffix).unlink(missing_ok=True)
+            with closing(self._connect()) as con:
+                cols = ", ".join(f"{c} {t}" for c, t in INDEX_COLUMNS)
+                con.execute("BEGIN")
+                con.execute(f"CREATE TABLE runs ({cols})")
+                con.execute("CREATE TABLE info (key TEXT PRIMARY KEY, value TEXT)")
+                con.execute("INSERT INTO info VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                con.execute("COMMIT")
+            count = 0
+            for run_dir in list_run_dirs(self.runs_dir):
+                if self._refresh(run_dir.name, run_dir) is not None:
+                    count += 1
+            return count
+
+    # ---- writing rows --------------------------------------------------------------------
+    def _upsert(self, row: dict) -> None:
+        row = {k: row.get(k) for k in COLUMN_NAMES if k in row}
+        cols = list(row)
+        sql = (f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+               f"ON CONFLICT(run_id) DO UPDATE SET " + ", ".join(f"{c}=excluded.{c}" for c in cols if c != "run_id"))
+        with self._lock, closing(self._connect()) as con:
+            con.execute(sql, [row[c] for c in cols])
+
+    def _get(self, run_id: str) -> dict | None:
+        with closing(self._connect()) as con:
+            row = con.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        return dict(row) if row is not None else None
+
+    def _live_ids(self) -> set[str]:
+        if self.manager is None:
+            return set()
+        return {j.job_id for j in self.manager.jobs() if not j.done}
+
+    def _refresh(self, run_id: str, run_dir: Path | None = None, live_ids: set[str] | None = None) -> dict | None:
+        """Re-read one run folder into its row (None when the folder is not a run)."""
+        run_dir = Path(run_dir) if run_dir is not None else self.run_dir(run_id)
+        if not (run_dir / CONFIG_FILE).is_file():
+            return None
+        try:
+            record = load_run(run_dir, self._live_ids() if live_ids is None else live_ids)
+        except DataError:
+            return None
+        row = summarize_record(record)
+        old = self._get(run_id)
+        if old is not None:  # keep what only the index knew (before meta.json had it)
+            for key in ("owner", "group_id", "predicted_memory_bytes"):
+                if row.get(key) is None and old.get(key) is not None:
+                    row[key] = old[key]
+            if old.get("created") and old["created"] < row["created"]:
+                row["created"] = old["created"]
+        self._upsert(row)
+        return row
+
+    def run_dir(self, run_id: str) -> Path:
+        """The folder of ``run_id`` (validated: a plain name inside runs_dir)."""
+        if not run_id or Path(run_id).name != run_id or run_id in (".", ".."):
+            raise ConfigError(f"{run_id!r} is not a run id (a folder name such as "
+                              "20250101-120000-resnet18-ab12cd).")
+        row = self._get(run_id) if self.path.exists() else None
+        if row and row.get("run_dir"):
+            return Path(row["run_dir"])
+        return self.runs_dir / run_id
+
+    def _update_meta(self, run_id: str, **changes) -> dict:
+        run_dir = self.run_dir(run_id)
+        with self._lock:
+            meta = read_meta(run_dir)
+            meta.update({k: v for k, v in changes.items()})
+            if run_dir.is_dir():
+                _atomic_write_json(run_dir / META_FILE, meta)
+            else:  # queued: the folder does not exist yet; written when the run starts
+                self._pending.setdefault(run_id, {}).update(changes)
+        return meta
+
+    # ---- the JobManager listener ---------------------------------------------------------
+    def attach(self, manager) -> "RunHistory":
+        """Keep the index up to date with ``manager``'s jobs (RunStarted, EpochEnded, Evaluated,
+        RunFinished) and write each run's card.json; record who started each run."""
+        self.manager = manager
+        if id(manager) not in self._attached:
+            self._attached.add(id(manager))
+            manager.add_listener(self._on_event)
+        return self
+
+    def _on_event(self, job, event) -> None:
+        if not isinstance(event, (ev.RunStarted, ev.EpochEnded, ev.Evaluated, ev.RunFinished)):
+            return
+        run_id = job.job_id
+        run_dir = Path(event.run_dir) if isinstance(event, ev.RunStarted) else self.run_dir(run_id)
+        if isinstance(event, (ev.RunStarted, ev.RunFinished)) and run_dir.is_dir():
+            with self._lock:
+                meta = read_meta(run_dir)
+                meta.update(self._pending.pop(run_id, {}))
+                meta.setdefault("owner", job.owner)
+                _atomic_write_json(run_dir / META_FILE, meta)
+            try:
+                write_card(run_dir, job.config, started=event if isinstance(event, ev.RunStarted) else None,
+                           finished=event if isinstance(event, ev.RunFinished) else None, owner=job.owner)
+            except OSError:
+                pass
+        live = self._live_ids()
+        if isinstance(event, ev.RunFinished):
+            live.discard(run_id)
+        else:
+            live.add(run_id)
+        if self._refresh(run_id, run_dir, live_ids=live) is None:
+            # No run folder (the run failed before it was created): keep what the job says.
+            status = event.status if isinstance(event, ev.RunFinished) else job.status
+            self._upsert({"run_id": run_id, "status": status, "message": getattr(event, "message", job.message),
+                          "updated": time.time(), "owner": job.owner})
+
+    def register_queued(self, run_id: str, config: RunConfig, owner: str | None = None,
+                        group_id: str | None = None) -> None:
+        """Index a job that is queued but has no folder yet (comparison groups use this)."""
+        meta = {k: v for k, v in (("owner", owner), ("group_id", group_id)) if v is not None}
+        with self._lock:
+            self._pending.setdefault(run_id, {}).update(meta)
+        self._upsert({"run_id": run_id, "name": config.name, "tags": "", "owner": owner,
+                      "model": config.model.name, "dataset": dataset_label(config.data),
+                      "status": ev.QUEUED, "message": "waiting for a free training slot",
+                      "created": time.time(), "updated": time.time(), "epochs_done": 0,
+                      "epochs": config.epochs, "group_id": group_id, "batch_size": config.data.batch_size,
+                      "lr": config.optim.lr, "optimizer": config.optim.optimizer, "freeze": config.model.freeze,
+                      "has_last": 0, "has_eval": 0, "run_dir": str(self.runs_dir / run_id)})
+
+    # ---- reading -------------------------------------------------------------------------
+    def sync(self) -> None:
+        """Bring the index in line with the folders: new folders are added, vanished ones
+        removed, changed status files and runs whose process died are re-read."""
+        with self._lock:
+            with closing(self._connect()) as con:
+                rows = {r["run_id"]: dict(r) for r in con.execute(
+                    "SELECT run_id, status, status_mtime, run_dir FROM runs")}
+            live = self._live_ids()
+            on_disk = {p.name: p for p in list_run_dirs(self.runs_dir)}
+            for run_id, run_dir in on_disk.items():
+                row = rows.get(run_id)
+                if row is None or row["run_dir"] != str(run_dir):
+                    self._refresh(run_id, run_dir, live)
+                elif (row["status_mtime"] != _mtime(run_dir / STATUS_FILE)
+                      or (row["status"] in LIVE_STATUSES and run_id not in live)):
+                    self._refresh(run_id, run_dir, live)
+            gone = []
+            for run_id, row in rows.items():
+                if run_id in on_disk:
+                    continue
+                if row["run_dir"] and (Path(row["run_dir"]) / CONFIG_FILE).is_file():
+                    continue  # a run kept outside runs_dir (resumed from elsewhere)
+                job = self.manager.find(run_id) if self.manager is not None else None
+                if job is not None and not job.done:
+                    continue  # queued or just starting
+                gone.append(run_id)
+            if gone:
+                with closing(self._connect()) as con:
+                    con.executemany("DELETE FROM runs WHERE run_id=?", [(r,) for r in gone])
+
+    def list(self, filter_text: str | None = None, status: str | None = None, model: str | None = None,
+             tag: str | None = None, sort: str = "created", descending: bool = True,
+             group_id: str | None = None) -> pd.DataFrame:
+        """The runs as a DataFrame (one row per run, INDEX_COLUMNS), filtered and sorted.
+
+        filter_text: case-insensitive words that must all appear in the run id, name, model,
+        dataset, tags, owner or message. status/model/tag/group_id: exact matches."""
+        if sort not in SORT_COLUMNS:
+            raise ConfigError(f"Cannot sort runs by {sort!r}; choose one of {', '.join(SORT_COLUMNS)}.")
+        self.sync()
+        with closing(self._connect()) as con:
+            df = pd.read_sql_query("SELECT * FROM runs", con)
+        df = df.astype({"tags": "object", "name": "object", "owner": "object", "group_id": "object"})
+        if status:
+            df = df[df["status"] == status]
+        if model:
+            df = df[df["model"] == model]
+        if group_id:
+            df = df[df["group_id"] == group_id]
+        if tag:
+            df = df[df["tags"].fillna("").map(lambda t: tag.strip() in normalize_tags(t))]
+        if filter_text and filter_text.strip():
+            hay = df[["run_id", "name", "model", "dataset", "tags", "owner", "message"]].fillna("") \
+                .astype(str).agg(" ".join, axis=1).str.lower()
+            keep = pd.Series(True, index=df.index)
+            for word in filter_text.lower().split():
+                keep &= hay.str.contains(word, regex=False)
+            df = df[keep]
+        df = df.sort_values(sort, ascending=not descending, na_position="last", kind="stable")
+        return df.reset_index(drop=True)
+
+    def get(self, run_id: str, refresh: bool = True) -> dict:
+        """One run's row; ``refresh`` re-reads its folder first (else the index as it is, which
+        the listener keeps current for live runs). ConfigError when unknown."""
+        self.run_dir(run_id)  # validates the id
+        row = self._refresh(run_id) if refresh else None
+        if row is None and self.path.exists():
+            row = self._get(run_id)
+        if row is None:
+            raise ConfigError(f"No run {run_id!r} in {self.runs_dir}: pick a run from the history table "
+                              "(it may have been deleted).")
+        return row
+
+    def label(self, run_id: str) -> str:
+        row = self._get(run_id) or {}
+        return row.get("name") or run_id
+
+    def choices(self, need: str | None = None, **filters) -> list[tuple[str, str]]:
+        """(label, run id) pairs for a dropdown, newest first. need: None, 'eval' or 'checkpoint'."""
+        df = self.list(**filters)
+        if need == "eval":
+            df = df[df["has_eval"] == 1]
+        elif need == "checkpoint":
+            df = df[(df["has_last"] == 1) | df["checkpoint_bytes"].notna()]
+        out = []
+        for _, r in df.iterrows():
+            label = f"{r['name']} ({r['run_id']})" if r["name"] else r["run_id"]
+            if pd.notna(r["test_accuracy"]):
+                label += f" — test {r['test_accuracy']:.1%}"
+            elif r["status"] not in (ev.FINISHED,):
+                label += f" — {r['status']}"
+            out.append((label, r["run_id"]))
+        return out
+
+    # ---- editing -------------------------------------------------------------------------
+    def _require_run(self, run_id: str) -> Path:
+        run_dir = self.run_dir(run_id)
+        if not (run_dir / CONFIG_FILE).is_file() and run_id not in self._pending:
+            raise ConfigError(f"No run {run_id!r} in {self.runs_dir}: pick a run from the history table "
+                              "(it may have been deleted).")
+        return run_dir
+
+    def rename(self, run_id: str, name: str | None) -> dict:
+        """Give a run a display name (kept in its meta.json); empty clears it."""
+        self._require_run(run_id)
+        name = " ".join(str(name or "").split()) or None
+        if name and len(name) > MAX_NAME_CHARS:
+            raise ConfigError(f"A run name can have at most {MAX_NAME_CHARS} characters; this one has {len(name)}.")
+        self._update_meta(run_id, name=name)
+        return self._refresh(run_id) or self._touch(run_id, name=name)
+
+    def set_tags(self, run_id: str, tags: str | Sequence[str] | None) -> dict:
+        """Replace a run's tags ('a, b' or a list; kept in meta.json)."""
+        self._require_run(run_id)
+        tags = normalize_tags(tags)
+        self._update_meta(run_id, tags=tags)
+        return self._refresh(run_id) or self._touch(run_id, tags=", ".join(tags))
+
+    def set_group(self, run_id: str, group_id: str | None) -> None:
+        self._update_meta(run_id, group_id=group_id)
+        if self._refresh(run_id) is None:
+            self._touch(run_id, group_id=group_id)
+
+    def set_predicted_memory(self, run_id: str, n_bytes: int | None, key: str | None) -> None:
+        """Cache a training-memory estimate (index + meta.json, valid while ``key`` matches)."""
+        if n_bytes is None or key is None:
+            return
+        self._update_meta(run_id, predicted_memory={"bytes": int(n_bytes), "key": key})
+        self._touch(run_id, predicted_memory_bytes=int(n_bytes))
+
+    def _touch(self, run_id: str, **values) -> dict:
+        if self._get(run_id) is not None:
+            self._upsert({"run_id": run_id, **values, "updated": time.time()})
+        return self._get(run_id) or {}
+
+    def delete(self, run_id: str, confirm: str | None) -> str:
+        """Delete a run's folder (checkpoints included) and its row — only when ``confirm`` is
+        exactly the run id, and never while the run is training or queued."""
+        run_dir = self.run_dir(run_id)
+        if (confirm or "").strip() != run_id:
+            raise ConfigError(f"To delete run {run_id}, type its id exactly ({run_id}) to confirm. "
+                              "Nothing was deleted.")
+        job = self.manager.find(run_id) if self.manager is not None else None
+        if job is not None and not job.done:
+            raise ConfigError(f"Run {run_id} is {job.status}: stop it first (Train tab or Stop), then delete it.")
+        if run_dir.exists():
+            if not (run_dir / CONFIG_FILE).is_file() and not (run_dir / META_FILE).is_file():
+                raise ConfigError(f"{run_dir} is not a Classifier Lab run folder; it was left alone.")
+            if run_dir.resolve().parent != self.runs_dir.resolve():
+                raise ConfigError(f"{run_dir} is outside the runs folder {self.runs_dir}; delete it by hand.")
+            status, _ = read_status(run_dir, self._live_ids())
+            if status in (ev.RUNNING, ev.STOPPING):
+                raise ConfigError(f"Run {run_id} is still training in another process (its status file says "
+                                  f"{status}); stop it first.")
+            shutil.rmtree(run_dir)
+        with self._lock, closing(self._connect()) as con:
+            con.execute("DELETE FROM runs WHERE run_id=?", (run_id,))
+        self._pending.pop(run_id, None)
+        return f"Deleted run {run_id} ({run_dir})."
+
+    # ---- resuming ------------------------------------------------------------------------
+    def interrupted(self) -> list[Path]:
+        """Run folders whose status says running but whose process is gone (the server died)."""
+        df = self.list(status=ev.INTERRUPTED)
+        return [Path(p) for p in df["run_dir"]]
+
+    def latest_resumable(self, owner: str) -> Path | None:
+        """The newest run of ``owner`` that is stopped, failed or interrupted and has last.pth."""
+        df = self.list()
+        live = self._live_ids()
+        df = df[(df["owner"] == owner) & df["status"].isin(RESUMABLE_STATUSES) & ~df["run_id"].isin(live)]
+        for _, row in df.iterrows():  # newest first
+            if (Path(row["run_dir"]) / LAST_CKPT).is_file():
+                return Path(row["run_dir"])
+        return None
+
+    def resume(self, run_id: str, owner: str | None = None, epochs: int | None = None):
+        """Continue a stopped, failed or interrupted run from its last.pth (same folder) through
+        the attached JobManager; returns the Job."""
+        if self.manager is None:
+            raise ConfigError("Resuming needs the training queue: this history is not attached to a JobManager.")
+        run_dir = self._require_run(run_id)
+        row = self.get(run_id)
+        if row["status"] not in RESUMABLE_STATUSES:
+            raise ConfigError(f"Run {run_id} is {row['status']}; only stopped, failed or interrupted runs "
+                              "can be resumed.")
+        last = run_dir / LAST_CKPT
+        if not last.is_file():
+            raise ConfigError(f"Run {run_id} has no last.pth in {run_dir}: it stopped before its first "
+                              "checkpoint, so it cannot be resumed. Start it again instead.")
+        from core.checkpoints import load_checkpoint
+        ckpt = load_checkpoint(last)
+        config = RunConfig.from_dict(ckpt["config"])
+        config.epochs = max(int(epochs or config.epochs), int(ckpt.get("epoch", 0)) + 1)
+        return self.manager.submit(config, owner=owner or row.get("owner") or "local", resume_from=last)

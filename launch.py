@@ -1,0 +1,87 @@
+"""Start the Classifier Lab dashboard.
+
+    python launch.py [--host 127.0.0.1] [--port 7860] [--data-dir DIR] [--runs-dir DIR]
+                     [--max-jobs N] [--auth USER:PASS] [--share]
+
+Works with no network at all: analytics, the version check, hub telemetry and the /monitoring
+page are turned off before Gradio is imported, and the page uses only bundled fonts and scripts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Offline and private by default (shared/gradio-notes.md §3): no analytics or version check from
+# the server, no huggingface_hub telemetry. Set before gradio is imported.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GRADIO_RUN_HISTORY", "False")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Classifier Lab: train, inspect, compare and use image classifiers.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this computer only; 0.0.0.0 for a classroom LAN)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--data-dir", default="data", help="dataset cache and uploads (default data/)")
+    p.add_argument("--runs-dir", default="runs", help="run history: configs, metrics, checkpoints (default runs/)")
+    p.add_argument("--max-jobs", type=int, default=None,
+                   help="training jobs at once; more are queued (default 1 on CPU, 1 per GPU)")
+    p.add_argument("--auth", default=None, metavar="USER:PASS",
+                   help="require a login; each user then finds their own runs again after a reload")
+    p.add_argument("--share", action="store_true", help="ask Gradio for a public share link (needs internet)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log every run for TensorBoard (needs `pip install tensorboard`; "
+                        "then: tensorboard --logdir runs/)")
+    return p.parse_args(argv)
+
+
+def default_max_jobs() -> int:
+    import torch
+    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    auth = None
+    if args.auth:
+        if ":" not in args.auth:
+            print("error: --auth needs USER:PASS, e.g. --auth teacher:secret", file=sys.stderr)
+            return 2
+        auth = tuple(args.auth.split(":", 1))
+    max_jobs = args.max_jobs if args.max_jobs is not None else default_max_jobs()
+    if max_jobs < 1:
+        print(f"error: --max-jobs must be at least 1, got {max_jobs}", file=sys.stderr)
+        return 2
+
+    from ui.app import build_app, launch_kwargs
+    from core.jobs import JobManager
+
+    manager = JobManager(runs_dir=args.runs_dir, data_dir=args.data_dir, max_jobs=max_jobs)
+    if args.tensorboard:
+        from core import tb
+        from core.errors import LabError
+        try:
+            tb.TensorBoardLogger(data_dir=args.data_dir).attach(manager)
+        except LabError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    demo = build_app(manager, data_dir=args.data_dir, runs_dir=args.runs_dir)
+    print(f"Classifier Lab: http://{args.host}:{args.port}  (data {args.data_dir}, runs {args.runs_dir}, "
+          f"{max_jobs} training job(s) at a time)", flush=True)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, auth=auth, share=args.share,
+                    **launch_kwargs(args.data_dir, args.runs_dir))
+    except OSError as err:
+        print(f"error: cannot listen on {args.host}:{args.port} ({err}). Is another lab running? "
+              f"Try --port {args.port + 1}.", file=sys.stderr)
+        return 1
+    finally:
+        manager.shutdown(timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Model comparison (core.compare): the plan, a real comparison through the job queue, the
+leaderboard and its CSV, the confusion difference of two runs, and the Compare tab's handlers."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core import compare, events as ev
+from core.config import RunConfig
+from core.errors import ConfigError, DataError, ModelError
+from core.jobs import JobManager
+from core.metrics import evaluate_predictions
+from core.runs import META_FILE, RunHistory, load_run, read_meta
+
+
+def _base(tiny_folder, **changes) -> RunConfig:
+    raw = {"data": {"source": "folder", "location": str(tiny_folder), "batch_size": 16, "val_fraction": 0.1},
+           "model": {"name": "tutorial_net"}, "optim": {"lr": 0.01}, "epochs": 1, "device": "cpu", "seed": 7}
+    raw.update(changes)
+    return RunConfig.from_dict(raw)
+
+
+# ---- planning --------------------------------------------------------------------------------
+def test_plan_is_the_cartesian_product_with_readable_names(tiny_folder):
+    base = _base(tiny_folder, epochs=3)
+    plan = compare.plan_comparison(base, ["tutorial_net", "resnet18"], lrs=[0.1, 0.01],
+                                   freeze_modes=["none", "stages:2"])
+    assert len(plan) == 8
+    assert [c.name for c in plan[:4]] == ["tutorial_net lr=0.1 freeze=none", "tutorial_net lr=0.1 freeze=stages:2",
+                                          "tutorial_net lr=0.01 freeze=none", "tutorial_net lr=0.01 freeze=stages:2"]
+    assert [(c.model.name, c.optim.lr, c.model.freeze, c.model.freeze_stages) for c in plan[4:6]] == [
+        ("resnet18", 0.1, "none", 0), ("resnet18", 0.1, "stages", 2)]
+    for cfg in plan:  # everything but the compared settings is the base's
+        assert cfg.data == base.data and cfg.seed == base.seed and cfg.epochs == 3
+        assert cfg.optim.optimizer == base.optim.optimizer and cfg.data.train_augment == base.data.train_augment
+    simple = compare.plan_comparison(base, ["resnet18", "lenet5", "resnet18"])
+    assert [c.name for c in simple] == ["resnet18 lr=0.01", "lenet5 lr=0.01"]
+    assert base.model.name == "tutorial_net" and base.name is None  # the base is not modified
+
+
+def test_plan_rejects_bad_input_with_clear_messages(tiny_folder):
+    base = _base(tiny_folder)
+    with pytest.raises(ModelError, match="resnet18"):
+        compare.plan_comparison(base, ["resnet-eighteen"])
+    with pytest.raises(ConfigError, match="at least one model"):
+        compare.plan_comparison(base, [])
+    with pytest.raises(ConfigError, match="at most"):
+        compare.plan_comparison(base, ["tutorial_net", "lenet5", "resnet18"], lrs=[0.1 / 2**i for i in range(9)])
+    assert compare.parse_lrs(" 0.1, 1e-3;0.1 0.05") == [0.1, 0.001, 0.05]
+    assert compare.parse_lrs("  ") is None
+    with pytest.raises(ConfigError, match="not a number"):
+        compare.parse_lrs("0.1, fast")
+    with pytest.raises(ConfigError, match="positive"):
+        compare.parse_lrs("-1")
+    assert compare.parse_freeze_modes("none, Features, stages = 2") == ["none", "features", "stages:2"]
+    with pytest.raises(ConfigError, match="stages:N"):
+        compare.parse_freeze_modes("everything")
+
+
+# ---- a real comparison ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory, tiny_folder):
+    runs_dir = tmp_path_factory.mktemp("cmp-runs")
+    manager = JobManager(runs_dir=runs_dir, max_jobs=1)
+    history = RunHistory(runs_dir).attach(manager)
+    plan = compare.plan_comparison(_base(tiny_folder, epochs=2), ["tutorial_net", "lenet5"])
+    group = compare.submit_comparison(manager, plan, owner="alice", history=history)
+    queued_at_once = [manager.queue_position(r) for r in group.run_ids]
+    for run_id in group.run_ids:
+        manager.wait(run_id, timeout=180)
+    return runs_dir, manager, history, group, queued_at_once
+
+
+def test_a_comparison_queues_every_run_and_records_its_group(comparison):
+    runs_dir, manager, history, group, queued_at_once = comparison
+    assert str(group).startswith("cmp-") and len(group.run_ids) == 2
+    assert queued_at_once[0] is None and queued_at_once[1] == 1   # one slot: the second one waited
+    assert all(manager.get(r).status == ev.FINISHED for r in group.run_ids)
+    rows = history.list(group_id=str(group))
+    assert set(rows["run_id"]) == set(group.run_ids)
+    assert set(rows["owner"]) == {"alice"}
+    assert compare.group_run_ids(str(group)) == group.run_ids
+    for run_id in group.run_ids:
+        assert read_meta(runs_dir / run_id)["group_id"] == str(group)
+    # After a restart the group is still known (from meta.json through the index).
+    compare._GROUPS.pop(str(group))
+    assert set(compare.group_run_ids(str(group), RunHistory(runs_dir))) == set(group.run_ids)
+
+
+def test_leaderboard_fills_every_column_and_sorts(comparison):
+    runs_dir, manager, history, group, _ = comparison
+    board = compare.leaderboard(history, group.run_ids)
+    assert list(board.columns) == compare.LEADERBOARD_COLUMNS
+    assert len(board) == 2 and not board.isna().any().any(), board.T
+    assert set(board["model"]) == {"tutorial_net", "lenet5"}
+    assert set(board["run"]) == {"tutorial_net lr=0.01", "lenet5 lr=0.01"}
+    acc = list(board["test accuracy"])
+    assert acc == sorted(acc, reverse=True)
+    for _, row in board.iterrows():
+        run_dir = runs_dir / row["run id"]
+        assert row["checkpoint size (bytes)"] == (run_dir / "best.pth").stat().st_size
+        assert 0 <= row["best val accuracy"] <= 1 and row["training time (s)"] > 0 and row["images/s"] > 0
+        assert row["parameters"] >= row["trainable parameters"] > 0
+        assert row["predicted training memory (bytes)"] > row["parameters"] * 4  # weights alone are 4 B each
+        # The estimate is cached in the index and in meta.json.
+        assert read_meta(run_dir)["predicted_memory"]["bytes"] == row["predicted training memory (bytes)"]
+        assert history.get(row["run id"], refresh=False)["predicted_memory_bytes"] == \
+            row["predicted training memory (bytes)"]
+    by_params = compare.leaderboard(history, group.run_ids, sort_by="parameters")
+    assert list(by_params["parameters"]) == sorted(by_params["parameters"])
+    by_speed = compare.leaderboard(history, group.run_ids, sort_by="images/s")
+    assert list(by_speed["images/s"]) == sorted(by_speed["images/s"], reverse=True)
+    with pytest.raises(ConfigError, match="sort"):
+        compare.leaderboard(history, group.run_ids, sort_by="beauty")
+    # From RunRecords (no index) the same numbers come out.
+    records = [load_run(runs_dir / r) for r in group.run_ids]
+    from_records = compare.leaderboard(records)
+    pd.testing.assert_frame_equal(from_records.drop(columns="training time (s)"),
+                                  board.drop(columns="training time (s)"))
+
+
+def test_leaderboard_csv_round_trip(comparison, tmp_path):
+    _, _, history, group, _ = comparison
+    board = compare.leaderboard(history, group.run_ids)
+    path = compare.leaderboard_csv(board, tmp_path / "out" / "board.csv")
+    assert path.read_text(encoding="utf-8").splitlines()[0] == ",".join(compare.LEADERBOARD_COLUMNS)
+    back = compare.read_leaderboard_csv(path)
+    pd.testing.assert_frame_equal(back, board, check_exact=False, rtol=1e-12)
+
+
+# ---- two runs side by side ------------------------------------------------------------------
+def _report(preds, names=("cat", "dog", "fox"), targets=(0, 0, 1, 1, 2, 2)):
+    probs = np.eye(len(names))[list(preds)]
+    return evaluate_predictions(probs, list(targets), list(names))
+
+
+def test_confusion_difference_by_hand():
+    a = _report([0, 0, 1, 0, 2, 2])   # recall cat 1, dog .5 (one dog → cat), fox 1
+    b = _report([0, 1, 1, 1, 2, 0])   # recall cat .5 (cat → dog), dog 1, fox .5 (fox → cat)
+    diff = compare.confusion_difference(a, b)
+    assert list(diff.columns) == compare.DIFF_COLUMNS
+    recall = diff[diff["kind"] == "recall"].set_index("true class")
+    assert recall.loc["cat", ["A", "B", "difference"]].tolist() == [1.0, 0.5, -0.5]
+    assert recall.loc["dog", ["A", "B", "difference"]].tolist() == [0.5, 1.0, 0.5]
+    assert recall.loc["fox", ["A", "B", "difference"]].tolist() == [1.0, 0.5, -0.5]
+    pairs = diff[diff["kind"] == "confusion"]
+    got = {(r["true class"], r["predicted class"]): r["difference"] for _, r in pairs.iterrows()}
+    assert got == {("cat", "dog"): 0.5, ("dog", "cat"): -0.5, ("fox", "cat"): 0.5}
+    assert list(diff["kind"]) == ["recall"] * 3 + ["confusion"] * 3
+    assert len(compare.confusion_difference(a, b, top_classes=1, top_pairs=1)) == 2
+    assert compare.confusion_difference(a, a)["difference"].abs().max() == 0  # identical: only zero recall rows
+
+
+def test_confusion_difference_reorders_classes_and_rejects_other_datasets():
+    a = _report([0, 0, 1, 0, 2, 2])
+    # The same predictions with the classes listed in another order.
+    b_perm = _report([1, 1, 0, 1, 2, 2], names=("dog", "cat", "fox"), targets=(1, 1, 0, 0, 2, 2))
+    same = compare.confusion_difference(a, b_perm)
+    assert same["difference"].abs().max() == 0
+    other = _report([0, 0, 1, 0, 2, 2], names=("cat", "dog", "owl"))
+    with pytest.raises(DataError, match="different classes.*fox.*owl"):
+        compare.confusion_difference(a, other)
+    # eval.json dicts are accepted as they are.
+    assert len(compare.confusion_difference(a.to_dict(), b_perm.to_dict())) == 3
+
+
+# ---- the Compare tab's handlers, called as plain functions -----------------------------------
+@pytest.fixture
+def tab(comparison, tmp_path):
+    import gradio as gr
+    from ui import tab_compare
+    from ui.common import AppContext
+
+    runs_dir, manager, history, group, _ = comparison
+    ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=runs_dir, history=history)
+    with gr.Blocks() as demo:
+        ctx.session = gr.State(dict)
+        ctx.browser_id = gr.BrowserState(None)
+        ctx.shared["tab"] = {}
+        tab_compare.build(ctx)
+        tab_compare.on_load(ctx, demo)
+    yield ctx, ctx.shared["compare"]["handlers"], ctx.shared["compare"]["widgets"], group
+    demo.close()
+
+
+def test_tab_shows_curves_leaderboard_and_side_by_side(tab):
+    ctx, h, w, group = tab
+    fig, board, queue, timer, pick_a, pick_b = h["show_selected"](list(group.run_ids), None, None)
+    assert [pick_a["value"], pick_b["value"]] == list(group.run_ids)   # the pair view starts with them
+    assert len(fig.data) == 8      # 2 runs × (train, val) × (loss, accuracy)
+    colors = {t.name: t.line.color for t in fig.data if t.showlegend}
+    assert len(set(colors.values())) == 2   # one colour per run, the same in both panels
+    from ui.tab_compare import LEADERBOARD_DISPLAY
+    assert list(board.columns) == LEADERBOARD_DISPLAY
+    assert len(board) == 2 and board["predicted training memory (MiB)"].notna().all()
+    assert "tutorial_net lr=0.01: finished" in queue
+    csv_path = h["leaderboard_csv"](list(group.run_ids))
+    assert pd.read_csv(csv_path)["run id"].tolist() == board["run id"].tolist()
+    a, b = group.run_ids
+    cm_a, cm_b, summary, table = h["show_pair"](a, b, True)
+    assert "A" in summary and "B" in summary and len(table) >= 3
+    assert cm_a.data[0].type == "heatmap" and cm_b.data[0].type == "heatmap"
+    plan = h["preview_plan"](["tutorial_net", "lenet5"], "0.1, 0.01", "", 2)
+    assert "4 run(s)" in plan
+    assert "not a number" in h["preview_plan"](["tutorial_net"], "abc", "", 2)
+
+
+def test_tab_history_panel_rename_tag_export_and_delete(tab, tmp_path):
+    import gradio as gr
+
+    ctx, h, w, group = tab
+    run_id = group.run_ids[0]
+    msg, table = h["rename"](run_id, "renamed in the UI", "", "(all)")
+    assert "renamed in the UI" in msg and "renamed in the UI" in set(table["name"])
+    msg, table = h["save_tags"](run_id, "ui, test", "ui", "(all)")
+    assert list(table["run id"]) == [run_id]   # the filter 'ui' applies
+    files, msg = h["export"]["metrics"](run_id)
+    assert any(f.endswith("-epochs.csv") for f in files)
+    files, msg = h["export"]["checkpoint"](run_id)
+    assert files[0].endswith(f"{run_id}-best.pth")
+    with pytest.raises(gr.Error, match="type its id"):
+        h["delete"](group.run_ids[1], "no", "", "(all)", list(group.run_ids))
+    with pytest.raises(gr.Error, match="only stopped, failed or interrupted"):
+        h["resume"](run_id, [], "browser-1", None)
+    with pytest.raises(gr.Error, match="Pick a run"):
+        h["export"]["onnx"](None)
+    assert (ctx.runs_dir / run_id / META_FILE).is_file()
+    h["rename"](run_id, "", "", "(all)")  # leave the shared comparison as it was
+    h["save_tags"](run_id, "", "", "(all)")
+
+
+def test_tab_train_all_queues_a_comparison_on_the_data_tab_data(tab, tiny_folder):
+    ctx, h, w, _ = tab
+    values = {ctx.session: {"data_source": {"source": "folder", "location": str(tiny_folder)}},
+              ctx.browser_id: "browser-1", w["models"]: ["lenet5"], w["lrs"]: "0.05", w["freeze"]: "",
+              w["epochs"]: 1}
+    selected, fig, board, queue, timer = h["train_all"](values, None)
+    run_ids = selected["value"]
+    assert len(run_ids) == 1 and "Queued 1 run" in queue
+    job = ctx.manager.get(run_ids[0])
+    assert job.owner == "browser:browser-1" and job.config.name == "lenet5 lr=0.05"
+    assert job.config.data.location == str(tiny_folder) and job.config.epochs == 1
+    ctx.manager.wait(run_ids[0], timeout=120)
+    deadline = time.time() + 60
+    while True:   # the timer keeps polling until the memory estimate of the finished run is in
+        selected, fig, board, queue, timer, pick_a, pick_b = h["poll"](run_ids, None, None)
+        if isinstance(selected, dict) and "value" in selected or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert job.status == ev.FINISHED and "lenet5 lr=0.05: finished" in queue
+    assert board["predicted training memory (MiB)"].notna().all()
+    assert selected["value"] == run_ids and any(run_ids[0] == v for _, v in selected["choices"])
+    ctx.history.delete(run_ids[0], confirm=run_ids[0])   # keep the shared comparison as it was

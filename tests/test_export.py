@@ -1,0 +1,209 @@
+"""Export (core.export): TorchScript and ONNX give the same logits as PyTorch on real images, the
+metrics CSVs hold the run's numbers, and TensorBoard logging writes an event file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from core import events as ev, export, tb
+from core.checkpoints import save_checkpoint
+from core.config import RunConfig
+from core.errors import ConfigError
+from core.inference import Predictor
+from core.jobs import JobManager
+from core.runs import load_run
+from core.trainer import fit, prepare
+
+TOL = 1e-4
+
+
+def _config(tiny_folder, model="tutorial_net", epochs=1) -> RunConfig:
+    return RunConfig.from_dict({
+        "data": {"source": "folder", "location": str(tiny_folder), "batch_size": 16},
+        "model": {"name": model, "small_input_stem": True}, "optim": {"lr": 0.01},
+        "epochs": epochs, "device": "cpu", "seed": 3})
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_folder) -> Path:
+    """The tutorial net trained for 2 epochs on the tiny set (a real run folder)."""
+    result = fit(_config(tiny_folder, epochs=2), runs_dir=tmp_path_factory.mktemp("runs"))
+    assert result.status == ev.FINISHED, result.message
+    return result.run_dir
+
+
+@pytest.fixture(scope="module")
+def mobilenet_checkpoint(tmp_path_factory, tiny_folder) -> Path:
+    """A MobileNetV3-Small (small-input stem) checkpoint in the lab's format. Training it takes
+    too long for a unit test on a CPU, so its BatchNorm statistics are set by forward passes over
+    the real training images (what matters here is that the exported graph computes the same
+    function, BatchNorm in eval mode, hardswish and squeeze-excitation included)."""
+    config = _config(tiny_folder, model="mobilenet_v3_small")
+    prep = prepare(config)
+    model = prep.model.train()
+    with torch.no_grad():
+        for i, (x, _) in enumerate(prep.train_loader):
+            if i == 3:
+                break
+            model(x)
+    path = tmp_path_factory.mktemp("mnv3") / "best.pth"
+    save_checkpoint(path, {"model": model.state_dict(), "model_name": config.model.name, "epoch": 0,
+                           "config": config.to_dict(), "classes": prep.classes, "transform": prep.transform_state,
+                           "input_shape": [prep.in_channels, *prep.input_size]})
+    return path
+
+
+def _real_batch(predictor: Predictor, tiny_folder: Path) -> torch.Tensor:
+    """The tiny set's test images, preprocessed with the run's own eval transform."""
+    files = sorted((tiny_folder / "test").rglob("*.jpg"))
+    assert len(files) == 30
+    from core.inference import open_image
+    return torch.stack([predictor._eval_tf(open_image(f, predictor.mode)) for f in files])
+
+
+def _checkpoint(run_or_ckpt) -> Path:
+    path = Path(run_or_ckpt)
+    return path / "best.pth" if path.is_dir() else path
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+@pytest.mark.parametrize("which", ["tutorial_net", "mobilenet_v3_small"])
+def test_torchscript_and_onnx_match_pytorch_on_real_images(which, trained_run, mobilenet_checkpoint,
+                                                          tiny_folder, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    ckpt = _checkpoint(trained_run if which == "tutorial_net" else mobilenet_checkpoint)
+    predictor = Predictor(ckpt)
+    x = _real_batch(predictor, tiny_folder)                     # 30 images: not the export batch size
+    with torch.no_grad():
+        expected = predictor.model(x)
+    assert expected.shape == (30, 3) and expected.std() > 0
+
+    ts_path = export.export_torchscript(ckpt, tmp_path / "model.pt")
+    extra = {export.INFO_ENTRY: ""}
+    scripted = torch.jit.load(str(ts_path), _extra_files=extra)
+    with torch.no_grad():
+        got_ts = scripted(x)
+    assert (got_ts - expected).abs().max().item() <= TOL
+    info = json.loads(extra[export.INFO_ENTRY])
+    assert info["classes"] == ["airplane", "cat", "ship"] and info["model"] == which
+    assert info["input_shape"] == list(x.shape[1:])
+
+    onnx_path = export.export_onnx(ckpt, tmp_path / "model.onnx", exporter="legacy")
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    inp = session.get_inputs()[0]
+    assert inp.name == "input" and not isinstance(inp.shape[0], int)   # dynamic batch axis
+    got_onnx = session.run(None, {"input": x.numpy()})[0]
+    assert np.abs(got_onnx - expected.numpy()).max() <= TOL
+    assert np.abs(session.run(None, {"input": x[:1].numpy()})[0] - expected[:1].numpy()).max() <= TOL
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["classes"]) == ["airplane", "cat", "ship"]
+    side = json.loads(onnx_path.with_suffix(".json").read_text(encoding="utf-8"))
+    assert side["format"] == "onnx" and side["opset"] >= 13 and "dynamo=False" in side["exporter"]
+    assert side["transform"] == predictor.transform_state
+
+
+def test_onnx_with_the_torch_export_based_exporter(trained_run, tiny_folder, tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    ckpt = _checkpoint(trained_run)
+    path = export.export_onnx(ckpt, tmp_path / "dynamo.onnx", exporter="dynamo")
+    assert not list(tmp_path.glob("*.data"))   # weights inside the one file
+    predictor = Predictor(ckpt)
+    x = _real_batch(predictor, tiny_folder)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = predictor.model(x).numpy()
+    assert np.abs(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0] - expected).max() <= TOL
+
+
+def test_onnx_export_explains_missing_packages_and_bad_options(trained_run, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="exporter"):
+        export.export_onnx(trained_run, tmp_path / "m.onnx", exporter="fast")
+    with pytest.raises(ConfigError, match="opset"):
+        export.export_onnx(trained_run, tmp_path / "m.onnx", opset=3)
+    monkeypatch.setattr(export, "onnxscript_available", lambda: False)
+    with pytest.raises(ConfigError, match="pip install onnxscript"):
+        export.export_onnx(trained_run, tmp_path / "m.onnx", exporter="dynamo")
+    monkeypatch.setattr(export, "onnx_available", lambda: False)
+    with pytest.raises(ConfigError, match="pip install onnx"):
+        export.export_onnx(trained_run, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_takes_a_run_folder_and_explains_a_missing_checkpoint(trained_run, tmp_path):
+    path = export.export_torchscript(trained_run, tmp_path / "from-folder")   # suffix added
+    assert path.name == "from-folder.pt" and path.is_file()
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    with pytest.raises(Exception, match="no checkpoint"):
+        export.export_torchscript(empty, tmp_path / "x.pt")
+
+
+def test_metrics_csv_content(trained_run, tmp_path):
+    paths = export.export_metrics_csv(trained_run, tmp_path / "csv")
+    names = [p.name for p in paths]
+    run_id = trained_run.name
+    assert names == [f"{run_id}-epochs.csv", f"{run_id}-per-class.csv", f"{run_id}-confusion.csv"]
+    record = load_run(trained_run)
+    epochs = pd.read_csv(paths[0])
+    assert list(epochs.columns) == export.EPOCH_COLUMNS and list(epochs["epoch"]) == [1, 2]
+    assert np.allclose(epochs["val_accuracy"], record.epochs["val_accuracy"])
+    assert epochs["train_loss"].gt(0).all() and epochs["lr"].eq(0.01).all()
+    per_class = pd.read_csv(paths[1])
+    report = record.report()
+    assert list(per_class["class"]) == ["airplane", "cat", "ship", "(macro average)", "(weighted average)"]
+    assert np.allclose(per_class["recall"][:3], report.per_class["recall"])
+    assert per_class["support"][:3].sum() == report.num_samples == 30
+    confusion = pd.read_csv(paths[2], index_col=0)
+    assert list(confusion.index) == list(confusion.columns) == ["airplane", "cat", "ship"]
+    assert confusion.to_numpy().sum() == 30
+    assert np.trace(confusion.to_numpy()) / 30 == pytest.approx(report.accuracy)
+
+
+def test_metrics_csv_of_a_run_without_metrics_says_so(trained_run, tmp_path):
+    import shutil
+    bare = tmp_path / "bare-run"
+    bare.mkdir()
+    shutil.copy(trained_run / "config.json", bare / "config.json")
+    with pytest.raises(Exception, match="no metrics yet"):
+        export.export_metrics_csv(bare, tmp_path / "out")
+
+
+# ---- TensorBoard -----------------------------------------------------------------------------
+def test_tensorboard_missing_package_gives_the_install_command(monkeypatch):
+    monkeypatch.setattr(tb, "available", lambda: False)
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        tb.TensorBoardLogger()
+    assert "| cat |" in tb.confusion_text([[1, 0], [2, 3]], ["cat", "dog"])
+
+
+def test_tensorboard_event_file_written(tmp_path, tiny_folder):
+    if not tb.available():
+        pytest.skip("tensorboard is not installed (pip install tensorboard; it is in requirements-dev.txt)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    manager = JobManager(runs_dir=tmp_path, data_dir=tmp_path / "data", max_jobs=1)
+    logger = tb.TensorBoardLogger(images=8).attach(manager)
+    job = manager.submit(_config(tiny_folder, epochs=2), owner="alice")
+    manager.wait(job.job_id, timeout=120)
+    assert job.status == ev.FINISHED, job.message
+    run_dir = tmp_path / job.job_id
+    event_files = list(run_dir.glob("events.out.tfevents.*"))
+    assert len(event_files) == 1
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("loss/train", "loss/val", "accuracy/train", "accuracy/val", "lr"):
+        assert [s.step for s in acc.Scalars(tag)] == [1, 2], tag
+    assert acc.Scalars("test/accuracy")[0].value == pytest.approx(job.result.eval_report.accuracy, abs=1e-6)
+    assert len(acc.Scalars("batch/loss")) >= 2
+    assert "inputs" in tags["images"]
+    texts = set(tags["tensors"])   # add_text is stored as tensors
+    assert {"config/text_summary", "status/text_summary"} <= texts
+    assert ("test/confusion_matrix" in tags["images"]) or ("test/confusion_matrix/text_summary" in texts)
+    logger.close()

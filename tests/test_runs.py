@@ -1,0 +1,271 @@
+"""Run history index (core.runs.RunHistory): built from the run folders, survives restarts and a
+lost index, keeps names/tags/owners in meta.json, deletes only with confirmation, detects
+interrupted runs and resumes them."""
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from core import events as ev
+from core.config import RunConfig
+from core.errors import ConfigError
+from core.jobs import JobManager
+from core.runs import CARD_FILE, INDEX_FILE, META_FILE, RunHistory, read_meta
+from core.trainer import fit
+
+
+def _config(tiny_folder, **changes) -> RunConfig:
+    raw = {"data": {"source": "folder", "location": str(tiny_folder), "batch_size": 16},
+           "model": {"name": "tutorial_net"}, "optim": {"lr": 0.01}, "epochs": 1, "device": "cpu", "seed": 1}
+    raw.update(changes)
+    return RunConfig.from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_folder):
+    """A runs folder with two finished runs: one trained through a JobManager with the history
+    attached (owner 'alice', card.json), one by plain fit() as the command line does (no index)."""
+    runs_dir = tmp_path_factory.mktemp("runs")
+    manager = JobManager(runs_dir=runs_dir, max_jobs=1)
+    RunHistory(runs_dir).attach(manager)
+    job = manager.submit(_config(tiny_folder, name="first"), owner="alice")
+    manager.wait(job.job_id, timeout=120)
+    assert job.status == ev.FINISHED, job.message
+    cli = fit(_config(tiny_folder, name="from the command line"), runs_dir=runs_dir)
+    assert cli.status == ev.FINISHED
+    (runs_dir / INDEX_FILE).unlink()  # each test builds its own index on a copy
+    return runs_dir, job.job_id, cli.run_id
+
+
+@pytest.fixture
+def runs_copy(trained, tmp_path):
+    runs_dir, managed, cli = trained
+    dest = tmp_path / "runs"
+    shutil.copytree(runs_dir, dest)
+    for p in dest.glob(INDEX_FILE + "*"):
+        p.unlink()
+    return dest, managed, cli
+
+
+def test_the_index_is_built_from_the_folders_with_every_column(runs_copy):
+    runs_dir, managed, cli = runs_copy
+    history = RunHistory(runs_dir)
+    assert (runs_dir / INDEX_FILE).is_file()
+    df = history.list()
+    assert set(df["run_id"]) == {managed, cli}
+    row = df.set_index("run_id").loc[managed]
+    assert row["name"] == "first" and row["owner"] == "alice" and row["model"] == "tutorial_net"
+    assert row["dataset"] == "tiny" and row["status"] == ev.FINISHED
+    assert row["epochs_done"] == 1 and row["epochs"] == 1
+    assert 0 <= row["best_val_accuracy"] <= 1 and 0 <= row["test_accuracy"] <= 1 and 0 <= row["macro_f1"] <= 1
+    assert row["params"] > 60_000 and row["trainable_params"] == row["params"]
+    assert row["train_seconds"] > 0 and row["images_per_sec"] > 0
+    assert row["checkpoint_bytes"] == (runs_dir / managed / "best.pth").stat().st_size
+    assert row["has_last"] == 1 and row["has_eval"] == 1
+    # The command-line run has no owner (nobody recorded one) but everything else.
+    assert pd_isna(df.set_index("run_id").loc[cli, "owner"])
+    # The run card written by the listener.
+    card = json.loads((runs_dir / managed / CARD_FILE).read_text(encoding="utf-8"))
+    assert card["model"]["name"] == "tutorial_net" and card["model"]["params"] == row["params"]
+    assert card["dataset"]["name"] == "tiny" and card["dataset"]["source"] == "folder"
+    assert card["dataset"]["split_sizes"] == {"train": 105, "val": 15, "test": 30}
+    assert card["seed"] == 1 and card["device"] == "cpu" and card["status"] == ev.FINISHED
+    assert card["duration_s"] > 0 and {"torch", "torchvision", "python", "platform"} <= set(card["versions"])
+
+
+def pd_isna(value) -> bool:
+    import pandas as pd
+    return value is None or bool(pd.isna(value))
+
+
+def test_the_index_survives_a_restart_and_is_rebuilt_when_lost_or_outdated(runs_copy):
+    runs_dir, managed, cli = runs_copy
+    first = RunHistory(runs_dir)
+    first.rename(cli, "renamed run")
+    first.set_tags(cli, "baseline, cpu")
+    # A new server on the same folder: same runs, same names and tags.
+    again = RunHistory(runs_dir).list().set_index("run_id")
+    assert set(again.index) == {managed, cli}
+    assert again.loc[cli, "name"] == "renamed run" and again.loc[cli, "tags"] == "baseline, cpu"
+    # The index file is lost: rebuilt from the folders (names and tags come from meta.json).
+    (runs_dir / INDEX_FILE).unlink()
+    rebuilt = RunHistory(runs_dir).list().set_index("run_id")
+    assert rebuilt.loc[cli, "name"] == "renamed run" and rebuilt.loc[cli, "tags"] == "baseline, cpu"
+    assert rebuilt.loc[managed, "owner"] == "alice"
+    # An index of another schema version is rebuilt too.
+    with sqlite3.connect(runs_dir / INDEX_FILE) as con:
+        con.execute("UPDATE info SET value='0' WHERE key='schema_version'")
+        con.execute("DELETE FROM runs")
+    assert len(RunHistory(runs_dir).list()) == 2
+    # A corrupt index file as well.
+    for p in runs_dir.glob(INDEX_FILE + "*"):
+        p.unlink()
+    (runs_dir / INDEX_FILE).write_bytes(b"this is not a database")
+    assert len(RunHistory(runs_dir).list()) == 2
+
+
+def test_folders_added_or_removed_behind_its_back_are_noticed(runs_copy, tmp_path):
+    runs_dir, managed, cli = runs_copy
+    history = RunHistory(runs_dir)
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(runs_dir / cli), moved)
+    assert list(history.list()["run_id"]) == [managed]
+    shutil.move(str(moved), runs_dir / cli)
+    assert set(history.list()["run_id"]) == {managed, cli}
+
+
+def test_rename_tags_filter_and_sort(runs_copy):
+    runs_dir, managed, cli = runs_copy
+    history = RunHistory(runs_dir)
+    history.rename(managed, "  my   best run ")
+    history.set_tags(managed, "a, b,, a ")
+    history.set_tags(cli, ["b", "c"])
+    assert read_meta(runs_dir / managed) ["name"] == "my best run"
+    assert read_meta(runs_dir / managed)["tags"] == ["a", "b"]
+    assert list(history.list(tag="a")["run_id"]) == [managed]
+    assert set(history.list(tag="b")["run_id"]) == {managed, cli}
+    assert list(history.list(filter_text="BEST run")["run_id"]) == [managed]
+    assert list(history.list(filter_text="command line")["run_id"]) == [cli]
+    assert history.list(filter_text="nothing like this").empty
+    assert set(history.list(status=ev.FINISHED, model="tutorial_net")["run_id"]) == {managed, cli}
+    by_created = history.list(sort="created", descending=False)
+    assert list(by_created["run_id"]) == [managed, cli]  # the command-line run came second
+    assert list(history.list(sort="created")["run_id"]) == [cli, managed]
+    with pytest.raises(ConfigError, match="sort"):
+        history.list(sort="colour")
+    history.rename(managed, "")  # clears: back to the config's name
+    assert history.get(managed)["name"] == "first"
+    with pytest.raises(ConfigError, match="No run"):
+        history.rename("20990101-000000-nothing-000000", "x")
+    with pytest.raises(ConfigError, match="not a run id"):
+        history.rename("../escape", "x")
+
+
+def test_delete_needs_the_run_id_typed_and_refuses_live_runs(runs_copy):
+    runs_dir, managed, cli = runs_copy
+    release = threading.Event()
+
+    def slow_fit(config, on_event=None, should_stop=None, *, runs_dir, run_id, **kwargs):
+        release.wait(30)
+        on_event(ev.RunFinished(status=ev.FINISHED, message="done", best_epoch=None, best_metric=None, seconds=0.0))
+
+    manager = JobManager(runs_dir=runs_dir, max_jobs=1, fit=slow_fit)
+    history = RunHistory(runs_dir).attach(manager)
+    with pytest.raises(ConfigError, match="type its id"):
+        history.delete(cli, confirm="yes")
+    assert (runs_dir / cli).is_dir()
+    live = manager.submit(RunConfig(), owner="bob", job_id=managed)
+    try:
+        with pytest.raises(ConfigError, match="stop it first"):
+            history.delete(managed, confirm=managed)
+        assert (runs_dir / managed).is_dir()
+    finally:
+        release.set()
+        manager.wait(live.job_id, timeout=30)
+    message = history.delete(cli, confirm=f" {cli} ")
+    assert cli in message and not (runs_dir / cli).exists()
+    assert list(history.list()["run_id"]) == [managed]
+    assert list(RunHistory(runs_dir).list()["run_id"]) == [managed]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _pretend_it_was_running(run_dir: Path) -> None:
+    """What a server killed mid-training leaves: status 'running' written by a process now gone."""
+    (run_dir / "status.json").write_text(json.dumps(
+        {"status": "running", "message": "training", "updated": time.time(), "pid": _dead_pid()}), encoding="utf-8")
+
+
+def test_interrupted_runs_are_detected_and_the_latest_one_is_resumable(runs_copy):
+    runs_dir, managed, cli = runs_copy
+    history = RunHistory(runs_dir)
+    assert history.latest_resumable("alice") is None      # finished runs are not resumable
+    _pretend_it_was_running(runs_dir / managed)
+    rows = history.list().set_index("run_id")
+    assert rows.loc[managed, "status"] == ev.INTERRUPTED
+    assert history.interrupted() == [runs_dir / managed]
+    assert history.latest_resumable("alice") == runs_dir / managed
+    assert history.latest_resumable("bob") is None
+    # The command-line run has no owner: nobody's resumable run, even once interrupted.
+    _pretend_it_was_running(runs_dir / cli)
+    assert history.latest_resumable("alice") == runs_dir / managed
+
+
+def test_resume_an_interrupted_run_through_the_job_manager(runs_copy):
+    runs_dir, managed, cli = runs_copy
+    manager = JobManager(runs_dir=runs_dir, max_jobs=1)
+    history = RunHistory(runs_dir).attach(manager)
+    with pytest.raises(ConfigError, match="only stopped, failed or interrupted"):
+        history.resume(managed, owner="alice")
+    _pretend_it_was_running(runs_dir / managed)
+    job = history.resume(managed, owner="alice")
+    assert job.job_id == managed and job.resume_from == str(runs_dir / managed / "last.pth")
+    manager.wait(job.job_id, timeout=120)
+    assert job.status == ev.FINISHED, job.message
+    row = history.get(managed)
+    assert row["status"] == ev.FINISHED and row["epochs_done"] == 2 and row["epochs"] == 2
+    assert read_meta(runs_dir / managed)["owner"] == "alice"
+    card = json.loads((runs_dir / managed / CARD_FILE).read_text(encoding="utf-8"))
+    assert card["sessions"] == 2 and len(card["session_seconds"]) == 2
+
+
+def test_queued_runs_are_indexed_before_their_folder_exists(runs_copy):
+    runs_dir, managed, cli = runs_copy
+    release = threading.Event()
+
+    def slow_fit(config, on_event=None, should_stop=None, *, runs_dir, run_id, **kwargs):
+        release.wait(30)
+        on_event(ev.RunFinished(status=ev.STOPPED, message="stopped", best_epoch=None, best_metric=None, seconds=0.0))
+
+    manager = JobManager(runs_dir=runs_dir, max_jobs=1, fit=slow_fit)
+    history = RunHistory(runs_dir).attach(manager)
+    blocker = manager.submit(RunConfig(), owner="bob")
+    history.register_queued("20990101-000000-tutorial_net-abcdef", RunConfig(name="waiting"), owner="carol",
+                            group_id="cmp-x")
+    queued = manager.submit(RunConfig(name="waiting"), owner="carol", job_id="20990101-000000-tutorial_net-abcdef")
+    try:
+        rows = history.list().set_index("run_id")
+        assert rows.loc[queued.job_id, "status"] == ev.QUEUED and rows.loc[queued.job_id, "group_id"] == "cmp-x"
+        history.rename(queued.job_id, "renamed while queued")
+        assert history.get(queued.job_id)["name"] == "renamed while queued"
+        manager.stop(queued.job_id)  # removed from the queue: never gets a folder
+        assert queued.job_id not in set(history.list()["run_id"])
+    finally:
+        release.set()
+        manager.wait(blocker.job_id, timeout=30)
+
+
+def test_many_threads_can_use_the_index_at_once(runs_copy):
+    runs_dir, managed, cli = runs_copy
+    history = RunHistory(runs_dir)
+    errors = []
+
+    def work(k):
+        try:
+            for i in range(8):
+                history.set_tags(managed if k % 2 else cli, f"t{k}-{i}")
+                history.list(filter_text="run")
+                history.get(managed, refresh=False)
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert len(history.list()) == 2
+    assert json.loads((runs_dir / managed / META_FILE).read_text(encoding="utf-8"))["tags"]

@@ -1,0 +1,657 @@
+"""Compare tab: train several models on the same data in one click, watch their curves overlaid,
+rank them in a leaderboard, put two runs' confusion matrices side by side, and manage the run
+history (filter, rename, tag, delete, resume, export).
+
+Like the Train tab, nothing trains inside a handler: "Train all" queues one job per model (and
+learning rate / freezing mode) on the JobManager and a gr.Timer polls them. The runs to show are
+the "Runs compared" selection, so finished runs from the history can be mixed with live ones.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from core import compare, events as ev, export, runs
+from core.errors import ConfigError, LabError
+from core.models import list_models
+from ui import plots
+from ui.common import AppContext, config_from_widgets, owner_of, safe
+
+POLL_S = 1.0
+DEFAULT_MODELS = ["tutorial_net", "resnet18"]
+HISTORY_COLUMNS = ["run id", "name", "tags", "model", "dataset", "status", "epochs", "best val acc (%)",
+                   "test acc (%)", "created", "owner"]
+LEADERBOARD_DISPLAY = ["run", "model", "status", "best val accuracy (%)", "test accuracy (%)", "macro F1",
+                       "parameters", "trainable parameters", "training time (s)", "images/s",
+                       "predicted training memory (MiB)", "checkpoint size (MiB)", "run id"]
+DIFF_DISPLAY = ["kind", "true class", "predicted class", "A (%)", "B (%)", "B − A (points)"]
+ALL_STATUSES = "(all)"
+EXPORT_KINDS = ("checkpoint", "torchscript", "onnx", "metrics")
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers (plain functions: the tests call them directly)
+# ---------------------------------------------------------------------------------------------
+def _history(ctx: AppContext):
+    if ctx.history is None:  # the app creates it; a bare AppContext (tests) may not have
+        ctx.history = runs.RunHistory(ctx.runs_dir).attach(ctx.manager)
+    return ctx.history
+
+
+def run_choices(ctx: AppContext, need: str | None = None) -> list[tuple[str, str]]:
+    """(label, run id) pairs, newest first: queued and live runs too unless ``need`` says otherwise."""
+    return _history(ctx).choices(need=need)
+
+
+def _keep(value, choices) -> list[str] | str | None:
+    ids = {v for _, v in choices}
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if v in ids]
+    return value if value in ids else None
+
+
+def _labels(ctx: AppContext, run_ids: list[str]) -> dict[str, str]:
+    """run id → a unique, readable label (the run's name; the id is added when names repeat)."""
+    h = _history(ctx)
+    names = {r: h.label(r) for r in run_ids}
+    counts = pd.Series(list(names.values())).value_counts() if names else pd.Series(dtype=int)
+    return {r: (n if counts.get(n, 0) == 1 else f"{n} [{r[-6:]}]") for r, n in names.items()}
+
+
+_CURVE_CACHE: dict[str, tuple[tuple, pd.DataFrame]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _epoch_frame(ctx: AppContext, run_id: str) -> pd.DataFrame:
+    """Per-epoch metrics of a run: from the live job when it trains here, else from its folder
+    (cached until events.jsonl changes)."""
+    cols = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
+    job = ctx.manager.find(run_id)
+    if job is not None and not job.done:
+        rows = [{c: getattr(e, c) for c in cols} for e in list(job.events) if isinstance(e, ev.EpochEnded)]
+        df = pd.DataFrame(rows, columns=cols)
+        return df.drop_duplicates("epoch", keep="last").sort_values("epoch") if not df.empty else df
+    try:
+        run_dir = _history(ctx).run_dir(run_id)
+    except LabError:
+        return pd.DataFrame(columns=cols)
+    events = run_dir / runs.EVENTS_FILE
+    try:
+        st = events.stat()
+        key = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        return pd.DataFrame(columns=cols)
+    with _CACHE_LOCK:
+        hit = _CURVE_CACHE.get(run_id)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    try:
+        record = runs.load_run(run_dir)
+    except LabError:
+        return pd.DataFrame(columns=cols)
+    df = record.epochs.reindex(columns=cols) if not record.epochs.empty else pd.DataFrame(columns=cols)
+    with _CACHE_LOCK:
+        _CURVE_CACHE[run_id] = (key, df)
+    return df
+
+
+def curves_figure(ctx: AppContext, run_ids: list[str]):
+    """Loss and accuracy (train dashed, val solid) of the selected runs; one colour per run."""
+    run_ids = list(run_ids or [])
+    if not run_ids:
+        return plots.empty_figure("Pick runs above, or press Train all", "Runs compared")
+    labels = _labels(ctx, run_ids)
+    data = {labels[r]: _epoch_frame(ctx, r) for r in run_ids}
+    return plots.compare_loss_accuracy(data, splits=("train", "val"), title="Runs compared")
+
+
+def _for_display(df: pd.DataFrame) -> pd.DataFrame:
+    """Missing values as None (shown empty), never NaN/<NA> (which JSON cannot carry)."""
+    out = df.astype(object)
+    return out.where(df.notna(), None)
+
+
+def leaderboard_display(df: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard for people: accuracies in %, sizes in MiB, times rounded."""
+    out = pd.DataFrame({
+        "run": df["run"], "model": df["model"], "status": df["status"],
+        "best val accuracy (%)": (df["best val accuracy"] * 100).round(1),
+        "test accuracy (%)": (df["test accuracy"] * 100).round(1),
+        "macro F1": df["macro F1"].round(3),
+        "parameters": df["parameters"], "trainable parameters": df["trainable parameters"],
+        "training time (s)": df["training time (s)"].round(1), "images/s": df["images/s"].round(0),
+        "predicted training memory (MiB)": (df["predicted training memory (bytes)"].astype("Float64") / 2**20).round(1),
+        "checkpoint size (MiB)": (df["checkpoint size (bytes)"].astype("Float64") / 2**20).round(2),
+        "run id": df["run id"],
+    }, columns=LEADERBOARD_DISPLAY)
+    return _for_display(out)
+
+
+_MEMORY_BUSY: set[str] = set()
+_MEMORY_LOCK = threading.Lock()
+
+
+def _estimate_memory_later(ctx: AppContext, run_ids: list[str]) -> bool:
+    """Start estimating (in one background thread) the training memory of runs that have none
+    cached yet; True while some estimate for these runs is still running."""
+    h = _history(ctx)
+    todo = []
+    for r in run_ids:
+        try:
+            row = h.get(r, refresh=False)
+        except LabError:
+            continue
+        # Only once a run has ended: the estimate would take CPU from the training.
+        if row.get("predicted_memory_bytes") is None and row.get("params") and not _live(ctx, [r]):
+            todo.append(r)
+    with _MEMORY_LOCK:
+        busy = any(r in _MEMORY_BUSY for r in todo)
+        new = [r for r in todo if r not in _MEMORY_BUSY]
+        _MEMORY_BUSY.update(new)
+    if new:
+        def work():
+            try:
+                for r in new:
+                    try:
+                        compare.leaderboard(h, [r], memory=True)
+                    except Exception:  # an estimate is a nicety; the column stays empty
+                        pass
+            finally:
+                with _MEMORY_LOCK:
+                    _MEMORY_BUSY.difference_update(new)
+        threading.Thread(target=work, daemon=True, name="cmp-memory").start()
+        busy = True
+    return busy
+
+
+def queue_text(ctx: AppContext, run_ids: list[str]) -> str:
+    """One line per selected run (status, progress, queue position) and the server's queue."""
+    m = ctx.manager
+    lines = []
+    labels = _labels(ctx, list(run_ids or []))
+    for r in run_ids or []:
+        job = m.find(r)
+        if job is not None and not job.done:
+            snap = job.snapshot()
+            if snap["status"] == ev.QUEUED:
+                state = f"queued, position {m.queue_position(r)}"
+            else:
+                last = snap["last_batch"]
+                done = len(snap["epochs"])
+                total = job.config.epochs
+                state = (f"{snap['status']}: epoch {last.epoch if last else done}/{total}"
+                         + (f", batch {last.batch}/{last.batches}" if last else ""))
+        else:
+            try:
+                row = _history(ctx).get(r, refresh=False)
+            except LabError:
+                lines.append(f"{labels.get(r, r)}: deleted")
+                continue
+            state = row.get("status") or "?"
+            if row.get("test_accuracy") is not None:
+                state += f", test accuracy {row['test_accuracy']:.1%}"
+            elif row.get("status") in (ev.FAILED, ev.INTERRUPTED, ev.STOPPED) and row.get("message"):
+                state += f" — {row['message']}"
+        lines.append(f"{labels.get(r, r)}: {state}")
+    running, queued = len(m.running()), len([j for j in m.jobs() if j.status == ev.QUEUED])
+    lines.append(f"Server: {running} training, {queued} queued (at most {m.max_jobs} at a time).")
+    return "\n".join(lines)
+
+
+def _live(ctx: AppContext, run_ids) -> bool:
+    return any((j := ctx.manager.find(r)) is not None and not j.done for r in run_ids or [])
+
+
+def history_table(ctx: AppContext, filter_text: str | None = None, status: str | None = None) -> pd.DataFrame:
+    df = _history(ctx).list(filter_text=filter_text or None,
+                            status=None if status in (None, "", ALL_STATUSES) else status)
+    pct = lambda s: (pd.to_numeric(s, errors="coerce") * 100).round(1)  # noqa: E731
+    return _for_display(pd.DataFrame({
+        "run id": df["run_id"], "name": df["name"].fillna(""), "tags": df["tags"].fillna(""),
+        "model": df["model"], "dataset": df["dataset"], "status": df["status"],
+        "epochs": [f"{int(d or 0)}/{int(e) if e == e and e is not None else '?'}"
+                   for d, e in zip(df["epochs_done"], df["epochs"])],
+        "best val acc (%)": pct(df["best_val_accuracy"]), "test acc (%)": pct(df["test_accuracy"]),
+        "created": [time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t == t and t else ""
+                    for t in df["created"]],
+        "owner": df["owner"].fillna(""),
+    }, columns=HISTORY_COLUMNS))
+
+
+def _export_dir(ctx: AppContext, run_id: str) -> Path:
+    run_dir = _history(ctx).run_dir(run_id)
+    if not (run_dir / runs.CONFIG_FILE).is_file():
+        raise ConfigError(f"Run {run_id} has no folder yet (still queued?): nothing to export.")
+    out = run_dir / "exports"
+    out.mkdir(exist_ok=True)
+    return out
+
+
+def export_files(ctx: AppContext, run_id: str | None, kind: str) -> list[str]:
+    """Create the files to download for ``kind`` (checkpoint, torchscript, onnx, metrics) in the
+    run folder's exports/ (served by Gradio: runs_dir is an allowed path)."""
+    if not run_id:
+        raise ConfigError("Pick a run in the history table first.")
+    if kind not in EXPORT_KINDS:
+        raise ConfigError(f"Unknown export {kind!r}; choose one of {', '.join(EXPORT_KINDS)}.")
+    out = _export_dir(ctx, run_id)
+    run_dir = out.parent
+    if kind == "metrics":
+        return [str(p) for p in export.export_metrics_csv(run_dir, out)]
+    from core.inference import find_checkpoint
+    ckpt = find_checkpoint(run_dir)
+    if kind == "checkpoint":
+        dest = out / f"{run_id}-{ckpt.name}"
+        dest.unlink(missing_ok=True)
+        try:
+            os.link(ckpt, dest)          # no copy of a big file when the file system allows it
+        except OSError:
+            shutil.copy2(ckpt, dest)
+        return [str(dest)]
+    if kind == "torchscript":
+        path = export.export_torchscript(ckpt, out / f"{run_id}.pt")
+    else:
+        path = export.export_onnx(ckpt, out / f"{run_id}.onnx")
+    return [str(path), str(path.with_suffix(".json"))]
+
+
+def pair_view(ctx: AppContext, run_a: str | None, run_b: str | None, normalize: bool = True):
+    """(heatmap A, heatmap B, summary markdown, difference table) for two runs."""
+    h = _history(ctx)
+    figs, reports, labels = [], [], []
+    for which, run_id in (("A", run_a), ("B", run_b)):
+        if not run_id:
+            figs.append(plots.empty_figure(f"Pick run {which}", f"Run {which}"))
+            reports.append(None)
+            labels.append(which)
+            continue
+        record = runs.load_run(h.run_dir(run_id), live_ids=set(ctx.manager.running()))
+        report = record.report()
+        label = h.label(run_id)
+        labels.append(label)
+        reports.append(report)
+        if report is None:
+            figs.append(plots.empty_figure(f"{label}: no test evaluation yet ({record.status})", f"Run {which}"))
+        else:
+            figs.append(plots.confusion_heatmap(report.confusion, report.class_names, normalize=normalize,
+                                                title=f"{which}: {label} — accuracy {report.accuracy:.1%}"))
+    empty = pd.DataFrame(columns=DIFF_DISPLAY)
+    if reports[0] is None or reports[1] is None:
+        return figs[0], figs[1], "Pick two evaluated runs to see where they differ.", empty
+    try:
+        diff = compare.confusion_difference(reports[0], reports[1], top_pairs=10, labels=("A", "B"))
+    except LabError as err:
+        return figs[0], figs[1], f"**Cannot compare:** {err}", empty
+    a, b = reports
+    text = (f"**A** = {labels[0]} (accuracy {a.accuracy:.1%}, macro F1 {a.macro_f1:.3f}) · "
+            f"**B** = {labels[1]} (accuracy {b.accuracy:.1%}, macro F1 {b.macro_f1:.3f}). "
+            "Rows: per-class recall, then the confusions that changed most (share of the true class, %).")
+    table = pd.DataFrame({"kind": diff["kind"], "true class": diff["true class"],
+                          "predicted class": diff["predicted class"], "A (%)": (diff["A"] * 100).round(1),
+                          "B (%)": (diff["B"] * 100).round(1),
+                          "B − A (points)": (diff["difference"] * 100).round(1)}, columns=DIFF_DISPLAY)
+    return figs[0], figs[1], text, _for_display(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tab
+# ---------------------------------------------------------------------------------------------
+def build(ctx: AppContext) -> None:
+    _history(ctx)
+    names = [s.name for s in list_models()]
+    gr.Markdown("Train several models on the data chosen on the **Data** tab (same split, seed, "
+                "augmentation and epochs), or pick finished runs, and compare them.", elem_id="cmp_intro")
+    with gr.Row():
+        with gr.Column(scale=1, min_width=320):
+            models = gr.CheckboxGroup([(s.name, s.name) for s in list_models()],
+                                      value=[m for m in DEFAULT_MODELS if m in names], label="Models",
+                                      elem_id="cmp_models")
+            lrs = gr.Textbox(label="Learning rates (comma-separated)", placeholder="empty: the Train tab's, e.g. 0.1, 0.01",
+                             elem_id="cmp_lrs")
+            freeze = gr.Textbox(label="Freezing modes (comma-separated)",
+                                placeholder="empty: the Model tab's; none, features, stages:2",
+                                elem_id="cmp_freeze")
+            epochs = gr.Slider(1, 100, value=3, step=1, label="Epochs per run", elem_id="cmp_epochs")
+            plan = gr.Markdown("", elem_id="cmp_plan")
+            with gr.Row():
+                train = gr.Button("Train all", variant="primary", elem_id="cmp_train")
+                stop = gr.Button("Stop these runs", variant="stop", elem_id="cmp_stop")
+            queue = gr.Textbox(label="Queue", lines=5, max_lines=12, interactive=False, elem_id="cmp_queue")
+        with gr.Column(scale=2):
+            with gr.Row():
+                selected = gr.Dropdown(label="Runs compared", choices=[], value=[], multiselect=True,
+                                       elem_id="cmp_runs", scale=5,
+                                       info="Runs of a comparison are added here; add finished runs from the history")
+                refresh = gr.Button("Refresh", elem_id="cmp_refresh", scale=1)
+            curves = gr.Plot(curves_figure(ctx, []), label="Loss and accuracy", elem_id="cmp_curves")
+    board = gr.Dataframe(pd.DataFrame(columns=LEADERBOARD_DISPLAY), label="Leaderboard (click a header to sort)",
+                         interactive=False, wrap=True, elem_id="cmp_leaderboard")
+    with gr.Row():
+        csv_btn = gr.Button("Download CSV", elem_id="cmp_csv_btn", scale=1)
+        csv_file = gr.File(label="Leaderboard CSV", interactive=False, elem_id="cmp_csv", scale=3, height=90)
+
+    gr.Markdown("### Two runs side by side", elem_id="cmp_pair_title")
+    with gr.Row():
+        run_a = gr.Dropdown(label="Run A", choices=[], elem_id="cmp_run_a", scale=3)
+        run_b = gr.Dropdown(label="Run B", choices=[], elem_id="cmp_run_b", scale=3)
+        normalize = gr.Checkbox(True, label="Row-normalised (recall)", elem_id="cmp_normalize", scale=1)
+    with gr.Row():
+        cm_a = gr.Plot(plots.empty_figure("Pick run A", "Run A"), label="Run A", elem_id="cmp_cm_a")
+        cm_b = gr.Plot(plots.empty_figure("Pick run B", "Run B"), label="Run B", elem_id="cmp_cm_b")
+    pair_md = gr.Markdown("Pick two evaluated runs to see where they differ.", elem_id="cmp_pair_summary")
+    pair_table = gr.Dataframe(pd.DataFrame(columns=DIFF_DISPLAY), label="Where they differ", interactive=False,
+                              elem_id="cmp_diff")
+
+    with gr.Accordion("Run history", open=False, elem_id="cmp_history"):
+        with gr.Row():
+            filt = gr.Textbox(label="Filter", placeholder="words in the name, model, dataset, tags...",
+                              elem_id="cmp_hist_filter", scale=3)
+            status_f = gr.Dropdown([ALL_STATUSES, ev.FINISHED, ev.RUNNING, ev.QUEUED, ev.STOPPED, ev.FAILED,
+                                    ev.INTERRUPTED], value=ALL_STATUSES, label="Status",
+                                   elem_id="cmp_hist_status", scale=1)
+            hist_refresh = gr.Button("Refresh", elem_id="cmp_hist_refresh", scale=1)
+        table = gr.Dataframe(pd.DataFrame(columns=HISTORY_COLUMNS), label="Runs (click a row to select it)",
+                             interactive=False, wrap=True, elem_id="cmp_hist_table")
+        with gr.Row():
+            hist_run = gr.Dropdown(label="Selected run", choices=[], elem_id="cmp_hist_run", scale=3)
+            add_btn = gr.Button("Add to comparison", elem_id="cmp_hist_add", scale=1)
+            resume_btn = gr.Button("Resume", elem_id="cmp_resume", scale=1)
+        with gr.Row():
+            name = gr.Textbox(label="Name", elem_id="cmp_hist_name", scale=3)
+            rename_btn = gr.Button("Rename", elem_id="cmp_rename", scale=1)
+            tags = gr.Textbox(label="Tags (comma-separated)", elem_id="cmp_hist_tags", scale=3)
+            tags_btn = gr.Button("Save tags", elem_id="cmp_tags_btn", scale=1)
+        with gr.Row():
+            confirm = gr.Textbox(label="To delete, type the run id", elem_id="cmp_delete_confirm", scale=3)
+            delete_btn = gr.Button("Delete run", variant="stop", elem_id="cmp_delete", scale=1)
+        with gr.Row():
+            exp_ckpt = gr.Button("Checkpoint (.pth)", elem_id="cmp_export_ckpt")
+            exp_ts = gr.Button("TorchScript (.pt)", elem_id="cmp_export_ts")
+            exp_onnx = gr.Button("ONNX (.onnx)", elem_id="cmp_export_onnx")
+            exp_csv = gr.Button("Metrics (CSV)", elem_id="cmp_export_csv")
+        exp_file = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="cmp_export_file",
+                           height=120)
+        hist_msg = gr.Markdown("", elem_id="cmp_hist_msg")
+    timer = gr.Timer(POLL_S, active=False)
+
+    # ---- handlers ------------------------------------------------------------------------
+    def _selection_update(value):
+        choices = run_choices(ctx)
+        return gr.update(choices=choices, value=_keep(list(value or []), choices))
+
+    def _render(run_ids, memory_sync: bool = False):
+        run_ids = list(run_ids or [])
+        h = _history(ctx)
+        if memory_sync:
+            df = compare.leaderboard(h, run_ids, memory=True, refresh=True)
+            busy = False
+        else:
+            busy = _estimate_memory_later(ctx, run_ids)
+            df = compare.leaderboard(h, run_ids, memory=False, refresh=False)
+        return curves_figure(ctx, run_ids), leaderboard_display(df), queue_text(ctx, run_ids), busy
+
+    @safe
+    def preview_plan(models_v, lrs_v, freeze_v, epochs_v):
+        try:
+            n_lr = len(compare.parse_lrs(lrs_v) or [None])
+            n_fr = len(compare.parse_freeze_modes(freeze_v) or [None])
+        except LabError as err:
+            return f"⚠ {err}"
+        n = len(models_v or []) * n_lr * n_fr
+        if n == 0:
+            return "Pick at least one model."
+        extra = f" — more than {compare.MAX_RUNS} is refused" if n > compare.MAX_RUNS else ""
+        return (f"**{n} run(s)** of {int(epochs_v)} epoch(s): {len(models_v)} model(s) × {n_lr} learning "
+                f"rate(s) × {n_fr} freezing mode(s){extra}. They run {ctx.manager.max_jobs} at a time.")
+
+    @safe
+    def train_all(values: dict, request: gr.Request):
+        session, browser_id = values[ctx.session], values[ctx.browser_id]
+        if session is None:
+            session = {}
+        if not session.get("data_source"):
+            session["data_source"] = {"source": "sample", "location": None}
+        base = config_from_widgets(ctx, values, session)
+        base.epochs = int(values[epochs])
+        configs = compare.plan_comparison(base, values[models], compare.parse_lrs(values[lrs]),
+                                          compare.parse_freeze_modes(values[freeze]))
+        group = compare.submit_comparison(ctx.manager, configs, owner_of(request, browser_id), _history(ctx))
+        session["cmp_group"] = str(group)
+        fig, board_df, qtext, _ = _render(group.run_ids)
+        choices = run_choices(ctx)
+        return (gr.update(choices=choices, value=list(group.run_ids)), fig, board_df,
+                f"Queued {len(configs)} run(s) as comparison {group}.\n" + qtext, gr.Timer(active=True))
+
+    def _pair_defaults(run_ids, a, b):
+        """Fill the empty side-by-side dropdowns with the first two evaluated selected runs."""
+        if a and b:
+            return gr.skip(), gr.skip()
+        evaluated = run_choices(ctx, need="eval")
+        ids = {v for _, v in evaluated}
+        picks = [r for r in run_ids or [] if r in ids]
+        if len(picks) < 2:
+            return gr.skip(), gr.skip()
+        return gr.update(choices=evaluated, value=picks[0]), gr.update(choices=evaluated, value=picks[1])
+
+    def poll(run_ids, a=None, b=None):
+        fig, board_df, qtext, busy = _render(run_ids)
+        live = _live(ctx, run_ids)
+        if live or busy:
+            return (gr.skip(), fig, board_df, qtext, gr.Timer(active=True), gr.skip(), gr.skip())
+        # Last tick: refresh the run labels (statuses) and open the side-by-side view.
+        return ((_selection_update(run_ids), fig, board_df, qtext, gr.Timer(active=False))
+                + _pair_defaults(run_ids, a, b))
+
+    @safe
+    def show_selected(run_ids, a=None, b=None):
+        fig, board_df, qtext, _ = _render(run_ids, memory_sync=not _live(ctx, run_ids))
+        # The side-by-side view starts with the first two evaluated runs of the selection.
+        return (fig, board_df, qtext, gr.Timer(active=_live(ctx, run_ids))) + _pair_defaults(run_ids, a, b)
+
+    @safe
+    def stop_selected(run_ids, browser_id, request: gr.Request):
+        owner = owner_of(request, browser_id)
+        stopped, others = [], []
+        for r in run_ids or []:
+            job = ctx.manager.find(r)
+            if job is None or job.done:
+                continue
+            if job.owner != owner:
+                others.append(r)
+                continue
+            ctx.manager.stop(r)
+            stopped.append(r)
+        text = f"Stopping {len(stopped)} run(s) (each keeps a checkpoint; Resume in the history continues it)."
+        if others:
+            text += f" {len(others)} run(s) belong to someone else and were left running."
+        return text + "\n" + queue_text(ctx, run_ids)
+
+    @safe
+    def refresh_choices(run_ids, a, b, hist_value):
+        choices = run_choices(ctx)
+        evaluated = run_choices(ctx, need="eval")
+        return (gr.update(choices=choices, value=_keep(list(run_ids or []), choices)),
+                gr.update(choices=evaluated, value=_keep(a, evaluated)),
+                gr.update(choices=evaluated, value=_keep(b, evaluated)),
+                gr.update(choices=choices, value=_keep(hist_value, choices)))
+
+    @safe
+    def leaderboard_csv(run_ids):
+        if not run_ids:
+            raise ConfigError("Pick runs to compare first: the CSV is the leaderboard of the selected runs.")
+        df = compare.leaderboard(_history(ctx), list(run_ids), memory=True)
+        folder = Path(tempfile.gettempdir()) / "classifier-lab"
+        path = folder / f"leaderboard-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+        return str(compare.leaderboard_csv(df, path))
+
+    @safe
+    def show_pair(a, b, normalize_rows):
+        return pair_view(ctx, a, b, bool(normalize_rows))
+
+    @safe
+    def refresh_history(filter_text, status):
+        return history_table(ctx, filter_text, status)
+
+    @safe
+    def select_row(df: pd.DataFrame, evt: gr.SelectData):
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        if df is None or row is None or row >= len(df):
+            return gr.skip()
+        return gr.update(value=str(df.iloc[row]["run id"]), choices=run_choices(ctx))
+
+    @safe
+    def fill_fields(run_id):
+        if not run_id:
+            return "", "", ""
+        row = _history(ctx).get(run_id, refresh=False)
+        return row.get("name") or "", row.get("tags") or "", ""
+
+    def _after_edit(message, filter_text, status):
+        return message, history_table(ctx, filter_text, status)
+
+    @safe
+    def rename(run_id, new_name, filter_text, status):
+        if not run_id:
+            raise ConfigError("Pick a run in the history table first.")
+        _history(ctx).rename(run_id, new_name)
+        return _after_edit(f"Renamed {run_id} to “{new_name.strip()}”." if (new_name or "").strip()
+                           else f"Cleared the name of {run_id}.", filter_text, status)
+
+    @safe
+    def save_tags(run_id, tag_text, filter_text, status):
+        if not run_id:
+            raise ConfigError("Pick a run in the history table first.")
+        row = _history(ctx).set_tags(run_id, tag_text)
+        return _after_edit(f"Tags of {run_id}: {row.get('tags') or '(none)'}.", filter_text, status)
+
+    @safe
+    def delete(run_id, confirm_text, filter_text, status, run_ids):
+        if not run_id:
+            raise ConfigError("Pick a run in the history table first.")
+        message = _history(ctx).delete(run_id, confirm_text)
+        msg, table_df = _after_edit(message, filter_text, status)
+        choices = run_choices(ctx)
+        return (msg, table_df, "", gr.update(choices=choices, value=None),
+                gr.update(choices=choices, value=_keep(list(run_ids or []), choices)))
+
+    @safe
+    def resume(run_id, run_ids, browser_id, request: gr.Request):
+        if not run_id:
+            raise ConfigError("Pick a stopped, failed or interrupted run in the history table first.")
+        job = _history(ctx).resume(run_id, owner=owner_of(request, browser_id))
+        ids = list(dict.fromkeys(list(run_ids or []) + [job.job_id]))
+        choices = run_choices(ctx)
+        return (f"Resuming {run_id} from its last checkpoint ({job.status}); it is added to the comparison above.",
+                gr.update(choices=choices, value=ids), gr.Timer(active=True))
+
+    @safe
+    def add_to_comparison(run_id, run_ids):
+        if not run_id:
+            raise ConfigError("Pick a run in the history table first.")
+        ids = list(dict.fromkeys(list(run_ids or []) + [run_id]))
+        return gr.update(choices=run_choices(ctx), value=ids)
+
+    def make_export(kind):
+        @safe
+        def do_export(run_id):
+            files = export_files(ctx, run_id, kind)
+            return files, f"Exported {kind} of {run_id}: " + ", ".join(Path(f).name for f in files)
+        do_export.__name__ = f"export_{kind}"
+        return do_export
+
+    # ---- wiring --------------------------------------------------------------------------
+    for w in (models, lrs, freeze, epochs):
+        w.change(preview_plan, [models, lrs, freeze, epochs], plan, api_visibility="private",
+                 show_progress="hidden", concurrency_limit=None)
+    live_outputs = [selected, curves, board, queue, timer]
+    train_inputs = ctx.field_widgets() | {ctx.session, ctx.browser_id, models, lrs, freeze, epochs}
+    train.click(train_all, inputs=train_inputs, outputs=live_outputs, api_name="compare_train_all",
+                show_progress="hidden", concurrency_limit=None)
+    stop.click(stop_selected, [selected, ctx.browser_id], queue, api_name="compare_stop",
+               show_progress="hidden", concurrency_limit=None)
+    timer.tick(poll, [selected, run_a, run_b], [selected, curves, board, queue, timer, run_a, run_b],
+               api_name="compare_poll", show_progress="hidden", concurrency_limit=None)
+    show_outputs = [curves, board, queue, timer, run_a, run_b]
+    selected.input(show_selected, [selected, run_a, run_b], show_outputs, api_name="compare_show",
+                   concurrency_limit=None)
+    refresh.click(refresh_choices, [selected, run_a, run_b, hist_run], [selected, run_a, run_b, hist_run],
+                  api_name="compare_runs", concurrency_limit=None)
+    csv_btn.click(leaderboard_csv, selected, csv_file, api_name="compare_csv", concurrency_limit=None)
+    pair_inputs, pair_outputs = [run_a, run_b, normalize], [cm_a, cm_b, pair_md, pair_table]
+    for w in (run_a, run_b, normalize):
+        w.change(show_pair, pair_inputs, pair_outputs, api_visibility="private", concurrency_limit=None)
+    hist_inputs = [filt, status_f]
+    hist_refresh.click(refresh_history, hist_inputs, table, api_name="compare_history", concurrency_limit=None)
+    filt.submit(refresh_history, hist_inputs, table, api_visibility="private", concurrency_limit=None)
+    status_f.change(refresh_history, hist_inputs, table, api_visibility="private", concurrency_limit=None)
+    table.select(select_row, table, hist_run, api_visibility="private", concurrency_limit=None)
+    hist_run.change(fill_fields, hist_run, [name, tags, confirm], api_visibility="private", concurrency_limit=None)
+    rename_btn.click(rename, [hist_run, name, filt, status_f], [hist_msg, table], api_name="rename_run",
+                     concurrency_limit=None)
+    tags_btn.click(save_tags, [hist_run, tags, filt, status_f], [hist_msg, table], api_name="tag_run",
+                   concurrency_limit=None)
+    delete_btn.click(delete, [hist_run, confirm, filt, status_f, selected],
+                     [hist_msg, table, confirm, hist_run, selected], api_name="delete_run", concurrency_limit=None)
+    resume_btn.click(resume, [hist_run, selected, ctx.browser_id], [hist_msg, selected, timer],
+                     api_name="resume_run", concurrency_limit=None)
+    add_btn.click(add_to_comparison, [hist_run, selected], selected, api_visibility="private",
+                  concurrency_limit=None).then(show_selected, [selected, run_a, run_b], show_outputs,
+                                               api_visibility="private", concurrency_limit=None)
+    for btn, kind in ((exp_ckpt, "checkpoint"), (exp_ts, "torchscript"), (exp_onnx, "onnx"), (exp_csv, "metrics")):
+        # Exports use the CPU for a few seconds: one at a time for the whole server.
+        btn.click(make_export(kind), hist_run, [exp_file, hist_msg], api_name=f"export_{kind}",
+                  concurrency_id="cmp_export", concurrency_limit=1)
+
+    ctx.shared["compare"] = {
+        "widgets": {"models": models, "lrs": lrs, "freeze": freeze, "epochs": epochs, "selected": selected,
+                    "run_a": run_a, "run_b": run_b, "hist_run": hist_run, "table": table, "timer": timer,
+                    "filter": filt, "status": status_f},
+        "handlers": {"preview_plan": preview_plan, "train_all": train_all, "poll": poll,
+                     "show_selected": show_selected, "stop_selected": stop_selected,
+                     "refresh_choices": refresh_choices, "leaderboard_csv": leaderboard_csv,
+                     "show_pair": show_pair, "refresh_history": refresh_history, "rename": rename,
+                     "save_tags": save_tags, "delete": delete, "resume": resume,
+                     "add_to_comparison": add_to_comparison,
+                     "export": {k: make_export(k) for k in EXPORT_KINDS}},
+        "reload": (refresh_choices, [selected, run_a, run_b, hist_run], refresh_history, hist_inputs, table),
+    }
+
+
+def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
+    """On page load and when the tab is opened: refresh the run lists and the history table; after
+    a reload, select this browser's comparison runs that are still training and poll them."""
+    shared = ctx.shared["compare"]
+    refresh_choices, lists, refresh_history, hist_inputs, table = shared["reload"]
+    w = shared["widgets"]
+    demo.load(refresh_choices, lists, lists, api_visibility="private")
+    demo.load(refresh_history, hist_inputs, table, api_visibility="private")
+    tab = ctx.shared.get("tab", {}).get("Compare")
+    if tab is not None:
+        tab.select(refresh_choices, lists, lists, api_visibility="private")
+        tab.select(refresh_history, hist_inputs, table, api_visibility="private")
+
+    def reconnect(run_ids, browser_id, request: gr.Request):
+        owner = owner_of(request, browser_id)
+        live = [j.job_id for j in ctx.manager.jobs(owner) if not j.done]
+        grouped = [r for r in live if _row(ctx, r).get("group_id")]
+        if not grouped:
+            return gr.skip(), gr.skip()
+        ids = list(dict.fromkeys(list(run_ids or []) + grouped))
+        return gr.update(choices=run_choices(ctx), value=ids), gr.Timer(active=True)
+
+    ctx.browser_id.change(reconnect, [w["selected"], ctx.browser_id], [w["selected"], w["timer"]],
+                          api_visibility="private", show_progress="hidden")
+
+
+def _row(ctx: AppContext, run_id: str) -> dict:
+    try:
+        return _history(ctx).get(run_id, refresh=False)
+    except LabError:
+        return {}
