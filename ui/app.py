@@ -1,0 +1,88 @@
+"""Assemble the dashboard: one module per tab, each with a ``build(ctx)`` function.
+
+The app never trains inside a request handler: the Train tab submits jobs to the engine's
+JobManager and polls them with a gr.Timer (see core/jobs.py for why).
+"""
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import gradio as gr
+
+from ui import tab_data, tab_evaluate, tab_memory, tab_model, tab_predict, tab_train
+from ui.common import ASSETS, AppContext
+
+TITLE = "Classifier Lab"
+
+# Larger type and roomier controls read well on a projector and stay usable on a laptop.
+CSS = """
+.gradio-container { max-width: 1400px !important; }
+#lab-header h1 { margin-bottom: 0; }
+#lab-header p { margin-top: 4px; opacity: 0.8; }
+.lab-status textarea { font-weight: 600; }
+.lab-progress { height: 22px; border-radius: 6px; background: var(--neutral-200); overflow: hidden; }
+.lab-progress > div { height: 100%; background: var(--primary-500); transition: width 0.4s; }
+.lab-log textarea { font-family: var(--font-mono); font-size: 13px !important; }
+/* A dropped 32-pixel CIFAR image would otherwise sit as a speck in the middle of the drop zone. */
+#predict_image img { min-width: 60%; max-height: 100%; object-fit: contain; image-rendering: pixelated; }
+"""
+
+TABS = [("Data", tab_data), ("Model", tab_model), ("Memory", tab_memory), ("Train", tab_train),
+        ("Evaluate", tab_evaluate), ("Predict", tab_predict)]
+
+
+def build_app(manager, data_dir: str | Path = "data", runs_dir: str | Path = "runs") -> gr.Blocks:
+    """Build the Blocks for ``manager`` (a core.jobs.JobManager). Nothing heavy runs here."""
+    ctx = AppContext(manager=manager, data_dir=Path(data_dir), runs_dir=Path(runs_dir))
+    try:
+        from core.runs import RunHistory
+        ctx.history = RunHistory(ctx.runs_dir)
+        ctx.history.attach(manager)
+    except ImportError:  # the run-history index is optional for the other tabs
+        ctx.history = None
+    tabs = list(TABS)
+    try:
+        from ui import tab_compare
+        tabs.insert(5, ("Compare", tab_compare))
+    except ImportError:
+        pass
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        # A plain {} (deep-copied for each new session), not gr.State(dict): a callable value adds a
+        # page-load event (and a public "/dict" endpoint) that resets the state to a fresh dict; it
+        # raced the Data tab's load and sometimes wiped the dataset a page had just loaded.
+        ctx.session = gr.State({})
+        ctx.browser_id = gr.BrowserState(None, storage_key="classifier-lab-browser-id")
+        gr.Markdown(f"# {TITLE}\nTrain, inspect, compare and use image classifiers — "
+                    "go through the tabs from left to right.", elem_id="lab-header")
+        ctx.shared["tab"] = {}
+        with gr.Tabs(elem_id="lab-tabs") as ctx.shared["tabs"]:
+            for label, module in tabs:
+                with gr.Tab(label, id=label.lower(), elem_id=f"tab-{label.lower()}") as tab:
+                    ctx.shared["tab"][label] = tab
+                    module.build(ctx)
+        # One stable id per browser (kept in localStorage): a reloaded page finds its jobs again.
+        demo.load(_ensure_browser_id, ctx.browser_id, ctx.browser_id, api_visibility="private")
+        for module in [m for _, m in tabs]:
+            on_load = getattr(module, "on_load", None)
+            if on_load is not None:
+                on_load(ctx, demo)
+    return demo
+
+
+def _ensure_browser_id(current: str | None) -> str:
+    return current or uuid.uuid4().hex
+
+
+def launch_kwargs(data_dir: str | Path, runs_dir: str | Path) -> dict:
+    """Options for ``demo.launch``: offline-safe, files served only from our own folders."""
+    return {
+        "theme": gr.themes.Soft(),          # bundled fonts only (no Google Fonts request)
+        "css": CSS,
+        "footer_links": ["settings"],
+        "allowed_paths": [str(Path(data_dir).resolve()), str(Path(runs_dir).resolve()), str(ASSETS)],
+        "enable_monitoring": False,
+        "max_file_size": "1gb",
+        "show_error": True,
+        "run_history": False,
+    }

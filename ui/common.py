@@ -1,0 +1,130 @@
+"""What every tab shares: the app context, per-browser session state, config assembly from widgets,
+and the error policy (a LabError becomes a readable message; nothing reaches the user as a trace).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import gradio as gr
+
+from core.config import RunConfig
+from core.errors import LabError
+
+log = logging.getLogger("classifier_lab.ui")
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets"
+
+
+@dataclass
+class AppContext:
+    """Built once per server; handed to every tab's ``build``."""
+    manager: Any                    # core.jobs.JobManager
+    data_dir: Path
+    runs_dir: Path
+    session: Any = None             # gr.State(dict): this browser tab's dataset, split, model choices
+    browser_id: Any = None          # gr.BrowserState: survives reloads, so a tab finds its jobs again
+    config_fields: dict = field(default_factory=dict)  # widget → dotted RunConfig field
+    shared: dict = field(default_factory=dict)         # components one tab exposes to another
+    history: Any = None             # core.runs.RunHistory, when the history index is available
+
+    def field_widgets(self) -> set:
+        return set(self.config_fields)
+
+
+def config_from_widgets(ctx: AppContext, values: dict, session: dict | None = None) -> RunConfig:
+    """Turn ``{widget: value}`` (Gradio set-style inputs) into a validated RunConfig.
+
+    Widgets are matched to fields through ``ctx.config_fields`` — never by position. The dataset
+    choice comes from the session (what the Data tab loaded)."""
+    raw = RunConfig().to_dict()
+    if session and session.get("data_source"):
+        raw["data"].update(session["data_source"])
+    if session and session.get("train_augment") is not None:
+        raw["data"]["train_augment"] = session["train_augment"]
+    for widget, dotted in ctx.config_fields.items():
+        if widget not in values:
+            continue
+        value = values[widget]
+        convert = getattr(widget, "_lab_convert", None)
+        if convert is not None:
+            value = convert(value)
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return RunConfig.from_dict(raw)
+
+
+def bind(ctx: AppContext, widget, dotted: str, convert: Callable | None = None):
+    """Declare that ``widget`` sets config field ``dotted`` (optionally through ``convert``)."""
+    ctx.config_fields[widget] = dotted
+    if convert is not None:
+        widget._lab_convert = convert
+    return widget
+
+
+def none_if_empty(value):
+    """Number/Textbox widgets give 0 or '' for 'not set'; the config wants None."""
+    return None if value in ("", None, 0, 0.0) else value
+
+
+def safe(fn: Callable) -> Callable:
+    """Wrap a handler: LabError → gr.Error with its message; anything else → a short
+    'internal error' message and a log entry with the trace (never a stack trace in the page)."""
+
+    def convert(err: Exception):
+        if isinstance(err, gr.Error):
+            return err
+        if isinstance(err, LabError):
+            return gr.Error(str(err), duration=None)
+        log.exception("internal error in %s", fn.__name__)
+        return gr.Error(f"Internal error in {fn.__name__}: {type(err).__name__}: {err}. "
+                        "The server log has the details; nothing you saved was lost.", duration=None)
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as err:
+                raise convert(err) from None
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            raise convert(err) from None
+    return wrapper
+
+
+def owner_of(request: gr.Request | None, browser_id: str | None) -> str:
+    """Who a job belongs to: the login name with --auth, else this browser's stored id."""
+    if request is not None and getattr(request, "username", None):
+        return f"user:{request.username}"
+    if browser_id:
+        return f"browser:{browser_id}"
+    return f"session:{getattr(request, 'session_hash', None) or 'local'}"
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "–"
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"

@@ -1,0 +1,299 @@
+"""Data tab: pick a dataset, preview it, see its balance and sizes, split it, and build the
+augmentation pipeline with a live preview on a real image. Everything is per browser session."""
+from __future__ import annotations
+
+import json
+
+import gradio as gr
+import pandas as pd
+from PIL import Image
+
+from core import datasets, transforms
+from core.config import DataConfig
+from ui import plots
+from ui.common import AppContext, bind, safe
+
+SOURCES = {  # label → core.datasets source kind
+    "Embedded CIFAR-10 sample": "sample",
+    "Built-in set (torchvision)": "torchvision",
+    "Upload a .zip": "zip",
+    "Folder on the server": "folder",
+    "Index file (.txt / .csv)": "index",
+}
+TV_SETS = ["CIFAR10", "CIFAR100", "MNIST", "FashionMNIST"]
+PREVIEW_N = 32
+THUMB_MIN = 96  # tiny images (CIFAR 32 px) are scaled up with NEAREST so a projector shows pixels
+AUG_PREVIEW_N = 8
+STEP_COLUMNS = ["#", "step", "parameters"]
+_DATA = DataConfig()
+
+
+def _thumb(img: Image.Image) -> Image.Image:
+    small = min(img.size)
+    if small >= THUMB_MIN:
+        return img
+    k = -(-THUMB_MIN // small)
+    return img.resize((img.size[0] * k, img.size[1] * k), Image.NEAREST)
+
+
+def _steps_table(spec: list[dict] | None) -> pd.DataFrame:
+    rows = [(i + 1, s["name"], json.dumps(s.get("params", {}), ensure_ascii=False)) for i, s in enumerate(spec or [])]
+    return pd.DataFrame(rows, columns=STEP_COLUMNS)
+
+
+def build(ctx: AppContext) -> None:
+    steps = {name: info for name, info in transforms.describe_steps().items() if not info["tta_only"]}
+    with gr.Row():
+        with gr.Column(scale=1, min_width=320):
+            gr.Markdown("### 1. Choose the data")
+            source = gr.Radio(list(SOURCES), value="Embedded CIFAR-10 sample", label="Source", elem_id="data_source")
+            tv_name = gr.Dropdown(TV_SETS, value="CIFAR10", label="Built-in set", visible=False, elem_id="data_tv")
+            zip_file = gr.File(label="A .zip with one folder per class (optionally inside train/ val/ test/)",
+                               file_types=[".zip"], visible=False, elem_id="zip_in")
+            path = gr.Textbox(label="Path on the server", visible=False, elem_id="data_path",
+                              placeholder="/data/my-images  or  /data/labels.csv")
+            load = gr.Button("Load data", variant="primary", elem_id="data_load")
+            info = gr.Markdown("Loading the embedded CIFAR-10 sample…", elem_id="data_info")
+        with gr.Column(scale=2):
+            with gr.Row():
+                preview_mode = gr.Radio(["random", "per class"], value="per class", label="Preview",
+                                        elem_id="preview_mode", scale=3)
+                reshuffle = gr.Button("Reshuffle", scale=1, elem_id="preview_shuffle")
+            # 6 columns: Gradio's gallery cells are at least 100 px wide, so 8 overflowed this ~800 px column.
+            gallery = gr.Gallery(label="Preview", columns=6, height=360, elem_id="data_gallery", object_fit="contain",
+                                 allow_preview=True)
+    with gr.Row():
+        with gr.Column(scale=3):
+            distribution = gr.Plot(None, label="Images per class",
+                                   elem_id="data_distribution")
+        with gr.Column(scale=2):
+            sizes = gr.Dataframe(pd.DataFrame(columns=["width", "height", "mode", "images"]),
+                                 label="Image sizes and modes", interactive=False, elem_id="data_sizes")
+            with gr.Accordion("Skipped files", open=False):
+                skipped = gr.Dataframe(pd.DataFrame(columns=["file", "reason"]), interactive=False,
+                                       elem_id="data_skipped")
+
+    gr.Markdown("### 2. Split into train / validation / test")
+    with gr.Row():
+        val_pct = bind(ctx, gr.Slider(0, 50, value=_DATA.val_fraction * 100, step=1, label="Validation %",
+                                      elem_id="split_val"), "data.val_fraction", lambda v: float(v) / 100)
+        test_pct = bind(ctx, gr.Slider(0, 50, value=_DATA.test_fraction * 100, step=1, label="Test %",
+                                       elem_id="split_test"), "data.test_fraction", lambda v: float(v) / 100)
+        split_seed = bind(ctx, gr.Number(_DATA.split_seed, label="Split seed", precision=0, elem_id="split_seed"),
+                          "data.split_seed", int)
+    split_note = gr.Markdown("", elem_id="split_note")
+    with gr.Row():
+        split_table = gr.Dataframe(pd.DataFrame(columns=["class", "train", "val", "test", "total"]),
+                                   label="Images per class and split", interactive=False, elem_id="split_table")
+        split_plot = gr.Plot(None, label="Split", elem_id="split_plot")
+
+    gr.Markdown("### 3. Augmentation (training only) and normalisation")
+    with gr.Row():
+        with gr.Column(scale=2):
+            spec_table = gr.Dataframe(_steps_table([]), label="Training pipeline (applied top to bottom)",
+                                      interactive=False, elem_id="aug_table")
+            aug_default = gr.Markdown("Using the default pipeline for the chosen model (crop with padding and "
+                                      "flip for small images, random resized crop and flip for large ones).",
+                                      elem_id="aug_default")
+            with gr.Row():
+                step_name = gr.Dropdown(list(steps), value="RandomHorizontalFlip", label="Step", elem_id="aug_step")
+                step_params = gr.Textbox(json.dumps(steps["RandomHorizontalFlip"]["params"]), label="Parameters (JSON)",
+                                         elem_id="aug_params")
+            step_doc = gr.Markdown(steps["RandomHorizontalFlip"]["doc"])
+            with gr.Row():
+                add = gr.Button("Add step", elem_id="aug_add")
+                row = gr.Number(1, label="Step #", precision=0, minimum=1, elem_id="aug_row")
+                remove = gr.Button("Remove #", elem_id="aug_remove")
+                up = gr.Button("Move # up", elem_id="aug_up")
+                down = gr.Button("Move # down", elem_id="aug_down")
+                reset = gr.Button("Use default", elem_id="aug_reset")
+            with gr.Accordion("Edit the pipeline as JSON", open=False):
+                spec_json = gr.Code("[]", language="json", label="Pipeline", elem_id="aug_json")
+                apply_json = gr.Button("Apply JSON", elem_id="aug_apply")
+            bind(ctx, gr.Radio(["auto", "tutorial", "imagenet", "dataset", "none"], value=_DATA.normalize,
+                               label="Normalisation", elem_id="normalize",
+                               info="auto: ImageNet mean/std for pretrained weights, else [-1, 1] as in the "
+                                    "tutorials; dataset: mean/std of the training split"), "data.normalize")
+        with gr.Column(scale=2):
+            with gr.Row():
+                aug_index = gr.Number(0, label="Image #", precision=0, minimum=0, elem_id="aug_image")
+                aug_seed = gr.Number(0, label="Seed", precision=0, elem_id="aug_seed")
+                aug_refresh = gr.Button("New draws", elem_id="aug_redraw")
+            aug_gallery = gr.Gallery(label="Augmented versions of one training image", columns=4, height=360,
+                                     elem_id="aug_gallery", object_fit="contain")
+
+    # ---- handlers ---------------------------------------------------------------------------
+    def show_inputs(label):
+        kind = SOURCES[label]
+        return (gr.Dropdown(visible=kind == "torchvision"), gr.File(visible=kind == "zip"),
+                gr.Textbox(visible=kind in ("folder", "index"),
+                           label="Folder on the server" if kind == "folder" else "Index file on the server"))
+
+    @safe
+    def load_data(session, label, tv, zip_value, path_value, mode, val, test, seed, progress=gr.Progress()):
+        kind = SOURCES[label]
+        location = {"sample": None, "torchvision": tv, "folder": (path_value or "").strip(),
+                    "index": (path_value or "").strip()}.get(kind)
+        if kind == "zip":
+            if not zip_value:
+                raise gr.Error("Choose a .zip file to upload first.")
+            # str(): Gradio hands over a gradio.utils.NamedString, which would end up in the run
+            # config and make every checkpoint unreadable with torch.load(weights_only=True).
+            location = str(zip_value) if isinstance(zip_value, str) else str(zip_value.name)
+        if kind in ("folder", "index") and not location:
+            raise gr.Error("Type the path of the folder or index file on the server.")
+        progress(0.1, desc=f"Loading {label.lower()} (checking every image)…")
+        ds = datasets.load_dataset(kind, location, data_dir=ctx.data_dir)
+        session["dataset"] = ds
+        session["data_source"] = {"source": kind, "location": location}
+        session["preview_seed"] = 0
+        progress(0.7, desc="Summarising…")
+        return _describe(session, ds, mode, val, test, seed)
+
+    def _describe(session, ds, mode, val, test, seed):
+        summary = datasets.summarize(ds)
+        notes = [f"**{ds.name}** — {summary.total:,} images, {len(ds.classes)} classes, "
+                 f"{'grayscale' if ds.mode == 'L' else 'colour'}"]
+        if ds.splits:
+            notes.append("It comes with its own split: " + ", ".join(f"{k} {len(v):,}" for k, v in ds.splits.items()))
+        if ds.skipped:
+            notes.append(f"⚠ {len(ds.skipped)} file(s) skipped (see *Skipped files*).")
+        notes += [f"⚠ {w}" for w in ds.warnings]
+        return ("\n\n".join(notes), _preview(session, mode), plots.class_distribution(summary.per_class),
+                summary.sizes, summary.skipped) + _split(session, val, test, seed)
+
+    def _preview(session, mode):
+        ds = session.get("dataset")
+        if ds is None:
+            return []
+        seed = session.get("preview_seed", 0)
+        per_class = max(1, PREVIEW_N // len(ds.classes)) if mode == "per class" else None
+        return [(_thumb(img), cap) for img, cap in datasets.preview_samples(ds, n=PREVIEW_N, per_class=per_class, seed=seed)]
+
+    def _split(session, val, test, seed):
+        ds = session.get("dataset")
+        if ds is None:
+            return "", pd.DataFrame(columns=["class", "train", "val", "test", "total"]), plots.empty_figure("Load a dataset")
+        split = datasets.split_dataset(ds, val_fraction=float(val) / 100, test_fraction=float(test) / 100, seed=int(seed))
+        session["split"] = split
+        table = datasets.split_table(ds, split)
+        note = f"{len(split.train):,} train · {len(split.val):,} validation · {len(split.test):,} test. {split.note}"
+        note += "".join(f"\n\n⚠ {w}" for w in split.warnings)
+        return note, table, plots.class_distribution(table, title="Images per class and split")
+
+    @safe
+    def reshuffle_preview(session, mode):
+        session["preview_seed"] = session.get("preview_seed", 0) + 1
+        return _preview(session, mode)
+
+    @safe
+    def resplit(session, val, test, seed):
+        return _split(session, val, test, seed)
+
+    def current_spec(session) -> list[dict]:
+        spec = session.get("train_augment")
+        if spec is not None:
+            return spec
+        ds = session.get("dataset")
+        size = datasets.common_image_size(ds) if ds is not None else None
+        side = min(size) if size else 32
+        return transforms.default_train_spec(side, native_size=size)
+
+    def _spec_outputs(session, index, seed):
+        spec = current_spec(session)
+        custom = session.get("train_augment") is not None
+        note = ("Custom pipeline (used for every model)." if custom else
+                "Default pipeline shown for the images' own size; the trainer adapts it to the model's input "
+                "size (e.g. resizing for 224-pixel models). Change a step to make it yours.")
+        return (_steps_table(spec), json.dumps(spec, indent=1, ensure_ascii=False), note,
+                _aug_preview(session, spec, index, seed))
+
+    def _aug_preview(session, spec, index, seed):
+        ds = session.get("dataset")
+        if ds is None or not len(ds):
+            return []
+        split = session.get("split")
+        pool = split.train if split is not None and split.train else list(range(len(ds)))
+        i = pool[int(index or 0) % len(pool)]
+        image = ds.load_image(i)
+        out = [(_thumb(image), f"original: {ds.classes[ds.targets[i]]}")]
+        out += [(_thumb(im), f"augmented {k + 1}")
+                for k, im in enumerate(transforms.augment_preview(image, spec, n=AUG_PREVIEW_N - 1, seed=int(seed or 0)))]
+        return out
+
+    @safe
+    def edit_spec(session, action, name, params_text, row_value, index, seed):
+        spec = [dict(s) for s in current_spec(session)]
+        k = int(row_value or 1) - 1
+        if action == "add":
+            try:
+                params = json.loads(params_text or "{}")
+            except json.JSONDecodeError as err:
+                raise gr.Error(f"The parameters of {name} are not valid JSON: {err}.") from None
+            spec.append({"name": name, "params": params})
+        elif action == "reset":
+            session["train_augment"] = None
+            return _spec_outputs(session, index, seed)
+        elif not 0 <= k < len(spec):
+            raise gr.Error(f"There is no step #{k + 1}: the pipeline has {len(spec)} step(s).")
+        elif action == "remove":
+            spec.pop(k)
+        elif action == "up" and k > 0:
+            spec[k - 1], spec[k] = spec[k], spec[k - 1]
+        elif action == "down" and k < len(spec) - 1:
+            spec[k + 1], spec[k] = spec[k], spec[k + 1]
+        session["train_augment"] = transforms.normalize_spec(spec)  # validates every step
+        return _spec_outputs(session, index, seed)
+
+    @safe
+    def apply_spec_json(session, text, index, seed):
+        session["train_augment"] = transforms.spec_from_json(text)
+        return _spec_outputs(session, index, seed)
+
+    @safe
+    def redraw(session, index, seed):
+        return _aug_preview(session, current_spec(session), index, seed)
+
+    def pick_step(name):
+        info_ = steps[name]
+        return json.dumps(info_["params"], ensure_ascii=False), info_["doc"]
+
+    # ---- wiring -------------------------------------------------------------------------------
+    load_outputs = [info, gallery, distribution, sizes, skipped, split_note, split_table, split_plot]
+    spec_outputs = [spec_table, spec_json, aug_default, aug_gallery]
+    source.change(show_inputs, source, [tv_name, zip_file, path], api_visibility="private")
+    load_inputs = [ctx.session, source, tv_name, zip_file, path, preview_mode, val_pct, test_pct, split_seed]
+    load_ev = load.click(load_data, load_inputs, load_outputs, api_name="load_data", show_progress_on=[info],
+                         concurrency_limit=4)
+    load_ev.then(safe(_spec_outputs), [ctx.session, aug_index, aug_seed], spec_outputs, api_visibility="private")
+    zip_file.upload(load_data, load_inputs, load_outputs, api_name="load_zip", show_progress_on=[info],
+                    concurrency_limit=4).then(safe(_spec_outputs), [ctx.session, aug_index, aug_seed],
+                                              spec_outputs, api_visibility="private")
+    reshuffle.click(reshuffle_preview, [ctx.session, preview_mode], gallery, api_name="reshuffle", concurrency_limit=None)
+    preview_mode.change(safe(_preview), [ctx.session, preview_mode], gallery, api_visibility="private",
+                        concurrency_limit=None)
+    split_inputs, split_outputs = [ctx.session, val_pct, test_pct, split_seed], [split_note, split_table, split_plot]
+    val_pct.release(resplit, split_inputs, split_outputs, api_visibility="private", concurrency_limit=None)
+    test_pct.release(resplit, split_inputs, split_outputs, api_visibility="private", concurrency_limit=None)
+    split_seed.change(resplit, split_inputs, split_outputs, api_name="split", concurrency_limit=None)
+    step_name.change(pick_step, step_name, [step_params, step_doc], api_visibility="private")
+    for button, action in ((add, "add"), (remove, "remove"), (up, "up"), (down, "down"), (reset, "reset")):
+        button.click(lambda s, n, p, r, i, sd, a=action: edit_spec(s, a, n, p, r, i, sd),
+                     [ctx.session, step_name, step_params, row, aug_index, aug_seed], spec_outputs,
+                     api_name=f"aug_{action}", concurrency_limit=None)
+    apply_json.click(apply_spec_json, [ctx.session, spec_json, aug_index, aug_seed], spec_outputs,
+                     api_name="aug_json", concurrency_limit=None)
+    for trigger in (aug_refresh.click, aug_index.submit, aug_seed.submit):
+        trigger(redraw, [ctx.session, aug_index, aug_seed], aug_gallery, api_visibility="private",
+                concurrency_limit=None)
+    ctx.shared["data_load"] = (load_data, load_inputs, load_outputs, _spec_outputs, [ctx.session, aug_index, aug_seed],
+                               spec_outputs)
+
+
+def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
+    """Load the default (embedded sample) when a page opens, so the preview is there at once.
+    A new page always has a new session, so this never replaces data a user chose."""
+    load_data, load_inputs, load_outputs, spec_fn, spec_inputs, spec_outputs = ctx.shared["data_load"]
+    demo.load(load_data, load_inputs, load_outputs, api_visibility="private",
+              show_progress_on=[load_outputs[0]]).then(safe(spec_fn), spec_inputs, spec_outputs,
+                                                       api_visibility="private")

@@ -1,0 +1,162 @@
+"""Predict tab: drop, paste or photograph an image → top-5 classes, with a trained run or an
+uploaded checkpoint; example images one click away; several images at once as a table."""
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from core import runs
+from core.inference import TTA_CHOICES, Predictor, find_checkpoint
+from ui import plots
+from ui.common import ASSETS, AppContext, safe
+
+EXAMPLES = sorted(str(p) for p in (ASSETS / "examples").glob("*.jpg"))
+CACHE_SIZE = 4  # predictors kept in memory (one model each), shared by all browsers
+
+
+class PredictorCache:
+    """A few loaded models keyed by checkpoint path and modification time (a re-trained run reloads)."""
+
+    def __init__(self, size: int = CACHE_SIZE):
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> Predictor:
+        p = Path(path)
+        key = (str(p.resolve()), p.stat().st_mtime_ns if p.exists() else 0)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        predictor = Predictor(p)  # outside the lock: loading can take a second
+        with self._lock:
+            self._items[key] = predictor
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return predictor
+
+
+def friendly_image_errors(component: gr.Image) -> gr.Image:
+    """Make an unreadable upload (a renamed text file, an HEIC photo, a truncated JPEG) give a plain
+    message instead of Gradio's "Could not preprocess input component at index 0…" text.
+
+    Wraps this instance's ``preprocess`` (a gr.Error raised there reaches the page as it is). Not a
+    gr.Image subclass: Gradio writes a .pyi stub next to any module that defines a component class."""
+    original = component.preprocess
+
+    def preprocess(payload):
+        try:
+            return original(payload)
+        except gr.Error:
+            raise
+        except Exception as err:
+            name = getattr(payload, "orig_name", None) or "The uploaded file"
+            raise gr.Error(f"{name} cannot be read as an image ({type(err).__name__}). "
+                           "Use a JPEG, PNG, BMP, GIF, WebP or TIFF file.", duration=None) from None
+
+    component.preprocess = preprocess
+    return component
+
+
+def build(ctx: AppContext) -> None:
+    cache = ctx.shared.setdefault("predictors", PredictorCache())
+    with gr.Row():
+        with gr.Column(scale=1):
+            source = gr.Radio(["A trained run", "A checkpoint file (.pth)"], value="A trained run",
+                              label="Model", elem_id="predict_source")
+            with gr.Row():
+                run = gr.Dropdown(label="Run", choices=[], scale=4, elem_id="predict_run")
+                refresh = gr.Button("Refresh", scale=1, min_width=80, elem_id="predict_refresh")
+            upload = gr.File(label="Checkpoint (.pth saved by the lab)", file_types=[".pth"], visible=False,
+                             elem_id="predict_ckpt")
+            tta = gr.Radio(list(TTA_CHOICES), value="none", label="Test-time augmentation",
+                           info="average over 5 or 10 crops (slower, often a little more accurate)")
+            info = gr.Markdown("", elem_id="predict_info")
+        with gr.Column(scale=2):
+            with gr.Row():
+                image = friendly_image_errors(gr.Image(type="pil", sources=["upload", "clipboard", "webcam"],
+                                                       label="Drop an image here", elem_id="predict_image",
+                                                       height=300))
+                label = gr.Label(num_top_classes=5, label="Top-5", elem_id="predict_top5")
+            if EXAMPLES:
+                gr.Examples(EXAMPLES, inputs=image, label="Example images (CIFAR-10 test images the sample does not contain)",
+                            examples_per_page=10)
+    with gr.Accordion("Predict many images at once", open=False):
+        many = gr.File(file_count="multiple", file_types=["image"], label="Images", elem_id="predict_many")
+        table = gr.Dataframe(pd.DataFrame(columns=["image", "prediction", "probability", "top_k", "error"]),
+                             interactive=False, elem_id="predict_table")
+        download = gr.File(label="Predictions as CSV", interactive=False)
+
+    def checkpoint_path(source_value: str, run_dir: str | None, uploaded) -> str:
+        if source_value.startswith("A checkpoint"):
+            if not uploaded:
+                raise gr.Error("Upload a .pth checkpoint first (a best.pth or last.pth from a run folder).")
+            return uploaded if isinstance(uploaded, str) else uploaded.name
+        if not run_dir:
+            raise gr.Error("No trained run yet: train one on the Train tab, or upload a checkpoint.")
+        return str(find_checkpoint(run_dir))
+
+    @safe
+    def describe(source_value, run_dir, uploaded):
+        if (source_value.startswith("A trained") and not run_dir) or (source_value.startswith("A checkpoint") and not uploaded):
+            return ""
+        p = cache.get(checkpoint_path(source_value, run_dir, uploaded))
+        c, h, w = p.input_shape
+        return (f"**{p.model_name}**, {len(p.classes)} classes ({', '.join(p.classes[:12])}"
+                f"{'…' if len(p.classes) > 12 else ''}); input {w}×{h} {'grayscale' if c == 1 else 'RGB'}; "
+                f"trained {p.epoch} epoch(s). Images are resized and normalised as in training.")
+
+    @safe
+    def predict(img, source_value, run_dir, uploaded, tta_value):
+        if img is None:
+            return None
+        p = cache.get(checkpoint_path(source_value, run_dir, uploaded))
+        return dict(p.predict(img, topk=5, tta=tta_value))
+
+    @safe
+    def predict_files(files, source_value, run_dir, uploaded, tta_value):
+        if not files:
+            return pd.DataFrame(columns=["image", "prediction", "probability", "top_k", "error"]), None
+        p = cache.get(checkpoint_path(source_value, run_dir, uploaded))
+        paths = [f if isinstance(f, str) else f.name for f in files]
+        df = p.predict_many(paths, topk=5, tta=tta_value, names=[Path(x).name for x in paths])
+        out = Path(tempfile.mkdtemp(prefix="lab-predictions-")) / "predictions.csv"
+        df.to_csv(out, index=False)
+        return df, str(out)
+
+    @safe
+    def refresh_runs(session: dict, current: str | None):
+        choices = runs.run_choices(ctx.runs_dir, need="checkpoint")
+        paths = [p for _, p in choices]
+        value = current if current in paths else (session or {}).get("last_run_dir")
+        if value not in paths:
+            value = paths[0] if paths else None
+        return gr.Dropdown(choices=choices, value=value)
+
+    def toggle(source_value):
+        from_run = source_value.startswith("A trained")
+        return gr.Dropdown(visible=from_run), gr.Button(visible=from_run), gr.File(visible=not from_run)
+
+    model_inputs = [source, run, upload]
+    source.change(toggle, source, [run, refresh, upload], api_visibility="private")
+    refresh.click(refresh_runs, [ctx.session, run], run, api_name="predict_runs", concurrency_limit=None)
+    for trigger in (run.change, upload.change):
+        trigger(describe, model_inputs, info, api_visibility="private", concurrency_limit=None)
+    image.change(predict, [image, *model_inputs, tta], label, api_name="predict", concurrency_limit=None)
+    tta.change(predict, [image, *model_inputs, tta], label, api_visibility="private", concurrency_limit=None)
+    many.upload(predict_files, [many, *model_inputs, tta], [table, download], api_name="predict_many",
+                concurrency_limit=None)
+    ctx.shared["predict_refresh"] = (refresh_runs, run)
+
+
+def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
+    refresh_runs, run = ctx.shared["predict_refresh"]
+    demo.load(refresh_runs, [ctx.session, run], run, api_visibility="private")
+    ctx.shared["tab"]["Predict"].select(refresh_runs, [ctx.session, run], run, api_visibility="private")
+

@@ -1,0 +1,285 @@
+"""Train tab: hyper-parameters, Start / Stop / Resume, live curves, progress and log.
+
+Training runs in the engine's JobManager; this tab only submits jobs and polls them with a
+gr.Timer (every POLL_S seconds), so closing or reloading the page never stops a run and a reloaded
+page reconnects to it through the browser id (or the login name with --auth).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from core import events as ev
+from core.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, OptimConfig, RunConfig
+from core.errors import ConfigError
+from ui import plots
+from ui.common import AppContext, bind, config_from_widgets, fmt_seconds, none_if_empty, owner_of, safe
+
+POLL_S = 1.0  # the issue asks for plots that update at least every 2 s; the notes advise ≤ 4 Hz
+_D, _O = RunConfig(), OptimConfig()
+
+
+def build(ctx: AppContext) -> None:
+    with gr.Row():
+        with gr.Column(scale=1, min_width=300):
+            gr.Markdown("### Hyper-parameters")
+            with gr.Row():
+                bind(ctx, gr.Slider(1, 200, value=_D.epochs, step=1, label="Epochs", elem_id="epochs"), "epochs")
+                bind(ctx, gr.Dropdown([4, 8, 16, 32, 64, 128, 256, 512], value=_D.data.batch_size,
+                                      label="Batch size", allow_custom_value=True, elem_id="batch_size"),
+                     "data.batch_size", _whole_batch_size)
+            with gr.Row():
+                bind(ctx, gr.Dropdown(list(OPTIMIZERS), value=_O.optimizer, label="Optimizer",
+                                      elem_id="optimizer"), "optim.optimizer")
+                bind(ctx, gr.Number(_O.lr, label="Learning rate", minimum=0, elem_id="lr"), "optim.lr")
+            with gr.Row():
+                bind(ctx, gr.Dropdown(list(SCHEDULERS), value=_O.scheduler, label="LR schedule",
+                                      elem_id="scheduler"), "optim.scheduler")
+                bind(ctx, gr.Number(_O.warmup_epochs, label="Warm-up epochs", precision=0, minimum=0),
+                     "optim.warmup_epochs", int)
+            with gr.Accordion("More settings", open=False):
+                with gr.Row():
+                    bind(ctx, gr.Number(_O.momentum, label="Momentum", minimum=0, maximum=0.999), "optim.momentum")
+                    bind(ctx, gr.Checkbox(_O.nesterov, label="Nesterov"), "optim.nesterov")
+                with gr.Row():
+                    bind(ctx, gr.Number(_O.weight_decay, label="Weight decay", minimum=0), "optim.weight_decay")
+                    bind(ctx, gr.Number(_O.label_smoothing, label="Label smoothing", minimum=0, maximum=0.99),
+                         "optim.label_smoothing")
+                with gr.Row():
+                    bind(ctx, gr.Number(_O.accumulation_steps, label="Gradient accumulation (batches)",
+                                        precision=0, minimum=1), "optim.accumulation_steps", int)
+                    bind(ctx, gr.Number(0, label="Gradient clipping (max norm, 0 = off)", minimum=0),
+                         "optim.grad_clip", none_if_empty)
+                with gr.Row():
+                    bind(ctx, gr.Dropdown(["none", "balanced"], value="none", label="Class weights"),
+                         "optim.class_weights", lambda v: None if v == "none" else v)
+                    bind(ctx, gr.Number(0, label="Early stopping patience (0 = off)", precision=0, minimum=0),
+                         "early_stopping_patience", lambda v: none_if_empty(int(v or 0)))
+                with gr.Row():
+                    bind(ctx, gr.Dropdown(["auto", "cpu", "cuda", "mps"], value=_D.device, label="Device",
+                                          allow_custom_value=True, elem_id="device"), "device")
+                    bind(ctx, gr.Dropdown(list(PRECISIONS), value=_D.precision, label="Precision"), "precision")
+                with gr.Row():
+                    bind(ctx, gr.Number(_D.seed, label="Seed", precision=0), "seed", int)
+                    bind(ctx, gr.Checkbox(_D.deterministic, label="Deterministic"), "deterministic")
+                bind(ctx, gr.Radio(["auto", "on", "off"], value=_D.data.in_memory,
+                                   label="Hold small datasets in memory (faster on CPU)"), "data.in_memory")
+        with gr.Column(scale=2):
+            with gr.Row():
+                start = gr.Button("Start training", variant="primary", elem_id="start_btn")
+                stop = gr.Button("Stop", variant="stop", elem_id="stop_btn")
+                resume = gr.Button("Resume last run", elem_id="resume_btn")
+            status = gr.Textbox(label="Status", interactive=False, elem_id="train_status",
+                                elem_classes="lab-status", value="Ready. Press Start to train.")
+            progress = gr.HTML(_progress_html(None), elem_id="train_progress")
+            curves = gr.Plot(None, label="Loss and accuracy",
+                             elem_id="train_curves")
+            log = gr.Textbox(label="Log", lines=10, max_lines=14, interactive=False, autoscroll=True,
+                             elem_id="train_log", elem_classes="lab-log")
+    timer = gr.Timer(POLL_S, active=False)
+    ctx.shared["train_timer"] = timer
+    ctx.shared["train_status"] = status
+
+    outputs = [status, progress, curves, log, timer]
+
+    @safe
+    def start_run(values: dict, request: gr.Request):
+        session, browser_id = values[ctx.session], values[ctx.browser_id]
+        if not session.get("data_source"):
+            session["data_source"] = {"source": "sample", "location": None}
+        config = config_from_widgets(ctx, values, session)
+        current = _current_job(ctx, session, owner_of(request, browser_id))
+        if current is not None and not current.done:
+            raise gr.Error("This browser already has a run in progress: stop it first.")
+        job = ctx.manager.submit(config, owner=owner_of(request, browser_id))
+        session["job_id"] = job.job_id
+        session["seen"] = -1
+        return _render(ctx, job, session) + (gr.Timer(active=True),)
+
+    @safe
+    def resume_run(values: dict, request: gr.Request):
+        session, browser_id = values[ctx.session], values[ctx.browser_id]
+        owner = owner_of(request, browser_id)
+        current = _current_job(ctx, session, owner)
+        if current is not None and not current.done:
+            raise gr.Error("A run is already in progress: stop it first.")
+        run_dir = _resumable_run(ctx, session, owner)
+        if run_dir is None:
+            raise gr.Error("Nothing to resume: no stopped, failed or interrupted run with a checkpoint "
+                           "belongs to this browser. Start a new run instead.")
+        from core.checkpoints import load_checkpoint
+        ckpt = load_checkpoint(run_dir / "last.pth")
+        config = RunConfig.from_dict(ckpt["config"])
+        wanted = config_from_widgets(ctx, values, session).epochs
+        config.epochs = max(wanted, ckpt["epoch"] + 1)  # resuming means at least one more epoch
+        job = ctx.manager.submit(config, owner=owner, resume_from=run_dir / "last.pth")
+        session["job_id"] = job.job_id
+        session["seen"] = -1
+        return _render(ctx, job, session) + (gr.Timer(active=True),)
+
+    @safe
+    def stop_run(session: dict, browser_id: str | None, request: gr.Request):
+        job = _current_job(ctx, session, owner_of(request, browser_id))
+        if job is None or job.done:
+            return "No run in progress."
+        was_queued = ctx.manager.queue_position(job.job_id) is not None
+        ctx.manager.stop(job.job_id)
+        if was_queued:
+            return "Removed from the queue before it started (nothing to resume)."
+        return "Stopping after the current batch (a checkpoint is kept; Resume continues from it)..."
+
+    def poll(session: dict, browser_id: str | None, request: gr.Request):
+        job = _current_job(ctx, session, owner_of(request, browser_id))
+        if job is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False)
+        if session.get("seen") == job.snapshot()["n_events"] and job.done:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False)
+        done = job.done  # read before rendering: a run that ends meanwhile is shown by the next tick
+        rendered = _render(ctx, job, session)
+        return rendered + (gr.Timer(active=not done),)
+
+    inputs = ctx.field_widgets() | {ctx.session, ctx.browser_id}
+    start.click(start_run, inputs=inputs, outputs=outputs, api_name="start_training",
+                show_progress="hidden", concurrency_limit=None)
+    resume.click(resume_run, inputs=inputs, outputs=outputs, api_name="resume_training",
+                 show_progress="hidden", concurrency_limit=None)
+    stop.click(stop_run, [ctx.session, ctx.browser_id], status, api_name="stop_training",
+               show_progress="hidden", concurrency_limit=None)
+    timer.tick(poll, [ctx.session, ctx.browser_id], outputs, api_name="poll_training",
+               show_progress="hidden", concurrency_limit=None)
+    ctx.shared["train_poll"] = (poll, outputs)
+
+
+def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
+    """After a reload: find this browser's latest job and start polling it again."""
+    poll, outputs = ctx.shared["train_poll"]
+
+    def reconnect(session: dict, browser_id: str | None, request: gr.Request):
+        job = _current_job(ctx, session, owner_of(request, browser_id))
+        if job is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False)
+        session["seen"] = -1
+        done = job.done  # before rendering (see poll)
+        return _render(ctx, job, session) + (gr.Timer(active=not done),)
+
+    # Runs after the browser id is known (BrowserState is restored on load).
+    ctx.browser_id.change(reconnect, [ctx.session, ctx.browser_id], outputs, api_visibility="private",
+                          show_progress="hidden")
+
+
+# ---- helpers -------------------------------------------------------------------------------
+def _whole_batch_size(value) -> int:
+    """The batch-size box accepts typed values: 'abc' must read as a user error, not an internal one."""
+    try:
+        number = float(str(value).strip())
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number.is_integer():
+        raise ConfigError(f"Batch size must be a whole number such as 64, got {value!r}.")
+    return int(number)
+
+
+def _current_job(ctx: AppContext, session: dict, owner: str):
+    job = ctx.manager.find(session.get("job_id", "")) if session.get("job_id") else None
+    if job is None:
+        job = ctx.manager.latest_for(owner)
+        if job is not None:
+            session["job_id"] = job.job_id
+    return job
+
+
+def _resumable_run(ctx: AppContext, session: dict, owner: str) -> Path | None:
+    """The newest run of this owner that ended without finishing and has a last.pth."""
+    candidates = [j for j in ctx.manager.jobs(owner)
+                  if j.status in (ev.STOPPED, ev.FAILED, ev.INTERRUPTED)]
+    for job in sorted(candidates, key=lambda j: j.created, reverse=True):
+        path = ctx.runs_dir / job.job_id / "last.pth"
+        if path.exists():
+            return path.parent
+    if ctx.history is not None:  # runs interrupted by a server restart
+        run_dir = ctx.history.latest_resumable(owner)
+        if run_dir is not None:
+            return Path(run_dir)
+    return None
+
+
+def _render(ctx: AppContext, job, session: dict):
+    snap = job.snapshot()
+    session["seen"] = snap["n_events"]
+    session["last_run_dir"] = str(ctx.runs_dir / job.job_id)
+    events = list(job.events)
+    steps = [e for e in events if isinstance(e, ev.BatchEnded)]
+    step_df = pd.DataFrame([{"step": e.step, "epoch": e.epoch - 1 + e.batch / e.batches, "loss": e.loss}
+                            for e in steps])
+    epoch_df = pd.DataFrame([{"epoch": e.epoch, "train_loss": e.train_loss, "train_accuracy": e.train_accuracy,
+                              "val_loss": e.val_loss, "val_accuracy": e.val_accuracy} for e in snap["epochs"]])
+    return (_status_text(ctx, job, snap), _progress_html(snap), plots.live_curves(step_df, epoch_df),
+            _log_text(events))
+
+
+def _status_text(ctx: AppContext, job, snap: dict) -> str:
+    status = snap["status"]
+    if status == ev.QUEUED:
+        pos = ctx.manager.queue_position(job.job_id)
+        if pos is None:  # already taken from the queue; its thread has not reported "running" yet
+            return f"Starting — {snap['model']} — run {job.job_id}: preparing data and model"
+        running = len(ctx.manager.running())
+        return (f"Queued: position {pos} — {running} run(s) training on this server "
+                f"(at most {ctx.manager.max_jobs} at a time). You can keep using the other tabs.")
+    label = {ev.RUNNING: "Training", ev.STOPPING: "Stopping", ev.FINISHED: "Finished", ev.STOPPED: "Stopped",
+             ev.FAILED: "Failed", ev.INTERRUPTED: "Interrupted"}.get(status, status)
+    message = snap["message"]
+    started, last = snap.get("started"), snap.get("last_batch")
+    # The trainer's last status message is "preparing data and model" for the whole run: once
+    # batches come in, say where the run is instead.
+    if status == ev.RUNNING and started is not None and last is not None and not message.startswith("early"):
+        message = ("final evaluation of the best weights" if len(snap["epochs"]) >= started.epochs
+                   else f"epoch {last.epoch}/{started.epochs}")
+    return f"{label} — {snap['model']} — run {job.job_id}: {message}"
+
+
+def _progress_html(snap: dict | None) -> str:
+    if not snap or snap.get("started") is None:
+        return '<div class="lab-progress"><div style="width:0%"></div></div><p>No run yet.</p>'
+    started, last = snap["started"], snap["last_batch"]
+    total = started.epochs * started.batches_per_epoch
+    done = (last.step if last else started.start_epoch * started.batches_per_epoch)
+    if snap["status"] == ev.FINISHED:
+        done = total
+    frac = min(1.0, done / max(total, 1))
+    eta = None
+    if last and last.images_per_sec > 0:  # remaining batches at the current measured speed
+        images_per_batch = started.split_sizes["train"] / max(started.batches_per_epoch, 1)
+        eta = (total - last.step) * images_per_batch / last.images_per_sec
+    parts = [f"epoch {last.epoch if last else started.start_epoch}/{started.epochs}"]
+    if last:
+        parts += [f"batch {last.batch}/{last.batches}", f"{last.images_per_sec:,.0f} images/s"]
+    parts.append(f"ETA {fmt_seconds(eta)}" if snap["status"] in (ev.RUNNING, ev.STOPPING) else snap["status"])
+    return (f'<div class="lab-progress"><div style="width:{frac * 100:.1f}%"></div></div>'
+            f'<p id="train_progress_text">{frac:.0%} — {" · ".join(parts)}</p>')
+
+
+def _log_text(events: list) -> str:
+    lines = []
+    for e in events:
+        t = time.strftime("%H:%M:%S", time.localtime(e.time))
+        if isinstance(e, ev.StatusChanged):
+            lines.append(f"{t}  {e.status}: {e.message}")
+        elif isinstance(e, ev.RunStarted):
+            lines.append(f"{t}  started on {e.device}: {e.split_sizes['train']} train / {e.split_sizes['val']} val / "
+                         f"{e.split_sizes['test']} test images, input {'×'.join(map(str, e.input_shape))}, "
+                         f"{e.params_trainable:,} of {e.params_total:,} parameters trainable")
+            lines += [f"{t}  note: {n}" for n in e.notes]
+        elif isinstance(e, ev.EpochEnded):
+            val = (f", val loss {e.val_loss:.3f}, val acc {e.val_accuracy:.1%}" if e.val_loss is not None else "")
+            lines.append(f"{t}  epoch {e.epoch}/{e.epochs}: train loss {e.train_loss:.3f}, train acc "
+                         f"{e.train_accuracy:.1%}{val} ({e.seconds:.1f} s){'  ★ best' if e.is_best else ''}")
+        elif isinstance(e, ev.Evaluated):
+            lines.append(f"{t}  {e.split} accuracy {e.accuracy:.1%}, macro F1 {e.macro_f1:.3f}"
+                         + (f", top-5 {e.top5_accuracy:.1%}" if e.top5_accuracy is not None else ""))
+        elif isinstance(e, ev.RunFinished):
+            lines.append(f"{t}  {e.status}: {e.message}")
+    return "\n".join(lines)
