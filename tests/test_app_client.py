@@ -1,0 +1,316 @@
+"""The dashboard driven through its named API with gradio_client, as a second program (or a
+student's notebook) would: one Client = one browser session.
+
+Covers: loading the embedded sample and an uploaded zip, the split, the augmentation editor, the
+model description and layer table, the memory estimate, a real training run polled to the end,
+evaluation (confusion matrix), prediction (top-5) and batch prediction, bad input giving a plain
+message, two users at once (isolated sessions) and the training queue (max_jobs=1).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "assets" / "examples"
+SAMPLE_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+TINY = ["airplane", "cat", "ship"]
+DONE = ("Finished", "Stopped", "Failed", "Interrupted")
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, session_data_dir):
+    """The dashboard on a free local port, one training slot, runs in a temporary folder."""
+    from core.jobs import JobManager
+    from ui.app import build_app, launch_kwargs
+
+    runs_dir = tmp_path_factory.mktemp("client-runs")
+    manager = JobManager(runs_dir=runs_dir, data_dir=session_data_dir, max_jobs=1)
+    demo = build_app(manager, data_dir=session_data_dir, runs_dir=runs_dir)
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1",
+                            server_port=_free_port(), **launch_kwargs(session_data_dir, runs_dir))
+    yield {"url": url, "manager": manager, "runs_dir": runs_dir}
+    demo.close()
+    manager.shutdown(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def tiny_zip(tiny_folder, tmp_path_factory) -> Path:
+    """The ``tiny_folder`` fixture (3 classes, 120 train + 30 test images) as an upload."""
+    path = tmp_path_factory.mktemp("zips") / "tiny.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for f in sorted(tiny_folder.rglob("*.jpg")):
+            zf.write(f, f"tiny/{f.relative_to(tiny_folder).as_posix()}")
+    return path
+
+
+def new_client(lab) -> Client:
+    return Client(lab["url"], verbose=False, analytics_enabled=False, download_files=False)
+
+
+# ---- endpoint helpers -----------------------------------------------------------------------------
+def load_sample(c: Client):
+    return c.predict("Embedded CIFAR-10 sample", "CIFAR10", None, "", "per class", 10, 10, 0, api_name="/load_data")
+
+
+def load_zip(c: Client, path: Path):
+    return c.predict("Upload a .zip", "CIFAR10", handle_file(str(path)), "", "per class", 10, 10, 0,
+                     api_name="/load_zip")
+
+
+def start_args(c: Client, endpoint: str = "/start_training", browser_id=None, **by_label) -> list:
+    """/start_training takes every config widget positionally (set-style inputs, in component order)
+    with generic names param_1…param_N, plus the browser id first: map them by their labels."""
+    params = c.view_api(print_info=False, return_format="dict")["named_endpoints"][endpoint]["parameters"]
+    values = {p["label"]: p.get("parameter_default") for p in params}
+    unknown = set(by_label) - set(values)
+    assert not unknown, f"no such widget: {unknown}"
+    values.update(by_label)
+    out = [values[p["label"]] for p in params]
+    out[0] = browser_id  # the gr.BrowserState (label "parameter_N"): None = owner is this session
+    return out
+
+
+def start(c: Client, **by_label):
+    return c.predict(*start_args(c, **by_label), api_name="/start_training")
+
+
+def poll(c: Client):
+    return c.predict(None, api_name="/poll_training")
+
+
+def poll_until_done(c: Client, timeout: float = 150.0) -> tuple[tuple, list[str]]:
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        out = poll(c)
+        status = out[0] if isinstance(out[0], str) else ""
+        seen.append(status)
+        if status.startswith(DONE):
+            return out, seen
+        time.sleep(0.5)
+    raise AssertionError(f"training did not end within {timeout} s; last statuses {seen[-3:]}")
+
+
+def plot_json(value: dict) -> dict:
+    assert value["type"] == "plotly"
+    return json.loads(value["plot"])
+
+
+def table_rows(value: dict) -> list[list]:
+    return value["data"]
+
+
+# ---- tests ----------------------------------------------------------------------------------------
+def test_named_endpoints_and_start_training_parameters(lab):
+    c = new_client(lab)
+    api = c.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for name in ("/load_data", "/load_zip", "/reshuffle", "/split", "/aug_add", "/aug_json", "/describe_model",
+                 "/layer_table", "/memory", "/start_training", "/stop_training", "/resume_training",
+                 "/poll_training", "/eval_runs", "/evaluate_run", "/predict", "/predict_many", "/predict_runs"):
+        assert name in api, name
+    params = api["/start_training"]["parameters"]
+    labels = [p["label"] for p in params]
+    # The set-style inputs reach the client as positional param_1..param_N: labels are the only
+    # stable handle, so they must be unique and cover the important settings.
+    assert len(labels) == len(set(labels))
+    for label in ("Epochs", "Batch size", "Learning rate", "Optimizer", "Model", "Validation %", "Device", "Seed"):
+        assert label in labels
+    assert [p["parameter_name"] for p in params] == [f"param_{i}" for i in range(1, len(params) + 1)]
+    # gr.State (the session) is not an API input; the browser id (gr.BrowserState) is, first
+    assert params[0]["parameter_has_default"] is False
+
+
+def test_browse_sample_split_augment_model_and_memory(lab):
+    c = new_client(lab)
+    info, gallery, dist, sizes, skipped, note, table, split_plot = load_sample(c)
+    assert "**CIFAR-10 sample** — 2,500 images, 10 classes, colour" in info
+    assert "train 2,000, test 500" in info
+    assert len(gallery) == 30 and {g["caption"] for g in gallery} == set(SAMPLE_CLASSES)
+    assert all(g["image"]["path"] for g in gallery)
+    assert table_rows(sizes) == [[32, 32, "RGB", 2500]] and table_rows(skipped) == []
+    assert note.startswith("1,750 train · 250 validation · 500 test")
+    assert [r[0] for r in table_rows(table)] == SAMPLE_CLASSES
+    assert plot_json(dist)["data"] and plot_json(split_plot)["data"]
+
+    note, table, _ = c.predict(20, 10, 1, api_name="/split")
+    assert note.startswith("1,500 train · 500 validation · 500 test") and "seed 1" in note
+    assert table_rows(table)[0] == ["airplane", 150, 50, 50, 250]
+
+    assert len(c.predict("random", api_name="/reshuffle")) == 32
+
+    steps, spec, _, aug = c.predict("RandomRotation", '{"degrees": 15}', 1, 0, 0, api_name="/aug_add")
+    assert table_rows(steps)[-1][1] == "RandomRotation" and "RandomRotation" in spec
+    assert len(aug) == 8 and aug[0]["caption"].startswith("original: ")
+    with pytest.raises(AppError, match="not valid JSON"):
+        c.predict("RandomRotation", "{degrees: 15", 1, 0, 0, api_name="/aug_add")
+
+    about, weights_note, stages, pretrained = c.predict("resnet18", True, api_name="/describe_model")
+    assert "11,173,962 parameters for 10 classes" in about and "Stages: stem, layer1" in about
+    assert "resnet18" in weights_note
+
+    text, layers = c.predict("tutorial_net", True, "none", 0, False, api_name="/layer_table")
+    assert text.startswith("**62,006 of 62,006 parameters trainable**")
+    assert [r[0] for r in table_rows(layers)][:2] == ["conv1", "pool"]
+
+    summary, breakdown, per_layer, mem_table = c.predict("tutorial_net", True, "none", 0, 64, "adam", "fp32", "8 GB",
+                                                          api_name="/memory")
+    assert "batch 64, adam, fp32: training needs **" in summary and "Largest batch for 8 GB" in summary
+    assert "parameters" in [r[0] for r in table_rows(mem_table)]
+    assert plot_json(breakdown)["data"] and plot_json(per_layer)["data"]
+
+
+def test_train_evaluate_and_predict_on_an_uploaded_zip(lab, tiny_zip, tmp_path):
+    import torch
+
+    c = new_client(lab)
+    info = load_zip(c, tiny_zip)[0]
+    assert "**tiny** — 150 images, 3 classes" in info
+
+    status, progress, curves, log, timer = start(c, **{"Epochs": 2, "Batch size": 16, "Device": "cpu"})
+    assert status.startswith(("Starting", "Training", "Queued")) and timer["active"] is True
+    out, seen = poll_until_done(c)
+    status, progress, curves, log, timer = out
+    assert status.startswith("Finished — tutorial_net — run "), status
+    assert "100% — epoch 2/2" in progress and timer["active"] is False
+    assert "epoch 2/2" in log and re.search(r"test accuracy [\d.]+%", log)
+    names = {t.get("name") for t in plot_json(curves)["data"]}
+    assert any("train" in (n or "") for n in names)
+    run_id = re.search(r"run (\S+):", status).group(1)
+    run_dir = lab["runs_dir"] / run_id
+
+    # The checkpoint is loadable without the lab (weights_only) and the config holds a plain path.
+    ckpt = torch.load(run_dir / "best.pth", weights_only=True)
+    assert ckpt["classes"] == TINY and ckpt["config"]["data"]["source"] == "zip"
+    assert json.loads((run_dir / "config.json").read_text())["data"]["location"].endswith("tiny.zip")
+
+    choice = c.predict(None, api_name="/eval_runs")
+    assert choice["value"] == str(run_dir)
+    summary, matrix, per_class, mistakes = c.predict(str(run_dir), True, api_name="/evaluate_run")
+    assert re.search(r"on 30 test images: accuracy \*\*[\d.]+%\*\*", summary)
+    heat = [t for t in plot_json(matrix)["data"] if t["type"] == "heatmap"]
+    assert heat and list(heat[0]["x"]) == TINY and list(heat[0]["y"]) == TINY
+    rows = table_rows(per_class)
+    assert [r[0] for r in rows[:3]] == TINY and rows[-1][0] == "(weighted average)"
+    assert all(m["caption"].startswith("true: ") for m in mistakes)
+
+    assert c.predict(None, api_name="/predict_runs")["value"] == str(run_dir)
+    label = c.predict(handle_file(str(EXAMPLES / "cat.jpg")), "A trained run", str(run_dir), None, "none",
+                      api_name="/predict")
+    confs = label["confidences"]
+    assert label["label"] in TINY and [x["label"] for x in confs][0] == label["label"]
+    assert len(confs) == 3  # top-5 of a 3-class model
+    assert [x["confidence"] for x in confs] == sorted((x["confidence"] for x in confs), reverse=True)
+    assert 0.99 < sum(x["confidence"] for x in confs) <= 1.0001
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    table, csv = c.predict([handle_file(str(EXAMPLES / "ship.jpg")), handle_file(str(EXAMPLES / "dog.jpg")),
+                            handle_file(str(bad))], "A trained run", str(run_dir), None, "none",
+                           api_name="/predict_many")
+    rows = table_rows(table)
+    assert sorted(r[0] for r in rows) == ["dog.jpg", "notes.png", "ship.jpg"]
+    assert all(r[1] in TINY and r[-1] == "" for r in rows if r[0] != "notes.png")
+    bad_row = next(r for r in rows if r[0] == "notes.png")
+    assert "cannot be read as an image" in bad_row[-1]
+    assert csv["path"].endswith("predictions.csv")
+
+
+def test_bad_input_gives_a_plain_message_not_a_traceback(lab, tmp_path):
+    c = new_client(lab)
+    corrupt = tmp_path / "holiday-photos.zip"
+    corrupt.write_bytes(b"PK\x03\x04" + b"garbage" * 50)
+    with pytest.raises(AppError) as info:
+        load_zip(c, corrupt)
+    assert "holiday-photos.zip is not a zip archive" in str(info.value)
+
+    not_image = tmp_path / "essay.jpg"
+    not_image.write_text("Once upon a time")
+    with pytest.raises(AppError) as info2:
+        c.predict(handle_file(str(not_image)), "A trained run", None, None, "none", api_name="/predict")
+    assert str(info2.value).startswith("essay.jpg cannot be read as an image")
+
+    with pytest.raises(AppError) as info3:
+        c.predict(handle_file(str(EXAMPLES / "cat.jpg")), "A trained run", None, None, "none", api_name="/predict")
+    assert "No trained run yet" in str(info3.value)
+
+    with pytest.raises(AppError) as info4:
+        start(c, **{"Batch size": "sixty-four"})
+    assert "Batch size must be a whole number such as 64, got 'sixty-four'" in str(info4.value)
+
+    with pytest.raises(AppError) as info5:
+        start(c, **{"Freezing": "stages", "Stages to freeze": 0})
+    assert "model.freeze_stages must be at least 1" in str(info5.value)
+
+    with pytest.raises(AppError) as info6:
+        c.predict(*start_args(c, "/resume_training"), api_name="/resume_training")
+    assert "Nothing to resume" in str(info6.value)
+
+    for err in (info, info2, info3, info4, info5, info6):
+        text = str(err.value)
+        assert "Traceback" not in text and 'File "' not in text and "Internal error" not in text
+
+
+def test_two_users_at_once_do_not_see_each_other(lab, tiny_zip):
+    a, b = new_client(lab), new_client(lab)
+    assert "3 classes" in load_zip(a, tiny_zip)[0]
+    assert "10 classes" in load_sample(b)[0]
+    # each session splits its own dataset
+    assert [r[0] for r in table_rows(a.predict(10, 10, 0, api_name="/split")[1])] == TINY
+    assert [r[0] for r in table_rows(b.predict(10, 10, 0, api_name="/split")[1])] == SAMPLE_CLASSES
+
+    status = start(a, **{"Epochs": 1, "Batch size": 16, "Device": "cpu"})[0]
+    assert status.startswith(("Starting", "Training", "Queued"))
+    # B has no run: its poll changes nothing and switches its timer off; Stop and Resume say so
+    b_status, _, _, _, b_timer = poll(b)
+    assert "value" not in b_status and b_timer["active"] is False
+    assert b.predict(None, api_name="/stop_training") == "No run in progress."
+    out, _ = poll_until_done(a)
+    assert out[0].startswith("Finished")
+    assert "value" not in poll(b)[0]
+    # and B's data choice is still its own after A trained on the zip
+    assert b.predict(10, 10, 0, api_name="/split")[0].startswith("1,750 train · 250 validation · 500 test")
+
+
+def test_second_user_is_queued_while_the_only_slot_trains(lab):
+    assert lab["manager"].max_jobs == 1
+    a, b = new_client(lab), new_client(lab)
+    first = start(a, **{"Epochs": 1, "Batch size": 64, "Device": "cpu"})[0]  # the embedded sample
+    assert first.startswith(("Starting", "Training")), first
+    queued = start(b, **{"Epochs": 1, "Batch size": 64, "Device": "cpu"})[0]
+    assert queued.startswith("Queued: position 1 — 1 run(s) training on this server (at most 1 at a time)")
+    assert poll(b)[0].startswith("Queued: position 1")
+    assert b.predict(None, api_name="/stop_training").startswith("Removed from the queue")
+    stopped, _ = poll_until_done(b, timeout=10)
+    assert stopped[0].startswith("Stopped") and "removed from the queue" in stopped[0]
+
+    out, _ = poll_until_done(a)
+    assert out[0].startswith("Finished"), out[0]
+    run_dir = str(lab["runs_dir"] / re.search(r"run (\S+):", out[0]).group(1))
+    assert a.predict(None, api_name="/predict_runs")["value"] == run_dir  # the newest run, A's own
+    label = a.predict(handle_file(str(EXAMPLES / "airplane.jpg")), "A trained run", run_dir, None, "none",
+                      api_name="/predict")
+    top5 = label["confidences"]
+    assert len(top5) == 5 and {x["label"] for x in top5} <= set(SAMPLE_CLASSES)
+    assert top5[0]["label"] == label["label"]

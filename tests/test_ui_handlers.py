@@ -1,0 +1,472 @@
+"""Dashboard handlers and helpers tested as plain functions (no server, no browser).
+
+Covers the config assembly from widgets, the error policy (``ui.common.safe``), the Train tab's
+status / progress / log rendering on the events of a real tiny run, and small helpers of the
+Data, Model and Predict tabs.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+
+from PIL import Image  # noqa: E402
+
+from core import events as ev  # noqa: E402
+from core.config import RunConfig  # noqa: E402
+from core.errors import ConfigError, DataError, LabError  # noqa: E402
+from core.jobs import Job, JobManager  # noqa: E402
+from ui import app as ui_app, common, tab_data, tab_model, tab_predict, tab_train  # noqa: E402
+from ui.common import AppContext  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- a context with the Data, Model and Train tabs' widgets bound to RunConfig fields -------------
+@pytest.fixture(scope="module")
+def widget_ctx(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("widgets")
+    ctx = AppContext(manager=None, data_dir=tmp / "data", runs_dir=tmp / "runs")
+    with gr.Blocks():
+        ctx.session = gr.State(dict)
+        ctx.browser_id = gr.BrowserState(None)
+        tab_data.build(ctx)
+        tab_model.build(ctx)
+        tab_train.build(ctx)
+    return ctx
+
+
+def _widget(ctx, field: str):
+    matches = [w for w, dotted in ctx.config_fields.items() if dotted == field]
+    assert len(matches) == 1, f"{field}: {len(matches)} widgets bound"
+    return matches[0]
+
+
+def _defaults(ctx) -> dict:
+    return {w: w.value for w in ctx.config_fields}
+
+
+def test_every_config_widget_is_bound_once(widget_ctx):
+    fields = list(widget_ctx.config_fields.values())
+    assert len(fields) == len(set(fields)), "two widgets write the same config field"
+    for needed in ("epochs", "data.batch_size", "optim.lr", "optim.optimizer", "model.name", "data.val_fraction",
+                   "data.test_fraction", "data.split_seed", "device", "seed", "optim.grad_clip"):
+        assert needed in fields
+
+
+def test_widget_defaults_give_the_default_run_config(widget_ctx):
+    """What a user gets by pressing Start without touching anything equals RunConfig()'s defaults."""
+    cfg = common.config_from_widgets(widget_ctx, _defaults(widget_ctx), session={})
+    assert cfg.to_dict() == RunConfig().to_dict()
+
+
+def test_config_from_widgets_converts_and_takes_the_dataset_from_the_session(widget_ctx):
+    values = _defaults(widget_ctx)
+    values[_widget(widget_ctx, "epochs")] = 3.0                 # sliders give floats
+    values[_widget(widget_ctx, "data.batch_size")] = "128"      # typed into the dropdown
+    values[_widget(widget_ctx, "data.val_fraction")] = 20       # percent → fraction
+    values[_widget(widget_ctx, "optim.lr")] = 0.05
+    values[_widget(widget_ctx, "optim.grad_clip")] = 0           # 0 = off → None
+    values[_widget(widget_ctx, "optim.head_lr")] = 0.5
+    values[_widget(widget_ctx, "model.name")] = "resnet18"
+    values[_widget(widget_ctx, "optim.class_weights")] = "balanced"
+    values[_widget(widget_ctx, "early_stopping_patience")] = 4
+    session = {"data_source": {"source": "zip", "location": "/tmp/x.zip"},
+               "train_augment": [{"name": "RandomHorizontalFlip", "params": {"p": 0.5}}]}
+    cfg = common.config_from_widgets(widget_ctx, values, session)
+    assert cfg.epochs == 3 and isinstance(cfg.epochs, int)
+    assert cfg.data.batch_size == 128 and cfg.data.val_fraction == pytest.approx(0.2)
+    assert cfg.optim.lr == 0.05 and cfg.optim.grad_clip is None and cfg.optim.head_lr == 0.5
+    assert cfg.optim.class_weights == "balanced" and cfg.early_stopping_patience == 4
+    assert cfg.model.name == "resnet18"
+    assert (cfg.data.source, cfg.data.location) == ("zip", "/tmp/x.zip")
+    assert cfg.data.train_augment == session["train_augment"]
+
+
+def test_config_from_widgets_missing_widgets_keep_defaults(widget_ctx):
+    cfg = common.config_from_widgets(widget_ctx, {_widget(widget_ctx, "epochs"): 7})
+    assert cfg.epochs == 7 and cfg.optim.lr == RunConfig().optim.lr and cfg.data.source == "sample"
+
+
+@pytest.mark.parametrize("bad", ["abc", "", 12.5, None])
+def test_typed_batch_size_that_is_not_a_number_is_a_user_error(widget_ctx, bad):
+    values = _defaults(widget_ctx)
+    values[_widget(widget_ctx, "data.batch_size")] = bad
+    with pytest.raises(ConfigError, match="Batch size must be a whole number"):
+        common.config_from_widgets(widget_ctx, values)
+
+
+def test_invalid_widget_value_is_a_config_error_naming_the_field(widget_ctx):
+    values = _defaults(widget_ctx)
+    values[_widget(widget_ctx, "optim.momentum")] = 1.5
+    with pytest.raises(ConfigError, match="optim.momentum"):
+        common.config_from_widgets(widget_ctx, values)
+
+
+# ---- the error policy ---------------------------------------------------------------------------
+def test_safe_turns_a_lab_error_into_gr_error_with_its_message():
+    @common.safe
+    def handler(x):
+        raise DataError(f"bad.zip is not a zip archive ({x}).")
+
+    with pytest.raises(gr.Error) as info:
+        handler(1)
+    assert info.value.message == "bad.zip is not a zip archive (1)."
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_safe_passes_gr_error_through_unchanged():
+    original = gr.Error("Choose a .zip file to upload first.")
+
+    @common.safe
+    def handler():
+        raise original
+
+    with pytest.raises(gr.Error) as info:
+        handler()
+    assert info.value is original
+
+
+def test_safe_turns_an_unexpected_exception_into_a_short_internal_error(caplog):
+    @common.safe
+    def compute_things():
+        return {}["missing"]
+
+    with caplog.at_level(logging.ERROR, logger="classifier_lab.ui"):
+        with pytest.raises(gr.Error) as info:
+            compute_things()
+    msg = info.value.message
+    assert msg.startswith("Internal error in compute_things: KeyError")
+    assert "Traceback" not in msg and 'File "' not in msg and len(msg.splitlines()) == 1
+    # ... while the server log keeps the full trace for the teacher
+    assert any(r.exc_info and "compute_things" in r.getMessage() for r in caplog.records)
+
+
+def test_safe_wraps_generators_and_keeps_the_signature():
+    @common.safe
+    def gen(session: dict, request: gr.Request, progress=gr.Progress()):
+        yield 1
+        raise ConfigError("epochs must be a whole number >= 1, got 0.")
+
+    # Gradio injects gr.Request / gr.Progress by looking at the signature: it must survive the wrapper.
+    assert list(inspect.signature(gen).parameters) == ["session", "request", "progress"]
+    assert inspect.isgeneratorfunction(gen)
+    it = gen({}, None)
+    assert next(it) == 1
+    with pytest.raises(gr.Error, match="epochs must be a whole number"):
+        next(it)
+
+
+def test_safe_returns_values_unchanged():
+    assert common.safe(lambda a, b=2: a + b)(1, b=5) == 6
+
+
+# ---- small common helpers ------------------------------------------------------------------------
+def test_owner_of_prefers_login_then_browser_then_session():
+    class Req:
+        username = "ana"
+        session_hash = "s1"
+
+    class Anonymous:
+        username = None
+        session_hash = "s2"
+
+    assert common.owner_of(Req(), "b1") == "user:ana"
+    assert common.owner_of(Anonymous(), "b1") == "browser:b1"
+    assert common.owner_of(Anonymous(), None) == "session:s2"
+    assert common.owner_of(None, None) == "session:local"
+
+
+def test_formatting_helpers():
+    assert common.fmt_bytes(512) == "512 B"
+    assert common.fmt_bytes(3 * 1024 ** 2) == "3.00 MiB"
+    assert common.fmt_seconds(None) == "–"
+    assert common.fmt_seconds(75) == "1:15"
+    assert common.fmt_seconds(3725) == "1:02:05"
+    assert common.none_if_empty(0) is None and common.none_if_empty("") is None
+    assert common.none_if_empty(0.3) == 0.3
+
+
+# ---- Train tab rendering on the events of a real run ----------------------------------------------
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory, tiny_folder):
+    tmp = tmp_path_factory.mktemp("handler-run")
+    manager = JobManager(runs_dir=tmp / "runs", data_dir=tmp / "data", max_jobs=1)
+    config = RunConfig.from_dict({"data": {"source": "folder", "location": str(tiny_folder), "batch_size": 16},
+                                  "model": {"name": "tutorial_net"}, "epochs": 2, "device": "cpu", "seed": 1})
+    job = manager.submit(config, owner="browser:test")
+    manager.wait(job.job_id, timeout=180)
+    assert job.status == ev.FINISHED, job.message
+    ctx = AppContext(manager=manager, data_dir=tmp / "data", runs_dir=tmp / "runs")
+    yield ctx, job
+    manager.shutdown(timeout=10)
+
+
+def _partial_snapshot(job, upto: int, status=ev.RUNNING) -> dict:
+    """The snapshot the UI would have polled after the first ``upto`` events of ``job``."""
+    events = list(job.events[:upto])
+    message = [e.message for e in events if isinstance(e, ev.StatusChanged)][-1]
+    partial = Job(job_id=job.job_id, config=job.config, owner=job.owner, status=status, message=message,
+                  events=events)
+    return partial.snapshot()
+
+
+def test_progress_html_before_any_run():
+    html = tab_train._progress_html(None)
+    assert 'style="width:0%"' in html and "No run yet." in html
+
+
+def test_progress_html_mid_run_and_finished(finished_job):
+    ctx, job = finished_job
+    batch_idx = [i for i, e in enumerate(job.events) if isinstance(e, ev.BatchEnded)]
+    assert batch_idx, "the run reported no batches"
+    mid = _partial_snapshot(job, batch_idx[0] + 1)
+    html = tab_train._progress_html(mid)
+    first = job.events[batch_idx[0]]
+    pct = float(re.search(r"width:([\d.]+)%", html).group(1))
+    assert 0 < pct < 100
+    assert f"epoch {first.epoch}/2" in html and f"batch {first.batch}/{first.batches}" in html
+    assert "ETA" in html and "images/s" in html
+
+    done = tab_train._progress_html(job.snapshot())
+    assert "width:100.0%" in done and "100% — epoch 2/2" in done and "finished" in done
+    assert "ETA" not in done
+
+    queued = _partial_snapshot(job, 1, status=ev.QUEUED)  # only the StatusChanged(queued) event
+    assert "No run yet." in tab_train._progress_html(queued)
+
+
+def test_log_text_tells_the_story_of_the_run(finished_job):
+    _, job = finished_job
+    log = tab_train._log_text(list(job.events))
+    lines = log.splitlines()
+    assert all(re.match(r"\d\d:\d\d:\d\d  ", line) for line in lines)
+    text = "\n".join(lines)
+    assert "queued: waiting for a free training slot" in text
+    assert re.search(r"started on cpu: \d+ train / \d+ val / 30 test images, input 3×32×32", text)
+    assert re.search(r"epoch 1/2: train loss \d\.\d{3}, train acc [\d.]+%, val loss", text)
+    assert "epoch 2/2" in text and re.search(r"test accuracy [\d.]+%, macro F1", text)
+    assert lines[-1].split("  ", 1)[1].startswith("finished:")
+    # BatchEnded events are not logged line by line (the plot shows them)
+    assert not any(re.search(r"\bbatch \d+/\d+|BatchEnded", line) for line in lines)
+    assert len(lines) == sum(1 for e in job.events if not isinstance(e, ev.BatchEnded)) + sum(
+        len(e.notes) for e in job.events if isinstance(e, ev.RunStarted))
+
+
+def test_status_text_finished_queued_and_starting(finished_job):
+    ctx, job = finished_job
+    text = tab_train._status_text(ctx, job, job.snapshot())
+    assert text.startswith(f"Finished — tutorial_net — run {job.job_id}: finished 2 epoch(s)")
+    # a job taken from the queue whose thread has not reported yet must not read "position None"
+    starting = Job(job_id="j-start", config=job.config, owner="x")
+    text = tab_train._status_text(ctx, starting, starting.snapshot())
+    assert text.startswith("Starting — tutorial_net — run j-start") and "None" not in text
+
+
+def test_status_text_while_training_says_where_the_run_is(finished_job):
+    ctx, job = finished_job
+    first_batch = next(i for i, e in enumerate(job.events) if isinstance(e, ev.BatchEnded))
+    mid = _partial_snapshot(job, first_batch + 1)
+    assert mid["message"] == "preparing data and model"  # the trainer's last status message ...
+    text = tab_train._status_text(ctx, job, mid)
+    assert text == f"Training — tutorial_net — run {job.job_id}: epoch 1/2"  # ... is not what we show
+    last_epoch = max(i for i, e in enumerate(job.events) if isinstance(e, ev.EpochEnded))
+    testing = tab_train._status_text(ctx, job, _partial_snapshot(job, last_epoch + 1))
+    assert testing.endswith(": final evaluation of the best weights")
+
+
+def test_status_text_shows_the_queue_position(tiny_folder, tmp_path):
+    release = threading.Event()
+
+    def blocking_fit(config, on_event, should_stop, **kwargs):
+        on_event(ev.StatusChanged(status=ev.RUNNING, message="busy"))
+        release.wait(30)
+        on_event(ev.RunFinished(status=ev.FINISHED, message="done", best_epoch=None, best_metric=None, seconds=0))
+
+    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1, fit=blocking_fit)
+    ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs")
+    try:
+        first = manager.submit(RunConfig(), owner="a")
+        deadline = time.time() + 10
+        while first.status != ev.RUNNING and time.time() < deadline:
+            time.sleep(0.02)
+        second = manager.submit(RunConfig(), owner="b")
+        third = manager.submit(RunConfig(), owner="c")
+        assert tab_train._status_text(ctx, second, second.snapshot()).startswith(
+            "Queued: position 1 — 1 run(s) training on this server (at most 1 at a time)")
+        assert tab_train._status_text(ctx, third, third.snapshot()).startswith("Queued: position 2")
+        assert tab_train._status_text(ctx, first, first.snapshot()).startswith("Training — tutorial_net")
+    finally:
+        release.set()
+        manager.shutdown(timeout=10)
+
+
+def test_poll_keeps_polling_when_the_run_ends_while_it_renders(tmp_path, monkeypatch):
+    """Regression: the timer was switched off from job.done read *after* rendering, so a run that
+    ended during a render left the page on "Training … final evaluation" for good."""
+    release = threading.Event()
+
+    def fit(config, on_event, should_stop, **kwargs):
+        on_event(ev.StatusChanged(status=ev.RUNNING, message="preparing data and model"))
+        release.wait(30)
+        on_event(ev.RunFinished(status=ev.FINISHED, message="finished 1 epoch(s)", best_epoch=1, best_metric=0.5,
+                                seconds=1.0))
+
+    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1, fit=fit)
+    ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs")
+    with gr.Blocks():
+        ctx.session = gr.State({})
+        ctx.browser_id = gr.BrowserState(None)
+        tab_train.build(ctx)
+    poll, _ = ctx.shared["train_poll"]
+    try:
+        job = manager.submit(RunConfig(), owner="browser:b1")
+        deadline = time.time() + 10
+        while job.status != ev.RUNNING and time.time() < deadline:
+            time.sleep(0.02)
+        session = {}
+        real_plot = tab_train.plots.live_curves
+
+        def plot_while_the_run_ends(*args, **kwargs):
+            release.set()
+            manager.wait(job.job_id, timeout=10)
+            return real_plot(*args, **kwargs)
+
+        monkeypatch.setattr(tab_train.plots, "live_curves", plot_while_the_run_ends)
+        status, _, _, _, timer = poll(session, "b1", None)
+        assert status.startswith("Training") and job.done
+        assert timer.active is True, "the timer stopped although the page still shows a running job"
+        monkeypatch.setattr(tab_train.plots, "live_curves", real_plot)
+        status, progress, _, log, timer = poll(session, "b1", None)
+        assert status.startswith("Finished — tutorial_net") and timer.active is False
+        assert "finished: finished 1 epoch(s)" in log
+        *_, timer = poll(session, "b1", None)  # nothing new: no redraw, timer stays off
+        assert timer.active is False
+    finally:
+        release.set()
+        manager.shutdown(timeout=10)
+
+
+def test_render_gives_status_progress_plot_and_log(finished_job):
+    ctx, job = finished_job
+    session = {}
+    status, progress, fig, log = tab_train._render(ctx, job, session)
+    assert status.startswith("Finished") and "100%" in progress and "epoch 2/2" in log
+    assert session["seen"] == len(job.events) and session["last_run_dir"].endswith(job.job_id)
+    names = {t.name for t in fig.data}
+    assert fig.data and any("train" in (n or "") for n in names)
+
+
+def test_current_job_finds_the_owner_latest_run(finished_job):
+    ctx, job = finished_job
+    session = {}
+    assert tab_train._current_job(ctx, session, "browser:test") is job
+    assert session["job_id"] == job.job_id
+    assert tab_train._current_job(ctx, {}, "browser:someone-else") is None
+
+
+@pytest.mark.parametrize("value,expected", [(64, 64), ("32", 32), (" 256 ", 256), (128.0, 128)])
+def test_whole_batch_size_accepts_typed_numbers(value, expected):
+    assert tab_train._whole_batch_size(value) == expected
+
+
+# ---- Data, Model and Predict helpers -------------------------------------------------------------
+def test_thumb_scales_small_images_up_with_visible_pixels():
+    img = Image.new("RGB", (32, 32))
+    img.putpixel((0, 0), (255, 0, 0))
+    img.putpixel((31, 31), (0, 0, 255))
+    big = tab_data._thumb(img)
+    assert big.size == (96, 96)
+    # NEAREST: each source pixel becomes a crisp 3×3 block, no blur
+    assert {big.getpixel((x, y)) for x in range(3) for y in range(3)} == {(255, 0, 0)}
+    assert big.getpixel((3, 3)) == (0, 0, 0) and big.getpixel((95, 95)) == (0, 0, 255)
+
+
+def test_thumb_keeps_large_images_and_aspect_ratio():
+    large = Image.new("RGB", (200, 100))
+    assert tab_data._thumb(large) is large
+    odd = tab_data._thumb(Image.new("L", (30, 50)))
+    assert odd.size == (120, 200) and odd.mode == "L"
+
+
+def test_steps_table():
+    df = tab_data._steps_table([{"name": "RandomCrop", "params": {"size": 32, "padding": 4}},
+                                {"name": "RandomHorizontalFlip"}])
+    assert list(df.columns) == tab_data.STEP_COLUMNS
+    assert df.values.tolist() == [[1, "RandomCrop", '{"size": 32, "padding": 4}'], [2, "RandomHorizontalFlip", "{}"]]
+    assert tab_data._steps_table(None).empty
+
+
+def test_model_shape_follows_the_loaded_dataset(tiny_folder, session_data_dir):
+    from core import datasets
+
+    assert tab_model.model_shape({}, "tutorial_net", True) == (10, 3, (32, 32))
+    ds = datasets.load_dataset("folder", str(tiny_folder), data_dir=session_data_dir)
+    classes, channels, size = tab_model.model_shape({"dataset": ds}, "tutorial_net", True)
+    assert (classes, channels, tuple(size)) == (3, 3, (32, 32))
+
+
+def test_predict_image_input_reports_an_unreadable_upload_plainly(tmp_path):
+    from gradio.data_classes import ImageData
+
+    bad = tmp_path / "holiday.jpg"
+    bad.write_text("this is not a picture")
+    comp = tab_predict.friendly_image_errors(gr.Image(type="pil", render=False))
+    assert type(comp) is gr.Image  # a plain gr.Image: no component subclass (Gradio would write a .pyi)
+    assert not list((ROOT / "ui").glob("*.pyi"))
+    with pytest.raises(gr.Error) as info:
+        comp.preprocess(ImageData(path=str(bad), orig_name="holiday.jpg"))
+    assert info.value.message.startswith("holiday.jpg cannot be read as an image")
+    assert "Traceback" not in info.value.message and "component" not in info.value.message
+    good = comp.preprocess(ImageData(path=str(ROOT / "assets" / "examples" / "cat.jpg"), orig_name="cat.jpg"))
+    assert isinstance(good, Image.Image) and good.mode == "RGB"
+    assert comp.preprocess(None) is None
+
+
+def test_predict_examples_exist():
+    assert len(tab_predict.EXAMPLES) == 10
+    assert all(Path(p).is_file() for p in tab_predict.EXAMPLES)
+
+
+# ---- app assembly and launch options --------------------------------------------------------------
+def test_launch_kwargs_are_offline_and_private(tmp_path):
+    kw = ui_app.launch_kwargs(tmp_path / "data", tmp_path / "runs")
+    assert kw["enable_monitoring"] is False and kw["run_history"] is False
+    assert kw["footer_links"] == ["settings"]
+    assert str((tmp_path / "data").resolve()) in kw["allowed_paths"]
+    assert str((tmp_path / "runs").resolve()) in kw["allowed_paths"]
+    assert str(common.ASSETS) in kw["allowed_paths"]
+
+
+def test_build_app_wires_the_named_endpoints_and_ids(tmp_path):
+    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1)
+    demo = ui_app.build_app(manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs")
+    api_names = {fn.api_name for fn in demo.fns.values() if fn.api_name}
+    for name in ("load_data", "load_zip", "reshuffle", "split", "aug_add", "describe_model", "layer_table",
+                 "memory", "start_training", "stop_training", "resume_training", "poll_training", "eval_runs",
+                 "evaluate_run", "predict", "predict_many", "predict_runs"):
+        assert name in api_names
+    # gr.State(dict) would add a public "/dict" page-load endpoint that resets the session (a race)
+    assert "dict" not in api_names
+    ids = {b.elem_id for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    for elem_id in ("data_gallery", "start_btn", "stop_btn", "train_status", "train_curves", "train_progress",
+                    "eval_confusion", "predict_image", "predict_top5", "epochs", "batch_size"):
+        assert elem_id in ids
+
+
+def test_launch_main_rejects_bad_arguments_with_a_message(capsys):
+    import launch
+
+    assert launch.main(["--auth", "teacher"]) == 2
+    assert "USER:PASS" in capsys.readouterr().err
+    assert launch.main(["--max-jobs", "0"]) == 2
+    assert "--max-jobs must be at least 1" in capsys.readouterr().err
+    args = launch.parse_args([])
+    assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
