@@ -35,7 +35,7 @@ class DataConfig:
     image_size: int | None = None     # None: what the model needs (native size with small-input stem)
     train_augment: list[dict] | None = None  # transforms spec; None: the tutorials' crop + flip
     normalize: str = "auto"           # auto: imagenet for pretrained weights, else tutorial [-1, 1]
-    batch_size: int = 64
+    batch_size: int = 32              # with lr 0.02 and cosine: 41 % on the sample in 20 epochs (~6 s)
     num_workers: int | str = "auto"   # "auto": the tutorials' rule, 0 on machines with <= 2 cores
     in_memory: str = "auto"           # hold small splits as one uint8 tensor (auto: when it fits)
 
@@ -54,12 +54,12 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     optimizer: str = "sgd"            # sgd | adam | adamw | rmsprop
-    lr: float = 0.01                  # backbone (and head, unless head_lr is set) learning rate
+    lr: float = 0.02                  # backbone (and head, unless head_lr is set) learning rate
     head_lr: float | None = None      # a separate learning rate for the classifier head
     momentum: float = 0.9             # SGD / RMSprop momentum (the tutorials use 0.9)
     nesterov: bool = False
     weight_decay: float = 5e-4        # not applied to biases and normalisation parameters
-    scheduler: str = "none"           # none | step | multistep | exponential | cosine | onecycle | plateau
+    scheduler: str = "cosine"         # none | step | multistep | exponential | cosine | onecycle | plateau
     step_size: int = 10               # StepLR: epochs between decays
     milestones: list[int] = field(default_factory=lambda: [30, 60])  # MultiStepLR epochs
     gamma: float = 0.1                # decay factor (Step, MultiStep, Exponential, Plateau)
@@ -75,7 +75,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    epochs: int = 5
+    epochs: int = 20                  # the tutorial net takes ~0.3 s an epoch on the sample (2 CPU cores)
     device: str = "auto"              # auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps
     precision: str = "fp32"           # fp32 | bf16 | fp16 (mixed precision; fp16 needs CUDA)
     seed: int = 0                     # Python, NumPy and torch seeds

@@ -191,7 +191,7 @@ def misclassified_images(record: RunRecord, limit: int = 24, data_dir: str | Pat
             ds = None
     out = []
     for _, r in rows.iterrows():
-        caption = f"true: {r['true']} → predicted: {r['predicted']} ({r['confidence']:.0%})"
+        caption = f"{r['true']} → {r['predicted']} {r['confidence']:.0%}"  # short: thumbnails are narrow
         path = files.get(str(r["sample"]))
         if path and Path(path).is_file():
             out.append((path, caption))

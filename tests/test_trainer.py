@@ -107,13 +107,16 @@ def test_every_scheduler_runs_and_changes_the_learning_rate(tmp_path, tiny_confi
         assert lrs[-1] < tiny_config.optim.lr, lrs   # rows hold the lr after each epoch's step
 
 
-def test_warmup_ramps_the_learning_rate(tmp_path, tiny_config):
+def test_warmup_ramps_the_learning_rate(tmp_path, tiny_config, monkeypatch):
+    monkeypatch.setattr("core.trainer.REPORT_EVERY_S", 0.0)   # report every batch, not 4 per second
     tiny_config.optim.warmup_epochs = 1
     seen, sink = _collect()
     fit(tiny_config, runs_dir=tmp_path, on_event=sink)
     first_epoch = [e.lr for e in seen if isinstance(e, ev.BatchEnded) and e.epoch == 1]
     later = [e.lr for e in seen if isinstance(e, ev.BatchEnded) and e.epoch == 2]
-    assert first_epoch[0] < tiny_config.optim.lr and later and later[-1] == pytest.approx(tiny_config.optim.lr)
+    assert first_epoch[0] == pytest.approx(tiny_config.optim.lr / len(first_epoch))   # step 1 of the ramp
+    assert first_epoch == sorted(first_epoch) and first_epoch[-1] == pytest.approx(tiny_config.optim.lr)
+    assert later and all(lr == pytest.approx(tiny_config.optim.lr) for lr in later)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop"])

@@ -253,7 +253,8 @@ def test_log_text_tells_the_story_of_the_run(finished_job):
     assert re.search(r"started on cpu: \d+ train / \d+ val / 30 test images, input 3×32×32", text)
     assert re.search(r"epoch 1/2: train loss \d\.\d{3}, train acc [\d.]+%, val loss", text)
     assert "epoch 2/2" in text and re.search(r"test accuracy [\d.]+%, macro F1", text)
-    assert lines[-1].split("  ", 1)[1].startswith("finished:")
+    assert lines[0].split("  ", 1)[1].startswith("finished:")       # newest first
+    assert lines[-1].split("  ", 1)[1].startswith("queued:")
     # BatchEnded events are not logged line by line (the plot shows them)
     assert not any(re.search(r"\bbatch \d+/\d+|BatchEnded", line) for line in lines)
     assert len(lines) == sum(1 for e in job.events if not isinstance(e, ev.BatchEnded)) + sum(

@@ -28,7 +28,7 @@ def build(ctx: AppContext) -> None:
             per_class = gr.Dataframe(pd.DataFrame(columns=PER_CLASS_HEADERS), label="Per-class metrics",
                                      interactive=False, elem_id="eval_per_class", wrap=True,
                                      column_widths=["28%", "22%", "16%", "15%", "19%"])  # no "precisi/on"
-    errors = gr.Gallery(label="Most confident mistakes", columns=8, height=320, elem_id="eval_errors",
+    errors = gr.Gallery(label="Most confident mistakes (true class → predicted class, confidence)", columns=8, height=320, elem_id="eval_errors",
                         object_fit="contain")
 
     @safe

@@ -22,7 +22,7 @@ def build(ctx: AppContext) -> None:
                 "step, not a rule of thumb; nothing is allocated.")
     with gr.Row():
         batch = gr.Slider(1, 1024, value=64, step=1, label="Batch size", elem_id="mem_batch")
-        optimizer = gr.Dropdown(OPTIMIZERS, value="sgd", label="Optimizer (SGD with momentum)", elem_id="mem_optimizer")
+        optimizer = gr.Dropdown(OPTIMIZERS, value="sgd", label="Optimizer", info="SGD with momentum 0.9 keeps 1 extra copy of the weights, Adam/AdamW 2", elem_id="mem_optimizer")
         precision = gr.Radio(["fp32", "bf16", "fp16"], value="fp32", label="Precision (mixed for bf16/fp16)",
                              elem_id="mem_precision")
         budget = gr.Dropdown([f"{g} GB" for g in memory.MEMORY_BUDGETS_GB], value="8 GB",
@@ -53,7 +53,8 @@ def build(ctx: AppContext) -> None:
         fits = f"**Largest batch for {budget_label}: {int(best):,}**" if int(best) else \
             f"**Nothing fits in {budget_label}**: {best.reason}"
         text = (f"{name}, {channels}×{size[0]}×{size[1]} input, batch {int(batch_size)}, {opt}, {prec}: "
-                f"training needs **{fmt_bytes(est.required_bytes)}**, inference "
+                f"training needs **{fmt_bytes(est.required_bytes)}** at its peak (the bars show what is held "
+                f"together at the end of the forward pass: {fmt_bytes(est.training_total_bytes)}), inference "
                 f"**{fmt_bytes(est.inference_total_bytes or 0)}** · {est.trainable_params:,} of "
                 f"{est.num_params:,} parameters trainable · {fits}. A GPU also needs its CUDA context and "
                 "library workspaces (0.3–1 GB) on top.")

@@ -77,7 +77,7 @@ def build(ctx: AppContext) -> None:
             progress = gr.HTML(_progress_html(None), elem_id="train_progress")
             curves = gr.Plot(None, label="Loss and accuracy",
                              elem_id="train_curves")
-            log = gr.Textbox(label="Log", lines=10, max_lines=14, interactive=False, autoscroll=True,
+            log = gr.Textbox(label="Log (newest first)", lines=10, max_lines=14, interactive=False,
                              elem_id="train_log", elem_classes="lab-log")
     timer = gr.Timer(POLL_S, active=False)
     ctx.shared["train_timer"] = timer
@@ -282,4 +282,4 @@ def _log_text(events: list) -> str:
                          + (f", top-5 {e.top5_accuracy:.1%}" if e.top5_accuracy is not None else ""))
         elif isinstance(e, ev.RunFinished):
             lines.append(f"{t}  {e.status}: {e.message}")
-    return "\n".join(lines)
+    return "\n".join(reversed(lines))  # newest first: the box shows its top, not its end
