@@ -31,50 +31,12 @@ from core.memory import (
 
 MiB = 1 << 20
 
-try:  # the zoo, when it is there; the tutorial Net is copied below otherwise
-    from core import models as zoo
-except Exception:  # noqa: BLE001
-    zoo = None
+from core import models as zoo
 
 
-class TutorialNet(nn.Module):
-    """The PyTorch CIFAR-10 tutorial's Net (used only if core.models is unavailable)."""
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
-        self.pool = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, num_classes)
-
-    def forward(self, x):
-        x = self.pool(torch.relu(self.conv1(x)))
-        x = self.pool(torch.relu(self.conv2(x)))
-        x = torch.flatten(x, 1)
-        x = torch.relu(self.fc1(x))
-        x = torch.relu(self.fc2(x))
-        return self.fc3(x)
-
-
-def factory(name: str, num_classes: int = 10, input_size: int = 32, freeze: str = "none"):
-    """A zero-argument model factory: core.models when present, else torchvision / the local Net."""
-    if zoo is not None:
-        return ZooFactory(name, num_classes, input_size=input_size, freeze=freeze)
-    if name == "tutorial_net":
-        return lambda: TutorialNet(num_classes)
-
-    def build():
-        model = getattr(torchvision.models, name)(num_classes=num_classes)
-        if freeze == "features":
-            head = model.fc if hasattr(model, "fc") else model.classifier[-1]
-            for p in model.parameters():
-                p.requires_grad_(False)
-            for p in head.parameters():
-                p.requires_grad_(True)
-        return model
-    return build
+def factory(name: str, num_classes: int = 10, input_size: int = 32, freeze: str = "none") -> ZooFactory:
+    """A zero-argument model factory for a zoo entry (also the estimate cache key)."""
+    return ZooFactory(name, num_classes, input_size=input_size, freeze=freeze)
 
 
 def real_model(name: str, **kw) -> nn.Module:
@@ -346,8 +308,6 @@ def test_table_and_dict():
 
 
 def test_zoo_factory_results_are_cached():
-    if zoo is None:
-        pytest.skip("core.models not available")
     clear_cache()
     f = ZooFactory("resnet18", 10)
     a = estimate_memory(f, (3, 32, 32), 4, simulate_step=False)
@@ -390,7 +350,7 @@ def test_bad_budget(budget):
 
 def test_bad_factory_and_impossible_input():
     with pytest.raises(ConfigError, match="zero-argument"):
-        estimate_memory(TutorialNet(), (3, 32, 32), 2)
+        estimate_memory(zoo.TutorialNet(), (3, 32, 32), 2)   # a model, not a factory
     with pytest.raises(ConfigError, match="nn.Module"):
         estimate_memory(lambda: 42, (3, 32, 32), 2)
 

@@ -239,22 +239,10 @@ def _as_fraction(acc: pd.Series) -> pd.Series:
     return acc / 100.0 if acc.max(skipna=True) > 1.0 else acc
 
 
-def training_curves(history: pd.DataFrame | None, x: str = "epoch",
-                    title: str = "Training curves") -> go.Figure:
-    """Loss (left) and accuracy (right) per split, one colour per split in both panels.
-
-    Args:
-        history: long format, one row per (x, split) with columns ``[x, split, loss, accuracy]``
-            (split "train"/"val"/"test"); a wide frame (``train_loss, val_accuracy``...) works too.
-            Accuracy as a fraction 0..1 (a percent column is recognised and converted).
-        x: the x column, "epoch" or "step".
-    """
-    if _is_empty(history):
-        return empty_figure(NO_DATA, title)
-    df = _long_history(history)
-    xcol = _x_column(df, x)
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12)
-    acc_values = []
+def _add_split_traces(fig: go.Figure, df: pd.DataFrame, xcol: str, acc_values: list, *, name_suffix: str = "",
+                      always_markers: bool = False, marker_size: int = 7) -> None:
+    """Loss (left) and accuracy (right) traces per split of a long history, one colour per split in
+    both panels; appends the plotted accuracies to ``acc_values`` (for the accuracy axis range)."""
     for i, split in enumerate(_splits(df)):
         part = df[df["split"].astype(str) == split].sort_values(xcol)
         color = _split_color(split, i)
@@ -271,12 +259,31 @@ def training_curves(history: pd.DataFrame | None, x: str = "epoch",
                 acc_values.append(ys)
             fmt = ".4f" if metric == "loss" else ".2%"
             fig.add_trace(go.Scatter(
-                x=xs, y=ys, name=split, legendgroup=split, showlegend=not shown,
-                mode="lines+markers" if len(xs) <= MARKER_MAX_POINTS else "lines",
-                line=dict(color=color, width=2.5), marker=dict(color=color, size=7),
+                x=xs, y=ys, name=f"{split}{name_suffix}", legendgroup=split, showlegend=not shown,
+                mode="lines+markers" if always_markers or len(xs) <= MARKER_MAX_POINTS else "lines",
+                line=dict(color=color, width=2.5), marker=dict(color=color, size=marker_size),
                 hovertemplate=f"{split} · {xcol} %{{x}}<br>{metric} %{{y:{fmt}}}<extra></extra>",
             ), row=1, col=col)
             shown = True
+
+
+def training_curves(history: pd.DataFrame | None, x: str = "epoch",
+                    title: str = "Training curves") -> go.Figure:
+    """Loss (left) and accuracy (right) per split, one colour per split in both panels.
+
+    Args:
+        history: long format, one row per (x, split) with columns ``[x, split, loss, accuracy]``
+            (split "train"/"val"/"test"); a wide frame (``train_loss, val_accuracy``...) works too.
+            Accuracy as a fraction 0..1 (a percent column is recognised and converted).
+        x: the x column, "epoch" or "step".
+    """
+    if _is_empty(history):
+        return empty_figure(NO_DATA, title)
+    df = _long_history(history)
+    xcol = _x_column(df, x)
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12)
+    acc_values: list = []
+    _add_split_traces(fig, df, xcol, acc_values)
     if not fig.data:
         return empty_figure(NO_DATA, title)
     fig.update_xaxes(title_text=xcol)
@@ -324,28 +331,8 @@ def live_curves(step_df: pd.DataFrame | None, epoch_df: pd.DataFrame | None,
     if has_epochs:
         df = _long_history(epoch_df)
         ecol = _x_column(df, "epoch")
-        for i, split in enumerate(_splits(df)):
-            part = df[df["split"].astype(str) == split].sort_values(ecol)
-            color = _split_color(split, i)
-            shown = False
-            for col, metric in ((1, "loss"), (2, "accuracy")):
-                if metric not in part.columns:
-                    continue
-                y = part[metric] if metric == "loss" else _as_fraction(part[metric])
-                keep = y.notna().to_numpy()
-                if not keep.any():
-                    continue
-                ys = y.to_numpy(dtype=float)[keep]
-                if metric == "accuracy":
-                    acc_values.append(ys)
-                fmt = ".4f" if metric == "loss" else ".2%"
-                fig.add_trace(go.Scatter(
-                    x=part[ecol].to_numpy()[keep], y=ys, name=f"{split} (per epoch)",
-                    legendgroup=split, showlegend=not shown, mode="lines+markers",
-                    line=dict(color=color, width=2.5), marker=dict(color=color, size=8),
-                    hovertemplate=f"{split} · epoch %{{x}}<br>{metric} %{{y:{fmt}}}<extra></extra>",
-                ), row=1, col=col)
-                shown = True
+        _add_split_traces(fig, df, ecol, acc_values, name_suffix=" (per epoch)", always_markers=True,
+                          marker_size=8)
     if not fig.data:
         return empty_figure(NO_DATA, title)
     fig.update_xaxes(title_text="epoch", rangemode="tozero")
