@@ -507,6 +507,7 @@ def fit(config: RunConfig, on_event: EventSink | None = None, should_stop: StopF
                 save_checkpoint(run_dir / LAST_CKPT, checkpoint_state(epoch - 1, stats["stopped_at"]))
                 raise _StopRequested
             skip_batches = 0
+            lr_used = optimizer.param_groups[0]["lr"]   # the epoch's rate, before the scheduler moves it
             val = evaluate(model, prep.val_loader, eval_loss_fn, device, config.precision) if prep.val_loader else None
             if scheduler is not None and not per_batch:
                 if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -524,7 +525,7 @@ def fit(config: RunConfig, on_event: EventSink | None = None, should_stop: StopF
             epoch_times.append(stats["seconds"])
             row = {"epoch": epoch, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
                    "val_loss": val["loss"] if val else None, "val_accuracy": val["accuracy"] if val else None,
-                   "lr": optimizer.param_groups[0]["lr"], "seconds": stats["seconds"],
+                   "lr": lr_used, "seconds": stats["seconds"],
                    "images_per_sec": stats["images"] / max(stats["seconds"], 1e-9)}
             history.append(row)
             epochs_done = epoch

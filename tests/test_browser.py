@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from core.config import DataConfig
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -130,7 +132,7 @@ def test_student_flow_in_the_browser(page):
     expect(pg.locator("#mem_breakdown .js-plotly-plot")).to_be_visible(timeout=30_000)
     shot(pg, "03-memory")
 
-    # 3. Train: 6 epochs, batch 64, on the sample; the curves redraw while it trains (the page polls
+    # 3. Train: 6 epochs at the default batch size, on the sample; the curves redraw while it trains (the page polls
     #    every second; an epoch of 1,750 images takes 0.5 s on an idle 2-core machine, up to ~8 s on a
     #    busy one, so fewer epochs can finish between two polls).
     open_tab(pg, "Train")
@@ -138,7 +140,7 @@ def test_student_flow_in_the_browser(page):
     epochs.fill("6")
     epochs.press("Enter")
     expect(pg.locator("#epochs input[type=range]")).to_have_value("6")
-    expect(pg.locator("#batch_size input")).to_have_value("64")
+    expect(pg.locator("#batch_size input")).to_have_value(str(DataConfig().batch_size))  # the engine's default
     pg.locator("#start_btn").click()
     status = pg.locator("#train_status textarea")
     expect(status).to_have_value(re.compile(r"^(Starting|Training|Queued)"), timeout=20_000)

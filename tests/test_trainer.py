@@ -103,8 +103,10 @@ def test_every_scheduler_runs_and_changes_the_learning_rate(tmp_path, tiny_confi
     result = fit(tiny_config, runs_dir=tmp_path)
     assert result.status == ev.FINISHED, result.message
     lrs = [row["lr"] for row in result.history]
+    if scheduler != "onecycle":   # rows hold the rate each epoch trained at: epoch 1 at the set rate
+        assert lrs[0] == pytest.approx(tiny_config.optim.lr), lrs
     if scheduler != "plateau":  # plateau only decays after 'patience' bad epochs
-        assert lrs[-1] < tiny_config.optim.lr, lrs   # rows hold the lr after each epoch's step
+        assert lrs[-1] < tiny_config.optim.lr, lrs
 
 
 def test_warmup_ramps_the_learning_rate(tmp_path, tiny_config, monkeypatch):
