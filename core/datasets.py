@@ -71,6 +71,11 @@ MAX_ZIP_TOTAL_BYTES = 2 * 1024**3
 MAX_ZIP_ENTRIES = 200_000
 MAX_COMPRESSION_RATIO = 100  # JPEG/PNG barely compress; 100:1 is zeros or text, i.e. a zip bomb
 RATIO_CHECK_MIN_BYTES = 1 << 20  # a small entry cannot be a bomb whatever its ratio
+# Many small entries can be a bomb together (20,000 zero files of 1 MiB − 1 deflate to ~25 MB and
+# unpack to 20 GB): the same ratio applies to the whole archive once it unpacks to more than this.
+ARCHIVE_RATIO_CHECK_MIN_BYTES = 16 << 20
+# The largest file a torchvision set unpacks from a placed .gz (MNIST's train-images: 47 MB raw).
+MAX_GZ_UNPACKED_BYTES = 256 << 20
 
 # Torchvision sets: checked against the official MD5 sums unless turned off (custom subsets saved in
 # the official on-disk format, and the test suite, use the unverified path).
@@ -520,7 +525,7 @@ def check_zip(zf: zipfile.ZipFile, label: str) -> list[tuple[zipfile.ZipInfo, li
     if len(infos) > MAX_ZIP_ENTRIES:
         raise DataError(f"Archive {label} has {len(infos):,} entries, more than the limit of {MAX_ZIP_ENTRIES:,}. "
                         f"Upload a smaller dataset, or unzip it yourself and load the folder.")
-    members, total = [], 0
+    members, total, packed = [], 0, 0
     for info in infos:
         parts = _zip_parts(info.filename, label)
         if stat_is_link(info):
@@ -538,7 +543,13 @@ def check_zip(zf: zipfile.ZipFile, label: str) -> list[tuple[zipfile.ZipInfo, li
                 f"{info.file_size:,} bytes), above the {MAX_COMPRESSION_RATIO}:1 limit; it looks like a zip bomb "
                 f"and the archive was rejected. Images do not compress like that: check the archive.")
         total += info.file_size
+        packed += info.compress_size
         members.append((info, parts))
+    if total >= ARCHIVE_RATIO_CHECK_MIN_BYTES and total > MAX_COMPRESSION_RATIO * max(packed, 1):
+        raise DataError(
+            f"Archive {label} expands {total / max(packed, 1):,.0f}:1 in all ({packed:,} → {total:,} bytes over "
+            f"{len(members):,} files), above the {MAX_COMPRESSION_RATIO}:1 limit; it looks like a zip bomb and the "
+            f"archive was rejected. Images do not compress like that: check the archive.")
     if total > MAX_ZIP_TOTAL_BYTES:
         raise DataError(f"Archive {label} would unpack to {total / 1e9:,.2f} GB, more than the limit of "
                         f"{MAX_ZIP_TOTAL_BYTES / 1e9:,.2f} GB. Upload a smaller dataset, or unzip it yourself "
@@ -786,15 +797,6 @@ def _tv_lookup(location: str | None) -> _TvSet:
     raise ConfigError(f"Unknown torchvision dataset {location!r}. Choose one of: {', '.join(TORCHVISION_SETS)}.")
 
 
-def torchvision_folder(location: str, data_dir: str | os.PathLike = DEFAULT_DATA_DIR) -> Path:
-    """The folder where the files of a torchvision set live (and must be placed when offline)."""
-    s = _tv_lookup(location)
-    cls = _tv_class(s, verify=True)
-    if s.family == "cifar":
-        return Path(data_dir) / s.name / cls.base_folder
-    return Path(data_dir) / s.name / "raw"
-
-
 def _tv_class(s: _TvSet, verify: bool):
     import torchvision.datasets as tvd
 
@@ -858,7 +860,14 @@ def _prepare_placed_files(s: _TvSet, data_dir: Path) -> None:
         tmp = Path(name)
         try:
             with gzip.open(gz, "rb") as src, os.fdopen(fd, "wb") as out:
-                shutil.copyfileobj(src, out)
+                written = 0
+                while chunk := src.read(1 << 20):
+                    written += len(chunk)
+                    if written > MAX_GZ_UNPACKED_BYTES:  # a gzip bomb placed under the right name
+                        raise DataError(f"{gz} unpacks to more than {MAX_GZ_UNPACKED_BYTES >> 20} MiB, far more "
+                                        f"than the real {s.name} file; it is not the official file. Delete it and "
+                                        f"download it again from {_tv_expected(s, data_dir)[3]}.")
+                    out.write(chunk)
             os.replace(tmp, target)
         except (OSError, EOFError) as e:
             raise DataError(f"{gz} cannot be decompressed ({e}). Delete it and place the file again.") from None

@@ -317,6 +317,19 @@ def test_zip_bomb_ratio_rejected(tmp_path, sample_zip):
     assert "cat/zeros.jpg" in str(e.value) and "100:1" in str(e.value)
 
 
+def test_zip_bomb_of_many_small_entries_rejected(tmp_path, sample_zip):
+    """Each entry stays under the per-entry check (1 MiB), the archive as a whole is a bomb."""
+    entries = {f"cat/zeros{k:02d}.jpg": bytes((1 << 20) - 1) for k in range(20)}
+    z = _zip(tmp_path / "many.zip", entries, sample_zip)
+    assert z.stat().st_size < 200_000
+    dest = tmp_path / "data"
+    with pytest.raises(DataError, match=r"zip bomb") as e:
+        D.load_dataset("zip", z, data_dir=dest)
+    assert "many.zip" in str(e.value) and "in all" in str(e.value) and "100:1" in str(e.value)
+    written = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file()) if dest.exists() else 0
+    assert written == 0   # rejected before anything was unpacked
+
+
 def test_zip_total_size_and_entry_limits(tmp_path, sample_zip, monkeypatch):
     z = _zip(tmp_path / "big.zip", {}, sample_zip)
     monkeypatch.setattr(D, "MAX_ZIP_TOTAL_BYTES", 1000)

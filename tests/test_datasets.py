@@ -375,6 +375,9 @@ def test_preview_seeded(sample):
 def test_preview_per_class(sample):
     p = D.preview_samples(sample, per_class=2, seed=0)
     assert [cap for _, cap in p] == [c for c in CLASSES for _ in range(2)]
+    same, other = D.preview_samples(sample, per_class=2, seed=0), D.preview_samples(sample, per_class=2, seed=1)
+    assert [im.tobytes() for im, _ in p] == [im.tobytes() for im, _ in same]    # seeded
+    assert [im.tobytes() for im, _ in p] != [im.tobytes() for im, _ in other]   # reshuffle shows others
     assert len(D.preview_samples(sample, n=40)) == 40
 
 
@@ -521,6 +524,18 @@ def test_mnist_family_raw_idx_files(tmp_path, sample_zip, name, gz):
     assert ds.describe(8) == f"{ds.name} test #2"
 
 
+def test_placed_gzip_bomb_is_refused(tmp_path, monkeypatch):
+    """A .gz placed under MNIST's name that unpacks far beyond the real file is not unpacked."""
+    monkeypatch.setattr(D, "MAX_GZ_UNPACKED_BYTES", 4 << 20)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(bytes(8 << 20)))
+    with pytest.raises(DataError, match=r"unpacks to more than 4 MiB") as e:
+        D.load_dataset("torchvision", "MNIST", data_dir=tmp_path, download=False)
+    assert "train-images-idx3-ubyte.gz" in str(e.value) and "not the official file" in str(e.value)
+    assert sorted(p.name for p in raw.iterdir()) == ["train-images-idx3-ubyte.gz"]   # no partial file left
+
+
 def test_mnist_inconsistent_files(tmp_path, sample_zip):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
@@ -532,15 +547,26 @@ def test_mnist_inconsistent_files(tmp_path, sample_zip):
         D.load_dataset("torchvision", "MNIST", data_dir=tmp_path, download=False)
 
 
-def test_missing_files_message_cifar(tmp_path):
+@pytest.mark.parametrize("name,archive,inner,meta", [
+    ("CIFAR10", "cifar-10-python.tar.gz", "cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/batches.meta"),
+    ("CIFAR100", "cifar-100-python.tar.gz", "cifar-100-python/train", "cifar-100-python/meta")])
+def test_missing_files_message_cifar(tmp_path, name, archive, inner, meta):
     with pytest.raises(MissingFileError) as e:
-        D.load_dataset("torchvision", "CIFAR10", data_dir=tmp_path, download=False)
+        D.load_dataset("torchvision", name, data_dir=tmp_path, download=False)
     msg = str(e.value)
-    assert "cifar-10-python.tar.gz" in msg and str(tmp_path / "CIFAR10") in msg
+    assert archive in msg and str(tmp_path / name) in msg
     assert "download is turned off" in msg
-    assert e.value.folder == str(tmp_path / "CIFAR10")
-    assert "cifar-10-batches-py/data_batch_1" in e.value.files and "cifar-10-python.tar.gz" in e.value.files
-    assert "cifar-10-batches-py/batches.meta" in e.value.files
+    assert e.value.folder == str(tmp_path / name)
+    assert inner in e.value.files and archive in e.value.files and meta in e.value.files
+
+
+def test_missing_files_message_fashion_mnist_names_the_gz_files(tmp_path):
+    with pytest.raises(MissingFileError) as e:
+        D.load_dataset("torchvision", "FashionMNIST", data_dir=tmp_path, download=False)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    assert e.value.folder == str(raw) and str(raw) in str(e.value)
+    for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        assert f in e.value.files and f"{f}.gz" in str(e.value)
 
 
 def test_missing_files_message_mnist_lists_only_missing(tmp_path, sample_zip):
