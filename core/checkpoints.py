@@ -2,7 +2,10 @@
 
 Contents: model/optimizer/scheduler/scaler state, epochs completed, the run configuration, class
 names, the eval transform (as data, see ``core.transforms.transform_state``), RNG states and the
-metric history. Nothing in it needs this project to load: ``torch.load(path, weights_only=True)``
+metric history. A checkpoint written by a stop in the middle of an epoch also has
+``batches_done`` > 0 and ``partial_epoch``: the epoch's running loss/accuracy sums and, when the stop
+cut a gradient-accumulation group, that group's gradients so far; its RNG states are those from
+before the next batch was fetched. Together they let a resumed run continue exactly. Nothing in it needs this project to load: ``torch.load(path, weights_only=True)``
 gives the dict, and ``ckpt["model"]`` is a state_dict for the torchvision architecture named in
 ``ckpt["model_name"]`` (see README, "Using a checkpoint without the lab").
 """

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,8 +132,16 @@ class RunConfig:
 
     # ---- validation ----------------------------------------------------------------------
     def validate(self) -> "RunConfig":
-        """Check ranges and choices; raise ConfigError naming the field and what is allowed."""
+        """Check types, ranges and choices; raise ConfigError naming the field and what is allowed.
+
+        Also run on configurations built in Python (not only through ``from_dict``), so every
+        field's type is checked here too: a wrong type must give this message, not a TypeError
+        from a comparison further down.
+        """
         d, m, o = self.data, self.model, self.optim
+        for section, prefix in ((d, "data."), (m, "model."), (o, "optim."), (self, "")):
+            for f in dataclasses.fields(section):
+                _coerce(prefix + f.name, f, getattr(section, f.name))
         _choice("data.source", d.source, SOURCES)
         if d.source != "sample" and not d.location:
             raise ConfigError(f"data.location is needed for the {d.source!r} source "
@@ -144,9 +154,12 @@ class RunConfig:
             raise ConfigError("data.val_fraction + data.test_fraction must leave images to train on "
                               f"(sum < 1), got {d.val_fraction + d.test_fraction:.2f}.")
         if d.image_size is not None and d.image_size < 8:
-            raise ConfigError(f"data.image_size must be at least 8 pixels, got {d.image_size}.")
+            raise ConfigError(f"data.image_size must be empty (the model's own size) or a whole number "
+                              f"of at least 8 pixels, got {d.image_size}.")
+        _check_augment(d.train_augment)
         _positive_int("data.batch_size", d.batch_size)
-        if not (d.num_workers == "auto" or (isinstance(d.num_workers, int) and d.num_workers >= 0)):
+        if not (d.num_workers == "auto" or (isinstance(d.num_workers, int) and not isinstance(d.num_workers, bool)
+                                            and d.num_workers >= 0)):
             raise ConfigError(f"data.num_workers must be 'auto' or an integer >= 0, got {d.num_workers!r}.")
         _choice("data.normalize", d.normalize, NORMALIZE_CHOICES)
         _choice("data.in_memory", d.in_memory, IN_MEMORY_CHOICES)
@@ -158,7 +171,7 @@ class RunConfig:
         for name in ("lr",) + (("head_lr",) if o.head_lr is not None else ()):
             value = getattr(o, name)
             if not value > 0:
-                raise ConfigError(f"optim.{name} must be > 0, got {value}.")
+                raise ConfigError(f"optim.{name} must be a number > 0, got {value}.")
         if not 0.0 <= o.momentum < 1.0:
             raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}.")
         if o.weight_decay < 0:
@@ -168,17 +181,21 @@ class RunConfig:
         if not 0.0 < o.gamma <= 1.0:
             raise ConfigError(f"optim.gamma must be in (0, 1], got {o.gamma}.")
         _positive_int("optim.step_size", o.step_size)
+        if not isinstance(o.milestones, list) or any(isinstance(e, bool) or not isinstance(e, int) or e < 1
+                                                     for e in o.milestones):
+            raise ConfigError(f"optim.milestones must be a list of epoch numbers (whole numbers >= 1), "
+                              f"e.g. [30, 60]; got {o.milestones!r}.")
         _positive_int("optim.accumulation_steps", o.accumulation_steps)
         if o.warmup_epochs < 0:
             raise ConfigError(f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}.")
         if o.grad_clip is not None and not o.grad_clip > 0:
             raise ConfigError(f"optim.grad_clip must be > 0 or empty, got {o.grad_clip}.")
-        if isinstance(o.class_weights, str) and o.class_weights != "balanced":
-            raise ConfigError(f"optim.class_weights must be empty, 'balanced' or a list of numbers, "
-                              f"got {o.class_weights!r}.")
-        if isinstance(o.class_weights, list) and any(not w >= 0 for w in o.class_weights):
-            raise ConfigError("optim.class_weights must all be >= 0.")
+        _check_class_weights(o.class_weights)
         _positive_int("epochs", self.epochs)
+        if o.warmup_epochs >= self.epochs:
+            # the warm-up would take the whole run: the schedule would never start
+            raise ConfigError(f"optim.warmup_epochs must be less than epochs ({self.epochs}), "
+                              f"got {o.warmup_epochs}.")
         _choice("precision", self.precision, PRECISIONS)
         _choice("monitor", self.monitor, MONITORS)
         if self.early_stopping_patience is not None:
@@ -203,25 +220,71 @@ def _build(cls, raw: dict, prefix: str, extra: dict | None = None):
     return cls(**kwargs)
 
 
+# What a text field holds, for the type error message.
+_TEXT_HINTS = {
+    "data.location": "a torchvision set name, or a folder, .zip or index-file path",
+    "model.name": "a model name such as 'tutorial_net'; python -m core.train --list-models lists them",
+    "device": DEVICES_HINT,
+}
+
+
 def _coerce(label: str, f: dataclasses.Field, value: Any) -> Any:
-    """Light type checking for JSON values: ints for int fields, numbers for float fields."""
-    default = f.default if f.default is not dataclasses.MISSING else None
-    if isinstance(default, bool):
+    """Type checking by the field's annotation (a string here, see the __future__ import): true/false
+    for bool, finite numbers for float (ints become floats), whole numbers for int (whole floats
+    such as 3.0 become ints), text for str; None only where the annotation allows it. Fields of
+    other types (lists, num_workers, class_weights) are checked in ``validate``."""
+    kind = f.type
+    optional = kind.endswith("| None")
+    if value is None and optional:
+        return None
+    empty = " or empty" if optional else ""
+    if kind == "bool":
         if not isinstance(value, bool):
             raise ConfigError(f"{label} must be true or false, got {value!r}.")
-    elif isinstance(default, float) or (f.type in ("float", "float | None") and value is not None):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{label} must be a number, got {value!r}.")
-        value = float(value)
-    elif isinstance(default, int) and f.type == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
+    elif kind in ("float", "float | None"):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"{label} must be a number{empty}, got {value!r}.")
+        if not math.isfinite(value):
+            raise ConfigError(f"{label} must be a finite number{empty}, got {value!r}.")
+        return float(value)
+    elif kind in ("int", "int | None"):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"{label} must be a whole number, got {value!r}.")
-    elif isinstance(default, str) and f.type == "str":
+            raise ConfigError(f"{label} must be a whole number{empty}, got {value!r}.")
+        return int(value)
+    elif kind in ("str", "str | None"):
         if not isinstance(value, str):
-            raise ConfigError(f"{label} must be text, got {value!r}.")
+            hint = f" ({_TEXT_HINTS[label]})" if label in _TEXT_HINTS else ""
+            raise ConfigError(f"{label} must be text{hint}{empty}, got {value!r}.")
     return value
+
+
+def _check_augment(spec: Any) -> None:
+    """The shape of data.train_augment; step names and parameters are checked when the transform is
+    built (core.transforms), which knows them."""
+    example = '[{"name": "RandomHorizontalFlip", "params": {"p": 0.5}}]'
+    if spec is None:
+        return
+    if not isinstance(spec, list):
+        raise ConfigError(f"data.train_augment must be a list of transform steps such as {example}, "
+                          f"or empty for the default augmentation; got {spec!r}.")
+    for k, step in enumerate(spec, start=1):
+        if not (isinstance(step, dict) and isinstance(step.get("name"), str)
+                and isinstance(step.get("params", {}), dict)):
+            raise ConfigError(f"data.train_augment step {k} must be an object with a \"name\" (text) and "
+                              f"optional \"params\" (an object), as in {example}; got {step!r}.")
+
+
+def _check_class_weights(cw: Any) -> None:
+    allowed = "empty, 'balanced' (inverse class frequency) or a list of numbers >= 0, one per class"
+    if cw is None or cw == "balanced":
+        return
+    if not isinstance(cw, list):
+        raise ConfigError(f"optim.class_weights must be {allowed}; got {cw!r}.")
+    for w in cw:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0:
+            raise ConfigError(f"optim.class_weights must be {allowed}; got {cw!r} ({w!r} is not a number >= 0).")
 
 
 def _choice(label: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true", default=None, help="start from ImageNet weights")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="set any field, e.g. optim.momentum=0.8 (value parsed as JSON when it can be)")
-    p.add_argument("--resume", help="continue a run from its last.pth")
+    p.add_argument("--resume", help="continue a run from its last.pth; with --epochs N a different length, "
+                                    "cosine and onecycle schedules are re-planned over the epochs that remain")
     p.add_argument("--runs-dir", default=str(DEFAULT_RUNS_DIR), help="where run folders go (default runs/)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="dataset cache folder (default data/)")
     p.add_argument("--print-config", action="store_true", help="print the resulting configuration and exit")

@@ -7,14 +7,21 @@ job manager (core.jobs) runs it in a background thread.
 
 Reproducibility: each epoch's order and augmentation depend only on (seed, epoch), and RNG states
 are checkpointed, so "2 epochs in one go" and "1 epoch, stop, resume 1 epoch" give the same weights
-on the CPU (tests/test_trainer.py checks it).
+on the CPU (tests/test_trainer.py checks it) — also when the stop comes in the middle of an epoch
+or of a gradient-accumulation group: the RNG state is taken before the next batch is fetched and
+the checkpoint keeps the unfinished group's gradients. One exception: DataLoader worker processes
+(num_workers > 0; "auto" gives 0 on machines with 2 cores or fewer) augment with their own RNGs,
+seeded when they start, which a checkpoint cannot hold, so a resumed run's augmentation differs
+there; the in-memory path and num_workers=0 resume exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
+import threading
 import time
 import traceback
 import uuid
@@ -241,6 +248,79 @@ def build_scheduler(optimizer, config: RunConfig, steps_per_epoch: int):
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=steps), True
 
 
+def resume_scheduler(scheduler, optimizer, config: RunConfig, saved: dict | None, *, saved_kind: str,
+                     saved_epochs: int, epochs_done: int, batches_done: int, steps_per_epoch: int):
+    """The scheduler a resumed run continues with (call after loading the optimizer's state).
+
+    Same epoch count as the checkpoint's: its saved state, unchanged, so the resume is exact.
+    A new count (``--resume runs/<id>/last.pth --epochs N``): step, multistep, exponential and
+    plateau do not depend on it and also continue unchanged; cosine and OneCycle were planned for
+    the old horizon (OneCycle fails once its steps run out, cosine climbs back up past its end), so
+    the rest of the run is re-planned over the steps that remain, from where the rate is now
+    (``_replan_cosine``, ``_replan_onecycle``). A different scheduler than the checkpoint's starts
+    its own plan afresh (the saved state belongs to another kind).
+    """
+    kind = config.optim.scheduler
+    if scheduler is None or not saved or saved_kind != kind:
+        return scheduler
+    if saved_epochs == config.epochs or kind not in ("cosine", "onecycle") or config.epochs <= epochs_done:
+        scheduler.load_state_dict(saved)
+        return scheduler
+    if saved["last_epoch"] <= 0:
+        # The old plan had not started (still warming up): the fresh one for the new horizon,
+        # built from the configuration, is exactly what the run would have had.
+        return scheduler
+    # What remains is counted from the run's epochs and batches, not from the saved plan's step
+    # count: after an earlier re-plan those are no longer the run's steps.
+    if kind == "cosine":   # stepped once per epoch after the warm-up; every remaining epoch is past it
+        return _replan_cosine(optimizer, saved, remaining=config.epochs - epochs_done)
+    accumulation = config.optim.accumulation_steps
+    per_epoch = math.ceil(steps_per_epoch / accumulation)
+    remaining = per_epoch * (config.epochs - epochs_done) - batches_done // accumulation
+    return _replan_onecycle(scheduler, optimizer, saved, remaining=max(1, remaining))
+
+
+def _replan_cosine(optimizer, saved: dict, remaining: int):
+    """Cosine over ``remaining`` more epochs that starts at the current rate and keeps the shape of
+    the old plan: the new plan has the same fraction done (rounded up) and exactly ``remaining``
+    epochs left, and CosineAnnealingLR, built "resuming", scales the rest of its curve from the
+    current rate — so the rate goes on falling and never jumps back up. A plan that had already
+    reached its end sits at its floor (0), which would leave nothing to train: it goes on from the
+    rate its last epoch trained at instead."""
+    planned, done, eta_min = saved["T_max"], saved["last_epoch"], saved["eta_min"]
+    if done >= planned:
+        done = planned - 1
+        for group, base in zip(optimizer.param_groups, saved["base_lrs"]):
+            group["lr"] = eta_min + (base - eta_min) * (1 + math.cos(math.pi * done / planned)) / 2
+    total = -(-remaining * planned // (planned - done))   # integers: a float quotient can round 98 up to 99
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=eta_min,
+                                                      last_epoch=total - remaining - 1)
+
+
+def _replan_onecycle(scheduler, optimizer, saved: dict, remaining: int):
+    """OneCycle over ``remaining`` more optimiser steps. Mid-cycle, what is left of the cycle is
+    stretched (or squeezed) over them: the new plan's annealing ends on the run's last step, as the
+    old one did, and the steps left to that end are scaled by one factor, which keeps the rate (and
+    the cycled momentum) where it is, up to rounding that is taken towards the lower rate. A cycle
+    that has already ended (its rate at the floor, ~1/250,000 of the peak) starts a new cycle over
+    the added steps, as fitting "one more cycle" does; it keeps the same peak rate."""
+    planned, done = saved["total_steps"], saved["last_epoch"]
+    max_lrs = [g["max_lr"] for g in optimizer.param_groups]
+    if done >= planned - 1:
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=remaining)
+    if remaining == 1:   # nothing to stretch: the old plan's next step
+        scheduler.load_state_dict(saved)
+        return scheduler
+    # The annealing ends at step total-1. The old plan has planned-1-done steps left to its end, the
+    # new one remaining-1: scale the plan by their ratio (rounded up: a little further along, a
+    # slightly lower rate), and resume it `remaining` steps before its end. Built "resuming"
+    # (last_epoch >= 0), OneCycleLR keeps the bounds (initial, peak and floor rate, momentum range)
+    # that the optimiser's state brought from the checkpoint.
+    total = max(remaining, -(-(remaining - 1) * planned // (planned - 1 - done)))
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total,
+                                               last_epoch=total - remaining - 1)
+
+
 def class_weights_for(config: RunConfig, targets: Sequence[int], num_classes: int) -> torch.Tensor | None:
     cw = config.optim.class_weights
     if cw is None:
@@ -271,32 +351,58 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _num_samples(loader) -> int:
+    if isinstance(loader, tensorloader.TensorLoader):
+        return loader.num_samples()
+    return len(loader.dataset)
+
+
 def train_one_epoch(model, loader, optimizer, loss_fn, device, *, epoch: int, epochs: int, config: RunConfig,
                     scaler=None, scheduler=None, per_batch_scheduler=False, warmup_steps=0,
-                    step_offset=0, skip_batches=0, emit: EventSink = lambda e: None,
-                    should_stop: StopFlag = lambda: False, model_name: str = "") -> dict:
-    """Train for one epoch; return {'loss', 'accuracy', 'images', 'seconds', 'stopped_at'}.
+                    step_offset=0, skip_batches=0, resume_partial: dict | None = None,
+                    emit: EventSink = lambda e: None, should_stop: StopFlag = lambda: False,
+                    model_name: str = "") -> dict:
+    """Train for one epoch; return {'loss', 'accuracy', 'images', 'seconds', 'stopped_at', 'partial'}.
 
-    ``stopped_at`` is the number of batches done when a stop was requested (None when the epoch
-    finished). Warm-up scales the learning rate linearly over the first ``warmup_steps`` batches.
+    A stop request is checked before each batch is fetched, not after: on the DataLoader path the
+    augmentation of a batch draws from the global RNG as the batch is fetched, so the RNG state a
+    checkpoint keeps must be the one from before that fetch for a resumed epoch to see exactly the
+    batches of an uninterrupted one. On a stop, ``stopped_at`` is the number of batches done and
+    ``partial`` holds what continuing the epoch exactly needs: that RNG state, the running loss and
+    accuracy sums, and the gradients of an accumulation group the stop cut in two (None at a group
+    boundary). Give it back as ``resume_partial`` together with ``skip_batches`` to continue.
+
+    Warm-up scales the learning rate linearly over the first ``warmup_steps`` batches.
     """
     o = config.optim
     models.set_train_mode(model, True)
     non_blocking = device.type == "cuda"
     batches = len(loader)
-    total_loss, correct, seen = 0.0, 0, 0
+    bs = config.data.batch_size
+    # A last batch of one image (when the batch size is larger) is left out: BatchNorm cannot take
+    # statistics of a single value per channel (1×1 feature maps fail outright).
+    used = batches - 1 if batches > 1 and bs > 1 and _num_samples(loader) % bs == 1 else batches
+    accumulation = o.accumulation_steps
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    partial = resume_partial or {}
+    total_loss, correct, seen = partial.get("loss_sum", 0.0), partial.get("correct", 0), partial.get("seen", 0)
+    optimizer.zero_grad(set_to_none=True)
+    for p, grad in zip(params, partial.get("grads") or ()):
+        if grad is not None:   # the first half of an accumulation group, from before the stop
+            p.grad = grad.to(p.device)
     t0 = last_report = time.perf_counter()
     rate_images, rate_t0 = 0, t0
-    optimizer.zero_grad(set_to_none=True)
     step = step_offset
-    for b, (x, y) in enumerate(loader, start=skip_batches + 1):
+    batch_iter = iter(loader)
+    for b in range(skip_batches + 1, used + 1):
         if should_stop():
+            done = b - 1
+            grads = [p.grad for p in params] if done % accumulation else None
             return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
-                    "images": seen, "seconds": time.perf_counter() - t0, "stopped_at": b - 1}
-        if y.shape[0] == 1 and batches > 1:
-            # A last batch of one image: BatchNorm cannot take statistics of a single value per
-            # channel (1×1 feature maps fail outright), so it is left out of this epoch.
-            continue
+                    "images": seen, "seconds": time.perf_counter() - t0, "stopped_at": done,
+                    "partial": {"loss_sum": total_loss, "correct": correct, "seen": seen,
+                                "grads": grads, "rng": capture_rng_state()}}
+        x, y = next(batch_iter)
         step += 1
         if warmup_steps and step <= warmup_steps:
             for g in optimizer.param_groups:
@@ -312,9 +418,14 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, epoch: int, ep
             raise Diverged(f"The loss became {loss.item()} at epoch {epoch}, batch {b}. The learning rate "
                            f"({optimizer.param_groups[0]['lr']:.3g}) is probably too high: try "
                            f"{optimizer.param_groups[0]['lr'] / 10:.3g}, or turn on gradient clipping.")
-        scaled = loss / o.accumulation_steps
+        # Average over the batches of this accumulation group; the last group of an epoch may be
+        # shorter, and dividing by the full group size would give its batches less weight.
+        group_start = (b - 1) // accumulation * accumulation + 1
+        group_size = min(accumulation, used - group_start + 1)
+        scaled = loss / group_size
         (scaler.scale(scaled) if scaler else scaled).backward()
-        if b % o.accumulation_steps == 0 or b == batches:
+        lr = optimizer.param_groups[0]["lr"]   # reported: the rate this batch trained at, not the next one's
+        if b - group_start + 1 == group_size:
             if o.grad_clip:
                 if scaler:
                     scaler.unscale_(optimizer)
@@ -333,13 +444,12 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, epoch: int, ep
         seen += n
         rate_images += n
         now = time.perf_counter()
-        if now - last_report >= REPORT_EVERY_S or b == batches:
-            emit(ev.BatchEnded(epoch=epoch, batch=b, batches=batches, step=step, loss=loss.item(),
-                               lr=optimizer.param_groups[0]["lr"],
+        if now - last_report >= REPORT_EVERY_S or b == used:
+            emit(ev.BatchEnded(epoch=epoch, batch=b, batches=batches, step=step, loss=loss.item(), lr=lr,
                                images_per_sec=rate_images / max(now - rate_t0, 1e-9)))
             last_report, rate_images, rate_t0 = now, 0, now
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images": seen,
-            "seconds": time.perf_counter() - t0, "stopped_at": None}
+            "seconds": time.perf_counter() - t0, "stopped_at": None, "partial": None}
 
 
 def evaluate(model, loader, loss_fn, device, precision="fp32", class_names=None, sample_ids=None):
@@ -403,15 +513,58 @@ def write_status(run_dir: Path, status: str, message: str = "", **extra) -> None
     os.replace(tmp, run_dir / STATUS_FILE)
 
 
+# torch's deterministic-algorithms switch, cudnn's flags and CUBLAS_WORKSPACE_CONFIG are
+# process-wide: a run sets them (seed_everything, cudnn.benchmark) and must put back what was there
+# before when it ends, or every later run and test in the process inherits them. The job manager
+# can run fits side by side in threads, so they are saved when the first of them starts and put
+# back when the last one ends.
+_switches_lock = threading.Lock()
+_switches = {"runs": 0, "saved": None}
+
+
+@contextlib.contextmanager
+def _restoring_global_switches():
+    with _switches_lock:
+        if _switches["runs"] == 0:
+            _switches["saved"] = (torch.are_deterministic_algorithms_enabled(),
+                                  torch.is_deterministic_algorithms_warn_only_enabled(),
+                                  torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+                                  os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+        _switches["runs"] += 1
+    try:
+        yield
+    finally:
+        with _switches_lock:
+            _switches["runs"] -= 1
+            if _switches["runs"] == 0:
+                deterministic, warn_only, cudnn_deterministic, benchmark, cublas = _switches["saved"]
+                torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+                torch.backends.cudnn.deterministic = cudnn_deterministic
+                torch.backends.cudnn.benchmark = benchmark
+                if cublas is None:
+                    os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+                else:
+                    os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
 def fit(config: RunConfig, on_event: EventSink | None = None, should_stop: StopFlag | None = None, *,
         runs_dir: str | Path = DEFAULT_RUNS_DIR, data_dir: str | Path = datasets.DEFAULT_DATA_DIR,
         run_id: str | None = None, resume_from: str | Path | None = None, dataset=None) -> FitResult:
     """Train ``config``; report through ``on_event``; stop when ``should_stop()`` turns true.
 
     resume_from: a checkpoint (``last.pth`` of a run); training continues in that run's folder,
-    from where it stopped, up to ``config.epochs`` epochs. Errors never escape: a failed run ends
-    with a RunFinished(status='failed') event carrying the reason, and is returned as such.
+    from where it stopped, up to ``config.epochs`` epochs (see ``resume_scheduler`` for a count
+    other than the checkpoint's). Errors never escape: a failed run ends with a
+    RunFinished(status='failed') event carrying the reason, and is returned as such. The
+    deterministic and cudnn switches are put back as they were when the run ends.
     """
+    with _restoring_global_switches():
+        return _fit(config, on_event, should_stop, runs_dir=runs_dir, data_dir=data_dir, run_id=run_id,
+                    resume_from=resume_from, dataset=dataset)
+
+
+def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | None, *, runs_dir, data_dir,
+         run_id, resume_from, dataset) -> FitResult:
     should_stop = should_stop or (lambda: False)
     ckpt = load_checkpoint(resume_from) if resume_from else None
     if ckpt is not None:
@@ -455,16 +608,19 @@ def fit(config: RunConfig, on_event: EventSink | None = None, should_stop: StopF
                                       label_smoothing=config.optim.label_smoothing)
         eval_loss_fn = nn.CrossEntropyLoss()
         warmup_steps = 0 if config.optim.scheduler == "onecycle" else config.optim.warmup_epochs * batches
-        skip_batches = 0
+        skip_batches, partial = 0, None
         if ckpt is not None:
             core_model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
-            if scheduler is not None and ckpt.get("scheduler"):
-                scheduler.load_state_dict(ckpt["scheduler"])
-            if scaler is not None and ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
             epochs_done = ckpt["epoch"]
             skip_batches = ckpt.get("batches_done", 0)
+            partial = ckpt.get("partial_epoch")
+            scheduler = resume_scheduler(scheduler, optimizer, config, ckpt.get("scheduler"),
+                                         saved_kind=ckpt["config"]["optim"]["scheduler"],
+                                         saved_epochs=ckpt["config"]["epochs"], epochs_done=epochs_done,
+                                         batches_done=skip_batches, steps_per_epoch=batches)
+            if scaler is not None and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
             history = list(ckpt.get("history", []))
             best_epoch, best_metric = ckpt.get("best_epoch"), ckpt.get("best_metric")
         trainable = sum(p.numel() for p in core_model.parameters() if p.requires_grad)
@@ -480,14 +636,18 @@ def fit(config: RunConfig, on_event: EventSink | None = None, should_stop: StopF
         bad_epochs = 0
         epoch_times: list[float] = []
 
-        def checkpoint_state(epoch_count: int, batches_done: int) -> dict:
+        def checkpoint_state(epoch_count: int, batches_done: int = 0, partial: dict | None = None) -> dict:
+            """partial: train_one_epoch's record of a stopped epoch (RNG state from before the next
+            batch, running sums, unfinished accumulation gradients), kept so resuming is exact."""
+            rest = {k: v for k, v in partial.items() if k != "rng"} if partial else None
             return {"model": core_model.state_dict(), "model_name": config.model.name,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "scaler": scaler.state_dict() if scaler is not None else None,
-                    "epoch": epoch_count, "batches_done": batches_done, "config": config.to_dict(),
-                    "classes": prep.classes, "transform": prep.transform_state,
-                    "input_shape": [prep.in_channels, *prep.input_size], "rng": capture_rng_state(),
+                    "epoch": epoch_count, "batches_done": batches_done, "partial_epoch": rest,
+                    "config": config.to_dict(), "classes": prep.classes, "transform": prep.transform_state,
+                    "input_shape": [prep.in_channels, *prep.input_size],
+                    "rng": partial["rng"] if partial else capture_rng_state(),
                     "history": history, "best_epoch": best_epoch, "best_metric": best_metric}
 
         for epoch in range(epochs_done + 1, config.epochs + 1):
@@ -497,16 +657,19 @@ def fit(config: RunConfig, on_event: EventSink | None = None, should_stop: StopF
             torch.manual_seed(seed)
             _set_loader_epoch(prep.train_loader, seed, epoch, skip_batches)
             if skip_batches and ckpt is not None and ckpt.get("rng"):
-                restore_rng_state(ckpt["rng"])  # continue mid-epoch with the RNG where it stopped
+                # continue mid-epoch with the RNG as it was before the first batch not yet trained
+                restore_rng_state(ckpt["rng"])
             stats = train_one_epoch(model, prep.train_loader, optimizer, loss_fn, device, epoch=epoch,
                                     epochs=config.epochs, config=config, scaler=scaler,
                                     scheduler=scheduler, per_batch_scheduler=per_batch,
                                     warmup_steps=warmup_steps, step_offset=(epoch - 1) * batches + skip_batches,
-                                    skip_batches=skip_batches, emit=emit, should_stop=should_stop)
+                                    skip_batches=skip_batches, resume_partial=partial if skip_batches else None,
+                                    emit=emit, should_stop=should_stop)
             if stats["stopped_at"] is not None:
-                save_checkpoint(run_dir / LAST_CKPT, checkpoint_state(epoch - 1, stats["stopped_at"]))
+                save_checkpoint(run_dir / LAST_CKPT,
+                                checkpoint_state(epoch - 1, stats["stopped_at"], stats["partial"]))
                 raise _StopRequested
-            skip_batches = 0
+            skip_batches, partial = 0, None
             lr_used = optimizer.param_groups[0]["lr"]   # the epoch's rate, before the scheduler moves it
             val = evaluate(model, prep.val_loader, eval_loss_fn, device, config.precision) if prep.val_loader else None
             if scheduler is not None and not per_batch:
@@ -529,7 +692,7 @@ def fit(config: RunConfig, on_event: EventSink | None = None, should_stop: StopF
                    "images_per_sec": stats["images"] / max(stats["seconds"], 1e-9)}
             history.append(row)
             epochs_done = epoch
-            state = checkpoint_state(epoch, 0)
+            state = checkpoint_state(epoch)
             save_checkpoint(run_dir / LAST_CKPT, state)
             if improved or (val is None and epoch == config.epochs):
                 save_checkpoint(run_dir / BEST_CKPT, state)
@@ -560,8 +723,9 @@ def fit(config: RunConfig, on_event: EventSink | None = None, should_stop: StopF
     except torch.cuda.OutOfMemoryError:
         shape = [prep.in_channels, *prep.input_size] if prep is not None else None
         classes = len(prep.classes) if prep is not None else None
-        return _finish(run_dir, run_id, emit, ev.FAILED, _oom_message(config, shape, classes), best_epoch,
-                       best_metric, epochs_done, history, t_start)
+        device = prep.device if prep is not None else None
+        return _finish(run_dir, run_id, emit, ev.FAILED, _oom_message(config, shape, classes, device),
+                       best_epoch, best_metric, epochs_done, history, t_start)
     except Exception as err:  # a bug or an unexpected library error: keep the trace in the run folder
         (run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
         return _finish(run_dir, run_id, emit, ev.FAILED,
@@ -619,13 +783,24 @@ def largest_fitting_batch(config: RunConfig, input_shape: Sequence[int], num_cla
                                      momentum=config.optim.momentum, precision=config.precision))
 
 
-def _oom_message(config: RunConfig, input_shape: Sequence[int] | None, num_classes: int | None) -> str:
-    """Out of GPU memory: say which batch size the memory calculator says would fit."""
-    msg = f"Out of GPU memory at batch size {config.data.batch_size}."
+def _oom_message(config: RunConfig, input_shape: Sequence[int] | None, num_classes: int | None,
+                 device: torch.device | None = None) -> str:
+    """Out of memory: on a GPU, say which batch size the memory calculator says would fit.
+
+    The calculator's figure is for the GPU's memory, so without a CUDA device (an out-of-memory
+    error raised elsewhere, or a test) there is no figure, only the advice to lower the batch size.
+    """
+    bs = config.data.batch_size
+    if device is None or device.type != "cuda":
+        where = f" on {device}" if device is not None else ""
+        return (f"Out of memory at batch size {bs}{where}. Lower the batch size (or use gradient "
+                "accumulation to keep the effective batch).")
+    msg = f"Out of GPU memory at batch size {bs}."
     if input_shape is not None and num_classes:
         try:
             torch.cuda.empty_cache()
-            total = torch.cuda.get_device_properties(0).total_memory
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            total = torch.cuda.get_device_properties(index).total_memory
             fit_bs = largest_fitting_batch(config, input_shape, num_classes, total * 0.9)
             msg += f" The memory calculator says batch size {fit_bs} fits in 90 % of this GPU's memory."
         except Exception:  # the hint is best effort; the out-of-memory itself is the message

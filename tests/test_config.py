@@ -51,10 +51,54 @@ def test_invalid_values_name_the_field(raw, field):
     assert field in str(err.value)
 
 
+@pytest.mark.parametrize("raw, field, allowed", [
+    # wrong types that used to escape as a TypeError from a comparison
+    ({"data": {"image_size": "x"}}, "data.image_size", "whole number or empty"),
+    ({"optim": {"class_weights": ["a"]}}, "optim.class_weights", "list of numbers >= 0"),
+    # values that used to be accepted silently
+    ({"optim": {"milestones": "x"}}, "optim.milestones", "list of epoch numbers (whole numbers >= 1)"),
+    ({"optim": {"milestones": [-1]}}, "optim.milestones", "list of epoch numbers (whole numbers >= 1)"),
+    ({"optim": {"class_weights": 5}}, "optim.class_weights", "'balanced'"),
+    ({"optim": {"lr": float("inf")}}, "optim.lr", "finite number"),
+    ({"optim": {"lr": float("nan")}}, "optim.lr", "finite number"),
+    ({"optim": {"weight_decay": float("nan")}}, "optim.weight_decay", "finite number"),
+    ({"model": {"name": 5}}, "model.name", "text (a model name"),
+    ({"data": {"location": 5}}, "data.location", "text (a torchvision set name, or a folder"),
+    ({"data": {"train_augment": "x"}}, "data.train_augment", "list of transform steps"),
+    ({"data": {"train_augment": [{"params": {}}]}}, "data.train_augment step 1", '"name"'),
+    ({"optim": {"warmup_epochs": 3}, "epochs": 3}, "optim.warmup_epochs", "less than epochs (3)"),
+    ({"device": 0}, "device", "'auto', 'cpu', 'cuda'"),
+])
+def test_wrong_types_and_values_say_which_field_and_what_is_allowed(raw, field, allowed):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict(raw)
+    msg = str(err.value)
+    assert field in msg and allowed in msg, msg
+
+
+def test_configs_built_in_python_are_checked_the_same_way():
+    """validate() also runs on a config changed attribute by attribute (the UI and tests do)."""
+    cfg = RunConfig()
+    cfg.data.image_size = "x"
+    with pytest.raises(ConfigError, match="data.image_size must be a whole number"):
+        cfg.validate()
+    cfg = RunConfig()
+    cfg.optim.class_weights = [1.0, "a"]
+    with pytest.raises(ConfigError, match="optim.class_weights"):
+        cfg.validate()
+    cfg = RunConfig()
+    cfg.optim.warmup_epochs, cfg.epochs = 2, 3
+    cfg.optim.milestones = [2, 3]
+    cfg.optim.class_weights = [1, 0.5, 2]
+    cfg.data.train_augment = [{"name": "RandomHorizontalFlip"}]
+    assert cfg.validate() is cfg
+
+
 def test_integers_are_accepted_for_float_fields_and_whole_floats_for_ints():
-    cfg = RunConfig.from_dict({"optim": {"lr": 1}, "epochs": 3.0})
+    cfg = RunConfig.from_dict({"optim": {"lr": 1}, "epochs": 3.0, "data": {"image_size": 32.0}})
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     assert cfg.epochs == 3 and isinstance(cfg.epochs, int)
+    assert cfg.data.image_size == 32 and isinstance(cfg.data.image_size, int)
 
 
 def test_bad_json_text_and_unreadable_file(tmp_path):

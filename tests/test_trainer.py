@@ -1,19 +1,53 @@
 """The trainer on real images: learning, exact resume, stop, divergence, schedulers, run folder."""
 import json
+import os
+import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torchvision
 
 from core import events as ev
+from core import trainer
 from core.checkpoints import load_checkpoint
 from core.config import RunConfig
+from core.errors import ConfigError
 from core.trainer import fit
 
 
 def _collect():
     seen = []
     return seen, seen.append
+
+
+def _of(kind, seen):
+    return [e for e in seen if isinstance(e, kind)]
+
+
+def _script_val_accuracy(monkeypatch, values):
+    """Make each epoch's validation accuracy the next of ``values``, so what "best" and "no
+    improvement" mean is fixed by the test; the final test-split report stays real."""
+    real = trainer.evaluate
+    scripted = iter(values)
+
+    def evaluate(model, loader, loss_fn, device, precision="fp32", class_names=None, sample_ids=None):
+        out = real(model, loader, loss_fn, device, precision, class_names, sample_ids)
+        if class_names is None:   # the per-epoch validation (the final report asks for class names)
+            out["accuracy"] = next(scripted)
+        return out
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def test_tutorial_net_beats_chance_clearly_on_the_embedded_sample(tmp_path, session_data_dir):
@@ -51,11 +85,100 @@ def test_resume_gives_the_same_weights_as_one_go(tmp_path, tiny_config, in_memor
     assert resumed.status == ev.FINISHED, resumed.message
     assert resumed.run_dir == stopped.run_dir
 
-    a = load_checkpoint(one_go.run_dir / "last.pth")["model"]
-    b = load_checkpoint(resumed.run_dir / "last.pth")["model"]
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    _assert_same_weights(_weights(one_go.run_dir / "last.pth"), _weights(resumed.run_dir / "last.pth"))
+
+
+@pytest.mark.parametrize("in_memory, accumulation, scheduler", [
+    ("on", 1, "cosine"), ("off", 1, "cosine"),
+    ("off", 2, "onecycle"),   # the stop cuts an accumulation group in two; a per-step scheduler
+], ids=["in-memory", "dataloader", "dataloader-accumulation-onecycle"])
+def test_a_stop_in_the_middle_of_an_epoch_resumes_exactly(tmp_path, tiny_config, monkeypatch, in_memory,
+                                                         accumulation, scheduler):
+    """The DataLoader path augments with the global RNG as a batch is fetched: the stop must be
+    taken, and the RNG state saved, before that fetch, or the resumed epoch sees other crops."""
+    monkeypatch.setattr("core.trainer.REPORT_EVERY_S", 0.0)   # a BatchEnded for every batch
+    tiny_config.data.in_memory = in_memory
+    tiny_config.data.num_workers = 0
+    tiny_config.optim.accumulation_steps = accumulation
+    tiny_config.optim.scheduler = scheduler
+    one_go = fit(tiny_config, runs_dir=tmp_path / "a")
+    assert one_go.status == ev.FINISHED, one_go.message
+
+    seen, sink = _collect()
+    per_epoch = []
+
+    def should_stop():   # 3 batches into epoch 2
+        started = _of(ev.RunStarted, seen)
+        if started and not per_epoch:
+            per_epoch.append(started[0].batches_per_epoch)
+        return bool(per_epoch) and len(_of(ev.BatchEnded, seen)) >= per_epoch[0] + 3
+
+    stopped = fit(tiny_config, runs_dir=tmp_path / "b", on_event=sink, should_stop=should_stop)
+    assert stopped.status == ev.STOPPED
+    ckpt = load_checkpoint(stopped.run_dir / "last.pth")
+    assert (ckpt["epoch"], ckpt["batches_done"]) == (1, 3)
+    assert (ckpt["partial_epoch"]["grads"] is not None) == (accumulation == 2)   # 3 = one group and a half
+    resumed = fit(tiny_config, resume_from=stopped.run_dir / "last.pth")
+    assert resumed.status == ev.FINISHED, resumed.message
+    _assert_same_weights(_weights(one_go.run_dir / "last.pth"), _weights(resumed.run_dir / "last.pth"))
+    # the epoch's running sums were kept too: the resumed epoch reports the same training loss
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in one_go.history]
+
+
+def test_resuming_with_more_epochs_replans_cosine_from_the_current_rate(tmp_path, tiny_config):
+    """--resume ... --epochs N with N larger: cosine goes on falling from where it was (it would
+    otherwise climb back up after the end of its old plan)."""
+    tiny_config.optim.scheduler = "cosine"
+    tiny_config.epochs = 3
+    done = []
+    stopped = fit(tiny_config, runs_dir=tmp_path, should_stop=lambda: bool(done),
+                  on_event=lambda e: done.append(e) if isinstance(e, ev.EpochEnded) else None)
+    assert stopped.status == ev.STOPPED and stopped.epochs_completed == 1
+    rate_at_stop = load_checkpoint(stopped.run_dir / "last.pth")["optimizer"]["param_groups"][0]["lr"]
+    tiny_config.epochs = 5
+    longer = fit(tiny_config, resume_from=stopped.run_dir / "last.pth")
+    assert longer.status == ev.FINISHED, longer.message
+    rates = [row["lr"] for row in longer.history[1:]]
+    assert len(rates) == 4 and rates[0] == pytest.approx(rate_at_stop)
+    assert all(a > b > 0 for a, b in zip(rates, rates[1:])), rates   # falling, never back up, never 0
+
+    # A finished run extended: its plan has reached 0, so it goes on from its last epoch's rate.
+    last_rate = longer.history[-1]["lr"]
+    tiny_config.epochs = 7
+    extended = fit(tiny_config, resume_from=longer.run_dir / "last.pth")
+    assert extended.status == ev.FINISHED and extended.epochs_completed == 7, extended.message
+    rates = [row["lr"] for row in extended.history[5:]]
+    assert rates[0] == pytest.approx(last_rate) and last_rate > rates[1] > 0, rates
+
+
+def test_resuming_with_more_epochs_extends_onecycle(tmp_path, tiny_config, monkeypatch):
+    """OneCycle was planned for the old number of steps and failed with "Tried to step 15 times"
+    when resumed for more epochs; re-planned, its rate carries on from where it was."""
+    monkeypatch.setattr("core.trainer.REPORT_EVERY_S", 0.0)
+    tiny_config.optim.scheduler = "onecycle"
+    seen, sink = _collect()
+    stopped = fit(tiny_config, runs_dir=tmp_path, on_event=sink,
+                  should_stop=lambda: bool(_of(ev.EpochEnded, seen)))
+    assert stopped.status == ev.STOPPED and stopped.epochs_completed == 1
+    rate_at_stop = load_checkpoint(stopped.run_dir / "last.pth")["optimizer"]["param_groups"][0]["lr"]
+    tiny_config.epochs = 3
+    seen.clear()
+    longer = fit(tiny_config, resume_from=stopped.run_dir / "last.pth", on_event=sink)
+    assert longer.status == ev.FINISHED and longer.epochs_completed == 3, longer.message
+    rates = [e.lr for e in _of(ev.BatchEnded, seen)]
+    assert len(rates) == 2 * 7 and rates[0] <= rate_at_stop    # past its peak: annealing on
+    assert all(a >= b for a, b in zip(rates, rates[1:])), " ".join(f"{r:.3g}" for r in rates)
+
+    # The cycle has ended (the rate is at its floor): one more epoch is one more cycle, as fitting
+    # "one more cycle" does: from peak / 25 up to at most the peak and down again.
+    tiny_config.epochs = 4
+    seen.clear()
+    extended = fit(tiny_config, resume_from=longer.run_dir / "last.pth", on_event=sink)
+    assert extended.status == ev.FINISHED and extended.epochs_completed == 4, extended.message
+    more = [e.lr for e in _of(ev.BatchEnded, seen)]
+    peak = tiny_config.optim.lr
+    assert len(more) == 7 and more[0] == pytest.approx(peak / 25) and max(more) <= peak, more
+    assert more[-1] < more[0]
 
 
 def test_stop_takes_effect_within_one_batch_and_leaves_a_usable_checkpoint(tmp_path, tiny_config):
@@ -94,19 +217,26 @@ def test_bad_dataset_fails_cleanly_with_the_reason(tmp_path, tiny_config):
 
 
 @pytest.mark.parametrize("scheduler", ["step", "multistep", "exponential", "cosine", "onecycle", "plateau"])
-def test_every_scheduler_runs_and_changes_the_learning_rate(tmp_path, tiny_config, scheduler):
+def test_every_scheduler_runs_and_changes_the_learning_rate(tmp_path, tiny_config, monkeypatch, scheduler):
     tiny_config.optim.scheduler = scheduler
     tiny_config.optim.step_size = 1
     tiny_config.optim.milestones = [1]
     tiny_config.optim.gamma = 0.5
     tiny_config.epochs = 3
+    if scheduler == "plateau":
+        # ReduceLROnPlateau (patience 2) decays once 3 epochs in a row have not improved on the
+        # best: the first epoch sets it, epochs 2-4 do not beat it, epoch 5 trains at half the rate.
+        tiny_config.epochs = 5
+        _script_val_accuracy(monkeypatch, [0.5] * 5)
     result = fit(tiny_config, runs_dir=tmp_path)
     assert result.status == ev.FINISHED, result.message
     lrs = [row["lr"] for row in result.history]
+    lr = tiny_config.optim.lr
     if scheduler != "onecycle":   # rows hold the rate each epoch trained at: epoch 1 at the set rate
-        assert lrs[0] == pytest.approx(tiny_config.optim.lr), lrs
-    if scheduler != "plateau":  # plateau only decays after 'patience' bad epochs
-        assert lrs[-1] < tiny_config.optim.lr, lrs
+        assert lrs[0] == pytest.approx(lr), lrs
+    assert lrs[-1] < lr, lrs
+    if scheduler == "plateau":
+        assert lrs == pytest.approx([lr] * 4 + [lr * 0.5]), lrs
 
 
 def test_warmup_ramps_the_learning_rate(tmp_path, tiny_config, monkeypatch):
@@ -133,6 +263,83 @@ def test_optimizers_accumulation_clipping_smoothing_and_class_weights(tmp_path, 
     result = fit(tiny_config, runs_dir=tmp_path)
     assert result.status == ev.FINISHED, result.message
     assert 0.0 < result.history[0]["train_loss"] < 10
+
+
+@pytest.fixture
+def imbalanced_config(tiny_config, tiny_folder, tmp_path):
+    """tiny_config on a copy of the tiny set with 40 / 15 / 5 training images per class."""
+    root = tmp_path / "imbalanced"
+    for cls, keep in zip(("airplane", "cat", "ship"), (40, 15, 5)):
+        for split, n in (("train", keep), ("test", 10)):
+            (root / split / cls).mkdir(parents=True)
+            for f in sorted((tiny_folder / split / cls).glob("*.jpg"))[:n]:
+                shutil.copy(f, root / split / cls / f.name)
+    tiny_config.data.location = str(root)
+    tiny_config.epochs = 1
+    return tiny_config
+
+
+def _first_batch_loss(config, runs_dir, monkeypatch):
+    """The loss of the first training batch (same seed: same initial weights and same batch)."""
+    monkeypatch.setattr("core.trainer.REPORT_EVERY_S", 0.0)
+    seen, sink = _collect()
+    result = fit(config, runs_dir=runs_dir, on_event=sink, should_stop=lambda: bool(_of(ev.BatchEnded, seen)))
+    assert result.status == ev.STOPPED, result.message
+    return _of(ev.BatchEnded, seen)[0].loss
+
+
+def test_label_smoothing_and_class_weights_change_the_loss(tmp_path, imbalanced_config, monkeypatch):
+    cfg = imbalanced_config
+    plain = _first_batch_loss(cfg, tmp_path / "plain", monkeypatch)
+    cfg.optim.label_smoothing = 0.2
+    smoothed = _first_batch_loss(cfg, tmp_path / "smoothed", monkeypatch)
+    cfg.optim.label_smoothing = 0.0
+    cfg.optim.class_weights = "balanced"
+    weighted = _first_batch_loss(cfg, tmp_path / "weighted", monkeypatch)
+    assert smoothed != plain and weighted != plain, (plain, smoothed, weighted)
+    # "balanced" is inverse class frequency, scaled so that a balanced set gives all ones
+    w = trainer.class_weights_for(cfg, [0] * 40 + [1] * 15 + [2] * 5, 3)
+    assert w.tolist() == pytest.approx([60 / (3 * 40), 60 / (3 * 15), 60 / (3 * 5)])
+
+
+def test_gradient_clipping_bounds_each_update(tmp_path, tiny_config):
+    """Plain SGD (no momentum, no weight decay) moves the weights by lr × the clipped gradient per
+    step, so with max norm c the whole epoch moves them by at most steps × lr × c."""
+    tiny_config.optim.momentum = 0.0
+    tiny_config.optim.weight_decay = 0.0
+    tiny_config.epochs = 1
+    trainer.seed_everything(tiny_config.seed)          # what fit does before building the model
+    start = {k: v.clone() for k, v in trainer.prepare(tiny_config).model.named_parameters()}
+
+    def moved(result):
+        end = _weights(result.run_dir / "last.pth")
+        return torch.sqrt(sum(((end[k] - v) ** 2).sum() for k, v in start.items())).item()
+
+    seen, sink = _collect()
+    free = fit(tiny_config, runs_dir=tmp_path / "free", on_event=sink)
+    steps = _of(ev.RunStarted, seen)[0].batches_per_epoch
+    tiny_config.optim.grad_clip = 1e-3
+    clipped = fit(tiny_config, runs_dir=tmp_path / "clipped")
+    assert free.status == clipped.status == ev.FINISHED
+    bound = steps * tiny_config.optim.lr * 1e-3
+    assert moved(clipped) <= bound * (1 + 1e-4)
+    assert moved(free) > 10 * bound
+
+
+def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, tiny_config):
+    """Two accumulated batches of 8 are one batch of 16: same order (one permutation), no
+    augmentation and no BatchNorm in the tutorial net, so the weights agree to rounding."""
+    tiny_config.data.val_fraction = 0.16          # 96 training images: 6 batches of 16, 12 of 8
+    tiny_config.data.train_augment = []
+    tiny_config.epochs = 1
+    big = fit(tiny_config, runs_dir=tmp_path / "big")
+    tiny_config.data.batch_size = 8
+    tiny_config.optim.accumulation_steps = 2
+    accumulated = fit(tiny_config, runs_dir=tmp_path / "accumulated")
+    assert big.status == accumulated.status == ev.FINISHED
+    a, b = _weights(big.run_dir / "last.pth"), _weights(accumulated.run_dir / "last.pth")
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), (key, (a[key] - b[key]).abs().max())
 
 
 def test_early_stopping_ends_the_run_before_the_last_epoch(tmp_path, tiny_config):
@@ -208,3 +415,112 @@ def test_out_of_memory_hint_uses_the_memory_calculator(tiny_config):
     assert bs > 0
     assert memory.estimate_memory(factory, (3, 32, 32), bs).required_bytes <= budget
     assert memory.estimate_memory(factory, (3, 32, 32), bs + 1).required_bytes > budget
+
+
+def _raise_out_of_memory(self, *args, **kwargs):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_in_a_training_step_fails_the_run_with_advice(tmp_path, tiny_config, monkeypatch):
+    """Here on the CPU there is no GPU memory to size a batch for: the message says which batch
+    size failed and to lower it, without a calculator figure."""
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", _raise_out_of_memory)   # the step's loss
+    seen, sink = _collect()
+    result = fit(tiny_config, runs_dir=tmp_path, on_event=sink)
+    assert result.status == ev.FAILED
+    assert "batch size 16" in result.message and "Lower the batch size" in result.message, result.message
+    assert "calculator" not in result.message
+    assert _of(ev.RunFinished, seen)[-1].message == result.message
+    assert not (result.run_dir / "error.log").exists()   # a known condition, not an internal error
+
+
+def test_out_of_memory_on_a_gpu_names_the_batch_the_calculator_says_fits(tiny_config, monkeypatch):
+    gpu_bytes = 256 * 1024**2
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=gpu_bytes))
+    msg = trainer._oom_message(tiny_config, (3, 32, 32), 3, torch.device("cuda", 0))
+    fits = trainer.largest_fitting_batch(tiny_config, (3, 32, 32), 3, 0.9 * gpu_bytes)
+    assert fits > 16
+    assert "batch size 16" in msg and f"says batch size {fits} fits" in msg, msg
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_out_of_memory_on_the_gpu_fails_the_run_with_the_calculators_batch(tmp_path, tiny_config, monkeypatch):
+    tiny_config.device = "cuda"
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", _raise_out_of_memory)
+    result = fit(tiny_config, runs_dir=tmp_path)
+    total = torch.cuda.get_device_properties(0).total_memory
+    fits = trainer.largest_fitting_batch(tiny_config, (3, 32, 32), 3, 0.9 * total)
+    assert result.status == ev.FAILED and f"says batch size {fits} fits" in result.message, result.message
+
+
+def test_batch_and_epoch_events_carry_loss_rate_speed_and_eta(tmp_path, tiny_config, monkeypatch):
+    monkeypatch.setattr("core.trainer.REPORT_EVERY_S", 0.0)
+    seen, sink = _collect()
+    result = fit(tiny_config, runs_dir=tmp_path, on_event=sink)
+    assert result.status == ev.FINISHED, result.message
+    batches = _of(ev.BatchEnded, seen)
+    per_epoch = _of(ev.RunStarted, seen)[0].batches_per_epoch
+    assert len(batches) == 2 * per_epoch
+    for e in batches:   # per-epoch cosine: every batch trains at its epoch's rate (0.01, then 0.005)
+        assert 0 < e.loss < 10 and e.images_per_sec > 0, e
+        assert e.lr == pytest.approx(result.history[e.epoch - 1]["lr"]) and e.lr > 0, e
+    epochs = _of(ev.EpochEnded, seen)
+    assert [e.epoch for e in epochs] == [1, 2]
+    assert epochs[0].eta_seconds > 0 and epochs[-1].eta_seconds == 0
+    assert all(e.seconds > 0 and e.images_per_sec > 0 for e in epochs)
+
+
+def test_best_checkpoint_holds_the_best_epochs_weights(tmp_path, tiny_config, monkeypatch):
+    tiny_config.epochs = 4
+    _script_val_accuracy(monkeypatch, [0.5, 0.9, 0.6, 0.7])       # best: epoch 2
+    snapshots = {}
+
+    def keep_weights(event):   # last.pth is written before EpochEnded: the weights after that epoch
+        if isinstance(event, ev.EpochEnded):
+            snapshots[event.epoch] = _weights(tmp_path / "best-test" / "last.pth")
+
+    result = fit(tiny_config, runs_dir=tmp_path, run_id="best-test", on_event=keep_weights)
+    assert result.status == ev.FINISHED, result.message
+    best_row = max(result.history, key=lambda row: row["val_accuracy"])
+    assert best_row["epoch"] == result.best_epoch == 2 and result.best_metric == 0.9
+    best = load_checkpoint(result.run_dir / "best.pth")
+    assert best["epoch"] == 2
+    _assert_same_weights(best["model"], snapshots[2])
+    assert not torch.equal(best["model"]["conv1.weight"], snapshots[4]["conv1.weight"])
+
+
+def test_resolve_device_auto_is_the_cpu_without_a_gpu_and_a_missing_gpu_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert trainer.resolve_device("auto") == torch.device("cpu")
+    assert trainer.resolve_device("cpu") == torch.device("cpu")
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError) as err:
+            trainer.resolve_device(name)
+        assert repr(name) in str(err.value) and "no CUDA GPU" in str(err.value)
+    with pytest.raises(ConfigError, match="'mps'"):
+        trainer.resolve_device("mps")
+
+
+def test_deterministic_switches_are_put_back_when_the_run_ends(tmp_path, tiny_config):
+    tiny_config.deterministic = True
+    tiny_config.epochs = 1
+
+    def switches():
+        return (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+
+    saved_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True           # a value the run changes, to see it come back
+    try:
+        before = switches()
+        assert before[:2] == (False, False)
+        during = []
+        result = fit(tiny_config, runs_dir=tmp_path,
+                     on_event=lambda e: during.append(switches()) if isinstance(e, ev.RunStarted) else None)
+        assert result.status == ev.FINISHED, result.message
+        assert during[0][:3] == (True, True, False)   # the run itself was deterministic
+        assert switches() == before
+    finally:
+        torch.backends.cudnn.benchmark = saved_benchmark
