@@ -71,6 +71,31 @@ def test_test_time_augmentation_averages_crops(trained_run, tiny_folder):
         p.predict(path, tta="twenty")
 
 
+def test_five_crop_tta_is_the_mean_softmax_of_the_five_crops(trained_run, tiny_folder):
+    """By hand: the 32 px image resized to 32 / 0.875 = 37 px, its four corner crops and its centre
+    crop at 32 px, each normalised as the run was, through the predictor's model; TTA must give
+    the mean of their softmax."""
+    import torch
+    from torchvision.transforms.v2 import functional as F
+    p = Predictor.from_run(trained_run.run_dir)
+    assert p.input_shape == (3, 32, 32)
+    path = next((tiny_folder / "test" / "ship").glob("*.jpg"))
+    image = Image.open(path).convert("RGB")
+    assert image.size == (32, 32)
+    big = F.resize(image, [37, 37])                    # bilinear with antialias, as the eval Resize
+    corners = [F.crop(big, top, left, 32, 32) for top, left in ((0, 0), (0, 5), (5, 0), (5, 5))]
+    crops = corners + [F.center_crop(big, [32, 32])]
+    norm = p.transform_state["normalization"]
+    mean = torch.tensor(norm["mean"]).view(3, 1, 1)
+    std = torch.tensor(norm["std"]).view(3, 1, 1)
+    x = torch.stack([(torch.from_numpy(np.array(c)).permute(2, 0, 1).float() / 255 - mean) / std for c in crops])
+    with torch.no_grad():
+        expected = torch.softmax(p.model(x), dim=1).mean(0).numpy()
+    got = p.probabilities([path], tta="five")[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    assert not np.allclose(got, p.probabilities([path])[0], atol=1e-4)   # the crops matter
+
+
 def test_a_folder_in_batches_and_unreadable_files_reported_per_row(trained_run, tiny_folder, tmp_path):
     p = Predictor.from_run(trained_run.run_dir)
     (tmp_path / "ok").mkdir()
