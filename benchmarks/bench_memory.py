@@ -47,29 +47,14 @@ sys.path.insert(0, str(ROOT))
 
 from core.errors import LabError  # noqa: E402
 from core.memory import ZooFactory, estimate_memory, measure_training_step_memory  # noqa: E402
+from core.models import list_models  # noqa: E402
 
 MiB = 1 << 20
 
 
 def zoo_names() -> list[tuple[str, bool]]:
-    """(name, is_torchvision) for every zoo entry; torchvision's classifiers if core.models is absent."""
-    try:
-        from core.models import list_models
-    except Exception:  # noqa: BLE001 - the zoo is optional for this script
-        return [(n, True) for n in ("alexnet", "vgg11", "vgg16", "resnet18", "resnet50", "densenet121",
-                                    "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
-                                    "shufflenet_v2_x1_0", "squeezenet1_1", "convnext_tiny")]
+    """(name, is_torchvision) for every zoo entry, in registry order."""
     return [(s.name, s.tv_name is not None) for s in list_models()]
-
-
-def make_factory(name: str, size: int, small_stem: bool):
-    try:
-        import core.models  # noqa: F401
-    except Exception:  # noqa: BLE001
-        import torchvision
-
-        return lambda: torchvision.models.get_model(name, weights=None, num_classes=10)
-    return ZooFactory(name, 10, input_size=size, small_input_stem=small_stem)
 
 
 def cases(quick: bool, names: list[tuple[str, bool]]) -> list[tuple[str, int, bool, int]]:
@@ -134,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, size, small, batch in cases(args.quick, names):
         shape = (3, size, size)
         label = f"{size}×{size}" + (" small stem" if small else "")
-        f = make_factory(name, size, small)
+        f = ZooFactory(name, 10, input_size=size, small_input_stem=small)
         try:
             t0 = time.perf_counter()
             est = estimate_memory(f, shape, batch, optimizer=args.optimizer, precision=args.precision,

@@ -17,7 +17,9 @@ No gradient, activation or optimiser buffer is modelled by a formula where it ca
   the key). Parameters and buffers (which autograd also "saves"), the input batch, the logits and
   half-precision weight copies are set apart; the rest is attributed to the module whose forward
   was running (a stack kept by per-module forward pre/post hooks). On the CPU this equals the bytes
-  saved by a real forward pass exactly (ResNet, VGG, DenseNet, ConvNeXt, MobileNet, ViT tested).
+  saved by a real forward pass exactly (every family of the zoo tested), and so does what the CPU
+  allocator holds after a real forward and loss, less the logits and the loss (tests/test_memory.py
+  checks both independently of this module).
   Why fake rather than plain meta tensors: device-dependent dispatch must follow the real path.
   (1) ``torch.autocast("meta")`` raises and ``torch.autocast("cpu")`` ignores meta tensors, so a
   meta forward under autocast silently stays fp32; fake CPU tensors are autocast like real ones.
@@ -79,6 +81,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from core import models
 from core.errors import ConfigError, LabError, ModelError
 from core.registry import Registry
 
@@ -354,12 +357,9 @@ class ZooFactory:
         return (self.in_channels, int(h), int(w))
 
     def __call__(self) -> nn.Module:
-        from core import models  # local import: core.models is optional for this module
-
-        created = models.create_model(self.name, self.num_classes, in_channels=self.in_channels,
-                                      input_size=self.input_size, pretrained=False,
-                                      small_input_stem=self.small_input_stem)
-        model = created.model if hasattr(created, "model") else created
+        model = models.create_model(self.name, self.num_classes, in_channels=self.in_channels,
+                                    input_size=self.input_size, pretrained=False,
+                                    small_input_stem=self.small_input_stem).model
         if self.freeze != "none":
             models.apply_freeze(model, self.name, self.freeze, self.stages)
         return model
@@ -830,19 +830,9 @@ def _optimizer_state_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def _set_train(model: nn.Module, train: bool) -> None:
-    """``core.models.set_train_mode`` when the zoo provides it (frozen BatchNorm stays in eval
-    mode), else ``model.train(train)``."""
-    try:
-        from core.models import set_train_mode  # type: ignore
-    except Exception:  # noqa: BLE001 - the zoo is optional here
-        set_train_mode = None
-    if set_train_mode is not None:
-        try:
-            set_train_mode(model, train)
-            return
-        except Exception:  # noqa: BLE001
-            pass
-    model.train(train)
+    """Train/eval mode as training sets it: frozen BatchNorm layers stay in eval mode, so the
+    estimate and the ground truth see the same BatchNorm behaviour (and what it saves)."""
+    models.set_train_mode(model, train)
 
 
 # --------------------------------------------------------------------------------------------

@@ -357,6 +357,55 @@ def test_user_weights_load_with_report(tmp_path, squeeze_sd, wrap):
     assert any("mine.pth" in n for n in cm.notes)
 
 
+def test_user_weights_report_names_every_key_exactly(tmp_path):
+    """A fine-tuned tutorial Net's file, edited: one tensor removed, one the model has no place
+    for, and a 10-class head loaded into a 5-class model."""
+    torch.manual_seed(5)
+    sd = M.create_model("tutorial_net", 10, input_size=32).model.state_dict()
+    del sd["fc2.bias"]
+    sd["fc4.weight"] = torch.ones(3, 84)
+    path = tmp_path / "edited.pth"
+    torch.save(sd, path)
+    torch.manual_seed(6)
+    model = M.create_model("tutorial_net", 5, input_size=32).model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    report, notes = M.load_weights_file(model, "tutorial_net", path)
+
+    assert report.matched == ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias",
+                              "fc1.weight", "fc1.bias", "fc2.weight"]
+    assert report.missing == ["fc2.bias"]
+    assert report.unexpected == ["fc4.weight"]
+    assert report.mismatched_shapes == [("fc3.weight", (10, 84), (5, 84)), ("fc3.bias", (10,), (5,))]
+    after = model.state_dict()
+    for k in report.matched:
+        assert torch.equal(after[k], sd[k]), k
+    for k in ["fc2.bias", "fc3.weight", "fc3.bias"]:  # not filled: they keep their initial values
+        assert torch.equal(after[k], before[k]), k
+    assert report.summary() == ("7 tensors loaded; 2 skipped for a different shape (fc3.weight, fc3.bias); "
+                                "1 not taken from the file (kept their initial values); "
+                                "1 in the file but not in the model (ignored)")
+    assert notes == [f"weights file edited.pth: {report.summary()}."]
+    # create_model reports the same for the same file
+    assert M.create_model("tutorial_net", 5, input_size=32, weights_path=path).load_report == report
+
+
+def test_user_weights_report_missing_buffers_but_not_batch_counters(tmp_path):
+    """A BatchNorm statistic missing from the file is reported; absent num_batches_tracked
+    counters are not (files from before PyTorch 0.4 have none, and they are not weights)."""
+    torch.manual_seed(7)
+    sd = M.create_model("resnet18", 10, input_size=32, small_input_stem=True).model.state_dict()
+    sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    del sd["layer1.0.bn1.running_var"]
+    path = tmp_path / "resnet.pth"
+    torch.save(sd, path)
+    model = M.create_model("resnet18", 10, input_size=32, small_input_stem=True).model
+    report, _ = M.load_weights_file(model, "resnet18", path)
+    assert report.missing == ["layer1.0.bn1.running_var"]
+    assert not report.unexpected and not report.mismatched_shapes
+    assert report.matched == list(sd)
+
+
 def test_tutorial_checkpoint_loads_into_tutorial_net(tmp_path):
     class Net(nn.Module):  # verbatim from the PyTorch CIFAR-10 tutorial
         def __init__(self):
