@@ -462,6 +462,23 @@ def test_build_app_wires_the_named_endpoints_and_ids(tmp_path):
         assert elem_id in ids
 
 
+def test_browser_ids_outlive_a_server_restart_and_page_loads_run_side_by_side(tmp_path):
+    """The browser id is encrypted with a secret kept in the runs folder (not a new one per start),
+    and events without their own limit are not queued one at a time app-wide (Gradio's default)."""
+    runs = tmp_path / "runs"
+    apps = []
+    for _ in range(2):   # two server starts on the same runs folder
+        manager = JobManager(runs_dir=runs, data_dir=tmp_path / "data", max_jobs=1)
+        apps.append(ui_app.build_app(manager, data_dir=tmp_path / "data", runs_dir=runs))
+    secrets = [next(b.secret for b in demo.blocks.values() if isinstance(b, gr.BrowserState)) for demo in apps]
+    assert secrets[0] == secrets[1] and len(secrets[0]) >= 16
+    secret_file = runs / ui_app.SECRET_FILE
+    assert secret_file.read_text() == secrets[0] and secret_file.stat().st_mode & 0o077 == 0  # owner only
+    assert ui_app.build_app(JobManager(runs_dir=tmp_path / "other", max_jobs=1), runs_dir=tmp_path / "other") \
+        .blocks is not None and (tmp_path / "other" / ui_app.SECRET_FILE).read_text() != secrets[0]
+    assert apps[0]._queue.default_concurrency_limit == ui_app.DEFAULT_CONCURRENCY > 1
+
+
 def test_launch_main_rejects_bad_arguments_with_a_message(capsys):
     import launch
 

@@ -5,6 +5,8 @@ JobManager and polls them with a gr.Timer (see core/jobs.py for why).
 """
 from __future__ import annotations
 
+import os
+import secrets
 import uuid
 from pathlib import Path
 
@@ -14,6 +16,11 @@ from ui import tab_data, tab_evaluate, tab_memory, tab_model, tab_predict, tab_t
 from ui.common import ASSETS, AppContext
 
 TITLE = "Classifier Lab"
+# Events without their own limit run this many at once (Gradio's default is 1 app-wide, so a class
+# opening the page together would wait in one line behind each page-load handler). Training never
+# runs in a handler, and the heavy handlers (memory, exports) keep their own lower limits.
+DEFAULT_CONCURRENCY = 8
+SECRET_FILE = ".browser-secret"   # in the runs folder: the browser ids outlive a server restart
 
 # Larger type and roomier controls read well on a projector and stay usable on a laptop.
 CSS = """
@@ -52,7 +59,11 @@ def build_app(manager, data_dir: str | Path = "data", runs_dir: str | Path = "ru
         # page-load event (and a public "/dict" endpoint) that resets the state to a fresh dict; it
         # raced the Data tab's load and sometimes wiped the dataset a page had just loaded.
         ctx.session = gr.State({})
-        ctx.browser_id = gr.BrowserState(None, storage_key="classifier-lab-browser-id")
+        # The id is kept encrypted in the browser's localStorage; a secret that changed with every
+        # server start would make a restarted server unable to read it, and the browser would lose
+        # its runs (Resume, the Compare tab's last comparison).
+        ctx.browser_id = gr.BrowserState(None, storage_key="classifier-lab-browser-id",
+                                         secret=browser_secret(ctx.runs_dir))
         gr.Markdown(f"# {TITLE}\nTrain, inspect, compare and use image classifiers — "
                     "go through the tabs from left to right.", elem_id="lab-header")
         ctx.shared["tab"] = {}
@@ -67,7 +78,29 @@ def build_app(manager, data_dir: str | Path = "data", runs_dir: str | Path = "ru
             on_load = getattr(module, "on_load", None)
             if on_load is not None:
                 on_load(ctx, demo)
+    demo.queue(default_concurrency_limit=DEFAULT_CONCURRENCY)
     return demo
+
+
+def browser_secret(runs_dir: Path) -> str:
+    """The key the browser ids are encrypted with: made once, kept (owner-readable only) in the
+    runs folder, so that it lasts as long as the runs it gives access to."""
+    path = Path(runs_dir) / SECRET_FILE
+    try:
+        value = path.read_text(encoding="ascii").strip()
+        if len(value) >= 16:
+            return value
+    except (OSError, UnicodeDecodeError):
+        pass
+    value = secrets.token_urlsafe(24)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(value)
+    except OSError:   # a read-only runs folder: ids then last until the server stops
+        pass
+    return value
 
 
 def _ensure_browser_id(current: str | None) -> str:
