@@ -189,6 +189,27 @@ def group_run_ids(group_id: str, history=None) -> list[str]:
     return []
 
 
+def list_groups(history, owner: str | None = None) -> list[dict[str, Any]]:
+    """The comparison groups in the history, newest first: ``{"group_id", "label", "run_ids",
+    "owner", "created"}``; ``owner`` keeps only that owner's groups. They come from the index, so
+    they survive a restart of the server (the folders' meta.json files keep the group ids)."""
+    df = history.list(sort="created", descending=False)
+    df = df[df["group_id"].notna() & (df["group_id"] != "")]
+    if owner is not None:
+        df = df[df["owner"] == owner]
+    groups = []
+    for group_id, part in df.groupby("group_id", sort=False):
+        created = float(part["created"].min())
+        models = list(dict.fromkeys(part["model"].astype(str)))
+        shown = ", ".join(models[:4]) + (f" +{len(models) - 4}" if len(models) > 4 else "")
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(created))
+        groups.append({"group_id": str(group_id), "run_ids": list(part["run_id"]),
+                       "owner": part["owner"].iloc[0], "created": created,
+                       "label": f"{when} — {len(part)} run(s): {shown}"})
+    groups.sort(key=lambda g: g["created"], reverse=True)
+    return groups
+
+
 # ---------------------------------------------------------------------------------------------
 # Leaderboard
 # ---------------------------------------------------------------------------------------------

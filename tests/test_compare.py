@@ -87,7 +87,13 @@ def test_a_comparison_queues_every_run_and_records_its_group(comparison):
         assert read_meta(runs_dir / run_id)["group_id"] == str(group)
     # After a restart the group is still known (from meta.json through the index).
     compare._GROUPS.pop(str(group))
-    assert set(compare.group_run_ids(str(group), RunHistory(runs_dir))) == set(group.run_ids)
+    fresh = RunHistory(runs_dir)
+    assert set(compare.group_run_ids(str(group), fresh)) == set(group.run_ids)
+    (listed,) = compare.list_groups(fresh)     # the group is listed for the Compare tab, by owner too
+    assert listed["group_id"] == str(group) and listed["run_ids"] == group.run_ids
+    assert listed["owner"] == "alice" and listed["label"].endswith("2 run(s): tutorial_net, lenet5")
+    assert [g["group_id"] for g in compare.list_groups(fresh, owner="alice")] == [str(group)]
+    assert compare.list_groups(fresh, owner="bob") == []
 
 
 def test_leaderboard_fills_every_column_and_sorts(comparison):
@@ -253,4 +259,19 @@ def test_tab_train_all_queues_a_comparison_on_the_data_tab_data(tab, tiny_folder
     assert job.status == ev.FINISHED and "lenet5 lr=0.05: finished" in queue
     assert board["predicted training memory (MiB)"].notna().all()
     assert selected["value"] == run_ids and any(run_ids[0] == v for _, v in selected["choices"])
+
+    # The comparison is listed, and a reloaded page (a fresh session, same browser) gets it back.
+    session = {}
+    group_update = h["refresh_groups"](session, "browser-1", None)
+    group_id = group_update["value"]
+    assert group_id and group_id in {v for _, v in group_update["choices"]}
+    group_update, selected, timer = h["reconnect"](session, "browser-1", None)
+    assert group_update["value"] == group_id and selected["value"] == run_ids and timer.active
+    assert session["cmp_group"] == group_id
+    group_update, _, _ = h["reconnect"]({}, "another-browser", None)   # someone else: nothing picked
+    assert "value" not in group_update
+    # Picking the comparison in the list shows its runs, curves and leaderboard.
+    selected, fig, board, queue, timer, pick_a, pick_b = h["pick_group"](group_id, {})
+    assert selected["value"] == run_ids and list(board["run id"]) == run_ids
+    assert {t.name for t in fig.data if t.showlegend} == {"lenet5 lr=0.05 · train", "lenet5 lr=0.05 · val"}
     ctx.history.delete(run_ids[0], confirm=run_ids[0])   # keep the shared comparison as it was

@@ -258,6 +258,21 @@ def test_confusion_heatmap_normalized_and_empty_rows():
     assert custom[0, 1, 0] == 2 and custom[0, 1, 1] == pytest.approx(20.0)  # count and percent
 
 
+def test_confusion_heatmap_compact_for_side_by_side():
+    cm = np.array([[8, 2, 0], [0, 0, 0], [1, 1, 2]])
+    (hm,) = P.confusion_heatmap(cm, ["a", "b", "c"], normalize=True, compact=True).data
+    assert [list(r) for r in hm.text] == [["80", "20", ""], ["", "", ""], ["25", "25", "50"]]
+    (hm,) = P.confusion_heatmap(cm, ["a", "b", "c"], normalize=False, compact=True).data
+    assert [list(r) for r in hm.text] == [["8", "2", ""], ["", "", ""], ["1", "1", "2"]]
+    np.testing.assert_array_equal(np.asarray(hm.z), cm)                     # colours unchanged
+
+
+def test_compare_legend_below_and_whole_epoch_ticks():
+    fig = P.compare_loss_accuracy({"a": _history(3), "b": _history(3)}, splits=("train", "val"))
+    assert fig.layout.legend.y < 0 and fig.layout.legend.yanchor == "top"   # not over the title
+    assert fig.layout.xaxis.dtick == 1 and fig.layout.xaxis2.dtick == 1
+
+
 def test_confusion_heatmap_cell_text_rules_and_non_ascii():
     names = ["猫", "Hund", "oiseau d'été", "Ψάρι", "лиса", "0", "1", "2", "3", "4", "5", "6"]
     fig = P.confusion_heatmap(_cm(12), names, normalize=True)

@@ -429,16 +429,25 @@ def compare_loss_accuracy(runs: Mapping[str, pd.DataFrame], splits: Sequence[str
     if not fig.data:
         return empty_figure(f"No {'/'.join(splits)} metrics in these runs yet", title)
     fig.update_xaxes(title_text=x)
+    xs = [v for t in fig.data for v in (t.x if t.x is not None else ())]
+    if x == "epoch" and xs and max(xs) <= 15:
+        fig.update_xaxes(dtick=1)   # whole epochs: no "1.5" tick between two points
     fig.update_yaxes(title_text="loss", row=1, col=1)
     _accuracy_axis(fig, np.concatenate(acc) if acc else np.zeros(0))
-    return _style(fig, title, height=420)
+    fig = _style(fig, title, height=420 + 30 * ((len(runs) * len(splits) + 2) // 3))
+    # One legend entry per run and split: below the panels, where it does not cover the title.
+    fig.update_layout(legend=dict(orientation="h", x=0, xanchor="left", y=-0.22, yanchor="top"),
+                      margin=dict(b=60 + 30 * ((len(runs) * len(splits) + 2) // 3)))
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------
 # Confusion matrix
 # ---------------------------------------------------------------------------------------------
-def _percent_text(frac: np.ndarray, k: int) -> np.ndarray:
+def _percent_text(frac: np.ndarray, k: int, compact: bool = False) -> np.ndarray:
     pct = 100.0 * frac
+    if compact:   # half-width panels: whole percents without the sign, empty cells for 0
+        return np.vectorize(lambda p: f"{p:.0f}" if p > 0 else "")(pct)
     if k <= ONE_DECIMAL_CLASSES:
         return np.vectorize(lambda p: f"{p:.1f}%")(pct)
     # 11–20 classes: cells are narrow; whole percents without the sign (the colour bar says %).
@@ -446,13 +455,14 @@ def _percent_text(frac: np.ndarray, k: int) -> np.ndarray:
 
 
 def confusion_heatmap(matrix: Any, class_names: Sequence[str], normalize: bool = False,
-                      title: str = "Confusion matrix") -> go.Figure:
+                      title: str = "Confusion matrix", compact: bool = False) -> go.Figure:
     """Heat map of a K×K confusion matrix of counts (rows = true class, as ``core.metrics``).
 
     True class on y (row 0 at the top), predicted class on x, both in ``class_names`` order.
     ``normalize=True`` colours each row by its fraction of the true class (rows with no samples
     stay 0). Cells carry the count, or the percent (one decimal up to 10 classes, none up to 20);
-    above 20 classes they are left blank and the hover tells the numbers.
+    above 20 classes they are left blank and the hover tells the numbers. ``compact`` is for two
+    matrices side by side: whole percents without the sign, and nothing in empty cells.
     """
     counts = np.asarray(matrix, dtype=np.int64) if len(matrix) else np.zeros((0, 0), np.int64)
     k = len(class_names)
@@ -475,7 +485,10 @@ def confusion_heatmap(matrix: Any, class_names: Sequence[str], normalize: bool =
                       tickformat=".0%" if normalize else ",d", thickness=16),
     )
     if k <= MAX_CELL_TEXT_CLASSES:
-        text = _percent_text(frac, k) if normalize else counts.astype(str)
+        if normalize:
+            text = _percent_text(frac, k, compact)
+        else:
+            text = np.where(counts > 0, counts.astype(str), "") if compact else counts.astype(str)
         trace.update(text=text, texttemplate="%{text}", textfont=dict(size=FONT_SIZE))
     fig = go.Figure(go.Heatmap(**trace))
     fig.update_xaxes(title_text="predicted class", tickangle=-45 if k > 6 else 0,

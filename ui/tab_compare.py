@@ -50,6 +50,11 @@ def run_choices(ctx: AppContext, need: str | None = None) -> list[tuple[str, str
     return _history(ctx).choices(need=need)
 
 
+def group_choices(ctx: AppContext) -> list[tuple[str, str]]:
+    """(label, group id) of every comparison in the history, newest first."""
+    return [(g["label"], g["group_id"]) for g in compare.list_groups(_history(ctx))]
+
+
 def _keep(value, choices) -> list[str] | str | None:
     ids = {v for _, v in choices}
     if isinstance(value, (list, tuple)):
@@ -281,7 +286,8 @@ def pair_view(ctx: AppContext, run_a: str | None, run_b: str | None, normalize: 
             figs.append(plots.empty_figure(f"{label}: no test evaluation yet ({record.status})", f"Run {which}"))
         else:
             figs.append(plots.confusion_heatmap(report.confusion, report.class_names, normalize=normalize,
-                                                title=f"{which}: {label} — accuracy {report.accuracy:.1%}"))
+                                                title=f"{which}: {label} — accuracy {report.accuracy:.1%}",
+                                                compact=True))
     empty = pd.DataFrame(columns=DIFF_DISPLAY)
     if reports[0] is None or reports[1] is None:
         return figs[0], figs[1], "Pick two evaluated runs to see where they differ.", empty
@@ -325,6 +331,9 @@ def build(ctx: AppContext) -> None:
                 stop = gr.Button("Stop these runs", variant="stop", elem_id="cmp_stop")
             queue = gr.Textbox(label="Queue", lines=5, max_lines=12, interactive=False, elem_id="cmp_queue")
         with gr.Column(scale=2):
+            group_pick = gr.Dropdown(label="Comparison", choices=[], value=None, elem_id="cmp_group",
+                                     info="A comparison trained earlier (kept across restarts); "
+                                          "picking one shows its runs")
             with gr.Row():
                 selected = gr.Dropdown(label="Runs compared", choices=[], value=[], multiselect=True,
                                        elem_id="cmp_runs", scale=5,
@@ -332,7 +341,10 @@ def build(ctx: AppContext) -> None:
                 refresh = gr.Button("Refresh", elem_id="cmp_refresh", scale=1)
             curves = gr.Plot(curves_figure(ctx, []), label="Loss and accuracy", elem_id="cmp_curves")
     board = gr.Dataframe(pd.DataFrame(columns=LEADERBOARD_DISPLAY), label="Leaderboard (click a header to sort)",
-                         interactive=False, wrap=True, elem_id="cmp_leaderboard")
+                         interactive=False, wrap=True, elem_id="cmp_leaderboard",
+                         # numbers sort as numbers (9 before 10), the rest as text
+                         datatype=["number" if c.endswith(("(%)", "(s)", "(MiB)", "F1", "parameters", "images/s"))
+                                   else "str" for c in LEADERBOARD_DISPLAY])
     with gr.Row():
         csv_btn = gr.Button("Download CSV", elem_id="cmp_csv_btn", scale=1)
         csv_file = gr.File(label="Leaderboard CSV", interactive=False, elem_id="cmp_csv", scale=3, height=90)
@@ -394,7 +406,10 @@ def build(ctx: AppContext) -> None:
             busy = False
         else:
             busy = _estimate_memory_later(ctx, run_ids)
-            df = compare.leaderboard(h, run_ids, memory=False, refresh=False)
+            # While runs train the index (kept current by the job listener) is enough; once none
+            # is live, re-read the folders: the listener may not have recorded the last run's end
+            # yet, and the timer stops after this render.
+            df = compare.leaderboard(h, run_ids, memory=False, refresh=not _live(ctx, run_ids))
         return curves_figure(ctx, run_ids), leaderboard_display(df), queue_text(ctx, run_ids), busy
 
     @safe
@@ -454,6 +469,25 @@ def build(ctx: AppContext) -> None:
         fig, board_df, qtext, _ = _render(run_ids, memory_sync=not _live(ctx, run_ids))
         # The side-by-side view starts with the first two evaluated runs of the selection.
         return (fig, board_df, qtext, gr.Timer(active=_live(ctx, run_ids))) + _pair_defaults(run_ids, a, b)
+
+    @safe
+    def pick_group(group_id, session=None):
+        if not group_id:
+            return (gr.skip(),) * 7
+        if session is not None:
+            session["cmp_group"] = group_id
+        ids = compare.group_run_ids(group_id, _history(ctx))
+        # A new selection: the side-by-side view starts again from its first two evaluated runs.
+        return (gr.update(choices=run_choices(ctx), value=ids),) + show_selected(ids, None, None)
+
+    def refresh_groups(session, browser_id, request: gr.Request):
+        """The comparison list; the value is this session's comparison, else this browser's latest."""
+        choices = group_choices(ctx)
+        current = (session or {}).get("cmp_group")
+        if current is None:
+            own = compare.list_groups(_history(ctx), owner=owner_of(request, browser_id))
+            current = own[0]["group_id"] if own else None
+        return gr.update(choices=choices, value=_keep(current, choices))
 
     @safe
     def stop_selected(run_ids, browser_id, request: gr.Request):
@@ -573,7 +607,9 @@ def build(ctx: AppContext) -> None:
     live_outputs = [selected, curves, board, queue, timer]
     train_inputs = ctx.field_widgets() | {ctx.session, ctx.browser_id, models, lrs, freeze, epochs}
     train.click(train_all, inputs=train_inputs, outputs=live_outputs, api_name="compare_train_all",
-                show_progress="hidden", concurrency_limit=None)
+                show_progress="hidden", concurrency_limit=None).then(
+        refresh_groups, [ctx.session, ctx.browser_id], group_pick, api_visibility="private",
+        show_progress="hidden", concurrency_limit=None)
     stop.click(stop_selected, [selected, ctx.browser_id], queue, api_name="compare_stop",
                show_progress="hidden", concurrency_limit=None)
     timer.tick(poll, [selected, run_a, run_b], [selected, curves, board, queue, timer, run_a, run_b],
@@ -581,6 +617,8 @@ def build(ctx: AppContext) -> None:
     show_outputs = [curves, board, queue, timer, run_a, run_b]
     selected.input(show_selected, [selected, run_a, run_b], show_outputs, api_name="compare_show",
                    concurrency_limit=None)
+    group_pick.input(pick_group, [group_pick, ctx.session], [selected] + show_outputs, api_name="compare_group",
+                     concurrency_limit=None)
     refresh.click(refresh_choices, [selected, run_a, run_b, hist_run], [selected, run_a, run_b, hist_run],
                   api_name="compare_runs", concurrency_limit=None)
     csv_btn.click(leaderboard_csv, selected, csv_file, api_name="compare_csv", concurrency_limit=None)
@@ -611,6 +649,7 @@ def build(ctx: AppContext) -> None:
 
     ctx.shared["compare"] = {
         "widgets": {"models": models, "lrs": lrs, "freeze": freeze, "epochs": epochs, "selected": selected,
+                    "group": group_pick,
                     "run_a": run_a, "run_b": run_b, "hist_run": hist_run, "table": table, "timer": timer,
                     "filter": filt, "status": status_f},
         "handlers": {"preview_plan": preview_plan, "train_all": train_all, "poll": poll,
@@ -618,9 +657,11 @@ def build(ctx: AppContext) -> None:
                      "refresh_choices": refresh_choices, "leaderboard_csv": leaderboard_csv,
                      "show_pair": show_pair, "refresh_history": refresh_history, "rename": rename,
                      "save_tags": save_tags, "delete": delete, "resume": resume,
-                     "add_to_comparison": add_to_comparison,
+                     "add_to_comparison": add_to_comparison, "pick_group": pick_group,
+                     "refresh_groups": refresh_groups,
                      "export": {k: make_export(k) for k in EXPORT_KINDS}},
         "reload": (refresh_choices, [selected, run_a, run_b, hist_run], refresh_history, hist_inputs, table),
+        "groups": (refresh_groups, pick_group, [selected] + show_outputs),
     }
 
 
@@ -637,21 +678,26 @@ def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
         tab.select(refresh_choices, lists, lists, api_visibility="private")
         tab.select(refresh_history, hist_inputs, table, api_visibility="private")
 
-    def reconnect(run_ids, browser_id, request: gr.Request):
+    refresh_groups, _, group_outputs = shared["groups"]
+
+    @safe
+    def reconnect(session, browser_id, request: gr.Request):
+        """After a reload or a server restart: show this browser's latest comparison again, whether
+        it is still training (the timer follows it) or long finished (its curves and leaderboard)."""
         owner = owner_of(request, browser_id)
-        live = [j.job_id for j in ctx.manager.jobs(owner) if not j.done]
-        grouped = [r for r in live if _row(ctx, r).get("group_id")]
-        if not grouped:
-            return gr.skip(), gr.skip()
-        ids = list(dict.fromkeys(list(run_ids or []) + grouped))
-        return gr.update(choices=run_choices(ctx), value=ids), gr.Timer(active=True)
+        own = compare.list_groups(_history(ctx), owner=owner)
+        choices = group_choices(ctx)
+        if not own:
+            return (gr.update(choices=choices),) + (gr.skip(),) * 2
+        latest = own[0]
+        session["cmp_group"] = latest["group_id"]
+        # The timer's first tick draws the curves and the leaderboard, and stops once none is live.
+        return (gr.update(choices=choices, value=latest["group_id"]),
+                gr.update(choices=run_choices(ctx), value=latest["run_ids"]), gr.Timer(active=True))
 
-    ctx.browser_id.change(reconnect, [w["selected"], ctx.browser_id], [w["selected"], w["timer"]],
-                          api_visibility="private", show_progress="hidden")
-
-
-def _row(ctx: AppContext, run_id: str) -> dict:
-    try:
-        return _history(ctx).get(run_id, refresh=False)
-    except LabError:
-        return {}
+    shared["handlers"]["reconnect"] = reconnect
+    ctx.browser_id.change(reconnect, [ctx.session, ctx.browser_id], [w["group"], w["selected"], w["timer"]],
+                          api_visibility="private", show_progress="hidden", concurrency_limit=None)
+    if tab is not None:
+        tab.select(refresh_groups, [ctx.session, ctx.browser_id], w["group"], api_visibility="private",
+                   concurrency_limit=None)
