@@ -318,3 +318,60 @@ def test_second_user_is_queued_while_the_only_slot_trains(lab):
     top5 = label["confidences"]
     assert len(top5) == 5 and {x["label"] for x in top5} <= set(SAMPLE_CLASSES)
     assert top5[0]["label"] == label["label"]
+
+
+def test_stop_a_running_run_resume_it_while_others_keep_working(lab, tiny_zip):
+    """A student stops a run mid-way and resumes it; meanwhile another browser computes memory,
+    browses and reads the model table without waiting for the training slot."""
+    a, b = new_client(lab), new_client(lab)
+    load_zip(a, tiny_zip)
+    status = start(a, **{"Epochs": 200, "Batch size": 16, "Device": "cpu"})[0]
+    assert status.startswith(("Starting", "Training")), status
+    deadline = time.time() + 60
+    while not (out := poll(a))[0].startswith("Training") or "batch" not in out[1]:
+        assert time.time() < deadline, out[0]
+        time.sleep(0.3)
+    run_id = re.search(r"run (\S+):", out[0]).group(1)
+    job = lab["manager"].find(run_id)
+
+    # B is not queued behind A's training: each answer comes while A is still training.
+    summary = b.predict("resnet18", True, "none", 0, 32, "sgd", "fp32", "8 GB", api_name="/memory")[0]
+    assert "training needs **" in summary and not job.done
+    assert "2,500 images" in load_sample(b)[0] and not job.done
+    assert len(b.predict("random", api_name="/reshuffle")) == 32 and not job.done
+    assert b.predict("lenet5", True, "none", 0, False, api_name="/layer_table")[0].startswith("**62,006 of")
+    assert not job.done
+
+    assert a.predict(None, api_name="/stop_training").startswith("Stopping after the current batch")
+    out, _ = poll_until_done(a, timeout=60)
+    assert out[0].startswith(f"Stopped — tutorial_net — run {run_id}: stopped by request"), out[0]
+    epochs_done = len([e for e in job.events if type(e).__name__ == "EpochEnded"])
+    assert 0 < epochs_done < 200
+    last = torch_load(lab["runs_dir"] / run_id / "last.pth")
+    assert last["epoch"] <= epochs_done and last["batches_done"] >= 0
+
+    # Resume, asking for 1 epoch: the run goes on in the same folder for at least one more epoch.
+    status = a.predict(*start_args(a, "/resume_training", **{"Epochs": 1}), api_name="/resume_training")[0]
+    assert run_id in status
+    out, _ = poll_until_done(a, timeout=90)
+    assert out[0].startswith(f"Finished — tutorial_net — run {run_id}"), out[0]
+    target = last["epoch"] + 1
+    assert f"epoch {target}/{target}" in out[1] and f"epoch {target}/{target}: train loss" in out[3]
+
+
+def test_a_failed_run_shows_its_reason_and_the_server_goes_on(lab, tiny_zip):
+    a = new_client(lab)
+    load_zip(a, tiny_zip)
+    start(a, **{"Epochs": 2, "Batch size": 16, "Device": "cpu", "Learning rate": 1e8})
+    out, _ = poll_until_done(a, timeout=60)
+    assert out[0].startswith("Failed — tutorial_net — run "), out[0]
+    assert "learning rate" in out[0] and "too high" in out[0]
+    assert "Traceback" not in out[0] + out[3]
+    # the next run on the same server trains normally
+    start(a, **{"Epochs": 1, "Batch size": 16, "Device": "cpu"})
+    assert poll_until_done(a, timeout=90)[0][0].startswith("Finished")
+
+
+def torch_load(path: Path) -> dict:
+    import torch
+    return torch.load(path, weights_only=True)

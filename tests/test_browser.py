@@ -132,14 +132,14 @@ def test_student_flow_in_the_browser(page):
     expect(pg.locator("#mem_breakdown .js-plotly-plot")).to_be_visible(timeout=30_000)
     shot(pg, "03-memory")
 
-    # 3. Train: 6 epochs at the default batch size, on the sample; the curves redraw while it trains (the page polls
+    # 3. Train: 10 epochs at the default batch size, on the sample; the curves redraw while it trains (the page polls
     #    every second; an epoch of 1,750 images takes 0.5 s on an idle 2-core machine, up to ~8 s on a
     #    busy one, so fewer epochs can finish between two polls).
     open_tab(pg, "Train")
     epochs = pg.locator("#epochs input[type=number]")
-    epochs.fill("6")
+    epochs.fill("10")
     epochs.press("Enter")
-    expect(pg.locator("#epochs input[type=range]")).to_have_value("6")
+    expect(pg.locator("#epochs input[type=range]")).to_have_value("10")
     expect(pg.locator("#batch_size input")).to_have_value(str(DataConfig().batch_size))  # the engine's default
     pg.locator("#start_btn").click()
     status = pg.locator("#train_status textarea")
@@ -147,7 +147,7 @@ def test_student_flow_in_the_browser(page):
     # The drawn curves (the SVG paths of the plotly traces) while the status says "Training".
     curves_js = ("() => [...document.querySelectorAll('#train_curves .scatterlayer path.js-line')]"
                  ".map(p => p.getAttribute('d')).join('|')")
-    drawn, statuses = [], []
+    drawn, statuses, reloaded = [], [], False
     deadline = time.time() + 150
     while time.time() < deadline:
         value = status.input_value()
@@ -159,13 +159,30 @@ def test_student_flow_in_the_browser(page):
             drawn.append(curves)
             if len(drawn) == 2:
                 shot(pg, "04-train-running")
+        if len(drawn) >= 2 and not reloaded:
+            # A reload (or a closed and reopened tab) does not stop the run: the page finds it again.
+            run_id = re.search(r"run (\S+):", value).group(1)
+            assert pg.lab["console_errors"] == [], pg.lab["console_errors"]
+            pg.reload()
+            reloaded = True
+            # The old page's open event streams are cut by the reload itself; Gradio's client logs
+            # that ("AbortError", "Connection errored out") as it goes. Anything else still counts.
+            pg.wait_for_load_state()
+            pg.lab["console_errors"] = [e for e in pg.lab["console_errors"]
+                                        if not e.startswith(("AbortError", "Unexpected error Connection errored out"))]
+            expect(pg.locator("#data_info")).to_contain_text("2,500 images", timeout=60_000)
+            open_tab(pg, "Train")
+            status = pg.locator("#train_status textarea")
+            expect(status).to_have_value(re.compile(rf"^(Training|Finished) — tutorial_net — run {run_id}"),
+                                         timeout=20_000)
         pg.wait_for_timeout(200)
+    assert reloaded, f"the run ended before the page could be reloaded: {statuses[-3:]}"
     assert status.input_value().startswith("Finished"), (statuses[-3:], pg.lab, _toasts(pg))
     # the curves were redrawn with new points at least twice while it trained
     assert len(drawn) >= 2, f"{len(drawn)} distinct drawing(s) of the curves during training; statuses {statuses}"
-    expect(pg.locator("#train_progress")).to_contain_text("100% — epoch 6/6")
+    expect(pg.locator("#train_progress")).to_contain_text("100% — epoch 10/10")
     expect(pg.locator("#train_curves .js-plotly-plot")).to_be_visible()
-    expect(pg.locator("#train_log textarea")).to_have_value(re.compile(r"epoch 6/6: train loss"))
+    expect(pg.locator("#train_log textarea")).to_have_value(re.compile(r"epoch 10/10: train loss"))
     no_error_toasts(pg)
     shot(pg, "05-train-finished")
 
@@ -178,6 +195,13 @@ def test_student_flow_in_the_browser(page):
     ticks = pg.locator("#eval_confusion .xtick text, #eval_confusion .ytick text").all_text_contents()
     assert set(CLASSES) <= set(ticks), ticks
     expect(pg.locator("#eval_per_class")).to_contain_text("truck")
+    # the mistakes are captioned "true → predicted confidence", and no caption is cut off
+    expect(pg.locator("#eval_errors .caption-label").first).to_be_visible(timeout=30_000)
+    captions = pg.locator("#eval_errors .caption-label")
+    assert all(re.fullmatch(r"\w+ → \w+ \d+%", t) for t in captions.all_inner_texts())
+    cut = pg.evaluate("() => [...document.querySelectorAll('#eval_errors .caption-label')]"
+                      ".filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.innerText)")
+    assert cut == [], f"captions cut off: {cut}"
     no_error_toasts(pg)
     shot(pg, "06-evaluate")
 

@@ -32,6 +32,9 @@ CSS = """
 .lab-progress > div { height: 100%; background: var(--primary-500); transition: width 0.4s; }
 .lab-log textarea { font-family: var(--font-mono); font-size: 13px !important; }
 /* A dropped 32-pixel CIFAR image would otherwise sit as a speck in the middle of the drop zone. */
+/* Mistake captions ("automobile → truck 51%") wrap inside the thumbnail instead of ending in "…". */
+#eval_errors .caption-label { white-space: normal; max-width: calc(100% - 8px); left: 4px; right: 4px;
+  text-align: center; line-height: 1.25; }
 #predict_image img { min-width: 60%; max-height: 100%; object-fit: contain; image-rendering: pixelated; }
 """
 

@@ -26,10 +26,11 @@ def build(ctx: AppContext) -> None:
             matrix = gr.Plot(None, label="Confusion matrix", elem_id="eval_confusion")
         with gr.Column(scale=2):
             per_class = gr.Dataframe(pd.DataFrame(columns=PER_CLASS_HEADERS), label="Per-class metrics",
-                                     interactive=False, elem_id="eval_per_class", wrap=True,
+                                     interactive=False, elem_id="eval_per_class", wrap=True, max_height=720,
                                      column_widths=["28%", "22%", "16%", "15%", "19%"])  # no "precisi/on"
-    errors = gr.Gallery(label="Most confident mistakes (true class → predicted class, confidence)", columns=8, height=320, elem_id="eval_errors",
-                        object_fit="contain")
+    # 6 columns: a caption such as "airplane → automobile 61%" fits under a thumbnail (8 cut it off).
+    errors = gr.Gallery(label="Most confident mistakes (true class → predicted class, confidence)", columns=6,
+                        height=560, elem_id="eval_errors", object_fit="contain")
 
     @safe
     def refresh_runs(session: dict, current: str | None):
