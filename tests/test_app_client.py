@@ -228,6 +228,12 @@ def test_train_evaluate_and_predict_on_an_uploaded_zip(lab, tiny_zip, tmp_path):
     assert [x["confidence"] for x in confs] == sorted((x["confidence"] for x in confs), reverse=True)
     assert 0.99 < sum(x["confidence"] for x in confs) <= 1.0001
 
+    # The same checkpoint uploaded as a file (the Predict tab's other source) gives the same answer.
+    upload = c.predict(handle_file(str(EXAMPLES / "cat.jpg")), "A checkpoint file (.pth)", None,
+                       handle_file(str(run_dir / "best.pth")), "none", api_name="/predict")
+    assert upload["label"] == label["label"]
+    assert [x["confidence"] for x in upload["confidences"]] == pytest.approx([x["confidence"] for x in confs])
+
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
     table, csv = c.predict([handle_file(str(EXAMPLES / "ship.jpg")), handle_file(str(EXAMPLES / "dog.jpg")),
@@ -375,3 +381,30 @@ def test_a_failed_run_shows_its_reason_and_the_server_goes_on(lab, tiny_zip):
 def torch_load(path: Path) -> dict:
     import torch
     return torch.load(path, weights_only=True)
+
+
+def test_server_folder_index_file_and_offline_builtin_set_sources(lab, tiny_folder, tmp_path):
+    """The Data tab's other sources: a folder on the server, an index file (paths relative to it),
+    and a built-in torchvision set that is not on this offline machine (a message naming the file)."""
+    c = new_client(lab)
+    info = c.predict("Folder on the server", "CIFAR10", None, str(tiny_folder), "per class", 10, 10, 0,
+                     api_name="/load_data")[0]
+    assert "150 images, 3 classes" in info and "train 120, test 30" in info
+
+    rows = [f"{p.relative_to(tiny_folder).as_posix()},{p.parent.name}" for p in sorted(tiny_folder.rglob("*.jpg"))]
+    index = tiny_folder / "labels.csv"
+    index.write_text("path,label\n" + "\n".join(rows[::2]) + "\n", encoding="utf-8")
+    try:
+        info, gallery, _, sizes, _, note, table, _ = c.predict("Index file (.txt / .csv)", "CIFAR10", None, str(index),
+                                                                "per class", 10, 10, 0, api_name="/load_data")
+    finally:
+        index.unlink()
+    assert "75 images, 3 classes" in info
+    assert {g["caption"] for g in gallery} == set(TINY) and table_rows(sizes) == [[32, 32, "RGB", 75]]
+    assert [r[0] for r in table_rows(table)] == TINY
+
+    with pytest.raises(AppError) as err:
+        c.predict("Built-in set (torchvision)", "CIFAR100", None, "", "per class", 10, 10, 0, api_name="/load_data")
+    text = str(err.value)
+    assert "cifar-100-python.tar.gz" in text and str(Path(lab["manager"].data_dir) / "CIFAR100") in text
+    assert "Traceback" not in text

@@ -235,6 +235,15 @@ def test_student_flow_in_the_browser(page):
     expect(top5).to_contain_text("%", timeout=30_000)
     shot(pg, "08-predict-upload")
 
+    # an example image is one click away: it replaces the image and the top-5 follows
+    before = pg.evaluate("() => document.querySelector('#predict_image img').src")
+    pg.locator("#predict_examples img").first.click()
+    pg.wait_for_function("(old) => { const i = document.querySelector('#predict_image img');"
+                         " return i && i.src !== old; }", arg=before, timeout=30_000)
+    expect(top5).to_contain_text("%", timeout=30_000)
+    assert len(re.findall(r"\d+(?:\.\d+)?%", top5.inner_text())) >= 5
+    shot(pg, "09-predict-example")
+
     # 6. Nothing left the machine, and the page logged no errors.
     assert pg.lab["external"] == [], pg.lab["external"]
     assert pg.lab["page_errors"] == [], pg.lab["page_errors"]

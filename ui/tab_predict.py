@@ -86,7 +86,7 @@ def build(ctx: AppContext) -> None:
                 label = gr.Label(num_top_classes=5, label="Top-5", elem_id="predict_top5")
             if EXAMPLES:
                 gr.Examples(EXAMPLES, inputs=image, label="Example images (CIFAR-10 test images the sample does not contain)",
-                            examples_per_page=10)
+                            examples_per_page=10, elem_id="predict_examples")
     with gr.Accordion("Predict many images at once", open=False):
         many = gr.File(file_count="multiple", file_types=["image"], label="Images", elem_id="predict_many")
         table = gr.Dataframe(pd.DataFrame(columns=["image", "prediction", "probability", "top_k", "error"]),
