@@ -113,7 +113,7 @@ def _wait_for_board(pg, n: int, timeout_s: float) -> list[dict[str, str]]:
     deadline, rows = time.time() + timeout_s, []
     while time.time() < deadline:
         rows = _leaderboard(pg)
-        if len(rows) == n and all(r.get("status") == "finished" and r.get("test accuracy (%)") for r in rows):
+        if len(rows) == n and all(r.get("status") == "finished" and r.get("test acc (%)") for r in rows):
             return rows
         pg.wait_for_timeout(500)
     pytest.fail(f"leaderboard did not show {n} finished runs: {rows}; queue: "
@@ -151,8 +151,8 @@ def test_three_model_comparison_survives_a_restart(browser_context, tmp_path_fac
         rows = _wait_for_board(pg, 3, timeout_s=240)
         assert sorted(r["model"] for r in rows) == sorted(MODELS)
         for r in rows:   # every leaderboard column is filled for a finished run
-            for col in ("best val accuracy (%)", "test accuracy (%)", "macro F1", "parameters",
-                        "trainable parameters", "training time (s)", "images/s", "checkpoint size (MiB)"):
+            for col in ("best val acc (%)", "test acc (%)", "macro F1", "params",
+                        "trainable params", "train time (s)", "images/s", "checkpoint (MiB)"):
                 assert r[col] not in ("", "None", "NaN"), (col, r)
         # the curves of all three runs are overlaid (train and val of each in the legend)
         expect(pg.locator("#cmp_curves .js-plotly-plot")).to_be_visible()
@@ -164,7 +164,7 @@ def test_three_model_comparison_survives_a_restart(browser_context, tmp_path_fac
         expect(pg.locator("#cmp_pair_summary")).to_contain_text("accuracy")
         group = pg.locator("#cmp_group input").input_value()
         assert "3 run(s)" in group, group
-        board_before = {r["run id"]: r["test accuracy (%)"] for r in rows}
+        board_before = {r["run id"]: r["test acc (%)"] for r in rows}
         # Sortable: the header's menu sorts the rows by that column, as numbers (33 before 306).
         header = pg.locator("#cmp_leaderboard thead th[title='images/s']")
         for item, descending in (("Sort ascending", False), ("Sort descending", True)):
@@ -174,6 +174,10 @@ def test_three_model_comparison_survives_a_restart(browser_context, tmp_path_fac
             pg.wait_for_timeout(500)
             speeds = [float(r["images/s"]) for r in _leaderboard(pg)]
             assert speeds == sorted(speeds, reverse=descending) and len(set(speeds)) > 1, (item, speeds)
+        # The leaderboard as CSV: the download box appears with the file.
+        pg.locator("#cmp_csv_btn").click()
+        link = pg.locator("#cmp_csv a[href$='.csv']")
+        expect(link).to_have_attribute("href", re.compile(r"/leaderboard-\d{8}-\d{6}\.csv$"), timeout=20_000)
         no_error_toasts(pg)
         shot(pg, "12-compare-leaderboard")
         assert pg.lab["external"] == [] and pg.lab["page_errors"] == [], pg.lab
@@ -192,7 +196,7 @@ def test_three_model_comparison_survives_a_restart(browser_context, tmp_path_fac
         open_tab(pg, "Compare")
         expect(pg.locator("#cmp_group input")).to_have_value(group, timeout=30_000)
         rows = _wait_for_board(pg, 3, timeout_s=60)
-        assert {r["run id"]: r["test accuracy (%)"] for r in rows} == board_before
+        assert {r["run id"]: r["test acc (%)"] for r in rows} == board_before
         expect(pg.locator("#cmp_curves .legendtext")).not_to_have_count(0, timeout=30_000)
         names = _curve_names(pg)
         assert all(any(m in n for n in names) for m in MODELS), names

@@ -201,10 +201,11 @@ def test_tab_shows_curves_leaderboard_and_side_by_side(tab):
     assert len(set(colors.values())) == 2   # one colour per run, the same in both panels
     from ui.tab_compare import LEADERBOARD_DISPLAY
     assert list(board.columns) == LEADERBOARD_DISPLAY
-    assert len(board) == 2 and board["predicted training memory (MiB)"].notna().all()
+    assert len(board) == 2 and board["predicted memory (MiB)"].notna().all()
     assert "tutorial_net lr=0.01: finished" in queue
-    csv_path = h["leaderboard_csv"](list(group.run_ids))
-    assert pd.read_csv(csv_path)["run id"].tolist() == board["run id"].tolist()
+    csv_file = h["leaderboard_csv"](list(group.run_ids))
+    assert csv_file["visible"] is True   # the download box appears once there is a file
+    assert pd.read_csv(csv_file["value"])["run id"].tolist() == board["run id"].tolist()
     a, b = group.run_ids
     cm_a, cm_b, summary, table = h["show_pair"](a, b, True)
     assert "A" in summary and "B" in summary and len(table) >= 3
@@ -257,7 +258,7 @@ def test_tab_train_all_queues_a_comparison_on_the_data_tab_data(tab, tiny_folder
             break
         time.sleep(0.2)
     assert job.status == ev.FINISHED and "lenet5 lr=0.05: finished" in queue
-    assert board["predicted training memory (MiB)"].notna().all()
+    assert board["predicted memory (MiB)"].notna().all()
     assert selected["value"] == run_ids and any(run_ids[0] == v for _, v in selected["choices"])
 
     # The comparison is listed, and a reloaded page (a fresh session, same browser) gets it back.

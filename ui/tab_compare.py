@@ -28,9 +28,9 @@ POLL_S = 1.0
 DEFAULT_MODELS = ["tutorial_net", "resnet18"]
 HISTORY_COLUMNS = ["run id", "name", "tags", "model", "dataset", "status", "epochs", "best val acc (%)",
                    "test acc (%)", "created", "owner"]
-LEADERBOARD_DISPLAY = ["run", "model", "status", "best val accuracy (%)", "test accuracy (%)", "macro F1",
-                       "parameters", "trainable parameters", "training time (s)", "images/s",
-                       "predicted training memory (MiB)", "checkpoint size (MiB)", "run id"]
+LEADERBOARD_DISPLAY = ["run", "model", "status", "best val acc (%)", "test acc (%)", "macro F1",
+                       "params", "trainable params", "train time (s)", "images/s",
+                       "predicted memory (MiB)", "checkpoint (MiB)", "run id"]
 DIFF_DISPLAY = ["kind", "true class", "predicted class", "A (%)", "B (%)", "B − A (points)"]
 ALL_STATUSES = "(all)"
 EXPORT_KINDS = ("checkpoint", "torchscript", "onnx", "metrics")
@@ -127,13 +127,13 @@ def leaderboard_display(df: pd.DataFrame) -> pd.DataFrame:
     """The leaderboard for people: accuracies in %, sizes in MiB, times rounded."""
     out = pd.DataFrame({
         "run": df["run"], "model": df["model"], "status": df["status"],
-        "best val accuracy (%)": (df["best val accuracy"] * 100).round(1),
-        "test accuracy (%)": (df["test accuracy"] * 100).round(1),
+        "best val acc (%)": (df["best val accuracy"] * 100).round(1),
+        "test acc (%)": (df["test accuracy"] * 100).round(1),
         "macro F1": df["macro F1"].round(3),
-        "parameters": df["parameters"], "trainable parameters": df["trainable parameters"],
-        "training time (s)": df["training time (s)"].round(1), "images/s": df["images/s"].round(0),
-        "predicted training memory (MiB)": (df["predicted training memory (bytes)"].astype("Float64") / 2**20).round(1),
-        "checkpoint size (MiB)": (df["checkpoint size (bytes)"].astype("Float64") / 2**20).round(2),
+        "params": df["parameters"], "trainable params": df["trainable parameters"],
+        "train time (s)": df["training time (s)"].round(1), "images/s": df["images/s"].round(0),
+        "predicted memory (MiB)": (df["predicted training memory (bytes)"].astype("Float64") / 2**20).round(1),
+        "checkpoint (MiB)": (df["checkpoint size (bytes)"].astype("Float64") / 2**20).round(2),
         "run id": df["run id"],
     }, columns=LEADERBOARD_DISPLAY)
     return _for_display(out)
@@ -343,11 +343,13 @@ def build(ctx: AppContext) -> None:
     board = gr.Dataframe(pd.DataFrame(columns=LEADERBOARD_DISPLAY), label="Leaderboard (click a header to sort)",
                          interactive=False, wrap=True, elem_id="cmp_leaderboard",
                          # numbers sort as numbers (9 before 10), the rest as text
-                         datatype=["number" if c.endswith(("(%)", "(s)", "(MiB)", "F1", "parameters", "images/s"))
-                                   else "str" for c in LEADERBOARD_DISPLAY])
+                         datatype=["number" if c.endswith(("(%)", "(s)", "(MiB)", "F1", "params", "images/s"))
+                                   else "str" for c in LEADERBOARD_DISPLAY],
+                         # the numbers get room for ~10 characters a line: headers wrap by words, not letters
+                         column_widths=["13%", "9%", "7%"] + ["6.5%"] * 9 + ["12.5%"])
     with gr.Row():
         csv_btn = gr.Button("Download CSV", elem_id="cmp_csv_btn", scale=1)
-        csv_file = gr.File(label="Leaderboard CSV", interactive=False, elem_id="cmp_csv", scale=3, height=90)
+        csv_file = gr.File(label="Leaderboard CSV", interactive=False, elem_id="cmp_csv", scale=3, visible=False)
 
     gr.Markdown("### Two runs side by side", elem_id="cmp_pair_title")
     with gr.Row():
@@ -523,7 +525,7 @@ def build(ctx: AppContext) -> None:
         df = compare.leaderboard(_history(ctx), list(run_ids), memory=True)
         folder = Path(tempfile.gettempdir()) / "classifier-lab"
         path = folder / f"leaderboard-{time.strftime('%Y%m%d-%H%M%S')}.csv"
-        return str(compare.leaderboard_csv(df, path))
+        return gr.update(value=str(compare.leaderboard_csv(df, path)), visible=True)  # hidden until there is one
 
     @safe
     def show_pair(a, b, normalize_rows):
