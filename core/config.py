@@ -85,6 +85,8 @@ class RunConfig:
     early_stopping_patience: int | None = None  # epochs without improvement before stopping
     monitor: str = "val_accuracy"     # what "best" means: val_accuracy (max) or val_loss (min)
     multi_gpu: bool = False           # DataParallel over all visible GPUs, as the tutorials show
+    tensorboard: bool = False         # this run also writes a TensorBoard log into its folder (needs the
+                                      # tensorboard package), even when the server logs no run by default
     name: str | None = None           # a label for the run; None: model name and time
 
     # ---- serialisation -------------------------------------------------------------------

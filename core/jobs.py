@@ -100,6 +100,9 @@ class JobManager:
         """Queue a run; it starts as soon as a slot is free. Returns the Job at once."""
         from core.trainer import new_run_id
         config.validate()
+        if config.tensorboard:   # fail now, with the install command, rather than in the queue
+            from core import tb
+            tb.require()
         if resume_from is not None:
             job_id = Path(resume_from).parent.name
             if job_id in self._jobs and not self._jobs[job_id].done:

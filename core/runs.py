@@ -410,9 +410,11 @@ def write_card(run_dir: str | Path, config: RunConfig, started: ev.RunStarted | 
                finished: ev.RunFinished | None = None, owner: str | None = None) -> Path:
     """Write (or complete) ``card.json``: what was trained on what, where, with which libraries.
 
-    Called at RunStarted (model, data, split sizes, seed, device, versions) and again at
-    RunFinished (status, duration). A resumed run keeps its first start time and adds up the
-    durations of its sessions."""
+    The trainer calls it for every run (core.trainer), at RunStarted (model, data, split sizes,
+    seed, device, versions) and again at RunFinished (status, duration). A resumed run keeps its
+    first start time and adds up the durations of its sessions. Without an event it only
+    refreshes the configuration's part (and sets ``owner``): the run history does that to record
+    who started a run, without counting a session twice."""
     run_dir = Path(run_dir)
     card = _read_json(run_dir / CARD_FILE)
     d, m = config.data, config.model
@@ -587,7 +589,7 @@ class RunHistory:
     # ---- the JobManager listener ---------------------------------------------------------
     def attach(self, manager) -> "RunHistory":
         """Keep the index up to date with ``manager``'s jobs (RunStarted, EpochEnded, Evaluated,
-        RunFinished) and write each run's card.json; record who started each run."""
+        RunFinished); record who started each run (meta.json, and the owner in card.json)."""
         self.manager = manager
         if id(manager) not in self._attached:
             self._attached.add(id(manager))
@@ -605,11 +607,13 @@ class RunHistory:
                 meta.update(self._pending.pop(run_id, {}))
                 meta.setdefault("owner", job.owner)
                 _atomic_write_json(run_dir / META_FILE, meta)
-            try:
-                write_card(run_dir, job.config, started=event if isinstance(event, ev.RunStarted) else None,
-                           finished=event if isinstance(event, ev.RunFinished) else None, owner=job.owner)
-            except OSError:
-                pass
+            if isinstance(event, ev.RunStarted):
+                # The trainer writes the card itself (every run folder has one, however it was
+                # started) and counts the sessions and durations; only the owner is known here.
+                try:
+                    write_card(run_dir, job.config, owner=job.owner)
+                except OSError:
+                    pass
         live = self._live_ids()
         if isinstance(event, ev.RunFinished):
             live.discard(run_id)

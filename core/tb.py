@@ -3,18 +3,23 @@
 Each run writes its TensorBoard event file into its own run folder, so
 ``tensorboard --logdir runs/`` shows every run by its id. Logged: batch loss and learning rate
 (per step), train/val loss and accuracy, learning rate and images/s (per epoch), test accuracy
-and macro F1, the confusion matrix (a figure when matplotlib is installed, else a text table),
+and macro F1, the confusion matrix (a heat-map image drawn with PIL, so matplotlib is not needed,
+and the same numbers as a text table),
 the configuration, and a batch of input images (training images resized to the model's input
 size, before augmentation).
 
-Use it as a JobManager listener (``TensorBoardLogger().attach(manager)``) or, around
-``core.trainer.fit``, as an event sink (``fit(config, on_event=TensorBoardLogger().sink(config))``).
+Three ways to turn it on: for every run of a server (``launch.py --tensorboard``, which attaches
+``TensorBoardLogger().attach(manager)``); for one run, by its configuration (``tensorboard: true``
+in RunConfig, which ``core.trainer.fit`` honours whoever starts the run: the dashboard, the job
+manager, ``python -m core.train --tensorboard``); or by hand around ``core.trainer.fit``, as an
+event sink (``fit(config, on_event=TensorBoardLogger().sink(config))``).
 """
 from __future__ import annotations
 
 import importlib.util
 import json
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,13 +36,6 @@ def available() -> bool:
     """True when the tensorboard package (needed by torch.utils.tensorboard) is installed."""
     try:
         return importlib.util.find_spec("tensorboard") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _matplotlib() -> bool:
-    try:
-        return importlib.util.find_spec("matplotlib") is not None
     except (ImportError, ValueError):
         return False
 
@@ -71,10 +69,17 @@ class TensorBoardLogger:
 
     # ---- wiring --------------------------------------------------------------------------
     def attach(self, manager) -> "TensorBoardLogger":
-        """Log every run of ``manager``."""
+        """Log every run of ``manager`` (``launch.py --tensorboard``).
+
+        Runs whose configuration says ``tensorboard: true`` are left out: the trainer logs those
+        itself (core.trainer), and two writers in one folder would show every curve twice."""
         if self.data_dir is None:
             self.data_dir = Path(manager.data_dir)
-        manager.add_listener(lambda job, event: self.log(job.job_id, job.config, event))
+
+        def listener(job, event: ev.Event) -> None:
+            if not getattr(job.config, "tensorboard", False):
+                self.log(job.job_id, job.config, event)
+        manager.add_listener(listener)
         return self
 
     def sink(self, config, key: str | None = None) -> Callable[[ev.Event], None]:
@@ -178,10 +183,10 @@ class TensorBoardLogger:
             names, cm = data["class_names"], np.asarray(data["confusion"], dtype=np.int64)
         except (OSError, ValueError, KeyError):
             return
-        if _matplotlib():
-            run.writer.add_figure(f"{event.split}/confusion_matrix", _confusion_figure(cm, names), run.epoch)
-        else:
-            run.writer.add_text(f"{event.split}/confusion_matrix", confusion_text(cm, names), run.epoch)
+        # Both: the image to look at, the table to read exact numbers from (or copy).
+        run.writer.add_image(f"{event.split}/confusion_matrix", confusion_image(cm, names).pixels,
+                             run.epoch, dataformats="HWC")
+        run.writer.add_text(f"{event.split}/confusion_matrix", confusion_text(cm, names), run.epoch)
 
 
 def confusion_text(cm: Any, names: list[str]) -> str:
@@ -193,21 +198,129 @@ def confusion_text(cm: Any, names: list[str]) -> str:
     return "\n".join([head, sep, *rows])
 
 
-def _confusion_figure(cm: np.ndarray, names: list[str]):  # pragma: no cover - needs matplotlib
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+# ---- the confusion matrix as an image ------------------------------------------------------
+# Drawn with numpy and PIL's default font: matplotlib is not a dependency of the lab, and
+# TensorBoard only needs pixels. Colours run from white to dark blue with the count (like
+# matplotlib's "Blues"), so the darkest cell is the most frequent (true, predicted) pair.
+_BLUES = np.array([[247, 251, 255], [107, 174, 214], [8, 48, 107]], dtype=np.float64)  # at 0, 0.5, 1
+MAX_NAME_CHARS = 16
+PAD = 6
 
-    k = len(names)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * k, 1 + 0.5 * k))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(k), names, rotation=45, ha="right")
-    ax.set_yticks(range(k), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if k <= 20:
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=8)
-    fig.tight_layout()
-    return fig
+
+@dataclass
+class ConfusionImage:
+    """The rendered matrix: ``pixels`` (H×W×3 uint8) and where the cells are, for tests and
+    callers that want to point at a cell: cell (i, j) (true i, predicted j) covers
+    ``x0 + j*cell ≤ x < x0 + (j+1)*cell``, ``y0 + i*cell ≤ y < y0 + (i+1)*cell``."""
+    pixels: np.ndarray
+    x0: int
+    y0: int
+    cell: int
+
+    def cell_box(self, i: int, j: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom), right and bottom exclusive."""
+        left, top = self.x0 + j * self.cell, self.y0 + i * self.cell
+        return left, top, left + self.cell, top + self.cell
+
+
+def _cell_size(k: int) -> int:
+    """Pixels per cell: big enough for a count and a percentage up to 10 classes, shrinking with
+    more classes so the image stays about 500-1,200 px wide (at least 1 px per cell)."""
+    if k <= 100:
+        return int(np.clip(560 // max(k, 1), 12, 48))
+    return max(1, 1200 // k)
+
+
+def _colours(values: np.ndarray) -> np.ndarray:
+    """values in [0, 1] → RGB floats along the white → blue ramp (every channel falls with the value)."""
+    v = np.clip(values, 0.0, 1.0)[..., None]
+    low = _BLUES[0] + (_BLUES[1] - _BLUES[0]) * np.clip(v * 2, 0, 1)
+    high = _BLUES[1] + (_BLUES[2] - _BLUES[1]) * np.clip(v * 2 - 1, 0, 1)
+    return np.where(v <= 0.5, low, high)
+
+
+def _short(name: str) -> str:
+    name = str(name)
+    return name if len(name) <= MAX_NAME_CHARS else name[:MAX_NAME_CHARS - 2] + ".."
+
+
+def confusion_image(cm: Any, names: list[str]) -> ConfusionImage:
+    """Render a confusion matrix (rows = true class, columns = predicted) as a heat map.
+
+    Each cell's colour follows its count (relative to the largest count); when the cells are big
+    enough they also show the count and, below it, the share of the true class (row percent).
+    Class names label both axes when a line of text fits a cell. Needs only numpy and PIL."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    cm = np.asarray(cm, dtype=np.int64)
+    k = cm.shape[0]
+    names = [_short(n) for n in names]
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+
+    def size(text: str) -> tuple[int, int]:
+        left, top, right, bottom = measure.textbbox((0, 0), text, font=font)
+        return right, bottom   # from the origin, so text drawn at (x, y) stays inside the box
+
+    line = size("Ag")[1]
+    cell = _cell_size(k)
+    show_names = cell >= line
+    name_w = max((size(n)[0] for n in names), default=0) if show_names else 0
+    title = "confusion matrix: rows true class, columns predicted; count and row %"
+    title_w, title_h = size(title)
+    axis_h = line   # height of the rotated "true" and of the "predicted" line
+    x0 = PAD + axis_h + PAD + name_w + PAD
+    y0 = PAD + title_h + PAD
+    grid = k * cell
+    width = max(x0 + grid + PAD, PAD + title_w + PAD)
+    height = y0 + grid + PAD + name_w + PAD + axis_h + PAD
+
+    pixels = np.full((height, width, 3), 255, dtype=np.uint8)
+    peak = cm.max() if cm.size and cm.max() > 0 else 1
+    colours = _colours(cm / peak)
+    # each count becomes a cell×cell block
+    pixels[y0:y0 + grid, x0:x0 + grid] = np.round(colours).astype(np.uint8).repeat(cell, 0).repeat(cell, 1)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([x0 - 1, y0 - 1, x0 + grid, y0 + grid], outline=(160, 160, 160))
+    draw.text((PAD, PAD), title, fill=(0, 0, 0), font=font)
+
+    row_sums = cm.sum(axis=1)
+    two_lines = cell >= 2 * line + 4
+    for i in range(k):
+        for j in range(k):
+            texts = [str(int(cm[i, j]))]
+            if two_lines:
+                share = cm[i, j] / row_sums[i] if row_sums[i] else 0.0
+                texts.append(f"{share:.0%}")
+            if not (cell >= line + 2 and all(size(t)[0] <= cell - 2 for t in texts)):
+                continue   # too small to write in: the colour alone tells
+            dark = colours[i, j].mean() < 140   # white text on dark cells, black on light ones
+            ink = (255, 255, 255) if dark else (0, 0, 0)
+            left, top = x0 + j * cell, y0 + i * cell
+            y = top + (cell - line * len(texts)) // 2
+            for t in texts:
+                draw.text((left + (cell - size(t)[0]) // 2, y), t, fill=ink, font=font)
+                y += line
+
+    if show_names:
+        for i, n in enumerate(names):   # true classes, right-aligned left of their row
+            w, _ = size(n)
+            draw.text((x0 - PAD - w, y0 + i * cell + (cell - line) // 2), n, fill=(0, 0, 0), font=font)
+        for j, n in enumerate(names):   # predicted classes, written upwards, ending under their column
+            label = _rotated(n, size(n), font)
+            image.paste((0, 0, 0), (x0 + j * cell + (cell - label.width) // 2, y0 + grid + PAD), label)
+    predicted_w = size("predicted")[0]
+    draw.text((x0 + max(0, (grid - predicted_w) // 2), height - PAD - axis_h), "predicted", fill=(0, 0, 0), font=font)
+    true_label = _rotated("true", size("true"), font)
+    image.paste((0, 0, 0), (PAD, y0 + max(0, (grid - true_label.height) // 2)), true_label)
+    return ConfusionImage(np.asarray(image, dtype=np.uint8).copy(), x0, y0, cell)
+
+
+def _rotated(text: str, wh: tuple[int, int], font):
+    """``text`` as a mask ('L' image) turned 90° anticlockwise (it reads bottom to top)."""
+    from PIL import Image, ImageDraw
+
+    mask = Image.new("L", (max(1, wh[0]), max(1, wh[1])), 0)
+    ImageDraw.Draw(mask).text((0, 0), text, fill=255, font=font)
+    return mask.rotate(90, expand=True)

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-models", action="store_true", help="list the model zoo and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--tensorboard", action="store_true",
-                   help="also write TensorBoard logs into the run folder (needs `pip install tensorboard`)")
+                   help="also write TensorBoard logs into the run folder (sets the config's tensorboard "
+                        "field; needs `pip install tensorboard`)")
     return p
 
 
@@ -82,6 +83,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             _assign(raw, dotted, value)
     if args.pretrained:
         _assign(raw, "model.pretrained", True)
+    if getattr(args, "tensorboard", False):   # recorded in the run's config.json; the trainer does the logging
+        _assign(raw, "tensorboard", True)
     for item in args.set:
         if "=" not in item:
             raise LabError(f"--set needs FIELD=VALUE, got {item!r}.")
@@ -150,18 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     except LabError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    sinks = [ProgressPrinter(quiet=args.quiet)]
-    if args.tensorboard:
+    if config.tensorboard:   # --tensorboard, or "tensorboard": true in the configuration
         from core import tb
         try:
-            sinks.append(tb.TensorBoardLogger(data_dir=args.data_dir).sink(config))
+            tb.require()   # say so before training, not as a failed run
         except LabError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-
-    def on_event(event: ev.Event) -> None:
-        for sink in sinks:
-            sink(event)
+    on_event = ProgressPrinter(quiet=args.quiet)
 
     stop = threading.Event()
     box: dict = {}

@@ -25,6 +25,7 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -493,17 +494,50 @@ class FitResult:
 
 
 class _RunLog:
-    """Forwards events to the caller and appends them to events.jsonl in the run folder."""
+    """Appends events to events.jsonl in the run folder, keeps its card.json up to date, feeds
+    the run's own TensorBoard log when there is one, and forwards the events to the caller.
 
-    def __init__(self, run_dir: Path, sink: EventSink | None):
+    The card is written here, at RunStarted and RunFinished, so that every run folder has one,
+    whoever started the run (the dashboard's job manager, ``python -m core.train`` or a plain
+    ``fit()`` call). It is written before the caller sees the event, so a listener (the run
+    history) finds it current."""
+
+    def __init__(self, run_dir: Path, sink: EventSink | None, config: RunConfig):
+        self.run_dir = run_dir
         self.path = run_dir / EVENTS_FILE
         self.sink = sink
+        self.config = config
+        self.tensorboard: EventSink | None = None
 
     def __call__(self, event: ev.Event) -> None:
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(event.to_dict(), ensure_ascii=False) + "\n")
+        if isinstance(event, (ev.RunStarted, ev.RunFinished)):
+            self._card(event)
+        if self.tensorboard is not None:
+            try:
+                self.tensorboard(event)
+            except Exception:  # a logging problem (disk full...) must never stop training
+                pass
         if self.sink is not None:
             self.sink(event)
+
+    def _card(self, event: ev.Event) -> None:
+        # Imported here: core.runs imports this module (file names), so a top-level import
+        # would be circular.
+        from core.runs import write_card
+        try:
+            write_card(self.run_dir, self.config, started=event if isinstance(event, ev.RunStarted) else None,
+                       finished=event if isinstance(event, ev.RunFinished) else None)
+        except Exception as err:  # the card describes the run; it must never fail it
+            warnings.warn(f"card.json not written in {self.run_dir}: {type(err).__name__}: {err}")
+
+
+def _tensorboard_sink(config: RunConfig, data_dir) -> EventSink:
+    """config.tensorboard: the run's own TensorBoard log in its folder, whoever started it.
+    ConfigError (with the install command) when the tensorboard package is missing."""
+    from core import tb
+    return tb.TensorBoardLogger(data_dir=data_dir).sink(config)
 
 
 def write_status(run_dir: Path, status: str, message: str = "", **extra) -> None:
@@ -575,13 +609,15 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
         run_dir = Path(runs_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / CONFIG_FILE)
-    emit = _RunLog(run_dir, on_event)
+    emit = _RunLog(run_dir, on_event, config)
     t_start = time.time()
     history: list[dict] = []
     best_epoch, best_metric = None, None
     epochs_done = 0
     prep = None
     try:
+        if config.tensorboard:   # before the first event: the log opens at RunStarted
+            emit.tensorboard = _tensorboard_sink(config, data_dir)
         emit(ev.StatusChanged(status=ev.RUNNING, message="preparing data and model"))
         write_status(run_dir, ev.RUNNING, "preparing")
         seed_everything(config.seed, config.deterministic)

@@ -23,6 +23,15 @@ def test_cli_trains_and_writes_a_run_folder(tmp_path, tiny_folder):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["optim"]["momentum"] == 0.8 and config["name"] == "cli test"
     assert "epoch 1/1" in proc.stderr and "test: accuracy" in proc.stderr
+    # The run card: what was trained on what, where, how long, with which libraries.
+    card = json.loads((run_dir / "card.json").read_text())
+    assert card["run_id"] == run_dir.name and card["name"] == "cli test"
+    assert card["model"]["name"] == "tutorial_net" and card["model"]["params"] > 60_000
+    assert card["dataset"]["source"] == "folder" and card["dataset"]["location"] == str(tiny_folder)
+    assert card["dataset"]["split_sizes"] == {"train": 105, "val": 15, "test": 30}
+    assert card["seed"] == config["seed"] and card["device"] == "cpu"
+    assert card["status"] == "finished" and card["sessions"] == 1 and card["duration_s"] > 0
+    assert {"python", "torch", "torchvision", "numpy"} <= set(card["versions"])
 
 
 def test_cli_config_file_and_print_config(tmp_path):
@@ -58,4 +67,6 @@ def test_cli_tensorboard_writes_an_event_file(tmp_path, tiny_folder):
                "--runs-dir", str(tmp_path / "runs"), "--tensorboard", "--quiet")
     assert proc.returncode == 0, proc.stderr
     run_dir = Path(proc.stdout.strip().splitlines()[-1])
-    assert list(run_dir.rglob("events.out.tfevents.*")), list(run_dir.iterdir())
+    assert len(list(run_dir.rglob("events.out.tfevents.*"))) == 1, list(run_dir.iterdir())
+    # --tensorboard is the configuration's field, so the run folder says it was logged.
+    assert json.loads((run_dir / "config.json").read_text())["tensorboard"] is True

@@ -107,18 +107,28 @@ def test_torchscript_and_onnx_match_pytorch_on_real_images(which, trained_run, m
     assert side["transform"] == predictor.transform_state
 
 
-def test_onnx_with_the_torch_export_based_exporter(trained_run, tiny_folder, tmp_path):
+@pytest.mark.parametrize("which", ["tutorial_net", "mobilenet_v3_small"])
+def test_onnx_with_the_torch_export_based_exporter(which, trained_run, mobilenet_checkpoint, tiny_folder, tmp_path):
+    """The path the dashboard takes: export_onnx with its default exporter ("auto"), which with
+    onnxscript installed is the torch.export-based one."""
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
-    ckpt = _checkpoint(trained_run)
-    path = export.export_onnx(ckpt, tmp_path / "dynamo.onnx", exporter="dynamo")
+    ckpt = _checkpoint(trained_run if which == "tutorial_net" else mobilenet_checkpoint)
+    path = export.export_onnx(ckpt, tmp_path / "dynamo.onnx")     # exporter="auto", as ui/tab_compare.py calls it
+    side = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    assert "dynamo=True" in side["exporter"] and side["model"] == which
     assert not list(tmp_path.glob("*.data"))   # weights inside the one file
     predictor = Predictor(ckpt)
-    x = _real_batch(predictor, tiny_folder)
+    x = _real_batch(predictor, tiny_folder)   # 30 real images, not the batch size it was exported with
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inp = session.get_inputs()[0]
+    assert inp.name == "input" and not isinstance(inp.shape[0], int)   # dynamic batch axis
     with torch.no_grad():
         expected = predictor.model(x).numpy()
-    assert np.abs(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0] - expected).max() <= TOL
+    assert expected.shape == (30, 3) and expected.std() > 0
+    assert np.abs(session.run(None, {"input": x.numpy()})[0] - expected).max() <= TOL
+    assert np.abs(session.run(None, {"input": x[:1].numpy()})[0] - expected[:1]).max() <= TOL
+    assert json.loads(session.get_modelmeta().custom_metadata_map["classes"]) == ["airplane", "cat", "ship"]
 
 
 def test_onnx_export_explains_missing_packages_and_bad_options(trained_run, tmp_path, monkeypatch):
@@ -176,11 +186,60 @@ def test_metrics_csv_of_a_run_without_metrics_says_so(trained_run, tmp_path):
 
 
 # ---- TensorBoard -----------------------------------------------------------------------------
-def test_tensorboard_missing_package_gives_the_install_command(monkeypatch):
+def test_tensorboard_missing_package_gives_the_install_command(monkeypatch, tmp_path, tiny_folder):
     monkeypatch.setattr(tb, "available", lambda: False)
     with pytest.raises(ConfigError, match="pip install tensorboard"):
         tb.TensorBoardLogger()
     assert "| cat |" in tb.confusion_text([[1, 0], [2, 3]], ["cat", "dog"])
+    # A run asking for its own log fails fast, with the command, instead of training unlogged:
+    # at submit for the job manager (nothing is queued, no folder is made) ...
+    config = _config(tiny_folder)
+    config.tensorboard = True
+    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1)
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        manager.submit(config)
+    assert manager.jobs() == [] and not (tmp_path / "runs").exists()
+    # ... and as a failed run, with the same message, for a plain fit() call.
+    result = fit(config, runs_dir=tmp_path / "fit")
+    assert result.status == ev.FAILED and "pip install tensorboard" in result.message
+    assert result.epochs_completed == 0 and not (result.run_dir / "last.pth").exists()
+
+
+def _cell_darkness(pixels: np.ndarray, image: tb.ConfusionImage, i: int, j: int) -> float:
+    """How dark cell (i, j) is, read from a corner where no count is written."""
+    left, top, _, _ = image.cell_box(i, j)
+    return 255.0 - float(pixels[top + 2, left + 2].mean())
+
+
+def test_confusion_image_colours_follow_the_counts_and_names_label_the_axes():
+    cm = np.array([[50, 3, 0], [10, 20, 1], [0, 7, 35]])
+    names = ["airplane", "cat", "ship"]
+    image = tb.confusion_image(cm, names)
+    px = image.pixels
+    assert px.dtype == np.uint8 and px.ndim == 3 and px.shape[2] == 3
+    left, top, _, _ = image.cell_box(0, 0)
+    _, _, right, bottom = image.cell_box(2, 2)
+    assert 0 < left < right <= px.shape[1] and 0 < top < bottom <= px.shape[0]
+    dark = {(i, j): _cell_darkness(px, image, i, j) for i in range(3) for j in range(3)}
+    by_count = sorted(dark, key=lambda ij: cm[ij])
+    assert [dark[ij] for ij in by_count] == sorted(dark.values())      # more counts, darker cell
+    assert max(dark, key=dark.get) == (0, 0) and dark[(0, 2)] == dark[(2, 0)] < 10   # zero: near white
+    # Counts are written in the cells (pixels of another colour than the cell's own) ...
+    l, t, r, b = image.cell_box(0, 0)
+    assert (np.abs(px[t:b, l:r].astype(int) - px[t + 2, l + 2]).sum(axis=2) > 100).any()
+    # ... and the class names left of the grid and under it (ink outside the grid and title).
+    assert (px[top:bottom, :left - 8] < 128).any() and (px[bottom + 4:, left:right] < 128).any()
+    # Many classes: smaller cells without text, still one colour per count, still an image.
+    big = tb.confusion_image(np.diag(np.arange(1, 151)), [f"class {k}" for k in range(150)])
+    assert big.cell >= 1 and max(big.pixels.shape[:2]) < 1600
+    assert _cell_darkness(big.pixels, big, 149, 149) > _cell_darkness(big.pixels, big, 10, 10) > 0
+
+
+def _decode(image_event) -> np.ndarray:
+    import io
+
+    from PIL import Image
+    return np.asarray(Image.open(io.BytesIO(image_event.encoded_image_string)).convert("RGB"))
 
 
 def test_tensorboard_event_file_written(tmp_path, tiny_folder):
@@ -205,6 +264,45 @@ def test_tensorboard_event_file_written(tmp_path, tiny_folder):
     assert len(acc.Scalars("batch/loss")) >= 2
     assert "inputs" in tags["images"]
     texts = set(tags["tensors"])   # add_text is stored as tensors
-    assert {"config/text_summary", "status/text_summary"} <= texts
-    assert ("test/confusion_matrix" in tags["images"]) or ("test/confusion_matrix/text_summary" in texts)
+    assert {"config/text_summary", "status/text_summary", "test/confusion_matrix/text_summary"} <= texts
+    # The confusion matrix as an image (no matplotlib needed): the run's own counts, drawn.
+    assert "test/confusion_matrix" in tags["images"]
+    logged = acc.Images("test/confusion_matrix")[-1]
+    report = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))
+    cm = np.asarray(report["confusion"])
+    expected = tb.confusion_image(cm, report["class_names"])
+    assert (logged.height, logged.width) == expected.pixels.shape[:2]
+    pixels = _decode(logged)
+    assert np.array_equal(pixels, expected.pixels)   # PNG is lossless: exactly what was drawn
+    dark = {(i, j): _cell_darkness(pixels, expected, i, j) for i in range(3) for j in range(3)}
+    assert [dark[ij] for ij in sorted(dark, key=lambda ij: cm[ij])] == sorted(dark.values())
+    assert dark[max(dark, key=lambda ij: cm[ij])] == max(dark.values())   # the largest count is the darkest
+    logger.close()
+
+
+def test_a_run_asks_for_its_own_tensorboard_log(tmp_path, tiny_folder):
+    """config.tensorboard: an event file for that run although the server logs no run (no
+    TensorBoardLogger attached), and only one when the server logs every run as well."""
+    if not tb.available():
+        pytest.skip("tensorboard is not installed (pip install tensorboard; it is in requirements-dev.txt)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = _config(tiny_folder)
+    config.tensorboard = True
+    plain = JobManager(runs_dir=tmp_path / "a", data_dir=tmp_path / "data", max_jobs=1)
+    job = plain.wait(plain.submit(config).job_id, timeout=120)
+    assert job.status == ev.FINISHED, job.message
+    run_dir = tmp_path / "a" / job.job_id
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    assert [s.step for s in acc.Scalars("loss/train")] == [1]
+    assert "test/confusion_matrix" in acc.Tags()["images"]
+    assert json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["tensorboard"] is True
+    # A server with --tensorboard as well: the attached logger leaves this run to the trainer.
+    logged = JobManager(runs_dir=tmp_path / "b", data_dir=tmp_path / "data", max_jobs=1)
+    logger = tb.TensorBoardLogger(images=0).attach(logged)
+    job = logged.wait(logged.submit(config).job_id, timeout=120)
+    assert job.status == ev.FINISHED, job.message
+    assert len(list((tmp_path / "b" / job.job_id).glob("events.out.tfevents.*"))) == 1
     logger.close()

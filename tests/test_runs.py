@@ -32,7 +32,8 @@ def _config(tiny_folder, **changes) -> RunConfig:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_folder):
     """A runs folder with two finished runs: one trained through a JobManager with the history
-    attached (owner 'alice', card.json), one by plain fit() as the command line does (no index)."""
+    attached (owner 'alice'), one by plain fit() as the command line does (no index); both have
+    their card.json."""
     runs_dir = tmp_path_factory.mktemp("runs")
     manager = JobManager(runs_dir=runs_dir, max_jobs=1)
     RunHistory(runs_dir).attach(manager)
@@ -79,6 +80,13 @@ def test_the_index_is_built_from_the_folders_with_every_column(runs_copy):
     assert card["dataset"]["split_sizes"] == {"train": 105, "val": 15, "test": 30}
     assert card["seed"] == 1 and card["device"] == "cpu" and card["status"] == ev.FINISHED
     assert card["duration_s"] > 0 and {"torch", "torchvision", "python", "platform"} <= set(card["versions"])
+    # Written once per session although both the trainer and the listener touch it; the owner
+    # comes from the listener.
+    assert card["sessions"] == 1 and len(card["session_seconds"]) == 1 and card["owner"] == "alice"
+    # The plain fit() run (as the command line does it) has its card too, without an owner.
+    cli_card = json.loads((runs_dir / cli / CARD_FILE).read_text(encoding="utf-8"))
+    assert cli_card["status"] == ev.FINISHED and cli_card["sessions"] == 1 and "owner" not in cli_card
+    assert cli_card["dataset"]["split_sizes"] == card["dataset"]["split_sizes"] and cli_card["duration_s"] > 0
 
 
 def pd_isna(value) -> bool:

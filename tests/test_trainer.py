@@ -524,3 +524,30 @@ def test_deterministic_switches_are_put_back_when_the_run_ends(tmp_path, tiny_co
         assert switches() == before
     finally:
         torch.backends.cudnn.benchmark = saved_benchmark
+
+
+def test_every_run_folder_gets_its_card_from_a_plain_fit_call(tmp_path, tiny_config):
+    """card.json is written by the trainer, not only by the run history's listener: at RunStarted
+    (what, on what, where) and completed at RunFinished (status, duration), one session per start."""
+    at_start = {}
+
+    def sink(event):
+        if isinstance(event, ev.RunStarted):   # written before the caller hears of the start
+            at_start.update(json.loads((tmp_path / event.run_id / "card.json").read_text(encoding="utf-8")))
+
+    result = fit(tiny_config, runs_dir=tmp_path, on_event=sink)
+    assert result.status == ev.FINISHED, result.message
+    assert at_start["status"] == ev.RUNNING and at_start["sessions"] == 1 and "duration_s" not in at_start
+    card = json.loads((result.run_dir / "card.json").read_text(encoding="utf-8"))
+    assert card["run_id"] == result.run_id and card["model"]["name"] == "tutorial_net"
+    assert card["model"]["params"] > 60_000 and card["model"]["input_shape"] == [3, 32, 32]
+    assert card["dataset"]["source"] == "folder" and card["dataset"]["split_sizes"] == {"train": 105, "val": 15,
+                                                                                        "test": 30}
+    assert card["seed"] == 1 and card["device"] == "cpu" and card["status"] == ev.FINISHED
+    assert card["sessions"] == 1 and len(card["session_seconds"]) == 1 and card["duration_s"] > 0
+    assert {"python", "torch", "torchvision", "numpy"} <= set(card["versions"])
+    # A run that fails before it starts training still leaves a card saying so.
+    tiny_config.data.location = str(tmp_path / "does-not-exist")
+    failed = fit(tiny_config, runs_dir=tmp_path)
+    card = json.loads((failed.run_dir / "card.json").read_text(encoding="utf-8"))
+    assert failed.status == ev.FAILED and card["status"] == ev.FAILED and "does-not-exist" in card["message"]
