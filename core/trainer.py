@@ -415,8 +415,9 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, epoch: int, ep
         with _autocast(device, config.precision):
             out = model(x)
             loss = loss_fn(out, y)
-        if not torch.isfinite(loss):
-            raise Diverged(f"The loss became {loss.item()} at epoch {epoch}, batch {b}. The learning rate "
+        loss_value = loss.item()   # one device sync a step, for the divergence check and the tallies
+        if not math.isfinite(loss_value):
+            raise Diverged(f"The loss became {loss_value} at epoch {epoch}, batch {b}. The learning rate "
                            f"({optimizer.param_groups[0]['lr']:.3g}) is probably too high: try "
                            f"{optimizer.param_groups[0]['lr'] / 10:.3g}, or turn on gradient clipping.")
         # Average over the batches of this accumulation group; the last group of an epoch may be
@@ -440,13 +441,13 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, epoch: int, ep
             if per_batch_scheduler and scheduler is not None:
                 scheduler.step()
         n = y.shape[0]
-        total_loss += loss.item() * n
+        total_loss += loss_value * n
         correct += (out.argmax(1) == y).sum().item()
         seen += n
         rate_images += n
         now = time.perf_counter()
         if now - last_report >= REPORT_EVERY_S or b == used:
-            emit(ev.BatchEnded(epoch=epoch, batch=b, batches=batches, step=step, loss=loss.item(), lr=lr,
+            emit(ev.BatchEnded(epoch=epoch, batch=b, batches=batches, step=step, loss=loss_value, lr=lr,
                                images_per_sec=rate_images / max(now - rate_t0, 1e-9)))
             last_report, rate_images, rate_t0 = now, 0, now
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images": seen,

@@ -135,3 +135,47 @@ def test_bad_loader_arguments(sample, split):
         L.make_loader(sample, [], t, batch_size=4, train=True)
     with pytest.raises(ConfigError, match="Unknown device"):
         L.make_loader(sample, split.val, t, batch_size=4, train=False, device="gpu0")
+
+
+def test_tensor_loader_crops_and_flips_exactly_like_per_image_indexing(sample_zip):
+    """The batched crop/flip (two gathers) gives, pixel for pixel, the crop at the drawn offsets of
+    the zero-padded image, mirrored when its flip was drawn, then normalised."""
+    import torch
+
+    import io
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    from core.tensorloader import TensorLoader
+
+    with zipfile.ZipFile(sample_zip) as zf:
+        names = sorted(n for n in zf.namelist() if n.endswith(".jpg"))[:37]
+        arr = np.stack([np.asarray(Image.open(io.BytesIO(zf.read(n))).convert("RGB")) for n in names])
+    images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()          # 37×3×32×32 uint8
+    mean, std, pad, seed, epoch, bs = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3], 4, 7, 3, 16
+    loader = TensorLoader(images, list(range(37)), bs, train=True, mean=mean, std=std, padding=pad,
+                          flip_p=0.5, seed=seed)
+    loader.set_epoch(epoch)
+    batches = list(loader)
+    # the same draws, in the same order, from the loader's documented generator
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(37, generator=gen)
+    padded = torch.nn.functional.pad(images, [pad] * 4)
+    m = torch.tensor(mean).view(3, 1, 1) * 255
+    s = torch.tensor(std).view(3, 1, 1) * 255
+    flipped_some = kept_some = False
+    for b, (x, y) in enumerate(batches):
+        idx = order[b * bs:(b + 1) * bs]
+        oy = torch.randint(0, 2 * pad + 1, (len(idx),), generator=gen)
+        ox = torch.randint(0, 2 * pad + 1, (len(idx),), generator=gen)
+        flip = torch.rand(len(idx), generator=gen) < 0.5
+        assert torch.equal(y, idx)
+        for i, k in enumerate(idx.tolist()):
+            crop = padded[k, :, oy[i]:oy[i] + 32, ox[i]:ox[i] + 32]
+            crop = crop.flip(2) if flip[i] else crop
+            torch.testing.assert_close(x[i], (crop.float() - m) / s, rtol=0, atol=1e-6)
+            flipped_some |= bool(flip[i])
+            kept_some |= not bool(flip[i])
+    assert flipped_some and kept_some and sum(len(y) for _, y in batches) == 37
