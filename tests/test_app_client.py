@@ -408,3 +408,14 @@ def test_server_folder_index_file_and_offline_builtin_set_sources(lab, tiny_fold
     text = str(err.value)
     assert "cifar-100-python.tar.gz" in text and str(Path(lab["manager"].data_dir) / "CIFAR100") in text
     assert "Traceback" not in text
+
+
+def test_tensorboard_log_for_one_run_from_the_train_tab(lab, tiny_zip):
+    c = new_client(lab)
+    load_zip(c, tiny_zip)
+    start(c, **{"Epochs": 1, "Batch size": 16, "Device": "cpu", "TensorBoard log": True})
+    out, _ = poll_until_done(c, timeout=90)
+    assert out[0].startswith("Finished"), out[0]
+    run_dir = lab["runs_dir"] / re.search(r"run (\S+):", out[0]).group(1)
+    assert json.loads((run_dir / "config.json").read_text())["tensorboard"] is True
+    assert list(run_dir.glob("events.out.tfevents.*"))   # the event file sits in the run folder

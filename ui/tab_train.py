@@ -67,6 +67,9 @@ def build(ctx: AppContext) -> None:
                     bind(ctx, gr.Checkbox(_D.deterministic, label="Deterministic"), "deterministic")
                 bind(ctx, gr.Radio(["auto", "on", "off"], value=_D.data.in_memory,
                                    label="Hold small datasets in memory (faster on CPU)"), "data.in_memory")
+                bind(ctx, gr.Checkbox(_D.tensorboard, label="TensorBoard log",
+                                      info="also write a TensorBoard log in the run folder "
+                                           "(then: tensorboard --logdir runs/)"), "tensorboard")
         with gr.Column(scale=2):
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="start_btn")
