@@ -175,6 +175,8 @@ def test_student_flow_in_the_browser(page):
             status = pg.locator("#train_status textarea")
             expect(status).to_have_value(re.compile(rf"^(Training|Finished) — tutorial_net — run {run_id}"),
                                          timeout=20_000)
+            # and the form shows the run's own settings again, not the defaults
+            expect(pg.locator("#epochs input[type=number]")).to_have_value("10", timeout=10_000)
         pg.wait_for_timeout(200)
     assert reloaded, f"the run ended before the page could be reloaded: {statuses[-3:]}"
     assert status.input_value().startswith("Finished"), (statuses[-3:], pg.lab, _toasts(pg))

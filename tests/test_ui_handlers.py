@@ -90,6 +90,30 @@ def test_config_from_widgets_converts_and_takes_the_dataset_from_the_session(wid
     assert cfg.data.train_augment == session["train_augment"]
 
 
+def test_widget_updates_show_a_runs_settings_again(widget_ctx):
+    """After a reload the Train tab shows the settings its run was started with: the values
+    widget_updates gives turn back into the same configuration."""
+    ctx = widget_ctx
+    widgets = ctx.shared["train_widgets"]
+    assert _widget(ctx, "epochs") in widgets and _widget(ctx, "model.name") not in widgets   # this tab's only
+    values = _defaults(ctx)
+    values.update({_widget(ctx, "epochs"): 7, _widget(ctx, "optim.lr"): 0.05, _widget(ctx, "optim.scheduler"): "step",
+                   _widget(ctx, "optim.grad_clip"): 2.5, _widget(ctx, "optim.class_weights"): "balanced",
+                   _widget(ctx, "early_stopping_patience"): 3, _widget(ctx, "data.batch_size"): "16"})
+    config = common.config_from_widgets(ctx, values)
+    updates = common.widget_updates(ctx, widgets, config)
+    shown = {w: u["value"] for w, u in zip(widgets, updates)}
+    assert shown[_widget(ctx, "epochs")] == 7 and shown[_widget(ctx, "optim.class_weights")] == "balanced"
+    assert common.config_from_widgets(ctx, {**values, **shown}).to_dict() == config.to_dict()
+    # "not set" comes back as the widgets' own way of saying it, and a list of weights is left alone
+    plain = common.config_from_widgets(ctx, _defaults(ctx))
+    plain.optim.class_weights = [1.0, 2.0]
+    shown = dict(zip(widgets, common.widget_updates(ctx, widgets, plain)))
+    assert shown[_widget(ctx, "optim.grad_clip")]["value"] == 0
+    assert shown[_widget(ctx, "early_stopping_patience")]["value"] == 0
+    assert "value" not in shown[_widget(ctx, "optim.class_weights")]
+
+
 def test_config_from_widgets_missing_widgets_keep_defaults(widget_ctx):
     cfg = common.config_from_widgets(widget_ctx, {_widget(widget_ctx, "epochs"): 7})
     assert cfg.epochs == 7 and cfg.optim.lr == RunConfig().optim.lr and cfg.data.source == "sample"

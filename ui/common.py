@@ -62,12 +62,31 @@ def config_from_widgets(ctx: AppContext, values: dict, session: dict | None = No
     return RunConfig.from_dict(raw)
 
 
-def bind(ctx: AppContext, widget, dotted: str, convert: Callable | None = None):
-    """Declare that ``widget`` sets config field ``dotted`` (optionally through ``convert``)."""
+def bind(ctx: AppContext, widget, dotted: str, convert: Callable | None = None, restore: Callable | None = None):
+    """Declare that ``widget`` sets config field ``dotted`` (optionally through ``convert``);
+    ``restore`` turns the field's value back into the widget's (``widget_updates``)."""
     ctx.config_fields[widget] = dotted
     if convert is not None:
         widget._lab_convert = convert
+    if restore is not None:
+        widget._lab_restore = restore
     return widget
+
+
+def widget_updates(ctx: AppContext, widgets, config: RunConfig) -> list:
+    """The values ``config`` gives ``widgets`` (bound with ``bind``), as Gradio updates: what the
+    form showed when the run was started, e.g. after a page reload reconnects to it. A value the
+    widget cannot show (``restore`` returns ``gr.skip()``) leaves it as it is."""
+    raw = config.to_dict()
+    out = []
+    for widget in widgets:
+        node = raw
+        for part in ctx.config_fields[widget].split("."):
+            node = node[part]
+        restore = getattr(widget, "_lab_restore", None)
+        value = restore(node) if restore is not None else node
+        out.append(value if isinstance(value, dict) and value.get("__type__") == "update" else gr.update(value=value))
+    return out
 
 
 def none_if_empty(value):

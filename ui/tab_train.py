@@ -16,13 +16,15 @@ from core import events as ev
 from core.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, OptimConfig, RunConfig
 from core.errors import ConfigError
 from ui import plots
-from ui.common import AppContext, bind, config_from_widgets, fmt_seconds, none_if_empty, owner_of, safe
+from ui.common import (AppContext, bind, config_from_widgets, fmt_seconds, none_if_empty, owner_of, safe,
+                       widget_updates)
 
 POLL_S = 1.0  # the issue asks for plots that update at least every 2 s; the notes advise ≤ 4 Hz
 _D, _O = RunConfig(), OptimConfig()
 
 
 def build(ctx: AppContext) -> None:
+    bound_before = set(ctx.config_fields)
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
             gr.Markdown("### Hyper-parameters")
@@ -52,12 +54,13 @@ def build(ctx: AppContext) -> None:
                     bind(ctx, gr.Number(_O.accumulation_steps, label="Gradient accumulation (batches)",
                                         precision=0, minimum=1), "optim.accumulation_steps", int)
                     bind(ctx, gr.Number(0, label="Gradient clipping (max norm, 0 = off)", minimum=0),
-                         "optim.grad_clip", none_if_empty)
+                         "optim.grad_clip", none_if_empty, restore=lambda v: v or 0)
                 with gr.Row():
                     bind(ctx, gr.Dropdown(["none", "balanced"], value="none", label="Class weights"),
-                         "optim.class_weights", lambda v: None if v == "none" else v)
+                         "optim.class_weights", lambda v: None if v == "none" else v,
+                         restore=lambda v: "none" if v is None else v if v == "balanced" else gr.skip())
                     bind(ctx, gr.Number(0, label="Early stopping patience (0 = off)", precision=0, minimum=0),
-                         "early_stopping_patience", lambda v: none_if_empty(int(v or 0)))
+                         "early_stopping_patience", lambda v: none_if_empty(int(v or 0)), restore=lambda v: v or 0)
                 with gr.Row():
                     bind(ctx, gr.Dropdown(["auto", "cpu", "cuda", "mps"], value=_D.device, label="Device",
                                           allow_custom_value=True, elem_id="device"), "device")
@@ -82,6 +85,8 @@ def build(ctx: AppContext) -> None:
                              elem_id="train_curves")
             log = gr.Textbox(label="Log (newest first)", lines=10, max_lines=14, interactive=False,
                              elem_id="train_log", elem_classes="lab-log")
+    # This tab's settings, in order: a reconnected page shows the settings its run was started with.
+    ctx.shared["train_widgets"] = [w for w in ctx.config_fields if w not in bound_before]
     timer = gr.Timer(POLL_S, active=False)
     ctx.shared["train_timer"] = timer
     ctx.shared["train_status"] = status
@@ -160,16 +165,20 @@ def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
     """After a reload: find this browser's latest job and start polling it again."""
     poll, outputs = ctx.shared["train_poll"]
 
+    widgets = ctx.shared["train_widgets"]
+
     def reconnect(session: dict, browser_id: str | None, request: gr.Request):
         job = _current_job(ctx, session, owner_of(request, browser_id))
         if job is None:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False)
+            return (gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False)) + (gr.skip(),) * len(widgets)
         session["seen"] = -1
         done = job.done  # before rendering (see poll)
-        return _render(ctx, job, session) + (gr.Timer(active=not done),)
+        return (_render(ctx, job, session) + (gr.Timer(active=not done),)
+                + tuple(widget_updates(ctx, widgets, job.config)))
 
+    ctx.shared["train_reconnect"] = reconnect
     # Runs after the browser id is known (BrowserState is restored on load).
-    ctx.browser_id.change(reconnect, [ctx.session, ctx.browser_id], outputs, api_visibility="private",
+    ctx.browser_id.change(reconnect, [ctx.session, ctx.browser_id], outputs + widgets, api_visibility="private",
                           show_progress="hidden")
 
 
