@@ -120,8 +120,23 @@ def test_student_flow_in_the_browser(page):
     # the thumbnails fit their column (no horizontal overflow cutting off a column)
     assert pg.evaluate("() => { const g = document.querySelector('#data_gallery .grid-wrap');"
                        " return g.scrollWidth <= g.clientWidth + 1; }")
+    # The sample has its own test set: the Test % slider says it does not apply; Validation % does.
+    expect(pg.locator("#split_test input[type=range]")).to_be_disabled(timeout=20_000)
+    expect(pg.locator("#split_test")).to_contain_text("its own test set (500 images)")
+    expect(pg.locator("#split_val input[type=range]")).to_be_enabled()
     no_error_toasts(pg)
     shot(pg, "01-data")
+    # A bad edit of the augmentation pipeline is refused in a toast; what was shown stays readable.
+    steps_before = pg.locator("#aug_table").inner_text()
+    pg.locator("#aug_row input").fill("9")
+    pg.locator("#aug_remove").click()
+    expect(pg.locator(".toast-body")).to_contain_text("There is no step #9", timeout=20_000)
+    assert pg.locator("#aug_table").inner_text() == steps_before
+    assert pg.locator("#aug_table [data-testid='status-tracker']:visible").count() == 0   # no "Error" cover
+    expect(pg.locator("#aug_gallery img")).to_have_count(8)
+    shot(pg, "01b-data-refused-edit")
+    pg.locator(".toast-body").first.locator("xpath=..").locator("button").first.click()  # close the toast
+    expect(pg.locator(".toast-body")).to_have_count(0, timeout=10_000)
 
     # 2. Model and Memory tabs render their summaries.
     open_tab(pg, "Model")

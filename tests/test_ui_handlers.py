@@ -114,6 +114,18 @@ def test_widget_updates_show_a_runs_settings_again(widget_ctx):
     assert "value" not in shown[_widget(ctx, "optim.class_weights")]
 
 
+def test_split_sliders_that_a_predefined_split_makes_moot_are_locked(widget_ctx, tiny_folder):
+    from core import datasets
+
+    split_sliders, _ = widget_ctx.shared["split_sliders"]
+    own_test = datasets.load_dataset("folder", tiny_folder)          # train/ and test/ folders
+    val, test = split_sliders({"dataset": own_test})
+    assert val["interactive"] is True and test["interactive"] is False
+    assert "its own test set (30 images)" in test["info"]
+    val, test = split_sliders({})                                     # nothing loaded yet
+    assert val["interactive"] is True and test["interactive"] is True
+
+
 def test_config_from_widgets_missing_widgets_keep_defaults(widget_ctx):
     cfg = common.config_from_widgets(widget_ctx, {_widget(widget_ctx, "epochs"): 7})
     assert cfg.epochs == 7 and cfg.optim.lr == RunConfig().optim.lr and cfg.data.source == "sample"

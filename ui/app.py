@@ -32,6 +32,10 @@ CSS = """
 .lab-progress > div { height: 100%; background: var(--primary-500); transition: width 0.4s; }
 .lab-log textarea { font-family: var(--font-mono); font-size: 13px !important; }
 /* A dropped 32-pixel CIFAR image would otherwise sit as a speck in the middle of the drop zone. */
+/* A handler that refuses bad input says why in a toast and leaves its outputs as they were; Gradio
+   would also lay an "Error" badge over every output (over a JSON the user typed, over the dataset
+   line), which hides what is still valid. */
+[data-testid="status-tracker"]:has(> span.error) { display: none !important; }
 /* Mistake captions ("automobile → truck 51%") wrap inside the thumbnail instead of ending in "…". */
 #eval_errors .caption-label { white-space: normal; max-width: calc(100% - 8px); left: 4px; right: 4px;
   text-align: center; line-height: 1.25; }

@@ -254,6 +254,19 @@ def build(ctx: AppContext) -> None:
     def redraw(session, index, seed):
         return _aug_preview(session, current_spec(session), index, seed)
 
+    def split_sliders(session):
+        """A dataset that comes with its own val or test set keeps it: that slider does not apply."""
+        ds = (session or {}).get("dataset")
+        splits = getattr(ds, "splits", None) or {}
+        out = []
+        for name in ("val", "test"):
+            if name in splits:
+                out.append(gr.update(interactive=False, info=f"not used: this dataset comes with its own {name} "
+                                                             f"set ({len(splits[name]):,} images)"))
+            else:
+                out.append(gr.update(interactive=True, info=""))
+        return tuple(out)
+
     def pick_step(name):
         info_ = steps[name]
         return json.dumps(info_["params"], ensure_ascii=False), info_["doc"]
@@ -266,9 +279,11 @@ def build(ctx: AppContext) -> None:
     load_ev = load.click(load_data, load_inputs, load_outputs, api_name="load_data", show_progress_on=[info],
                          concurrency_limit=4)
     load_ev.then(safe(_spec_outputs), [ctx.session, aug_index, aug_seed], spec_outputs, api_visibility="private")
-    zip_file.upload(load_data, load_inputs, load_outputs, api_name="load_zip", show_progress_on=[info],
-                    concurrency_limit=4).then(safe(_spec_outputs), [ctx.session, aug_index, aug_seed],
-                                              spec_outputs, api_visibility="private")
+    load_ev.then(split_sliders, ctx.session, [val_pct, test_pct], api_visibility="private", show_progress="hidden")
+    zip_ev = zip_file.upload(load_data, load_inputs, load_outputs, api_name="load_zip", show_progress_on=[info],
+                             concurrency_limit=4)
+    zip_ev.then(safe(_spec_outputs), [ctx.session, aug_index, aug_seed], spec_outputs, api_visibility="private")
+    zip_ev.then(split_sliders, ctx.session, [val_pct, test_pct], api_visibility="private", show_progress="hidden")
     reshuffle.click(reshuffle_preview, [ctx.session, preview_mode], gallery, api_name="reshuffle", concurrency_limit=None)
     preview_mode.change(safe(_preview), [ctx.session, preview_mode], gallery, api_visibility="private",
                         concurrency_limit=None)
@@ -288,12 +303,15 @@ def build(ctx: AppContext) -> None:
                 concurrency_limit=None)
     ctx.shared["data_load"] = (load_data, load_inputs, load_outputs, _spec_outputs, [ctx.session, aug_index, aug_seed],
                                spec_outputs)
+    ctx.shared["split_sliders"] = (split_sliders, [val_pct, test_pct])
 
 
 def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
     """Load the default (embedded sample) when a page opens, so the preview is there at once.
     A new page always has a new session, so this never replaces data a user chose."""
     load_data, load_inputs, load_outputs, spec_fn, spec_inputs, spec_outputs = ctx.shared["data_load"]
-    demo.load(load_data, load_inputs, load_outputs, api_visibility="private",
-              show_progress_on=[load_outputs[0]]).then(safe(spec_fn), spec_inputs, spec_outputs,
-                                                       api_visibility="private")
+    loaded = demo.load(load_data, load_inputs, load_outputs, api_visibility="private",
+                       show_progress_on=[load_outputs[0]])
+    loaded.then(safe(spec_fn), spec_inputs, spec_outputs, api_visibility="private")
+    split_sliders, sliders = ctx.shared["split_sliders"]
+    loaded.then(split_sliders, ctx.session, sliders, api_visibility="private", show_progress="hidden")
