@@ -465,6 +465,16 @@ def test_predict_image_input_reports_an_unreadable_upload_plainly(tmp_path):
     good = comp.preprocess(ImageData(path=str(ROOT / "assets" / "examples" / "cat.jpg"), orig_name="cat.jpg"))
     assert isinstance(good, Image.Image) and good.mode == "RGB"
     assert comp.preprocess(None) is None
+    # A session that gets a new value (an Examples click) holds a fresh instance built from the
+    # component's properties: it must give the same plain message.
+    rebuilt = gr.Image(**{**comp.constructor_args, "elem_classes": comp.elem_classes, "render": False})
+    with pytest.raises(gr.Error) as again:
+        rebuilt.preprocess(ImageData(path=str(bad), orig_name="holiday.jpg"))
+    assert again.value.message.startswith("holiday.jpg cannot be read as an image")
+    # an image input without the marker keeps Gradio's own behaviour
+    with pytest.raises(Exception) as plain:
+        gr.Image(type="pil", render=False).preprocess(ImageData(path=str(bad), orig_name="holiday.jpg"))
+    assert not isinstance(plain.value, gr.Error)
 
 
 def test_predict_examples_exist():

@@ -42,25 +42,38 @@ class PredictorCache:
         return predictor
 
 
+FRIENDLY_IMAGE_CLASS = "lab-friendly-image"   # elem_classes marker of the image inputs patched below
+
+
 def friendly_image_errors(component: gr.Image) -> gr.Image:
     """Make an unreadable upload (a renamed text file, an HEIC photo, a truncated JPEG) give a plain
     message instead of Gradio's "Could not preprocess input component at index 0…" text.
 
-    Wraps this instance's ``preprocess`` (a gr.Error raised there reaches the page as it is). Not a
-    gr.Image subclass: Gradio writes a .pyi stub next to any module that defines a component class."""
-    original = component.preprocess
+    Gradio decodes the upload in ``Image.preprocess``, before any handler runs. Patching this one
+    instance is not enough: a session that gets a new value for the component (an Examples click)
+    holds a fresh instance built from its properties. So the class method is wrapped, once, and
+    acts only on images that carry the marker class (``elem_classes`` survives that rebuild).
+    Not a gr.Image subclass: Gradio writes a .pyi stub next to any module that defines one."""
+    if not getattr(gr.Image.preprocess, "_lab_friendly", False):
+        original = gr.Image.preprocess
 
-    def preprocess(payload):
-        try:
-            return original(payload)
-        except gr.Error:
-            raise
-        except Exception as err:
-            name = getattr(payload, "orig_name", None) or "The uploaded file"
-            raise gr.Error(f"{name} cannot be read as an image ({type(err).__name__}). "
-                           "Use a JPEG, PNG, BMP, GIF, WebP or TIFF file.", duration=None) from None
+        def preprocess(self, payload):
+            if FRIENDLY_IMAGE_CLASS not in (self.elem_classes or []):
+                return original(self, payload)
+            try:
+                return original(self, payload)
+            except gr.Error:
+                raise
+            except Exception as err:
+                name = getattr(payload, "orig_name", None) or "The uploaded file"
+                raise gr.Error(f"{name} cannot be read as an image ({type(err).__name__}). "
+                               "Use a JPEG, PNG, BMP, GIF, WebP or TIFF file.", duration=None) from None
 
-    component.preprocess = preprocess
+        preprocess._lab_friendly = True
+        gr.Image.preprocess = preprocess
+    classes = list(component.elem_classes or [])
+    if FRIENDLY_IMAGE_CLASS not in classes:
+        component.elem_classes = classes + [FRIENDLY_IMAGE_CLASS]
     return component
 
 
