@@ -881,7 +881,7 @@ def _md5_ok(path: Path, md5: str) -> bool:
     return check_integrity(str(path), md5)
 
 
-def _probe_network(url: str, timeout: float = DOWNLOAD_PROBE_TIMEOUT_S) -> str | None:
+def probe_network(url: str, timeout: float = DOWNLOAD_PROBE_TIMEOUT_S) -> str | None:
     """None when the download host answers within ``timeout``, else the reason.
 
     torchvision's downloader has no timeout; probing first keeps an offline machine from hanging.
@@ -907,7 +907,7 @@ def _load_torchvision(location: str | None, data_dir: Path, download: bool) -> L
     if missing:
         reason = "download is turned off"
         if download:
-            reason = _probe_network(url)
+            reason = probe_network(url)
             if reason is None:
                 reason = _tv_download(s, tv_root)
         missing = [f for f in files if not (folder / f).is_file()]

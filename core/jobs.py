@@ -100,6 +100,10 @@ class JobManager:
         """Queue a run; it starts as soon as a slot is free. Returns the Job at once."""
         from core.trainer import new_run_id
         config.validate()
+        if config.model.pretrained and not config.model.weights_path:
+            # offline without the ImageNet file: say so now, naming the file, not from a failed run
+            from core import models
+            models.check_pretrained(config.model.name)
         if config.tensorboard:   # fail now, with the install command, rather than in the queue
             from core import tb
             tb.require()

@@ -990,8 +990,32 @@ def pretrained_status(name: str, weights_dir: str | os.PathLike | None = None) -
 
 def _missing_message(name: str, file_name: str, folder: Path, url: str, why: str = "") -> str:
     return (f"ImageNet weights for {name} are not on this machine{why}. Download {url} and put "
-            f"{file_name} in {folder} (or choose that folder as the weights folder), then try again; "
-            f"or turn off 'pretrained' to go on from random weights.")
+            f"{file_name} in {folder} (torch's hub cache; TORCH_HOME moves it), then try again; "
+            f"or untick 'Start from ImageNet weights' to go on from random weights.")
+
+
+def check_pretrained(name: str, weights_dir: str | os.PathLike | None = None) -> None:
+    """Raise MissingFileError (naming the file and the folder) when ImageNet weights for ``name``
+    are neither on disk nor downloadable now: downloads are off, or the download host does not
+    answer a short probe. Cheap when the file is there; used before a run is queued, so an offline
+    user hears it at once instead of from a failed run."""
+    status = pretrained_status(name, weights_dir)
+    if status.available or status.file_name is None:
+        return
+    spec = get_model_spec(name)
+    best = _imagenet_candidates(spec)[0]
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        why = f" (downloads are off: {OFFLINE_ENV} is set)"
+    else:
+        from core.datasets import probe_network
+
+        reason = probe_network(best.url)
+        if reason is None:
+            return   # the run will download it
+        why = f" and cannot be downloaded ({reason})"
+    folder = _hub_folder(weights_dir)
+    raise MissingFileError(_missing_message(name, status.file_name, folder, best.url, why),
+                           files=[status.file_name], folder=str(folder))
 
 
 def _download(url: str, dst: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
@@ -1025,11 +1049,17 @@ def _imagenet_state(spec: ModelSpec, weights_dir: str | os.PathLike | None) -> t
     if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
         why = f" (downloads are off: {OFFLINE_ENV} is set)"
     else:
-        try:
-            _download(best.url, path)
-            return _read_state_dict(path, spec.name, _bad_cache_hint(path, best.url)), best.name, path
-        except (OSError, ValueError) as err:  # URLError, timeouts, unwritable cache: all OSError
-            why = f" and could not be downloaded ({type(err).__name__}: {err})"
+        from core.datasets import probe_network   # here: core.datasets is heavier to import
+
+        reason = probe_network(best.url)   # a short probe: urllib alone may hang offline
+        if reason is not None:
+            why = f" and cannot be downloaded ({reason})"
+        else:
+            try:
+                _download(best.url, path)
+                return _read_state_dict(path, spec.name, _bad_cache_hint(path, best.url)), best.name, path
+            except (OSError, ValueError) as err:  # timeouts, a cut connection, an unwritable cache
+                why = f" and could not be downloaded ({getattr(err, 'reason', None) or err})"
     raise MissingFileError(_missing_message(spec.name, path.name, folder, best.url, why),
                            files=[path.name], folder=str(folder))
 

@@ -141,6 +141,14 @@ def test_student_flow_in_the_browser(page):
     # 2. Model and Memory tabs render their summaries.
     open_tab(pg, "Model")
     expect(pg.locator("#model_about")).to_contain_text("parameters for 10 classes", timeout=30_000)
+    # the layer table follows the model picked, without a button press
+    params = pg.locator("#model_params")
+    expect(params).to_contain_text("62,006 of 62,006 parameters trainable", timeout=30_000)
+    for model, count in (("resnet18", "11,173,962"), ("tutorial_net", "62,006")):
+        pg.locator("#model_name input").click()
+        pg.get_by_role("option", name=re.compile(rf"^{model}\b")).click()
+        expect(params).to_contain_text(f"{count} of {count} parameters trainable", timeout=60_000)
+    expect(pg.locator("#model_layers")).to_contain_text("conv1")
     shot(pg, "02-model")
     open_tab(pg, "Memory")
     expect(pg.locator("#mem_summary")).to_contain_text("training needs", timeout=60_000)

@@ -581,7 +581,7 @@ def test_missing_files_message_mnist_lists_only_missing(tmp_path, sample_zip):
 
 def test_download_without_network(tmp_path, monkeypatch):
     # the probe fails as it does offline: no download is attempted, the message says why
-    monkeypatch.setattr(D, "_probe_network", lambda url, timeout=1.0: "cannot reach www.cs.toronto.edu: offline")
+    monkeypatch.setattr(D, "probe_network", lambda url, timeout=1.0: "cannot reach www.cs.toronto.edu: offline")
     with pytest.raises(MissingFileError, match="cannot reach"):
         D.load_dataset("torchvision", "CIFAR10", data_dir=tmp_path, download=True)
 
@@ -594,7 +594,7 @@ def test_download_failure_is_caught(tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise URLError("connection refused")
 
-    monkeypatch.setattr(D, "_probe_network", lambda url, timeout=1.0: None)
+    monkeypatch.setattr(D, "probe_network", lambda url, timeout=1.0: None)
     monkeypatch.setattr(tv_mnist, "download_and_extract_archive", refuse)
     with pytest.raises(MissingFileError, match="download failed") as e:
         D.load_dataset("torchvision", "MNIST", data_dir=tmp_path, download=True)

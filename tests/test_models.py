@@ -297,6 +297,7 @@ def test_missing_imagenet_file_names_file_and_folder(tmp_path):
 
 def test_download_when_network_allows(tmp_path, monkeypatch):
     monkeypatch.delenv(M.OFFLINE_ENV)
+    monkeypatch.setattr("core.datasets.probe_network", lambda url, timeout=3.0: None)   # the host answers
     sd = get_model("squeezenet1_1", weights=None).state_dict()
     calls = []
 
@@ -315,13 +316,43 @@ def test_failed_download_is_a_missing_file(tmp_path, monkeypatch):
     import urllib.error
 
     monkeypatch.delenv(M.OFFLINE_ENV)
+    monkeypatch.setattr("core.datasets.probe_network", lambda url, timeout=3.0: None)
 
-    def no_network(url, dst, timeout=M.DOWNLOAD_TIMEOUT_S):
-        raise urllib.error.URLError("no route to host")
+    def cut(url, dst, timeout=M.DOWNLOAD_TIMEOUT_S):
+        raise urllib.error.URLError("connection reset by peer")
 
-    monkeypatch.setattr(M, "_download", no_network)
-    with pytest.raises(MissingFileError, match="could not be downloaded"):
+    monkeypatch.setattr(M, "_download", cut)
+    with pytest.raises(MissingFileError, match=r"could not be downloaded \(connection reset by peer\)") as err:
         M.create_model("squeezenet1_1", 10, pretrained=True, weights_dir=tmp_path)
+    assert "URLError" not in str(err.value) and "urlopen" not in str(err.value)
+
+
+def test_offline_pretrained_is_refused_before_a_run_is_queued(tmp_path, monkeypatch):
+    """No file and no network: the message names the file, the folder and the host, at once."""
+    from core.config import RunConfig
+    from core.jobs import JobManager
+
+    monkeypatch.delenv(M.OFFLINE_ENV)
+    monkeypatch.setattr(M, "_hub_folder", lambda weights_dir=None: tmp_path)
+    monkeypatch.setattr("core.datasets.probe_network",
+                        lambda url, timeout=3.0: "cannot reach download.pytorch.org: [Errno -2] Name or service not known")
+    monkeypatch.setattr(M, "_download", lambda *a, **k: pytest.fail("no download without a network"))
+    name = _file_name("squeezenet1_1")
+    with pytest.raises(MissingFileError) as err:
+        M.check_pretrained("squeezenet1_1")
+    text = str(err.value)
+    assert name in text and str(tmp_path) in text and "cannot reach download.pytorch.org" in text
+    assert "untick 'Start from ImageNet weights'" in text and err.value.files == [name]
+    manager = JobManager(runs_dir=tmp_path / "runs", max_jobs=1)
+    config = RunConfig.from_dict({"model": {"name": "squeezenet1_1", "pretrained": True}, "device": "cpu"})
+    with pytest.raises(MissingFileError, match=name):
+        manager.submit(config, owner="teacher")
+    assert manager.jobs() == []                                   # nothing was queued
+    with pytest.raises(MissingFileError, match="cannot reach download.pytorch.org"):   # a run says the same
+        M.create_model("squeezenet1_1", 10, pretrained=True)
+    M.check_pretrained("tutorial_net")                            # no ImageNet weights exist: nothing to check
+    (tmp_path / name).write_bytes(b"x")
+    M.check_pretrained("squeezenet1_1")                           # on disk: fine, no probe needed
 
 
 def test_corrupt_hub_file_says_delete_it(tmp_path):

@@ -91,6 +91,9 @@ def build(ctx: AppContext) -> None:
         table = models.layer_table(created.model, (channels, *size))
         text = (f"**{trainable:,} of {total:,} parameters trainable** ({trainable / max(total, 1):.1%}) with "
                 f"freezing '{freeze_mode}'" + (f" of {int(n_stages)} stage(s)" if freeze_mode == "stages" else ""))
+        if freeze_mode != "none" and not pretrained_on:
+            text += ("\n\n⚠️ The frozen layers keep their random initial weights: freezing is meant for a "
+                     "pretrained feature extractor (tick 'Start from ImageNet weights', or load your own .pth).")
         if created.notes:
             text += "\n\n" + "\n".join(f"- {n}" for n in created.notes)
         return text, table
@@ -113,19 +116,30 @@ def build(ctx: AppContext) -> None:
         lines += [f"- skipped `{k}`: file {tuple(a)} vs model {tuple(b)}" for k, a, b in report.mismatched_shapes[:8]]
         return str(dest), "\n".join(lines)
 
-    name.change(describe, [ctx.session, name, stem], [about, weights_note, stages, pretrained],
-                api_name="describe_model", concurrency_limit=None)
-    stem.change(describe, [ctx.session, name, stem], [about, weights_note, stages, pretrained],
-                api_visibility="private", concurrency_limit=None)
-    show.click(layer_table, [ctx.session, name, stem, freeze, stages, pretrained], [params, layers],
-               api_name="layer_table", concurrency_limit=4)
+    table_inputs, table_outputs = [ctx.session, name, stem, freeze, stages, pretrained], [params, layers]
+    # First: the public endpoint keeps the name "layer_table" (private events reuse the function's name).
+    show.click(layer_table, table_inputs, table_outputs, api_name="layer_table", concurrency_limit=4)
+    # The table follows the choices: a table of another model (or freezing) than the one picked
+    # would teach the wrong numbers on a projector.
+    for trigger, api in ((name.change, {"api_name": "describe_model"}), (stem.change, {"api_visibility": "private"})):
+        trigger(describe, [ctx.session, name, stem], [about, weights_note, stages, pretrained], concurrency_limit=None,
+                **api).then(layer_table, table_inputs, table_outputs, api_visibility="private",
+                            show_progress_on=[params], concurrency_limit=4)
+    for trigger in (freeze.change, stages.release, pretrained.change):
+        trigger(layer_table, table_inputs, table_outputs, api_visibility="private", show_progress_on=[params],
+                concurrency_limit=4)
     weights_file.upload(use_weights, [ctx.session, weights_file, name, stem], [weights_path, weights_report],
                         api_name="load_weights", concurrency_limit=4)
     weights_file.clear(lambda: ("", ""), None, [weights_path, weights_report], api_visibility="private")
     ctx.shared["model_describe"] = (describe, [ctx.session, name, stem], [about, weights_note, stages, pretrained])
+    ctx.shared["model_table"] = (layer_table, table_inputs, table_outputs)
 
 
 def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
     describe, inputs, outputs = ctx.shared["model_describe"]
+    layer_table, table_inputs, table_outputs = ctx.shared["model_table"]
     demo.load(describe, inputs, outputs, api_visibility="private")
-    ctx.shared["tab"]["Model"].select(describe, inputs, outputs, api_visibility="private")
+    # The tab shows the table of what is picked when it is opened (the dataset may have changed).
+    ctx.shared["tab"]["Model"].select(describe, inputs, outputs, api_visibility="private").then(
+        layer_table, table_inputs, table_outputs, api_visibility="private", show_progress_on=[table_outputs[0]],
+        concurrency_limit=4)
