@@ -80,6 +80,8 @@ class Predictor:
         self.model_name: str = cfg["name"]
         self.input_shape = (c, h, w)
         self.epoch: int = ckpt.get("epoch", 0)
+        self.planned_epochs: int | None = ckpt["config"].get("epochs")   # of the run it comes from
+        self.best_epoch: int | None = ckpt.get("best_epoch")
         self._eval_tf = transforms.eval_transform_from_state(self.transform_state)
         self._tta: dict[str, object] = {}
         # A run trained at the images' native size stores no resize step; an image of any other

@@ -156,8 +156,9 @@ def run_choices(runs_dir: str | Path, need: str = "checkpoint") -> list[tuple[st
         label = run_dir.name
         try:
             cfg = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-            if cfg.get("name"):
-                label = f"{cfg['name']} ({run_dir.name})"
+            name = read_meta(run_dir).get("name") or cfg.get("name")   # a rename wins over the config's name
+            if name:
+                label = f"{name} ({run_dir.name})"
         except (OSError, json.JSONDecodeError):
             pass
         if (run_dir / EVAL_FILE).exists():
@@ -726,7 +727,8 @@ class RunHistory:
             df = df[(df["has_last"] == 1) | df["checkpoint_bytes"].notna()]
         out = []
         for _, r in df.iterrows():
-            label = f"{r['name']} ({r['run_id']})" if r["name"] else r["run_id"]
+            name = r["name"] if isinstance(r["name"], str) else ""   # NaN from the index means "no name"
+            label = f"{name} ({r['run_id']})" if name else r["run_id"]
             if pd.notna(r["test_accuracy"]):
                 label += f" — test {r['test_accuracy']:.1%}"
             elif r["status"] not in (ev.FINISHED,):

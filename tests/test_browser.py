@@ -233,6 +233,7 @@ def test_student_flow_in_the_browser(page):
     # 5. Predict: drop an image (a synthetic drag-and-drop), read the top-5.
     open_tab(pg, "Predict")
     expect(pg.locator("#predict_info")).to_contain_text("10 classes", timeout=30_000)
+    expect(pg.locator("#predict_info")).to_contain_text(re.compile(r"best weights, after epoch \d+ of 10"))
     data = base64.b64encode((ROOT / "assets" / "examples" / "cat.jpg").read_bytes()).decode()
     pg.evaluate("""async ([b64, name]) => {
         const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));

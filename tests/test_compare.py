@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core import compare, events as ev
+from core import compare, events as ev, runs
 from core.config import RunConfig
 from core.errors import ConfigError, DataError, ModelError
 from core.jobs import JobManager
@@ -235,8 +235,14 @@ def test_tab_history_panel_rename_tag_export_and_delete(tab, tmp_path):
     with pytest.raises(gr.Error, match="Pick a run"):
         h["export"]["onnx"](None)
     assert (ctx.runs_dir / run_id / META_FILE).is_file()
+    # the new name shows in every run list: the Compare dropdowns and the Evaluate/Predict ones
+    from ui.tab_compare import run_choices
+    assert any(label.startswith(f"renamed in the UI ({run_id})") for label, _ in run_choices(ctx))
+    assert any(label.startswith(f"renamed in the UI ({run_id})") for label, _ in runs.run_choices(ctx.runs_dir))
     h["rename"](run_id, "", "", "(all)")  # leave the shared comparison as it was
     h["save_tags"](run_id, "", "", "(all)")
+    labels = [label for label, value in run_choices(ctx) if value == run_id]
+    assert labels and not labels[0].startswith("nan")   # no name: the id, never "nan (…)"
 
 
 def test_tab_train_all_queues_a_comparison_on_the_data_tab_data(tab, tiny_folder):
@@ -253,13 +259,14 @@ def test_tab_train_all_queues_a_comparison_on_the_data_tab_data(tab, tiny_folder
     ctx.manager.wait(run_ids[0], timeout=120)
     deadline = time.time() + 60
     while True:   # the timer keeps polling until the memory estimate of the finished run is in
-        selected, fig, board, queue, timer, pick_a, pick_b = h["poll"](run_ids, None, None)
+        selected, fig, board, queue, timer, pick_a, pick_b, history = h["poll"](run_ids, None, None)
         if isinstance(selected, dict) and "value" in selected or time.time() > deadline:
             break
         time.sleep(0.2)
     assert job.status == ev.FINISHED and "lenet5 lr=0.05: finished" in queue
     assert board["predicted memory (MiB)"].notna().all()
     assert selected["value"] == run_ids and any(run_ids[0] == v for _, v in selected["choices"])
+    assert run_ids[0] in set(history["run id"])   # the last poll also shows the run in the history table
 
     # The comparison is listed, and a reloaded page (a fresh session, same browser) gets it back.
     session = {}

@@ -457,14 +457,15 @@ def build(ctx: AppContext) -> None:
             return gr.skip(), gr.skip()
         return gr.update(choices=evaluated, value=picks[0]), gr.update(choices=evaluated, value=picks[1])
 
-    def poll(run_ids, a=None, b=None):
+    def poll(run_ids, a=None, b=None, filter_text=None, status=None):
         fig, board_df, qtext, busy = _render(run_ids)
         live = _live(ctx, run_ids)
         if live or busy:
-            return (gr.skip(), fig, board_df, qtext, gr.Timer(active=True), gr.skip(), gr.skip())
-        # Last tick: refresh the run labels (statuses) and open the side-by-side view.
+            return (gr.skip(), fig, board_df, qtext, gr.Timer(active=True), gr.skip(), gr.skip(), gr.skip())
+        # Last tick: refresh the run labels (statuses), open the side-by-side view, and show the
+        # finished runs in the history table (it only refreshed on request before).
         return ((_selection_update(run_ids), fig, board_df, qtext, gr.Timer(active=False))
-                + _pair_defaults(run_ids, a, b))
+                + _pair_defaults(run_ids, a, b) + (history_table(ctx, filter_text, status),))
 
     @safe
     def show_selected(run_ids, a=None, b=None):
@@ -614,7 +615,7 @@ def build(ctx: AppContext) -> None:
         show_progress="hidden", concurrency_limit=None)
     stop.click(stop_selected, [selected, ctx.browser_id], queue, api_name="compare_stop",
                show_progress="hidden", concurrency_limit=None)
-    timer.tick(poll, [selected, run_a, run_b], [selected, curves, board, queue, timer, run_a, run_b],
+    timer.tick(poll, [selected, run_a, run_b, filt, status_f], [selected, curves, board, queue, timer, run_a, run_b, table],
                api_name="compare_poll", show_progress="hidden", concurrency_limit=None)
     show_outputs = [curves, board, queue, timer, run_a, run_b]
     selected.input(show_selected, [selected, run_a, run_b], show_outputs, api_name="compare_show",

@@ -77,15 +77,25 @@ def friendly_image_errors(component: gr.Image) -> gr.Image:
     return component
 
 
+def _trained_text(p: Predictor) -> str:
+    """Which weights these are: a run's best.pth is the best epoch, not its last."""
+    where = f" of {p.planned_epochs}" if p.planned_epochs else ""
+    if p.path.name == "best.pth":
+        return f"the run's best weights, after epoch {p.epoch}{where} (best validation score)"
+    if p.path.name == "last.pth":
+        return f"the run's latest weights, after epoch {p.epoch}{where}"
+    return f"trained {p.epoch} epoch(s)"
+
+
 def build(ctx: AppContext) -> None:
     cache = ctx.shared.setdefault("predictors", PredictorCache())
     with gr.Row():
-        with gr.Column(scale=1):
+        with gr.Column(scale=1, min_width=440):
             source = gr.Radio(["A trained run", "A checkpoint file (.pth)"], value="A trained run",
                               label="Model", elem_id="predict_source")
-            with gr.Row():
-                run = gr.Dropdown(label="Run", choices=[], scale=4, elem_id="predict_run")
-                refresh = gr.Button("Refresh", scale=1, min_width=80, elem_id="predict_refresh")
+            # the run's label (name, id, test accuracy) needs the column's whole width to be read
+            run = gr.Dropdown(label="Run", choices=[], elem_id="predict_run")
+            refresh = gr.Button("Refresh the list of runs", size="sm", elem_id="predict_refresh")
             upload = gr.File(label="Checkpoint (.pth saved by the lab)", file_types=[".pth"], visible=False,
                              elem_id="predict_ckpt")
             tta = gr.Radio(list(TTA_CHOICES), value="none", label="Test-time augmentation",
@@ -123,7 +133,7 @@ def build(ctx: AppContext) -> None:
         c, h, w = p.input_shape
         return (f"**{p.model_name}**, {len(p.classes)} classes ({', '.join(p.classes[:12])}"
                 f"{'…' if len(p.classes) > 12 else ''}); input {w}×{h} {'grayscale' if c == 1 else 'RGB'}; "
-                f"trained {p.epoch} epoch(s). Images are resized and normalised as in training.")
+                f"{_trained_text(p)}. Images are resized and normalised as in training.")
 
     @safe
     def predict(img, source_value, run_dir, uploaded, tta_value):
