@@ -50,6 +50,7 @@ class RunStarted(Event):
     start_epoch: int                # 0 for a new run; >0 when resumed
     epochs: int
     notes: list[str] = field(default_factory=list)  # e.g. "resized 32→224", "in-memory loader"
+    start_batch: int = 0            # batches of epoch start_epoch + 1 done before a mid-epoch resume
 
 
 @dataclass

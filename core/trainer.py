@@ -645,7 +645,7 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
                                       label_smoothing=config.optim.label_smoothing)
         eval_loss_fn = nn.CrossEntropyLoss()
         warmup_steps = 0 if config.optim.scheduler == "onecycle" else config.optim.warmup_epochs * batches
-        skip_batches, partial = 0, None
+        skip_batches, partial, resume_note = 0, None, []
         if ckpt is not None:
             core_model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -660,6 +660,8 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
                 scaler.load_state_dict(ckpt["scaler"])
             history = list(ckpt.get("history", []))
             best_epoch, best_metric = ckpt.get("best_epoch"), ckpt.get("best_metric")
+            resume_note = [f"resumed from {Path(resume_from).name}: {epochs_done} epoch(s) done"
+                           + (f" and {skip_batches} batch(es) of epoch {epochs_done + 1}" if skip_batches else "")]
         trainable = sum(p.numel() for p in core_model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in core_model.parameters())
         emit(ev.RunStarted(run_id=run_id, run_dir=str(run_dir), device=str(device), classes=prep.classes,
@@ -667,7 +669,8 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
                                         "test": len(prep.split.test)},
                            input_shape=[prep.in_channels, *prep.input_size], params_total=total,
                            params_trainable=trainable, batches_per_epoch=batches,
-                           start_epoch=epochs_done, epochs=config.epochs, notes=prep.notes))
+                           start_epoch=epochs_done, epochs=config.epochs, notes=prep.notes + resume_note,
+                           start_batch=skip_batches))
         write_status(run_dir, ev.RUNNING, "training", pid=os.getpid())
         monitor_max = config.monitor == "val_accuracy"
         bad_epochs = 0

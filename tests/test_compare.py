@@ -267,6 +267,8 @@ def test_tab_train_all_queues_a_comparison_on_the_data_tab_data(tab, tiny_folder
     assert board["predicted memory (MiB)"].notna().all()
     assert selected["value"] == run_ids and any(run_ids[0] == v for _, v in selected["choices"])
     assert run_ids[0] in set(history["run id"])   # the last poll also shows the run in the history table
+    from ui import tab_train   # a reloaded Train tab does not take the comparison's run for its own
+    assert tab_train._current_job(ctx, {}, "browser:browser-1") is None
 
     # The comparison is listed, and a reloaded page (a fresh session, same browser) gets it back.
     session = {}

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 gr = pytest.importorskip("gradio")
@@ -242,6 +243,37 @@ def finished_job(tmp_path_factory, tiny_folder):
     assert job.status == ev.FINISHED, job.message
     ctx = AppContext(manager=manager, data_dir=tmp / "data", runs_dir=tmp / "runs")
     yield ctx, job
+    manager.shutdown(timeout=10)
+
+
+def test_a_resumed_run_keeps_its_earlier_curves_and_says_where_it_resumed(tmp_path, tiny_folder, monkeypatch):
+    """Stopped in the middle of epoch 2, resumed: the curves still start at epoch 1 and the log says
+    where the run went on from."""
+    from core.trainer import fit
+
+    monkeypatch.setattr("core.trainer.REPORT_EVERY_S", 0.0)   # a BatchEnded for every batch
+
+    runs_dir = tmp_path / "runs"
+    config = RunConfig.from_dict({"data": {"source": "folder", "location": str(tiny_folder), "batch_size": 16,
+                                           "num_workers": 0},
+                                  "model": {"name": "tutorial_net"}, "epochs": 3, "device": "cpu", "seed": 1})
+    batches = []
+    first = fit(config, runs_dir=runs_dir, data_dir=tmp_path / "data",
+                on_event=lambda e: batches.append(e) if isinstance(e, ev.BatchEnded) else None,
+                should_stop=lambda: any(b.epoch == 2 and b.batch >= 3 for b in batches))
+    assert first.status == ev.STOPPED
+    manager = JobManager(runs_dir=runs_dir, data_dir=tmp_path / "data", max_jobs=1)
+    job = manager.submit(config, owner="browser:test", resume_from=first.run_dir / "last.pth")
+    manager.wait(job.job_id, timeout=180)
+    assert job.status == ev.FINISHED, job.message
+    ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=runs_dir)
+    status, progress, fig, log = tab_train._render(ctx, job, {})
+    per_epoch = [t for t in fig.data if "(per epoch)" in (t.name or "") and t.name.startswith("train")]
+    assert per_epoch and sorted(set(per_epoch[0].x)) == [1, 2, 3]          # epoch 1 came from before the stop
+    per_step = [t for t in fig.data if "per step" in (t.name or "")]
+    steps = np.concatenate([np.asarray(t.x, dtype=float) for t in per_step])
+    assert steps.min() < 1.0                                               # steps of epoch 1 are drawn too
+    assert "note: resumed from last.pth: 1 epoch(s) done and 3 batch(es) of epoch 2" in log
     manager.shutdown(timeout=10)
 
 

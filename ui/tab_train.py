@@ -12,9 +12,9 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from core import events as ev
+from core import events as ev, runs
 from core.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, OptimConfig, RunConfig
-from core.errors import ConfigError
+from core.errors import ConfigError, LabError
 from ui import plots
 from ui.common import (AppContext, bind, config_from_widgets, fmt_seconds, none_if_empty, owner_of, safe,
                        widget_updates)
@@ -195,12 +195,24 @@ def _whole_batch_size(value) -> int:
 
 
 def _current_job(ctx: AppContext, session: dict, owner: str):
+    """This session's run, else (after a reload) this owner's newest run started here on the Train
+    tab: the runs of a comparison belong to the Compare tab, which reconnects to them itself."""
     job = ctx.manager.find(session.get("job_id", "")) if session.get("job_id") else None
     if job is None:
-        job = ctx.manager.latest_for(owner)
+        candidates = [j for j in ctx.manager.jobs(owner) if not _in_comparison(ctx, j.job_id)]
+        job = max(candidates, key=lambda j: j.created) if candidates else None
         if job is not None:
             session["job_id"] = job.job_id
     return job
+
+
+def _in_comparison(ctx: AppContext, run_id: str) -> bool:
+    if ctx.history is None:
+        return False
+    try:
+        return bool(ctx.history.get(run_id, refresh=False).get("group_id"))
+    except LabError:
+        return False
 
 
 def _resumable_run(ctx: AppContext, session: dict, owner: str) -> Path | None:
@@ -218,6 +230,29 @@ def _resumable_run(ctx: AppContext, session: dict, owner: str) -> Path | None:
     return None
 
 
+EPOCH_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
+STEP_COLUMNS = ["step", "epoch", "loss"]
+
+
+def _earlier_history(ctx: AppContext, job, session: dict, started) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The epochs and steps a resumed run had trained before this job, from its run folder (read
+    once per job and kept in the session): the curves go on from there instead of starting again."""
+    cached = session.get("earlier")
+    if cached and cached[0] == job.job_id:
+        return cached[1], cached[2]
+    try:
+        record = runs.load_run(ctx.runs_dir / job.job_id)
+        epochs = record.epochs.reindex(columns=EPOCH_COLUMNS)
+        epochs = epochs[epochs["epoch"] <= started.start_epoch]
+        last_step = started.start_epoch * started.batches_per_epoch + started.start_batch
+        steps = record.steps.reindex(columns=STEP_COLUMNS)
+        steps = steps[steps["step"] <= last_step] if not steps.empty else steps
+    except Exception:   # an unreadable history only costs the earlier part of the curves
+        epochs, steps = pd.DataFrame(columns=EPOCH_COLUMNS), pd.DataFrame(columns=STEP_COLUMNS)
+    session["earlier"] = (job.job_id, epochs, steps)
+    return epochs, steps
+
+
 def _render(ctx: AppContext, job, session: dict):
     snap = job.snapshot()
     session["seen"] = snap["n_events"]
@@ -225,9 +260,15 @@ def _render(ctx: AppContext, job, session: dict):
     events = list(job.events)
     steps = [e for e in events if isinstance(e, ev.BatchEnded)]
     step_df = pd.DataFrame([{"step": e.step, "epoch": e.epoch - 1 + e.batch / e.batches, "loss": e.loss}
-                            for e in steps])
+                            for e in steps], columns=STEP_COLUMNS)
     epoch_df = pd.DataFrame([{"epoch": e.epoch, "train_loss": e.train_loss, "train_accuracy": e.train_accuracy,
-                              "val_loss": e.val_loss, "val_accuracy": e.val_accuracy} for e in snap["epochs"]])
+                              "val_loss": e.val_loss, "val_accuracy": e.val_accuracy} for e in snap["epochs"]],
+                            columns=EPOCH_COLUMNS)
+    started = snap.get("started")
+    if job.resume_from and started is not None and (started.start_epoch or started.start_batch):
+        earlier_epochs, earlier_steps = _earlier_history(ctx, job, session, started)
+        epoch_df = pd.concat([earlier_epochs, epoch_df], ignore_index=True) if not earlier_epochs.empty else epoch_df
+        step_df = pd.concat([earlier_steps, step_df], ignore_index=True) if not earlier_steps.empty else step_df
     return (_status_text(ctx, job, snap), _progress_html(snap), plots.live_curves(step_df, epoch_df),
             _log_text(events))
 
