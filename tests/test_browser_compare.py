@@ -164,7 +164,7 @@ def test_three_model_comparison_survives_a_restart(browser_context, tmp_path_fac
         expect(pg.locator("#cmp_pair_summary")).to_contain_text("accuracy")
         group = pg.locator("#cmp_group input").input_value()
         assert "3 run(s)" in group, group
-        board_before = {r["run id"]: r["test acc (%)"] for r in rows}
+        board_before = {r["run"]: r["test acc (%)"] for r in rows}
         # Sortable: the header's menu sorts the rows by that column, as numbers (33 before 306).
         header = pg.locator("#cmp_leaderboard thead th[title='images/s']")
         for item, descending in (("Sort ascending", False), ("Sort descending", True)):
@@ -196,15 +196,16 @@ def test_three_model_comparison_survives_a_restart(browser_context, tmp_path_fac
         open_tab(pg, "Compare")
         expect(pg.locator("#cmp_group input")).to_have_value(group, timeout=30_000)
         rows = _wait_for_board(pg, 3, timeout_s=60)
-        assert {r["run id"]: r["test acc (%)"] for r in rows} == board_before
+        assert {r["run"]: r["test acc (%)"] for r in rows} == board_before
         expect(pg.locator("#cmp_curves .legendtext")).not_to_have_count(0, timeout=30_000)
         names = _curve_names(pg)
         assert all(any(m in n for n in names) for m in MODELS), names
         # and the run history lists the three runs as finished
         pg.locator("#cmp_history").get_by_text("Run history").click()
         history = pg.locator("#cmp_hist_table")
-        for run_id in board_before:
-            expect(history).to_contain_text(run_id, timeout=30_000)
+        for run_name in board_before:   # the runs' names (the table also has their ids and statuses)
+            expect(history).to_contain_text(run_name, timeout=30_000)
+        expect(history).to_contain_text("finished")
         no_error_toasts(pg)
         shot(pg, "13-compare-after-restart")
         assert pg.lab["external"] == [] and pg.lab["page_errors"] == [], pg.lab

@@ -205,7 +205,7 @@ def test_tab_shows_curves_leaderboard_and_side_by_side(tab):
     assert "tutorial_net lr=0.01: finished" in queue
     csv_file = h["leaderboard_csv"](list(group.run_ids))
     assert csv_file["visible"] is True   # the download box appears once there is a file
-    assert pd.read_csv(csv_file["value"])["run id"].tolist() == board["run id"].tolist()
+    assert pd.read_csv(csv_file["value"])["run"].tolist() == board["run"].tolist()   # same runs, same order
     a, b = group.run_ids
     cm_a, cm_b, summary, table = h["show_pair"](a, b, True)
     assert "A" in summary and "B" in summary and len(table) >= 3
@@ -282,6 +282,6 @@ def test_tab_train_all_queues_a_comparison_on_the_data_tab_data(tab, tiny_folder
     assert "value" not in group_update
     # Picking the comparison in the list shows its runs, curves and leaderboard.
     selected, fig, board, queue, timer, pick_a, pick_b = h["pick_group"](group_id, {})
-    assert selected["value"] == run_ids and list(board["run id"]) == run_ids
+    assert selected["value"] == run_ids and list(board["run"]) == ["lenet5 lr=0.05"]
     assert {t.name for t in fig.data if t.showlegend} == {"lenet5 lr=0.05 · train", "lenet5 lr=0.05 · val"}
     ctx.history.delete(run_ids[0], confirm=run_ids[0])   # keep the shared comparison as it was

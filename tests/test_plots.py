@@ -258,6 +258,12 @@ def test_confusion_heatmap_normalized_and_empty_rows():
     assert custom[0, 1, 0] == 2 and custom[0, 1, 1] == pytest.approx(20.0)  # count and percent
 
 
+def test_confusion_heatmap_ten_classes_whole_percents():
+    """At 10 classes "16.0%" ran into the next cell: whole percents with the sign."""
+    (hm,) = P.confusion_heatmap(_cm(10), CIFAR, normalize=True).data
+    assert all(re.fullmatch(r"\d{1,3}%", t) for row in hm.text for t in row)
+
+
 def test_confusion_heatmap_compact_for_side_by_side():
     cm = np.array([[8, 2, 0], [0, 0, 0], [1, 1, 2]])
     (hm,) = P.confusion_heatmap(cm, ["a", "b", "c"], normalize=True, compact=True).data

@@ -39,8 +39,10 @@ NO_DATA = "No data yet — start training"
 MAX_POINTS = 1000
 #: Above this many classes the confusion matrix has no numbers in its cells.
 MAX_CELL_TEXT_CLASSES = 20
-#: Up to this many classes, normalised cells show one decimal ("87.5%"), above it none ("88").
-ONE_DECIMAL_CLASSES = 10
+#: Normalised cells: one decimal ("87.5%") up to ONE_DECIMAL_CLASSES classes, whole percents
+#: ("88%") up to WHOLE_PERCENT_CLASSES, then bare numbers ("88") up to MAX_CELL_TEXT_CLASSES.
+ONE_DECIMAL_CLASSES = 5
+WHOLE_PERCENT_CLASSES = 10
 #: Layers shown by memory_per_layer when a model has more.
 TOP_LAYERS = 40
 #: Lines with more points than this are drawn without markers.
@@ -450,6 +452,8 @@ def _percent_text(frac: np.ndarray, k: int, compact: bool = False) -> np.ndarray
         return np.vectorize(lambda p: f"{p:.0f}" if p > 0 else "")(pct)
     if k <= ONE_DECIMAL_CLASSES:
         return np.vectorize(lambda p: f"{p:.1f}%")(pct)
+    if k <= WHOLE_PERCENT_CLASSES:   # "16.0%" ran into its neighbours at 10 classes in a 3/5 column
+        return np.vectorize(lambda p: f"{p:.0f}%")(pct)
     # 11–20 classes: cells are narrow; whole percents without the sign (the colour bar says %).
     return np.vectorize(lambda p: f"{p:.0f}")(pct)
 
@@ -497,7 +501,7 @@ def confusion_heatmap(matrix: Any, class_names: Sequence[str], normalize: bool =
                      scaleanchor="x", scaleratio=1, constrain="domain", showgrid=False)
     # Square cells (scaleanchor) big enough for their text at 14 px: "100.0%" needs ~50 px, a
     # whole number ~30 px; 240 px go to the title, tick labels and margins. 480..900 px in all.
-    cell = 56 if k <= ONE_DECIMAL_CLASSES else 34
+    cell = 56 if k <= WHOLE_PERCENT_CLASSES else 34
     height = int(min(900, max(480, 240 + cell * k)))
     return _style(fig, title, height=height, legend=False)
 

@@ -30,7 +30,7 @@ HISTORY_COLUMNS = ["run id", "name", "tags", "model", "dataset", "status", "epoc
                    "test acc (%)", "created", "owner"]
 LEADERBOARD_DISPLAY = ["run", "model", "status", "best val acc (%)", "test acc (%)", "macro F1",
                        "params", "trainable params", "train time (s)", "images/s",
-                       "predicted memory (MiB)", "checkpoint (MiB)", "run id"]
+                       "predicted memory (MiB)", "checkpoint (MiB)"]   # the run ids are in the CSV and the history
 DIFF_DISPLAY = ["kind", "true class", "predicted class", "A (%)", "B (%)", "B − A (points)"]
 ALL_STATUSES = "(all)"
 EXPORT_KINDS = ("checkpoint", "torchscript", "onnx", "metrics")
@@ -134,7 +134,6 @@ def leaderboard_display(df: pd.DataFrame) -> pd.DataFrame:
         "train time (s)": df["training time (s)"].round(1), "images/s": df["images/s"].round(0),
         "predicted memory (MiB)": (df["predicted training memory (bytes)"].astype("Float64") / 2**20).round(1),
         "checkpoint (MiB)": (df["checkpoint size (bytes)"].astype("Float64") / 2**20).round(2),
-        "run id": df["run id"],
     }, columns=LEADERBOARD_DISPLAY)
     return _for_display(out)
 
@@ -340,13 +339,13 @@ def build(ctx: AppContext) -> None:
                                        info="Runs of a comparison are added here; add finished runs from the history")
                 refresh = gr.Button("Refresh", elem_id="cmp_refresh", scale=1)
             curves = gr.Plot(curves_figure(ctx, []), label="Loss and accuracy", elem_id="cmp_curves")
-    board = gr.Dataframe(pd.DataFrame(columns=LEADERBOARD_DISPLAY), label="Leaderboard (click a header to sort)",
+    board = gr.Dataframe(pd.DataFrame(columns=LEADERBOARD_DISPLAY), label="Leaderboard (sort with the ⋮ menu of a column header)",
                          interactive=False, wrap=True, elem_id="cmp_leaderboard",
                          # numbers sort as numbers (9 before 10), the rest as text
                          datatype=["number" if c.endswith(("(%)", "(s)", "(MiB)", "F1", "params", "images/s"))
                                    else "str" for c in LEADERBOARD_DISPLAY],
                          # the numbers get room for ~10 characters a line: headers wrap by words, not letters
-                         column_widths=["13%", "9%", "7%"] + ["6.5%"] * 9 + ["12.5%"])
+                         column_widths=["16%", "11%", "7%"] + ["7.33%"] * 9)
     with gr.Row():
         csv_btn = gr.Button("Download CSV", elem_id="cmp_csv_btn", scale=1)
         csv_file = gr.File(label="Leaderboard CSV", interactive=False, elem_id="cmp_csv", scale=3, visible=False)
