@@ -808,11 +808,17 @@ class RunHistory:
         df = self.list(status=ev.INTERRUPTED)
         return [Path(p) for p in df["run_dir"]]
 
-    def latest_resumable(self, owner: str) -> Path | None:
-        """The newest run of ``owner`` that is stopped, failed or interrupted and has last.pth."""
+    def latest_resumable(self, owner: str, include_finished: bool = False,
+                         exclude_groups: bool = False) -> Path | None:
+        """The newest run of ``owner`` that is stopped, failed or interrupted (and, with
+        include_finished, finished: it can go on for more epochs) and has last.pth.
+        exclude_groups leaves out the runs of a comparison."""
         df = self.list()
         live = self._live_ids()
-        df = df[(df["owner"] == owner) & df["status"].isin(RESUMABLE_STATUSES) & ~df["run_id"].isin(live)]
+        statuses = RESUMABLE_STATUSES + ((ev.FINISHED,) if include_finished else ())
+        df = df[(df["owner"] == owner) & df["status"].isin(statuses) & ~df["run_id"].isin(live)]
+        if exclude_groups:
+            df = df[df["group_id"].isna() | (df["group_id"] == "")]
         for _, row in df.iterrows():  # newest first
             if (Path(row["run_dir"]) / LAST_CKPT).is_file():
                 return Path(row["run_dir"])
@@ -825,9 +831,10 @@ class RunHistory:
             raise ConfigError("Resuming needs the training queue: this history is not attached to a JobManager.")
         run_dir = self._require_run(run_id)
         row = self.get(run_id)
-        if row["status"] not in RESUMABLE_STATUSES:
+        finished = row["status"] == ev.FINISHED
+        if row["status"] not in RESUMABLE_STATUSES and not finished:
             raise ConfigError(f"Run {run_id} is {row['status']}; only stopped, failed or interrupted runs "
-                              "can be resumed.")
+                              "can be resumed (and finished ones trained for more epochs).")
         last = run_dir / LAST_CKPT
         if not last.is_file():
             raise ConfigError(f"Run {run_id} has no last.pth in {run_dir}: it stopped before its first "
@@ -835,5 +842,12 @@ class RunHistory:
         from core.checkpoints import load_checkpoint
         ckpt = load_checkpoint(last)
         config = RunConfig.from_dict(ckpt["config"])
-        config.epochs = max(int(epochs or config.epochs), int(ckpt.get("epoch", 0)) + 1)
+        done = int(ckpt.get("epoch", 0))
+        if finished:
+            if not epochs or int(epochs) <= done:
+                raise ConfigError(f"Run {run_id} finished all its {done} epoch{'s' * (done != 1)}. To train it further, ask "
+                                  f"for more epochs in all than {done}; or start a new run.")
+            config.epochs = int(epochs)
+        else:
+            config.epochs = max(int(epochs or config.epochs), done + 1)
         return self.manager.submit(config, owner=owner or row.get("owner") or "local", resume_from=last)

@@ -364,6 +364,22 @@ def test_stop_a_running_run_resume_it_while_others_keep_working(lab, tiny_zip):
     target = last["epoch"] + 1
     assert f"epoch {target}/{target}" in out[1] and f"epoch {target}/{target}: train loss" in out[3]
 
+    # The run finished: Resume with no more epochs says how to go on; with one more it trains on.
+    with pytest.raises(AppError, match=f"finished all its {target} epochs?\\..*set Epochs above {target}"):
+        a.predict(*start_args(a, "/resume_training", **{"Epochs": target}), api_name="/resume_training")
+    eval_file = lab["runs_dir"] / run_id / "eval.json"
+    os.utime(eval_file, (0, 0))  # so that the re-evaluation at the end shows as a newer file
+    status = a.predict(*start_args(a, "/resume_training", **{"Epochs": target + 1}),
+                       api_name="/resume_training")[0]
+    assert run_id in status
+    out, _ = poll_until_done(a, timeout=90)
+    assert out[0].startswith(f"Finished — tutorial_net — run {run_id}"), out[0]
+    assert f"epoch {target + 1}/{target + 1}: train loss" in out[3]
+    assert f"epoch {target}/{target + 1}" not in out[3]          # the earlier epochs are not re-trained
+    assert torch_load(lab["runs_dir"] / run_id / "last.pth")["epoch"] == target + 1
+    assert lab["manager"].find(run_id).status == "finished"
+    assert eval_file.stat().st_mtime > 0                              # the test split evaluated again
+
 
 def test_a_failed_run_shows_its_reason_and_the_server_goes_on(lab, tiny_zip):
     a = new_client(lab)

@@ -230,8 +230,12 @@ def test_tab_history_panel_rename_tag_export_and_delete(tab, tmp_path):
     assert files[0].endswith(f"{run_id}-best.pth")
     with pytest.raises(gr.Error, match="type its id"):
         h["delete"](group.run_ids[1], "no", "", "(all)", list(group.run_ids))
-    with pytest.raises(gr.Error, match="only stopped, failed or interrupted"):
-        h["resume"](run_id, [], "browser-1", None)
+    with pytest.raises(gr.Error, match="finished all its 2 epochs\\..*more epochs in all than 2"):
+        h["resume"](run_id, None, [], "browser-1", None)   # finished: only with more epochs
+    msg, chosen, _ = h["resume"](run_id, 3, [], "browser-1", None)
+    assert msg.startswith(f"Resuming {run_id}") and chosen["value"] == [run_id]
+    job = ctx.manager.wait(run_id, timeout=120)
+    assert job.status == ev.FINISHED and [e.epoch for e in job.events if isinstance(e, ev.EpochEnded)] == [3]
     with pytest.raises(gr.Error, match="Pick a run"):
         h["export"]["onnx"](None)
     assert (ctx.runs_dir / run_id / META_FILE).is_file()

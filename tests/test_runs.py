@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from core import events as ev
 from core.config import RunConfig
@@ -199,7 +200,9 @@ def _pretend_it_was_running(run_dir: Path) -> None:
 def test_interrupted_runs_are_detected_and_the_latest_one_is_resumable(runs_copy):
     runs_dir, managed, cli = runs_copy
     history = RunHistory(runs_dir)
-    assert history.latest_resumable("alice") is None      # finished runs are not resumable
+    assert history.latest_resumable("alice") is None      # finished runs are not resumable...
+    assert history.latest_resumable("alice", include_finished=True) == runs_dir / managed  # ...but go on
+    assert history.latest_resumable("bob", include_finished=True) is None
     _pretend_it_was_running(runs_dir / managed)
     rows = history.list().set_index("run_id")
     assert rows.loc[managed, "status"] == ev.INTERRUPTED
@@ -215,8 +218,10 @@ def test_resume_an_interrupted_run_through_the_job_manager(runs_copy):
     runs_dir, managed, cli = runs_copy
     manager = JobManager(runs_dir=runs_dir, max_jobs=1)
     history = RunHistory(runs_dir).attach(manager)
-    with pytest.raises(ConfigError, match="only stopped, failed or interrupted"):
-        history.resume(managed, owner="alice")
+    with pytest.raises(ConfigError, match="finished all its 1 epoch\\..*more epochs in all than 1"):
+        history.resume(managed, owner="alice")            # finished: only with more epochs
+    with pytest.raises(ConfigError, match="finished all its 1 epoch\\."):
+        history.resume(managed, owner="alice", epochs=1)
     _pretend_it_was_running(runs_dir / managed)
     job = history.resume(managed, owner="alice")
     assert job.job_id == managed and job.resume_from == str(runs_dir / managed / "last.pth")
@@ -227,6 +232,29 @@ def test_resume_an_interrupted_run_through_the_job_manager(runs_copy):
     assert read_meta(runs_dir / managed)["owner"] == "alice"
     card = json.loads((runs_dir / managed / CARD_FILE).read_text(encoding="utf-8"))
     assert card["sessions"] == 2 and len(card["session_seconds"]) == 2
+
+
+def test_a_finished_run_trains_on_for_more_epochs(runs_copy):
+    runs_dir, managed, cli = runs_copy
+    manager = JobManager(runs_dir=runs_dir, max_jobs=1)
+    history = RunHistory(runs_dir).attach(manager)
+    before = torch.load(runs_dir / managed / "last.pth", weights_only=True)
+    job = history.resume(managed, owner="alice", epochs=2)
+    manager.wait(job.job_id, timeout=120)
+    assert job.status == ev.FINISHED, job.message
+    trained = [e.epoch for e in job.events if isinstance(e, ev.EpochEnded)]
+    assert trained == [2]                                   # epoch 1 is not trained again
+    row = history.get(managed)
+    assert row["epochs_done"] == 2 and row["epochs"] == 2
+    after = torch.load(runs_dir / managed / "last.pth", weights_only=True)
+    assert after["epoch"] == 2
+    assert any(not torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    # A comparison's run is left to the Compare tab when the Train tab looks for its last run.
+    meta = read_meta(runs_dir / managed)
+    (runs_dir / managed / META_FILE).write_text(json.dumps({**meta, "group_id": "cmp-y"}), encoding="utf-8")
+    history.rebuild()
+    assert history.latest_resumable("alice", include_finished=True) == runs_dir / managed
+    assert history.latest_resumable("alice", include_finished=True, exclude_groups=True) is None
 
 
 def test_queued_runs_are_indexed_before_their_folder_exists(runs_copy):

@@ -375,6 +375,8 @@ def build(ctx: AppContext) -> None:
         with gr.Row():
             hist_run = gr.Dropdown(label="Selected run", choices=[], elem_id="cmp_hist_run", scale=3)
             add_btn = gr.Button("Add to comparison", elem_id="cmp_hist_add", scale=1)
+            resume_epochs = gr.Number(None, label="Epochs in all (to train a finished run further)",
+                                      precision=0, minimum=1, elem_id="cmp_resume_epochs", scale=1)
             resume_btn = gr.Button("Resume", elem_id="cmp_resume", scale=1)
         with gr.Row():
             name = gr.Textbox(label="Name", elem_id="cmp_hist_name", scale=3)
@@ -578,10 +580,12 @@ def build(ctx: AppContext) -> None:
                 gr.update(choices=choices, value=_keep(list(run_ids or []), choices)))
 
     @safe
-    def resume(run_id, run_ids, browser_id, request: gr.Request):
+    def resume(run_id, epochs, run_ids, browser_id, request: gr.Request):
         if not run_id:
-            raise ConfigError("Pick a stopped, failed or interrupted run in the history table first.")
-        job = _history(ctx).resume(run_id, owner=owner_of(request, browser_id))
+            raise ConfigError("Pick a run in the history table first: a stopped, failed or interrupted one "
+                              "goes on where it stopped; a finished one trains further up to 'Epochs in all'.")
+        epochs = int(epochs) if epochs not in (None, "") else None
+        job = _history(ctx).resume(run_id, owner=owner_of(request, browser_id), epochs=epochs)
         ids = list(dict.fromkeys(list(run_ids or []) + [job.job_id]))
         choices = run_choices(ctx)
         return (f"Resuming {run_id} from its last checkpoint ({job.status}); it is added to the comparison above.",
@@ -639,7 +643,7 @@ def build(ctx: AppContext) -> None:
                    concurrency_limit=None)
     delete_btn.click(delete, [hist_run, confirm, filt, status_f, selected],
                      [hist_msg, table, confirm, hist_run, selected], api_name="delete_run", concurrency_limit=None)
-    resume_btn.click(resume, [hist_run, selected, ctx.browser_id], [hist_msg, selected, timer],
+    resume_btn.click(resume, [hist_run, resume_epochs, selected, ctx.browser_id], [hist_msg, selected, timer],
                      api_name="resume_run", concurrency_limit=None)
     add_btn.click(add_to_comparison, [hist_run, selected], selected, api_visibility="private",
                   concurrency_limit=None).then(show_selected, [selected, run_a, run_b], show_outputs,

@@ -116,13 +116,21 @@ def build(ctx: AppContext) -> None:
             raise gr.Error("A run is already in progress: stop it first.")
         run_dir = _resumable_run(ctx, session, owner)
         if run_dir is None:
-            raise gr.Error("Nothing to resume: no stopped, failed or interrupted run with a checkpoint "
-                           "belongs to this browser. Start a new run instead.")
+            raise gr.Error("Nothing to resume: no run with a checkpoint belongs to this browser. "
+                           "Start a new run instead.")
         from core.checkpoints import load_checkpoint
         ckpt = load_checkpoint(run_dir / "last.pth")
         config = RunConfig.from_dict(ckpt["config"])
         wanted = config_from_widgets(ctx, values, session).epochs
-        config.epochs = max(wanted, ckpt["epoch"] + 1)  # resuming means at least one more epoch
+        done = int(ckpt["epoch"])
+        if _run_status(ctx, run_dir) == ev.FINISHED:
+            # A finished run goes on only when asked for more epochs than it has trained.
+            if wanted <= done:
+                raise gr.Error(f"Your last run finished all its {done} epoch{'s' * (done != 1)}. To train it further, set "
+                               f"Epochs above {done} and press Resume again; or press Start for a new run.")
+            config.epochs = wanted
+        else:
+            config.epochs = max(wanted, done + 1)  # resuming means at least one more epoch
         job = ctx.manager.submit(config, owner=owner, resume_from=run_dir / "last.pth")
         session["job_id"] = job.job_id
         session["seen"] = -1
@@ -216,18 +224,25 @@ def _in_comparison(ctx: AppContext, run_id: str) -> bool:
 
 
 def _resumable_run(ctx: AppContext, session: dict, owner: str) -> Path | None:
-    """The newest run of this owner that ended without finishing and has a last.pth."""
-    candidates = [j for j in ctx.manager.jobs(owner)
-                  if j.status in (ev.STOPPED, ev.FAILED, ev.INTERRUPTED)]
+    """The newest Train-tab run of this owner that has a last.pth and is not running: stopped,
+    failed, interrupted by a server restart, or finished (it can go on for more epochs)."""
+    if ctx.history is not None:
+        run_dir = ctx.history.latest_resumable(owner, include_finished=True, exclude_groups=True)
+        return Path(run_dir) if run_dir is not None else None
+    candidates = [j for j in ctx.manager.jobs(owner) if j.done]
     for job in sorted(candidates, key=lambda j: j.created, reverse=True):
         path = ctx.runs_dir / job.job_id / "last.pth"
         if path.exists():
             return path.parent
-    if ctx.history is not None:  # runs interrupted by a server restart
-        run_dir = ctx.history.latest_resumable(owner)
-        if run_dir is not None:
-            return Path(run_dir)
     return None
+
+
+def _run_status(ctx: AppContext, run_dir: Path) -> str:
+    job = ctx.manager.find(run_dir.name)
+    if job is not None:
+        return job.status
+    from core.runs import read_status
+    return read_status(run_dir)[0]
 
 
 EPOCH_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
