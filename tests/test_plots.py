@@ -348,6 +348,7 @@ def test_memory_breakdown_training_and_inference():
     assert len({t.marker.color for t in fig.data}) == 5
     texts = [a.text for a in fig.layout.annotations]
     assert any("440" in t and "MiB" in t for t in texts)                    # training total
+    assert fig.layout.legend.y < 0 and fig.layout.legend.yanchor == "top"   # under the bars, not on the title
     # explicit inference breakdown, GiB scale, odd names keep keyword colours
     fig = P.memory_breakdown({"Parameters": 2 * 2**30, "Adam state": 4 * 2**30, "Saved tensors": 3 * 2**30},
                              inference={"Parameters": 2 * 2**30, "activations (peak)": 0.5 * 2**30})

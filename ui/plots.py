@@ -637,7 +637,11 @@ def memory_breakdown(components: Mapping[str, float] | None, title: str = "Memor
     fig.update_xaxes(title_text=f"memory ({unit})", range=[0, 1.2 * max(totals.values()) / scale],
                      rangemode="tozero")
     fig.update_yaxes(**_category_axis(bars), autorange="reversed")
-    return _style(fig, title, height=300)
+    fig = _style(fig, title, height=380)
+    # The legend goes under the axis title: above the bars it ran into the figure's title.
+    fig.update_layout(legend=dict(x=0, xanchor="left", y=-0.32, yanchor="top"),
+                      margin=dict(t=70, b=120))
+    return fig
 
 
 def memory_per_layer(per_layer: pd.DataFrame | None, top_n: int = TOP_LAYERS,

@@ -33,7 +33,8 @@ def build(ctx: AppContext) -> None:
         breakdown = gr.Plot(None, label="Training vs inference", elem_id="mem_breakdown")
         per_layer = gr.Plot(None, label="Saved activations per layer",
                             elem_id="mem_layers")
-    table = gr.Dataframe(pd.DataFrame(columns=["component", "bytes", "MiB"]), interactive=False, elem_id="mem_table")
+    table = gr.Dataframe(pd.DataFrame(columns=["component", "bytes", "MiB"]), interactive=False, elem_id="mem_table",
+                         elem_classes="lab-numbers-right")
 
     @safe
     def calculate(session, name, stem, freeze, stages, batch_size, opt, prec, budget_label, progress=gr.Progress()):
@@ -59,7 +60,7 @@ def build(ctx: AppContext) -> None:
                 f"{est.num_params:,} parameters trainable · {fits}. A GPU also needs its CUDA context and "
                 "library workspaces (0.3–1 GB) on top.")
         return (text, plots.memory_breakdown(train, title="Memory for one step", inference=infer),
-                plots.memory_per_layer(est.layers), est.as_table())
+                plots.memory_per_layer(_layer_names(est.layers)), _for_display(est.as_table()))
 
     inputs = [ctx.session, m["name"], m["stem"], m["freeze"], m["stages"], batch, optimizer, precision, budget]
     outputs = [summary, breakdown, per_layer, table]
@@ -69,6 +70,22 @@ def build(ctx: AppContext) -> None:
                     concurrency_limit=4)
     batch.release(calculate, inputs, outputs, api_visibility="private", show_progress_on=[summary], concurrency_limit=4)
     ctx.shared["memory_calc"] = (calculate, inputs, outputs)
+
+
+def _layer_names(layers: pd.DataFrame | None) -> pd.DataFrame | None:
+    """What the model's own forward() saves outside its sub-modules (F.relu, view, x + y...) is
+    the engine's "(model)" row; on the chart it says where it comes from."""
+    if layers is None or layers.empty or "layer" not in layers.columns:
+        return layers
+    return layers.assign(layer=layers["layer"].replace({"(model)": "ops in forward()"}))
+
+
+def _for_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The engine's table with readable numbers: "248,024" bytes, "0.24" MiB (text, right-aligned)."""
+    out = table.copy()
+    out["bytes"] = [f"{int(v):,}" for v in table["bytes"]]
+    out["MiB"] = [f"{v:,.2f}" for v in table["MiB"]]
+    return out
 
 
 def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
