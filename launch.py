@@ -9,6 +9,7 @@ page are turned off before Gradio is imported, and the page uses only bundled fo
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -58,6 +59,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from ui.app import build_app, launch_kwargs
     from core.jobs import JobManager
+
+    # One line per refused input in the console ("12:03:04 load_data: Folder ... does not
+    # exist"), the trace only for real bugs; other libraries' INFO chatter stays off.
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    lab_log = logging.getLogger("classifier_lab")
+    lab_log.addHandler(console)
+    lab_log.setLevel(logging.INFO)
+    lab_log.propagate = False
 
     manager = JobManager(runs_dir=args.runs_dir, data_dir=args.data_dir, max_jobs=max_jobs)
     if args.tensorboard:

@@ -285,6 +285,16 @@ def test_bad_input_gives_a_plain_message_not_a_traceback(lab, tmp_path):
         assert "Traceback" not in text and 'File "' not in text and "Internal error" not in text
 
 
+def test_a_refused_input_prints_no_trace_in_the_server_console(lab, capfd):
+    """A teacher's console shows no Gradio stack trace for each student's typo."""
+    capfd.readouterr()
+    with pytest.raises(AppError, match="/nope/none does not exist"):
+        new_client(lab).predict("Folder on the server", "CIFAR10", None, "/nope/none", "per class", 10, 10, 0,
+                                api_name="/load_data")
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "gradio.exceptions.Error" not in err
+
+
 def test_two_users_at_once_do_not_see_each_other(lab, tiny_zip):
     a, b = new_client(lab), new_client(lab)
     assert "3 classes" in load_zip(a, tiny_zip)[0]

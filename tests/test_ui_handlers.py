@@ -157,6 +157,7 @@ def test_safe_turns_a_lab_error_into_gr_error_with_its_message():
         handler(1)
     assert info.value.message == "bad.zip is not a zip archive (1)."
     assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert info.value.print_exception is False     # Gradio prints no trace in the server console
 
 
 def test_safe_passes_gr_error_through_unchanged():
@@ -168,7 +169,7 @@ def test_safe_passes_gr_error_through_unchanged():
 
     with pytest.raises(gr.Error) as info:
         handler()
-    assert info.value is original
+    assert info.value is original and original.print_exception is False
 
 
 def test_safe_turns_an_unexpected_exception_into_a_short_internal_error(caplog):

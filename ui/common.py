@@ -99,13 +99,19 @@ def safe(fn: Callable) -> Callable:
     'internal error' message and a log entry with the trace (never a stack trace in the page)."""
 
     def convert(err: Exception):
+        # A user's mistake is one line in the server console, not a Gradio stack trace (Gradio
+        # prints one for every gr.Error unless print_exception is off); a bug keeps its trace.
         if isinstance(err, gr.Error):
+            log.info("%s: %s", fn.__name__, err.message)
+            err.print_exception = False
             return err
         if isinstance(err, LabError):
-            return gr.Error(str(err), duration=None)
+            log.info("%s: %s", fn.__name__, err)
+            return gr.Error(str(err), duration=None, print_exception=False)
         log.exception("internal error in %s", fn.__name__)
         return gr.Error(f"Internal error in {fn.__name__}: {type(err).__name__}: {err}. "
-                        "The server log has the details; nothing you saved was lost.", duration=None)
+                        "The server log has the details; nothing you saved was lost.", duration=None,
+                        print_exception=False)
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
