@@ -216,6 +216,8 @@ def test_train_evaluate_and_predict_on_an_uploaded_zip(lab, tiny_zip, tmp_path):
     assert heat and list(heat[0]["x"]) == TINY and list(heat[0]["y"]) == TINY
     rows = table_rows(per_class)
     assert [r[0] for r in rows[:3]] == TINY and rows[-1][0] == "(weighted average)"
+    assert all(re.fullmatch(r"[01]\.\d{3}", v) for r in rows for v in r[1:4])   # three decimals each
+    assert [r[4] for r in rows] == ["10", "10", "10", "30", "30"]                # support: test images
     # each mistake captioned "true → predicted confidence", two different classes of the run
     assert mistakes   # two epochs on 120 images leave plenty of errors among the 30 test images
     for m in mistakes:

@@ -152,7 +152,7 @@ def test_three_model_comparison_survives_a_restart(browser_context, tmp_path_fac
         assert sorted(r["model"] for r in rows) == sorted(MODELS)
         for r in rows:   # every leaderboard column is filled for a finished run
             for col in ("best val acc (%)", "test acc (%)", "macro F1", "params",
-                        "trainable params", "train time (s)", "images/s", "checkpoint (MiB)"):
+                        "trainable params", "train time (s)", "images/s", "file size (MiB)"):
                 assert r[col] not in ("", "None", "NaN"), (col, r)
         # the curves of all three runs are overlaid (train and val of each in the legend)
         expect(pg.locator("#cmp_curves .js-plotly-plot")).to_be_visible()
@@ -172,7 +172,7 @@ def test_three_model_comparison_survives_a_restart(browser_context, tmp_path_fac
             header.locator("button[aria-label='Open cell menu']").click()
             pg.get_by_role("menuitem", name=item).click()
             pg.wait_for_timeout(500)
-            speeds = [float(r["images/s"]) for r in _leaderboard(pg)]
+            speeds = [float(r["images/s"].replace(",", "")) for r in _leaderboard(pg)]
             assert speeds == sorted(speeds, reverse=descending) and len(set(speeds)) > 1, (item, speeds)
         # The leaderboard as CSV: the download box appears with the file.
         pg.locator("#cmp_csv_btn").click()

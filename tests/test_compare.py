@@ -200,8 +200,14 @@ def test_tab_shows_curves_leaderboard_and_side_by_side(tab):
     colors = {t.name: t.line.color for t in fig.data if t.showlegend}
     assert len(set(colors.values())) == 2   # one colour per run, the same in both panels
     from ui.tab_compare import LEADERBOARD_DISPLAY
+    import gradio as gr
+    cells = gr.Dataframe().postprocess(board)   # what the page gets: numbers, and text to show
+    board = board.data
     assert list(board.columns) == LEADERBOARD_DISPLAY
     assert len(board) == 2 and board["predicted memory (MiB)"].notna().all()
+    col = LEADERBOARD_DISPLAY.index("params")
+    for row, shown in zip(cells.data, cells.metadata["display_value"]):
+        assert isinstance(row[col], int) and shown[col] == f"{row[col]:,}" and "," in shown[col]   # 62,006
     assert "tutorial_net lr=0.01: finished" in queue
     csv_file = h["leaderboard_csv"](list(group.run_ids))
     assert csv_file["visible"] is True   # the download box appears once there is a file
@@ -224,6 +230,10 @@ def test_tab_history_panel_rename_tag_export_and_delete(tab, tmp_path):
     assert "renamed in the UI" in msg and "renamed in the UI" in set(table["name"])
     msg, table = h["save_tags"](run_id, "ui, test", "ui", "(all)")
     assert list(table["run id"]) == [run_id]   # the filter 'ui' applies
+    assert list(table["owner"]) == ["alice"]
+    from ui.tab_compare import owner_label
+    assert [owner_label(o) for o in ("user:alice", None, "browser:3f9a2c77-e1", "")] == \
+        ["alice", "command line", "browser 3f9a2c", "command line"]
     files, msg = h["export"]["metrics"](run_id)
     assert any(f.endswith("-epochs.csv") for f in files)
     files, msg = h["export"]["checkpoint"](run_id)
@@ -268,7 +278,7 @@ def test_tab_train_all_queues_a_comparison_on_the_data_tab_data(tab, tiny_folder
             break
         time.sleep(0.2)
     assert job.status == ev.FINISHED and "lenet5 lr=0.05: finished" in queue
-    assert board["predicted memory (MiB)"].notna().all()
+    assert board.data["predicted memory (MiB)"].notna().all()
     assert selected["value"] == run_ids and any(run_ids[0] == v for _, v in selected["choices"])
     assert run_ids[0] in set(history["run id"])   # the last poll also shows the run in the history table
     from ui import tab_train   # a reloaded Train tab does not take the comparison's run for its own
@@ -286,6 +296,6 @@ def test_tab_train_all_queues_a_comparison_on_the_data_tab_data(tab, tiny_folder
     assert "value" not in group_update
     # Picking the comparison in the list shows its runs, curves and leaderboard.
     selected, fig, board, queue, timer, pick_a, pick_b = h["pick_group"](group_id, {})
-    assert selected["value"] == run_ids and list(board["run"]) == ["lenet5 lr=0.05"]
+    assert selected["value"] == run_ids and list(board.data["run"]) == ["lenet5 lr=0.05"]
     assert {t.name for t in fig.data if t.showlegend} == {"lenet5 lr=0.05 · train", "lenet5 lr=0.05 · val"}
     ctx.history.delete(run_ids[0], confirm=run_ids[0])   # keep the shared comparison as it was

@@ -31,6 +31,8 @@ CSS = """
 .lab-progress { height: 22px; border-radius: 6px; background: var(--neutral-200); overflow: hidden; }
 .lab-progress > div { height: 100%; background: var(--primary-500); transition: width 0.4s; }
 .lab-log textarea { font-family: var(--font-mono); font-size: 13px !important; }
+.lab-word-headers thead th, .lab-word-headers thead th * { word-break: normal !important;
+  overflow-wrap: normal !important; font-size: 13px; }
 .lab-numbers-right [role=gridcell]:not(.first-column) .cell-wrap { justify-content: flex-end; text-align: right; }
 /* A dropped 32-pixel CIFAR image would otherwise sit as a speck in the middle of the drop zone. */
 /* A handler that refuses bad input says why in a toast and leaves its outputs as they were; Gradio

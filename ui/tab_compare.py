@@ -30,7 +30,7 @@ HISTORY_COLUMNS = ["run id", "name", "tags", "model", "dataset", "status", "epoc
                    "test acc (%)", "created", "owner"]
 LEADERBOARD_DISPLAY = ["run", "model", "status", "best val acc (%)", "test acc (%)", "macro F1",
                        "params", "trainable params", "train time (s)", "images/s",
-                       "predicted memory (MiB)", "checkpoint (MiB)"]   # the run ids are in the CSV and the history
+                       "predicted memory (MiB)", "file size (MiB)"]   # the run ids are in the CSV and the history
 DIFF_DISPLAY = ["kind", "true class", "predicted class", "A (%)", "B (%)", "B − A (points)"]
 ALL_STATUSES = "(all)"
 EXPORT_KINDS = ("checkpoint", "torchscript", "onnx", "metrics")
@@ -133,9 +133,22 @@ def leaderboard_display(df: pd.DataFrame) -> pd.DataFrame:
         "params": df["parameters"], "trainable params": df["trainable parameters"],
         "train time (s)": df["training time (s)"].round(1), "images/s": df["images/s"].round(0),
         "predicted memory (MiB)": (df["predicted training memory (bytes)"].astype("Float64") / 2**20).round(1),
-        "checkpoint (MiB)": (df["checkpoint size (bytes)"].astype("Float64") / 2**20).round(2),
+        "file size (MiB)": (df["checkpoint size (bytes)"].astype("Float64") / 2**20).round(2),
     }, columns=LEADERBOARD_DISPLAY)
     return _for_display(out)
+
+
+#: How the leaderboard's numbers read ("727,626" parameters, "1,222" images/s); the cells keep
+#: the numbers, so the ⋮ menu still sorts numerically.
+LEADERBOARD_FORMATS = {"best val acc (%)": "{:.1f}", "test acc (%)": "{:.1f}", "macro F1": "{:.3f}",
+                       "params": "{:,.0f}", "trainable params": "{:,.0f}", "train time (s)": "{:,.1f}",
+                       "images/s": "{:,.0f}", "predicted memory (MiB)": "{:,.1f}", "file size (MiB)": "{:,.2f}"}
+
+
+def leaderboard_styled(board: pd.DataFrame):
+    """The display frame as a pandas Styler: Gradio sends the formatted text as each cell's
+    display value next to its number."""
+    return board.style.format(LEADERBOARD_FORMATS, na_rep="")
 
 
 _MEMORY_BUSY: set[str] = set()
@@ -225,8 +238,21 @@ def history_table(ctx: AppContext, filter_text: str | None = None, status: str |
         "best val acc (%)": pct(df["best_val_accuracy"]), "test acc (%)": pct(df["test_accuracy"]),
         "created": [time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t == t and t else ""
                     for t in df["created"]],
-        "owner": df["owner"].fillna(""),
+        "owner": [owner_label(o) for o in df["owner"]],
     }, columns=HISTORY_COLUMNS))
+
+
+def owner_label(owner) -> str:
+    """Who started a run, short enough for a table cell: the login name, "browser 3f9a2c" (the
+    start of the browser's id), or "command line" for runs with no owner."""
+    if not isinstance(owner, str) or not owner:
+        return "command line"
+    kind, _, ident = owner.partition(":")
+    if kind == "user":
+        return ident
+    if kind in ("browser", "session"):
+        return f"{kind} {ident[:6]}"
+    return owner
 
 
 def _export_dir(ctx: AppContext, run_id: str) -> Path:
@@ -344,8 +370,9 @@ def build(ctx: AppContext) -> None:
                          # numbers sort as numbers (9 before 10), the rest as text
                          datatype=["number" if c.endswith(("(%)", "(s)", "(MiB)", "F1", "params", "images/s"))
                                    else "str" for c in LEADERBOARD_DISPLAY],
-                         # the numbers get room for ~10 characters a line: headers wrap by words, not letters
-                         column_widths=["16%", "11%", "7%"] + ["7.33%"] * 9)
+                         # the numbers get room for ~9 characters a line; headers wrap at spaces (CSS)
+                         elem_classes="lab-word-headers",
+                         column_widths=["15%", "12%", "7%"] + [f"{66 / 9:.2f}%"] * 9)
     with gr.Row():
         csv_btn = gr.Button("Download CSV", elem_id="cmp_csv_btn", scale=1)
         csv_file = gr.File(label="Leaderboard CSV", interactive=False, elem_id="cmp_csv", scale=3, visible=False)
@@ -371,7 +398,8 @@ def build(ctx: AppContext) -> None:
                                    elem_id="cmp_hist_status", scale=1)
             hist_refresh = gr.Button("Refresh", elem_id="cmp_hist_refresh", scale=1)
         table = gr.Dataframe(pd.DataFrame(columns=HISTORY_COLUMNS), label="Runs (click a row to select it)",
-                             interactive=False, wrap=True, elem_id="cmp_hist_table")
+                             interactive=False, wrap=True, elem_id="cmp_hist_table",
+                             column_widths=["19%", "13%", "8%", "10%", "10%", "7%", "5%", "6%", "6%", "10%", "6%"])
         with gr.Row():
             hist_run = gr.Dropdown(label="Selected run", choices=[], elem_id="cmp_hist_run", scale=3)
             add_btn = gr.Button("Add to comparison", elem_id="cmp_hist_add", scale=1)
@@ -413,7 +441,7 @@ def build(ctx: AppContext) -> None:
             # is live, re-read the folders: the listener may not have recorded the last run's end
             # yet, and the timer stops after this render.
             df = compare.leaderboard(h, run_ids, memory=False, refresh=not _live(ctx, run_ids))
-        return curves_figure(ctx, run_ids), leaderboard_display(df), queue_text(ctx, run_ids), busy
+        return curves_figure(ctx, run_ids), leaderboard_styled(leaderboard_display(df)), queue_text(ctx, run_ids), busy
 
     @safe
     def preview_plan(models_v, lrs_v, freeze_v, epochs_v):
