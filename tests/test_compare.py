@@ -259,6 +259,21 @@ def test_tab_history_panel_rename_tag_export_and_delete(tab, tmp_path):
     assert labels and not labels[0].startswith("nan")   # no name: the id, never "nan (…)"
 
 
+def test_a_run_that_ends_during_a_poll_keeps_the_timer_for_one_more_tick(tab, monkeypatch):
+    """The leaderboard of a live run comes from the index (it can still say 'running'); when the
+    run ends while that render is drawn, the timer must go on, or the page stays 'running'."""
+    from ui import tab_compare
+    ctx, h, w, group = tab
+    h["show_selected"](list(group.run_ids), None, None)   # memory estimates cached: busy stays False
+    answers = iter([True])   # live when the poll looks first, ended ever after
+    monkeypatch.setattr(tab_compare, "_live", lambda ctx_, ids: next(answers, False))
+    out = h["poll"](list(group.run_ids), None, None)
+    assert out[4].active is True       # one more tick...
+    out = h["poll"](list(group.run_ids), None, None)
+    assert out[4].active is False      # ...which re-reads the folders, then stops
+    assert set(out[2].data["status"]) == {ev.FINISHED}
+
+
 def test_tab_train_all_queues_a_comparison_on_the_data_tab_data(tab, tiny_folder):
     ctx, h, w, _ = tab
     values = {ctx.session: {"data_source": {"source": "folder", "location": str(tiny_folder)}},

@@ -429,9 +429,13 @@ def build(ctx: AppContext) -> None:
         choices = run_choices(ctx)
         return gr.update(choices=choices, value=_keep(list(value or []), choices))
 
-    def _render(run_ids, memory_sync: bool = False):
+    def _render(run_ids, memory_sync: bool = False, live: bool | None = None):
+        """live: whether a run was still live when the caller looked (before rendering). A run
+        that ends while this renders is then drawn by the next tick, not left as 'running'."""
         run_ids = list(run_ids or [])
         h = _history(ctx)
+        if live is None:
+            live = _live(ctx, run_ids)
         if memory_sync:
             df = compare.leaderboard(h, run_ids, memory=True, refresh=True)
             busy = False
@@ -440,7 +444,7 @@ def build(ctx: AppContext) -> None:
             # While runs train the index (kept current by the job listener) is enough; once none
             # is live, re-read the folders: the listener may not have recorded the last run's end
             # yet, and the timer stops after this render.
-            df = compare.leaderboard(h, run_ids, memory=False, refresh=not _live(ctx, run_ids))
+            df = compare.leaderboard(h, run_ids, memory=False, refresh=not live)
         return curves_figure(ctx, run_ids), leaderboard_styled(leaderboard_display(df)), queue_text(ctx, run_ids), busy
 
     @safe
@@ -487,8 +491,10 @@ def build(ctx: AppContext) -> None:
         return gr.update(choices=evaluated, value=picks[0]), gr.update(choices=evaluated, value=picks[1])
 
     def poll(run_ids, a=None, b=None, filter_text=None, status=None):
-        fig, board_df, qtext, busy = _render(run_ids)
+        # Read before rendering: if a run ends while the leaderboard is drawn from the index, the
+        # timer goes on and the next tick re-reads its folder (else it stayed 'running').
         live = _live(ctx, run_ids)
+        fig, board_df, qtext, busy = _render(run_ids, live=live)
         if live or busy:
             return (gr.skip(), fig, board_df, qtext, gr.Timer(active=True), gr.skip(), gr.skip(), gr.skip())
         # Last tick: refresh the run labels (statuses), open the side-by-side view, and show the
@@ -498,9 +504,10 @@ def build(ctx: AppContext) -> None:
 
     @safe
     def show_selected(run_ids, a=None, b=None):
-        fig, board_df, qtext, _ = _render(run_ids, memory_sync=not _live(ctx, run_ids))
+        live = _live(ctx, run_ids)
+        fig, board_df, qtext, _ = _render(run_ids, memory_sync=not live, live=live)
         # The side-by-side view starts with the first two evaluated runs of the selection.
-        return (fig, board_df, qtext, gr.Timer(active=_live(ctx, run_ids))) + _pair_defaults(run_ids, a, b)
+        return (fig, board_df, qtext, gr.Timer(active=live)) + _pair_defaults(run_ids, a, b)
 
     @safe
     def pick_group(group_id, session=None):
