@@ -73,8 +73,32 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
+def _process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), from /proc on Linux; else None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])          # field 22: starttime
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _writer_alive(data: dict) -> bool:
+    """Whether the process that wrote this status file is still there: its pid is alive and (where
+    the start time can be read) started before the file was written, so not a reused pid."""
+    pid = data.get("pid")
+    if not _pid_alive(pid):
+        return False
+    started = _process_start_time(pid)
+    updated = data.get("updated")
+    return started is None or not isinstance(updated, (int, float)) or started <= updated + 2
+
+
 def read_status(run_dir: Path, live_ids: set[str] | frozenset = frozenset()) -> tuple[str, str]:
-    """(status, message) of a run folder; a 'running' run that no live job owns is 'interrupted'."""
+    """(status, message) of a run folder; a 'running' run that no live job owns is 'interrupted',
+    unless another process that is still alive (the command line, a second server) trains it."""
     path = run_dir / STATUS_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -83,9 +107,10 @@ def read_status(run_dir: Path, live_ids: set[str] | frozenset = frozenset()) -> 
             else ("unknown", "not a run folder")
     status, message = data.get("status", "unknown"), data.get("message", "")
     if status in (ev.RUNNING, ev.STOPPING, ev.QUEUED) and run_dir.name not in live_ids:
-        same_process = data.get("pid") == os.getpid()
-        if not same_process or not _pid_alive(data.get("pid")):
+        if not _writer_alive(data):
             return ev.INTERRUPTED, "the server stopped while this run was training; resume it from its last checkpoint"
+        if data.get("pid") != os.getpid():
+            return status, f"{message or status} (in another process, pid {data.get('pid')})"
     return status, message
 
 

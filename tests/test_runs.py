@@ -197,6 +197,34 @@ def _pretend_it_was_running(run_dir: Path) -> None:
         {"status": "running", "message": "training", "updated": time.time(), "pid": _dead_pid()}), encoding="utf-8")
 
 
+def test_a_run_training_in_another_live_process_is_not_called_interrupted(runs_copy):
+    """The command line trains a run while the dashboard lists it: it is running, not resumable
+    and not deletable; once that process is gone (or its pid reused later) it is interrupted."""
+    runs_dir, managed, cli = runs_copy
+    history = RunHistory(runs_dir)
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.2)
+        (runs_dir / cli / "status.json").write_text(json.dumps(
+            {"status": "running", "message": "training", "updated": time.time(), "pid": trainer.pid}), encoding="utf-8")
+        row = history.get(cli)
+        assert row["status"] == ev.RUNNING and f"pid {trainer.pid}" in row["message"]
+        with pytest.raises(ConfigError, match="still training in another process"):
+            history.delete(cli, confirm=cli)
+        assert (runs_dir / cli).is_dir()
+        # the same pid, but a process that started after the status was written: a reused pid
+        (runs_dir / cli / "status.json").write_text(json.dumps(
+            {"status": "running", "message": "training", "updated": time.time() - 3600, "pid": trainer.pid}),
+            encoding="utf-8")
+        assert history.get(cli)["status"] == ev.INTERRUPTED
+    finally:
+        trainer.kill()
+        trainer.wait()
+    (runs_dir / cli / "status.json").write_text(json.dumps(
+        {"status": "running", "message": "training", "updated": time.time(), "pid": trainer.pid}), encoding="utf-8")
+    assert history.get(cli)["status"] == ev.INTERRUPTED     # its process is gone
+
+
 def test_interrupted_runs_are_detected_and_the_latest_one_is_resumable(runs_copy):
     runs_dir, managed, cli = runs_copy
     history = RunHistory(runs_dir)
