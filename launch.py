@@ -62,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # One line per refused input in the console ("12:03:04 load_data: Folder ... does not
     # exist"), the trace only for real bugs; other libraries' INFO chatter stays off.
-    console = logging.StreamHandler()
-    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     lab_log = logging.getLogger("classifier_lab")
-    lab_log.addHandler(console)
+    if not lab_log.handlers:   # main() called again in one process (tests) adds no second one
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        lab_log.addHandler(console)
     lab_log.setLevel(logging.INFO)
     lab_log.propagate = False
 

@@ -833,21 +833,29 @@ class RunHistory:
         df = self.list(status=ev.INTERRUPTED)
         return [Path(p) for p in df["run_dir"]]
 
-    def latest_resumable(self, owner: str, include_finished: bool = False,
-                         exclude_groups: bool = False) -> Path | None:
-        """The newest run of ``owner`` that is stopped, failed or interrupted (and, with
-        include_finished, finished: it can go on for more epochs) and has last.pth.
-        exclude_groups leaves out the runs of a comparison."""
+    def latest_resumable(self, owner: str) -> Path | None:
+        """The newest run of ``owner`` that is stopped, failed or interrupted and has last.pth."""
         df = self.list()
         live = self._live_ids()
-        statuses = RESUMABLE_STATUSES + ((ev.FINISHED,) if include_finished else ())
-        df = df[(df["owner"] == owner) & df["status"].isin(statuses) & ~df["run_id"].isin(live)]
-        if exclude_groups:
-            df = df[df["group_id"].isna() | (df["group_id"] == "")]
+        df = df[(df["owner"] == owner) & df["status"].isin(RESUMABLE_STATUSES) & ~df["run_id"].isin(live)]
         for _, row in df.iterrows():  # newest first
-            if (Path(row["run_dir"]) / LAST_CKPT).is_file():
+            if row["run_dir"] and (Path(row["run_dir"]) / LAST_CKPT).is_file():
                 return Path(row["run_dir"])
         return None
+
+    def last_run(self, owner: str, exclude_groups: bool = False) -> dict | None:
+        """The index row of the run ``owner`` was last active in (the last status change: start,
+        stop, end) among those not training or queued now; exclude_groups leaves out the runs of
+        comparisons. None when there is none."""
+        df = self.list()
+        df = df[(df["owner"] == owner) & ~df["run_id"].isin(self._live_ids())
+                & ~df["status"].isin(LIVE_STATUSES) & df["run_dir"].notna()]
+        if exclude_groups:
+            df = df[df["group_id"].isna() | (df["group_id"] == "")]
+        if df.empty:
+            return None
+        active = df["status_mtime"].fillna(df["created"])
+        return df.loc[active.astype(float).idxmax()].to_dict()
 
     def resume(self, run_id: str, owner: str | None = None, epochs: int | None = None):
         """Continue a stopped, failed or interrupted run from its last.pth (same folder) through

@@ -216,8 +216,9 @@ def test_train_evaluate_and_predict_on_an_uploaded_zip(lab, tiny_zip, tmp_path):
     assert heat and list(heat[0]["x"]) == TINY and list(heat[0]["y"]) == TINY
     rows = table_rows(per_class)
     assert [r[0] for r in rows[:3]] == TINY and rows[-1][0] == "(weighted average)"
-    assert all(re.fullmatch(r"[01]\.\d{3}", v) for r in rows for v in r[1:4])   # three decimals each
-    assert [r[4] for r in rows] == ["10", "10", "10", "30", "30"]                # support: test images
+    assert [r[4] for r in rows] == [10, 10, 10, 30, 30]          # support: the test images, as numbers
+    shown = per_class["metadata"]["display_value"]                 # ...and as the page shows them
+    assert all(re.fullmatch(r"[01]\.\d{3}", v) for r in shown for v in r[1:4])   # three decimals each
     # each mistake captioned "true → predicted confidence", two different classes of the run
     assert mistakes   # two epochs on 120 images leave plenty of errors among the 30 test images
     for m in mistakes:
@@ -404,9 +405,18 @@ def test_a_failed_run_shows_its_reason_and_the_server_goes_on(lab, tiny_zip):
     assert out[0].startswith("Failed — tutorial_net — run "), out[0]
     assert "learning rate" in out[0] and "too high" in out[0]
     assert "Traceback" not in out[0] + out[3]
+    failed = re.search(r"run (\S+):", out[0]).group(1)
+    assert not (lab["runs_dir"] / failed / "last.pth").exists()   # it diverged in its first epoch
+    with pytest.raises(AppError, match=rf"Your last run \({failed}\) ended \(failed\) before its first checkpoint"):
+        a.predict(*start_args(a, "/resume_training", **{"Epochs": 5}), api_name="/resume_training")
     # the next run on the same server trains normally
     start(a, **{"Epochs": 1, "Batch size": 16, "Device": "cpu"})
-    assert poll_until_done(a, timeout=90)[0][0].startswith("Finished")
+    out = poll_until_done(a, timeout=90)[0]
+    assert out[0].startswith("Finished")
+    # Resume now speaks of that last run, not of an older one
+    finished = re.search(r"run ([^\s:]+)", out[0]).group(1)
+    with pytest.raises(AppError, match=rf"Your last run \({finished}\) finished all its 1 epoch\."):
+        a.predict(*start_args(a, "/resume_training", **{"Epochs": 1}), api_name="/resume_training")
 
 
 def torch_load(path: Path) -> dict:

@@ -197,6 +197,20 @@ def _pretend_it_was_running(run_dir: Path) -> None:
         {"status": "running", "message": "training", "updated": time.time(), "pid": _dead_pid()}), encoding="utf-8")
 
 
+def test_the_last_run_is_the_one_last_active_not_the_one_created_last(runs_copy):
+    runs_dir, managed, cli = runs_copy
+    import os
+    (runs_dir / cli / META_FILE).write_text(json.dumps({"owner": "alice"}), encoding="utf-8")
+    history = RunHistory(runs_dir)
+    history.rebuild()
+    now = time.time()
+    for run_id, t in ((managed, now + 200), (cli, now + 100)):
+        os.utime(runs_dir / run_id / "status.json", (t, t))
+    assert history.last_run("alice")["run_id"] == managed
+    os.utime(runs_dir / cli / "status.json", (now + 300, now + 300))   # e.g. resumed and stopped since
+    assert history.last_run("alice")["run_id"] == cli
+
+
 def test_a_run_training_in_another_live_process_is_not_called_interrupted(runs_copy):
     """The command line trains a run while the dashboard lists it: it is running, not resumable
     and not deletable; once that process is gone (or its pid reused later) it is interrupted."""
@@ -229,8 +243,8 @@ def test_interrupted_runs_are_detected_and_the_latest_one_is_resumable(runs_copy
     runs_dir, managed, cli = runs_copy
     history = RunHistory(runs_dir)
     assert history.latest_resumable("alice") is None      # finished runs are not resumable...
-    assert history.latest_resumable("alice", include_finished=True) == runs_dir / managed  # ...but go on
-    assert history.latest_resumable("bob", include_finished=True) is None
+    assert history.last_run("alice")["run_id"] == managed  # ...but alice's last run, to go on with
+    assert history.last_run("bob") is None
     _pretend_it_was_running(runs_dir / managed)
     rows = history.list().set_index("run_id")
     assert rows.loc[managed, "status"] == ev.INTERRUPTED
@@ -281,8 +295,8 @@ def test_a_finished_run_trains_on_for_more_epochs(runs_copy):
     meta = read_meta(runs_dir / managed)
     (runs_dir / managed / META_FILE).write_text(json.dumps({**meta, "group_id": "cmp-y"}), encoding="utf-8")
     history.rebuild()
-    assert history.latest_resumable("alice", include_finished=True) == runs_dir / managed
-    assert history.latest_resumable("alice", include_finished=True, exclude_groups=True) is None
+    assert history.last_run("alice")["run_id"] == managed
+    assert history.last_run("alice", exclude_groups=True) is None
 
 
 def test_queued_runs_are_indexed_before_their_folder_exists(runs_copy):

@@ -403,7 +403,7 @@ def build(ctx: AppContext) -> None:
         with gr.Row():
             hist_run = gr.Dropdown(label="Selected run", choices=[], elem_id="cmp_hist_run", scale=3)
             add_btn = gr.Button("Add to comparison", elem_id="cmp_hist_add", scale=1)
-            resume_epochs = gr.Number(None, label="Epochs in all (to train a finished run further)",
+            resume_epochs = gr.Number(None, label="Epochs in all (empty: as planned; more to extend a finished run)",
                                       precision=0, minimum=1, elem_id="cmp_resume_epochs", scale=1)
             resume_btn = gr.Button("Resume", elem_id="cmp_resume", scale=1)
         with gr.Row():
@@ -623,8 +623,10 @@ def build(ctx: AppContext) -> None:
         job = _history(ctx).resume(run_id, owner=owner_of(request, browser_id), epochs=epochs)
         ids = list(dict.fromkeys(list(run_ids or []) + [job.job_id]))
         choices = run_choices(ctx)
-        return (f"Resuming {run_id} from its last checkpoint ({job.status}); it is added to the comparison above.",
-                gr.update(choices=choices, value=ids), gr.Timer(active=True))
+        # The box is emptied: a number left there must not re-plan the next run resumed.
+        return (f"Resuming {run_id} from its last checkpoint, up to epoch {job.config.epochs} ({job.status}); "
+                "it is added to the comparison above.",
+                gr.update(choices=choices, value=ids), gr.Timer(active=True), None)
 
     @safe
     def add_to_comparison(run_id, run_ids):
@@ -678,7 +680,7 @@ def build(ctx: AppContext) -> None:
                    concurrency_limit=None)
     delete_btn.click(delete, [hist_run, confirm, filt, status_f, selected],
                      [hist_msg, table, confirm, hist_run, selected], api_name="delete_run", concurrency_limit=None)
-    resume_btn.click(resume, [hist_run, resume_epochs, selected, ctx.browser_id], [hist_msg, selected, timer],
+    resume_btn.click(resume, [hist_run, resume_epochs, selected, ctx.browser_id], [hist_msg, selected, timer, resume_epochs],
                      api_name="resume_run", concurrency_limit=None)
     add_btn.click(add_to_comparison, [hist_run, selected], selected, api_visibility="private",
                   concurrency_limit=None).then(show_selected, [selected, run_a, run_b], show_outputs,

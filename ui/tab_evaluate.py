@@ -28,6 +28,7 @@ def build(ctx: AppContext) -> None:
             per_class = gr.Dataframe(pd.DataFrame(columns=PER_CLASS_HEADERS), label="Per-class metrics",
                                      interactive=False, elem_id="eval_per_class", wrap=True, max_height=720,
                                      elem_classes="lab-numbers-right",
+                                     datatype=["str", "number", "number", "number", "number"],
                                      column_widths=["28%", "22%", "16%", "15%", "19%"])  # no "precisi/on"
     # 6 columns: a caption such as "airplane → automobile 61%" fits under a thumbnail (8 cut it off).
     errors = gr.Gallery(label="Most confident mistakes (true class → predicted class, confidence)", columns=6,
@@ -65,9 +66,10 @@ def build(ctx: AppContext) -> None:
         averages = report.averages.rename(columns={"average": "class"})
         averages["class"] = averages["class"].map(lambda a: f"({a} average)")
         table = pd.concat([table, averages[PER_CLASS_HEADERS]], ignore_index=True)
-        for col in ("precision", "recall", "f1"):   # "0.370", not "0.37" next to "0.478"
-            table[col] = table[col].map(lambda v: f"{float(v):.3f}")
-        table["support"] = table["support"].map(lambda v: f"{int(v):,}")
+        # Numbers stay numbers (the ⋮ menu sorts them as such); they read "0.370" (not "0.37" next
+        # to "0.478") and "1,000" through the Styler's display values.
+        table = table.astype({"precision": float, "recall": float, "f1": float, "support": int}).style.format(
+            {"precision": "{:.3f}", "recall": "{:.3f}", "f1": "{:.3f}", "support": "{:,}"}, na_rep="")
         fig = plots.confusion_heatmap(report.confusion, report.class_names, normalize=normalize_rows,
                                       title=f"Confusion matrix ({split}, {'row-normalised' if normalize_rows else 'counts'})")
         gallery = runs.misclassified_images(record, limit=GALLERY_LIMIT, data_dir=ctx.data_dir)

@@ -114,20 +114,24 @@ def build(ctx: AppContext) -> None:
         current = _current_job(ctx, session, owner)
         if current is not None and not current.done:
             raise gr.Error("A run is already in progress: stop it first.")
-        run_dir = _resumable_run(ctx, session, owner)
-        if run_dir is None:
-            raise gr.Error("Nothing to resume: no run with a checkpoint belongs to this browser. "
-                           "Start a new run instead.")
+        last = _last_run(ctx, session, owner)
+        if last is None:
+            raise gr.Error("Nothing to resume: this browser has no run yet. Press Start to train one.")
+        run_dir, status, label = last
+        if not (run_dir / "last.pth").is_file():
+            raise gr.Error(f"Your last run ({label}) ended ({status}) before its first checkpoint: "
+                           "there is nothing to resume. Press Start to train it again.")
         from core.checkpoints import load_checkpoint
         ckpt = load_checkpoint(run_dir / "last.pth")
         config = RunConfig.from_dict(ckpt["config"])
         wanted = config_from_widgets(ctx, values, session).epochs
         done = int(ckpt["epoch"])
-        if _run_status(ctx, run_dir) == ev.FINISHED:
+        if status == ev.FINISHED:
             # A finished run goes on only when asked for more epochs than it has trained.
             if wanted <= done:
-                raise gr.Error(f"Your last run finished all its {done} epoch{'s' * (done != 1)}. To train it further, set "
-                               f"Epochs above {done} and press Resume again; or press Start for a new run.")
+                raise gr.Error(f"Your last run ({label}) finished all its {done} epoch{'s' * (done != 1)}. "
+                               f"To train it further, set Epochs above {done} and press Resume again; "
+                               "or press Start for a new run.")
             config.epochs = wanted
         else:
             config.epochs = max(wanted, done + 1)  # resuming means at least one more epoch
@@ -223,26 +227,27 @@ def _in_comparison(ctx: AppContext, run_id: str) -> bool:
         return False
 
 
-def _resumable_run(ctx: AppContext, session: dict, owner: str) -> Path | None:
-    """The newest Train-tab run of this owner that has a last.pth and is not running: stopped,
-    failed, interrupted by a server restart, or finished (it can go on for more epochs)."""
-    if ctx.history is not None:
-        run_dir = ctx.history.latest_resumable(owner, include_finished=True, exclude_groups=True)
-        return Path(run_dir) if run_dir is not None else None
-    candidates = [j for j in ctx.manager.jobs(owner) if j.done]
-    for job in sorted(candidates, key=lambda j: j.created, reverse=True):
-        path = ctx.runs_dir / job.job_id / "last.pth"
-        if path.exists():
-            return path.parent
-    return None
-
-
-def _run_status(ctx: AppContext, run_dir: Path) -> str:
-    job = ctx.manager.find(run_dir.name)
-    if job is not None:
-        return job.status
+def _last_run(ctx: AppContext, session: dict, owner: str) -> tuple[Path, str, str] | None:
+    """(folder, status, label) of the Train-tab run this browser used last, if it is not
+    training: the one the tab shows, else (after a restart) the owner's run with the latest
+    status change. The status is the folder's, which is what a resume continues from."""
     from core.runs import read_status
-    return read_status(run_dir)[0]
+    job = _current_job(ctx, session, owner)
+    if job is not None and not job.done:
+        return None
+    if job is not None:
+        run_dir = ctx.history.run_dir(job.job_id) if ctx.history is not None else ctx.runs_dir / job.job_id
+    elif ctx.history is not None:
+        row = ctx.history.last_run(owner, exclude_groups=True)
+        if row is None:
+            return None
+        run_dir = Path(row["run_dir"])
+    else:
+        return None
+    status = read_status(run_dir)[0] if run_dir.is_dir() else job.status
+    name = job.config.name if job is not None else None
+    label = f"{name}, {run_dir.name}" if name else run_dir.name
+    return run_dir, status, label
 
 
 EPOCH_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
