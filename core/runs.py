@@ -96,6 +96,15 @@ def _writer_alive(data: dict) -> bool:
     return started is None or not isinstance(updated, (int, float)) or started <= updated + 2
 
 
+def resumed_epochs(done: int, planned: int, finished: bool, wanted: int | None) -> int | None:
+    """Epochs in all for a run resumed after ``done`` epochs (``planned`` in its config) when
+    ``wanted`` are asked for (None: as planned). A stopped run trains at least one more epoch; a
+    finished one goes on only when asked for more than it has done (else None)."""
+    if finished:
+        return int(wanted) if wanted and int(wanted) > done else None
+    return max(int(wanted or planned), done + 1)
+
+
 def read_status(run_dir: Path, live_ids: set[str] | frozenset = frozenset()) -> tuple[str, str]:
     """(status, message) of a run folder; a 'running' run that no live job owns is 'interrupted',
     unless another process that is still alive (the command line, a second server) trains it."""
@@ -833,16 +842,6 @@ class RunHistory:
         df = self.list(status=ev.INTERRUPTED)
         return [Path(p) for p in df["run_dir"]]
 
-    def latest_resumable(self, owner: str) -> Path | None:
-        """The newest run of ``owner`` that is stopped, failed or interrupted and has last.pth."""
-        df = self.list()
-        live = self._live_ids()
-        df = df[(df["owner"] == owner) & df["status"].isin(RESUMABLE_STATUSES) & ~df["run_id"].isin(live)]
-        for _, row in df.iterrows():  # newest first
-            if row["run_dir"] and (Path(row["run_dir"]) / LAST_CKPT).is_file():
-                return Path(row["run_dir"])
-        return None
-
     def last_run(self, owner: str, exclude_groups: bool = False) -> dict | None:
         """The index row of the run ``owner`` was last active in (the last status change: start,
         stop, end) among those not training or queued now; exclude_groups leaves out the runs of
@@ -876,11 +875,9 @@ class RunHistory:
         ckpt = load_checkpoint(last)
         config = RunConfig.from_dict(ckpt["config"])
         done = int(ckpt.get("epoch", 0))
-        if finished:
-            if not epochs or int(epochs) <= done:
-                raise ConfigError(f"Run {run_id} finished all its {done} epoch{'s' * (done != 1)}. To train it further, ask "
-                                  f"for more epochs in all than {done}; or start a new run.")
-            config.epochs = int(epochs)
-        else:
-            config.epochs = max(int(epochs or config.epochs), done + 1)
+        total = resumed_epochs(done, config.epochs, finished, epochs)
+        if total is None:
+            raise ConfigError(f"Run {run_id} finished all its {done} epoch{'s' * (done != 1)}. To train it further, ask "
+                              f"for more epochs in all than {done}; or start a new run.")
+        config.epochs = total
         return self.manager.submit(config, owner=owner or row.get("owner") or "local", resume_from=last)

@@ -242,18 +242,19 @@ def test_a_run_training_in_another_live_process_is_not_called_interrupted(runs_c
 def test_interrupted_runs_are_detected_and_the_latest_one_is_resumable(runs_copy):
     runs_dir, managed, cli = runs_copy
     history = RunHistory(runs_dir)
-    assert history.latest_resumable("alice") is None      # finished runs are not resumable...
-    assert history.last_run("alice")["run_id"] == managed  # ...but alice's last run, to go on with
+    last = history.last_run("alice")
+    assert last["run_id"] == managed and last["status"] == ev.FINISHED   # finished: only more epochs
     assert history.last_run("bob") is None
     _pretend_it_was_running(runs_dir / managed)
     rows = history.list().set_index("run_id")
     assert rows.loc[managed, "status"] == ev.INTERRUPTED
     assert history.interrupted() == [runs_dir / managed]
-    assert history.latest_resumable("alice") == runs_dir / managed
-    assert history.latest_resumable("bob") is None
-    # The command-line run has no owner: nobody's resumable run, even once interrupted.
+    last = history.last_run("alice")
+    assert last["run_id"] == managed and last["status"] == ev.INTERRUPTED   # resumable where it stopped
+    assert history.last_run("bob") is None
+    # The command-line run has no owner: nobody's run, even once interrupted.
     _pretend_it_was_running(runs_dir / cli)
-    assert history.latest_resumable("alice") == runs_dir / managed
+    assert history.last_run("alice")["run_id"] == managed
 
 
 def test_resume_an_interrupted_run_through_the_job_manager(runs_copy):
@@ -347,3 +348,12 @@ def test_many_threads_can_use_the_index_at_once(runs_copy):
     assert not errors
     assert len(history.list()) == 2
     assert json.loads((runs_dir / managed / META_FILE).read_text(encoding="utf-8"))["tags"]
+
+
+def test_resumed_epochs_rule():
+    from core.runs import resumed_epochs
+    assert resumed_epochs(3, 10, False, None) == 10      # stopped: as planned
+    assert resumed_epochs(3, 10, False, 2) == 4          # ...and at least one more epoch
+    assert resumed_epochs(10, 10, True, None) is None    # finished: only when asked for more
+    assert resumed_epochs(10, 10, True, 10) is None
+    assert resumed_epochs(10, 10, True, 15) == 15

@@ -126,15 +126,12 @@ def build(ctx: AppContext) -> None:
         config = RunConfig.from_dict(ckpt["config"])
         wanted = config_from_widgets(ctx, values, session).epochs
         done = int(ckpt["epoch"])
-        if status == ev.FINISHED:
-            # A finished run goes on only when asked for more epochs than it has trained.
-            if wanted <= done:
-                raise gr.Error(f"Your last run ({label}) finished all its {done} epoch{'s' * (done != 1)}. "
-                               f"To train it further, set Epochs above {done} and press Resume again; "
-                               "or press Start for a new run.")
-            config.epochs = wanted
-        else:
-            config.epochs = max(wanted, done + 1)  # resuming means at least one more epoch
+        total = runs.resumed_epochs(done, config.epochs, status == ev.FINISHED, wanted)
+        if total is None:
+            raise gr.Error(f"Your last run ({label}) finished all its {done} epoch{'s' * (done != 1)}. "
+                           f"To train it further, set Epochs above {done} and press Resume again; "
+                           "or press Start for a new run.")
+        config.epochs = total
         job = ctx.manager.submit(config, owner=owner, resume_from=run_dir / "last.pth")
         session["job_id"] = job.job_id
         session["seen"] = -1
@@ -231,7 +228,6 @@ def _last_run(ctx: AppContext, session: dict, owner: str) -> tuple[Path, str, st
     """(folder, status, label) of the Train-tab run this browser used last, if it is not
     training: the one the tab shows, else (after a restart) the owner's run with the latest
     status change. The status is the folder's, which is what a resume continues from."""
-    from core.runs import read_status
     job = _current_job(ctx, session, owner)
     if job is not None and not job.done:
         return None
@@ -244,7 +240,7 @@ def _last_run(ctx: AppContext, session: dict, owner: str) -> tuple[Path, str, st
         run_dir = Path(row["run_dir"])
     else:
         return None
-    status = read_status(run_dir)[0] if run_dir.is_dir() else job.status
+    status = runs.read_status(run_dir)[0] if run_dir.is_dir() else job.status
     name = job.config.name if job is not None else None
     label = f"{name}, {run_dir.name}" if name else run_dir.name
     return run_dir, status, label
