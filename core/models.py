@@ -994,6 +994,17 @@ def _missing_message(name: str, file_name: str, folder: Path, url: str, why: str
             f"or untick 'Start from ImageNet weights' to go on from random weights.")
 
 
+def _download_blocked(url: str) -> str | None:
+    """Why ``url`` cannot be downloaded now, as the end of a sentence (" (downloads are off: ...)",
+    " and cannot be downloaded (...)"), or None when a download may start."""
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        return f" (downloads are off: {OFFLINE_ENV} is set)"
+    from core.datasets import probe_network   # here: core.datasets is heavier to import
+
+    reason = probe_network(url)   # a short probe: urllib alone may hang offline
+    return None if reason is None else f" and cannot be downloaded ({reason})"
+
+
 def check_pretrained(name: str, weights_dir: str | os.PathLike | None = None) -> None:
     """Raise MissingFileError (naming the file and the folder) when ImageNet weights for ``name``
     are neither on disk nor downloadable now: downloads are off, or the download host does not
@@ -1004,15 +1015,9 @@ def check_pretrained(name: str, weights_dir: str | os.PathLike | None = None) ->
         return
     spec = get_model_spec(name)
     best = _imagenet_candidates(spec)[0]
-    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
-        why = f" (downloads are off: {OFFLINE_ENV} is set)"
-    else:
-        from core.datasets import probe_network
-
-        reason = probe_network(best.url)
-        if reason is None:
-            return   # the run will download it
-        why = f" and cannot be downloaded ({reason})"
+    why = _download_blocked(best.url)
+    if why is None:
+        return   # the run will download it
     folder = _hub_folder(weights_dir)
     raise MissingFileError(_missing_message(name, status.file_name, folder, best.url, why),
                            files=[status.file_name], folder=str(folder))
@@ -1045,21 +1050,13 @@ def _imagenet_state(spec: ModelSpec, weights_dir: str | os.PathLike | None) -> t
             return _read_state_dict(path, spec.name, _bad_cache_hint(path, w.url)), w.name, path
     best = cands[0]
     path = folder / _file_name(best)
-    why = ""
-    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
-        why = f" (downloads are off: {OFFLINE_ENV} is set)"
-    else:
-        from core.datasets import probe_network   # here: core.datasets is heavier to import
-
-        reason = probe_network(best.url)   # a short probe: urllib alone may hang offline
-        if reason is not None:
-            why = f" and cannot be downloaded ({reason})"
-        else:
-            try:
-                _download(best.url, path)
-                return _read_state_dict(path, spec.name, _bad_cache_hint(path, best.url)), best.name, path
-            except (OSError, ValueError) as err:  # timeouts, a cut connection, an unwritable cache
-                why = f" and could not be downloaded ({getattr(err, 'reason', None) or err})"
+    why = _download_blocked(best.url)
+    if why is None:
+        try:
+            _download(best.url, path)
+            return _read_state_dict(path, spec.name, _bad_cache_hint(path, best.url)), best.name, path
+        except (OSError, ValueError) as err:  # timeouts, a cut connection, an unwritable cache
+            why = f" and could not be downloaded ({getattr(err, 'reason', None) or err})"
     raise MissingFileError(_missing_message(spec.name, path.name, folder, best.url, why),
                            files=[path.name], folder=str(folder))
 
