@@ -394,8 +394,10 @@ def _check_mode(mode: str) -> None:
 
 def _tensor_tail(normalization: Normalization, mode: str) -> list[Callable]:
     if normalization.preset == "none":
-        return [ToNormalizedTensor(1 if mode == "L" else 3)]
-    return [ToNormalizedTensor(1 if mode == "L" else 3, list(normalization.mean), list(normalization.std))]
+        mean = std = None
+    else:
+        mean, std = list(normalization.mean), list(normalization.std)
+    return [ToNormalizedTensor(1 if mode == "L" else 3, mean, std)]
 
 
 def build_steps(spec: Sequence[dict] | None, mode: str) -> list[Callable]:

@@ -276,14 +276,15 @@ def build(ctx: AppContext) -> None:
     spec_outputs = [spec_table, spec_json, aug_default, aug_gallery]
     source.change(show_inputs, source, [tv_name, zip_file, path], api_visibility="private")
     load_inputs = [ctx.session, source, tv_name, zip_file, path, preview_mode, val_pct, test_pct, split_seed]
-    load_ev = load.click(load_data, load_inputs, load_outputs, api_name="load_data", show_progress_on=[info],
-                         concurrency_limit=4)
-    load_ev.then(safe(_spec_outputs), [ctx.session, aug_index, aug_seed], spec_outputs, api_visibility="private")
-    load_ev.then(split_sliders, ctx.session, [val_pct, test_pct], api_visibility="private", show_progress="hidden")
-    zip_ev = zip_file.upload(load_data, load_inputs, load_outputs, api_name="load_zip", show_progress_on=[info],
-                             concurrency_limit=4)
-    zip_ev.then(safe(_spec_outputs), [ctx.session, aug_index, aug_seed], spec_outputs, api_visibility="private")
-    zip_ev.then(split_sliders, ctx.session, [val_pct, test_pct], api_visibility="private", show_progress="hidden")
+    def after_load(event) -> None:
+        """What follows every dataset load: the augmentation preview and the split sliders."""
+        event.then(safe(_spec_outputs), [ctx.session, aug_index, aug_seed], spec_outputs, api_visibility="private")
+        event.then(split_sliders, ctx.session, [val_pct, test_pct], api_visibility="private", show_progress="hidden")
+
+    after_load(load.click(load_data, load_inputs, load_outputs, api_name="load_data", show_progress_on=[info],
+                          concurrency_limit=4))
+    after_load(zip_file.upload(load_data, load_inputs, load_outputs, api_name="load_zip", show_progress_on=[info],
+                               concurrency_limit=4))
     reshuffle.click(reshuffle_preview, [ctx.session, preview_mode], gallery, api_name="reshuffle", concurrency_limit=None)
     preview_mode.change(safe(_preview), [ctx.session, preview_mode], gallery, api_visibility="private",
                         concurrency_limit=None)
@@ -301,17 +302,13 @@ def build(ctx: AppContext) -> None:
     for trigger in (aug_refresh.click, aug_index.submit, aug_seed.submit):
         trigger(redraw, [ctx.session, aug_index, aug_seed], aug_gallery, api_visibility="private",
                 concurrency_limit=None)
-    ctx.shared["data_load"] = (load_data, load_inputs, load_outputs, _spec_outputs, [ctx.session, aug_index, aug_seed],
-                               spec_outputs)
+    ctx.shared["data_load"] = (load_data, load_inputs, load_outputs, after_load)
     ctx.shared["split_sliders"] = (split_sliders, [val_pct, test_pct])
 
 
 def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
     """Load the default (embedded sample) when a page opens, so the preview is there at once.
     A new page always has a new session, so this never replaces data a user chose."""
-    load_data, load_inputs, load_outputs, spec_fn, spec_inputs, spec_outputs = ctx.shared["data_load"]
-    loaded = demo.load(load_data, load_inputs, load_outputs, api_visibility="private",
-                       show_progress_on=[load_outputs[0]])
-    loaded.then(safe(spec_fn), spec_inputs, spec_outputs, api_visibility="private")
-    split_sliders, sliders = ctx.shared["split_sliders"]
-    loaded.then(split_sliders, ctx.session, sliders, api_visibility="private", show_progress="hidden")
+    load_data, load_inputs, load_outputs, after_load = ctx.shared["data_load"]
+    after_load(demo.load(load_data, load_inputs, load_outputs, api_visibility="private",
+                         show_progress_on=[load_outputs[0]]))

@@ -34,7 +34,7 @@ def build(ctx: AppContext) -> None:
         per_layer = gr.Plot(None, label="Saved activations per layer",
                             elem_id="mem_layers")
     table = gr.Dataframe(pd.DataFrame(columns=["component", "bytes", "MiB"]), interactive=False, elem_id="mem_table",
-                         elem_classes="lab-numbers-right")
+                         elem_classes="lab-numbers-right", datatype=["str", "number", "number"])
 
     @safe
     def calculate(session, name, stem, freeze, stages, batch_size, opt, prec, budget_label, progress=gr.Progress()):
@@ -60,7 +60,7 @@ def build(ctx: AppContext) -> None:
                 f"{est.num_params:,} parameters trainable · {fits}. A GPU also needs its CUDA context and "
                 "library workspaces (0.3–1 GB) on top.")
         return (text, plots.memory_breakdown(train, title="Memory for one step", inference=infer),
-                plots.memory_per_layer(_layer_names(est.layers)), _for_display(est.as_table()))
+                plots.memory_per_layer(_layer_names(est.layers)), _readable(est.as_table()))
 
     inputs = [ctx.session, m["name"], m["stem"], m["freeze"], m["stages"], batch, optimizer, precision, budget]
     outputs = [summary, breakdown, per_layer, table]
@@ -80,12 +80,10 @@ def _layer_names(layers: pd.DataFrame | None) -> pd.DataFrame | None:
     return layers.assign(layer=layers["layer"].replace({"(model)": "ops in forward()"}))
 
 
-def _for_display(table: pd.DataFrame) -> pd.DataFrame:
-    """The engine's table with readable numbers: "248,024" bytes, "0.24" MiB (text, right-aligned)."""
-    out = table.copy()
-    out["bytes"] = [f"{int(v):,}" for v in table["bytes"]]
-    out["MiB"] = [f"{v:,.2f}" for v in table["MiB"]]
-    return out
+def _readable(table: pd.DataFrame):
+    """The engine's table as a Styler, as the leaderboard and the per-class table do: the cells
+    keep their numbers and read "248,024" bytes, "0.24" MiB."""
+    return table.style.format({"bytes": "{:,}", "MiB": "{:,.2f}"})
 
 
 def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
