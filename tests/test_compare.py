@@ -242,9 +242,11 @@ def test_tab_history_panel_rename_tag_export_and_delete(tab, tmp_path):
         h["delete"](group.run_ids[1], "no", "", "(all)", list(group.run_ids))
     with pytest.raises(gr.Error, match="finished all its 2 epochs\\..*more epochs in all than 2"):
         h["resume"](run_id, None, [], "browser-1", None)   # finished: only with more epochs
+    with pytest.raises(gr.Error, match="finished all its 2 epochs"):
+        h["resume"](run_id, 0, [], "browser-1", None)      # the box's 0 means "as planned" too
     msg, chosen, _, box = h["resume"](run_id, 3, [], "browser-1", None)
     assert msg.startswith(f"Resuming {run_id} from its last checkpoint, up to epoch 3") and chosen["value"] == [run_id]
-    assert box is None   # emptied, so that it does not re-plan the next run resumed
+    assert box == 0   # back to "as planned", so that it does not re-plan the next run resumed
     job = ctx.manager.wait(run_id, timeout=120)
     assert job.status == ev.FINISHED and [e.epoch for e in job.events if isinstance(e, ev.EpochEnded)] == [3]
     with pytest.raises(gr.Error, match="Pick a run"):

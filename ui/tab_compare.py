@@ -398,13 +398,14 @@ def build(ctx: AppContext) -> None:
                                    elem_id="cmp_hist_status", scale=1)
             hist_refresh = gr.Button("Refresh", elem_id="cmp_hist_refresh", scale=1)
         table = gr.Dataframe(pd.DataFrame(columns=HISTORY_COLUMNS), label="Runs (click a row to select it)",
-                             interactive=False, wrap=True, elem_id="cmp_hist_table",
-                             column_widths=["19%", "13%", "8%", "10%", "10%", "7%", "5%", "6%", "6%", "10%", "6%"])
+                             interactive=False, wrap=True, elem_id="cmp_hist_table", elem_classes="lab-word-headers",
+                             column_widths=["17%", "12%", "7%", "10%", "9%", "7%", "5%", "6%", "6%", "10%", "11%"])
         with gr.Row():
             hist_run = gr.Dropdown(label="Selected run", choices=[], elem_id="cmp_hist_run", scale=3)
             add_btn = gr.Button("Add to comparison", elem_id="cmp_hist_add", scale=1)
-            resume_epochs = gr.Number(None, label="Epochs in all (empty: as planned; more to extend a finished run)",
-                                      precision=0, minimum=1, elem_id="cmp_resume_epochs", scale=1)
+            resume_epochs = gr.Number(0, label="Epochs in all (0 = as planned)", precision=0, minimum=0,
+                                      info="above the epochs done, a finished run trains further",
+                                      elem_id="cmp_resume_epochs", scale=1)
             resume_btn = gr.Button("Resume", elem_id="cmp_resume", scale=1)
         with gr.Row():
             name = gr.Textbox(label="Name", elem_id="cmp_hist_name", scale=3)
@@ -619,14 +620,14 @@ def build(ctx: AppContext) -> None:
         if not run_id:
             raise ConfigError("Pick a run in the history table first: a stopped, failed or interrupted one "
                               "goes on where it stopped; a finished one trains further up to 'Epochs in all'.")
-        epochs = int(epochs) if epochs not in (None, "") else None
+        epochs = int(epochs or 0) or None   # 0 or empty: as planned
         job = _history(ctx).resume(run_id, owner=owner_of(request, browser_id), epochs=epochs)
         ids = list(dict.fromkeys(list(run_ids or []) + [job.job_id]))
         choices = run_choices(ctx)
-        # The box is emptied: a number left there must not re-plan the next run resumed.
+        # The box goes back to 0: a number left there must not re-plan the next run resumed.
         return (f"Resuming {run_id} from its last checkpoint, up to epoch {job.config.epochs} ({job.status}); "
                 "it is added to the comparison above.",
-                gr.update(choices=choices, value=ids), gr.Timer(active=True), None)
+                gr.update(choices=choices, value=ids), gr.Timer(active=True), 0)
 
     @safe
     def add_to_comparison(run_id, run_ids):
