@@ -416,7 +416,7 @@ class _Budget:
         self.count += n
         if self.count > self.limits.max_files:
             raise DataError(f"{self.what} has more than {self.limits.max_files:,} {self.unit}; {self.hint}")
-        if time.monotonic() > self.deadline:
+        if time.monotonic() >= self.deadline:
             raise DataError(f"Listing {self.what} took more than {self.limits.max_seconds:g} s "
                             f"({self.count:,} {self.unit} so far); {self.hint}")
 
