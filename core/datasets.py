@@ -139,6 +139,42 @@ class _Skip(Exception):
     """A file to leave out; the message is the reason shown in ``ds.skipped``."""
 
 
+class TooManyPixels(DataError):
+    """An image over Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)."""
+
+
+def _amount(pixels: int) -> str:
+    return f"{pixels / 1e6:,.0f} Mpx" if pixels >= 1_000_000 else f"{pixels:,} pixels"
+
+
+def too_many_pixels(pixels: int, limit: int) -> str:
+    """The one wording for an image over the limit, wherever an image is read (scan, training, Predict)."""
+    return f"too many pixels ({_amount(pixels)}, the limit is {_amount(limit)})"
+
+
+def _bomb_pixels(err: Exception) -> int | None:
+    # Pillow's own refusal (above 2x the limit) gives only the count: "Image size (225000000 pixels) exceeds..."
+    m = re.search(r"\((\d+) pixels\)", str(err))
+    return int(m.group(1)) if m else None
+
+
+def open_image_file(source) -> Image.Image:
+    """``Image.open`` (lazy: reads the header only) that raises ``TooManyPixels`` for any image over
+    ``Image.MAX_IMAGE_PIXELS``: Pillow itself only warns up to twice the limit and refuses with a
+    message about attacks beyond it. Other errors are Pillow's. The caller closes the image."""
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        im = Image.open(source)
+    except Image.DecompressionBombError as e:
+        pixels = _bomb_pixels(e)
+        raise TooManyPixels(too_many_pixels(pixels, limit) if pixels and limit else
+                            f"too many pixels (the limit is {_amount(limit or 0)})") from None
+    if limit is not None and im.size[0] * im.size[1] > limit:
+        im.close()
+        raise TooManyPixels(too_many_pixels(im.size[0] * im.size[1], limit))
+    return im
+
+
 def check_image(path: str | os.PathLike) -> tuple[int, int, str]:
     """Return (width, height, file mode) of an image file, or raise ``_Skip`` with the reason.
 
@@ -146,15 +182,12 @@ def check_image(path: str | os.PathLike) -> tuple[int, int, str]:
     fraction of the cost); other formats are decoded fully when small, else structurally verified.
     """
     path = os.fspath(path)
-    limit = Image.MAX_IMAGE_PIXELS
     try:
-        # Pillow raises above 2× MAX_IMAGE_PIXELS and only warns above 1×: the explicit check skips
-        # those too. (No warnings.catch_warnings here: it is not thread-safe and the UI is threaded.)
-        with Image.open(path) as im:
+        # open_image_file refuses above 1x the limit, where Pillow only warns. (No
+        # warnings.catch_warnings here: it is not thread-safe and the UI is threaded.)
+        with open_image_file(path) as im:
             w, h = im.size
             mode, fmt = im.mode, im.format
-            if limit is not None and w * h > limit:
-                raise _Skip(_too_large_reason(w, h, limit))
             if fmt == "JPEG":
                 im.draft(None, (max(1, w // 8), max(1, h // 8)))
                 im.load()
@@ -162,10 +195,8 @@ def check_image(path: str | os.PathLike) -> tuple[int, int, str]:
                 im.load()
             else:
                 im.verify()
-    except _Skip:
-        raise
-    except Image.DecompressionBombError as e:
-        raise _Skip(f"{REASON_TOO_LARGE}: {e} (Image.MAX_IMAGE_PIXELS); shrink the image") from None
+    except TooManyPixels as e:
+        raise _Skip(f"{REASON_TOO_LARGE}: {e}; shrink the image") from None
     except UnidentifiedImageError:
         raise _Skip(f"{REASON_CORRUPT}: Pillow cannot identify the file as an image") from None
     except FileNotFoundError:
@@ -178,11 +209,6 @@ def check_image(path: str | os.PathLike) -> tuple[int, int, str]:
             raise _Skip(f"{REASON_TRUNCATED}: {text}") from None
         raise _Skip(f"{REASON_CORRUPT}: {text}") from None
     return w, h, mode
-
-
-def _too_large_reason(w: int, h: int, limit: int) -> str:
-    return (f"{REASON_TOO_LARGE}: {w}x{h} = {w * h:,} pixels is over Pillow's decompression-bomb "
-            f"limit of {limit:,} (Image.MAX_IMAGE_PIXELS); shrink the image")
 
 
 def _is_hidden(name: str) -> bool:
@@ -302,17 +328,15 @@ class FileDataset(LabDataset):
         path = self.paths[i]
         # Named as in the dataset (relative to its folder): an upload's extraction folder is not shown.
         shown = f"{self.describe(i)} of {self.name}"
-        limit = Image.MAX_IMAGE_PIXELS
         try:
-            with Image.open(path) as im:
-                if limit is not None and im.size[0] * im.size[1] > limit:
-                    raise Image.DecompressionBombError(f"{im.size[0]}x{im.size[1]} pixels is over {limit:,}")
+            with open_image_file(path) as im:
                 im.load()  # decode now: the file is closed on leaving the block
                 return im
         except FileNotFoundError:
             raise DataError(f"Image {shown} no longer exists. Reload the dataset.") from None
-        except Image.DecompressionBombError as e:
-            raise DataError(f"Image {shown} is too large to open safely ({e}). Shrink it or remove it.") from None
+        except TooManyPixels as e:
+            raise DataError(f"Image {shown} is too large to open safely: {e}. Shrink it or remove it, "
+                            "and reload the dataset.") from None
         except Exception as e:
             text = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__)
             raise DataError(f"Image {shown} cannot be read ({text}): the file is corrupt or was changed after "

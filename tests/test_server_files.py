@@ -436,3 +436,86 @@ def test_the_ui_context_defaults_to_the_data_folder_and_assets(tmp_path):
     assert Path(ctx.data_roots[1]).resolve() == ROOT / "assets"
     given = AppContext(manager=None, data_dir=tmp_path, runs_dir=tmp_path, data_roots=["/srv/datasets"])
     assert given.data_roots == ["/srv/datasets"]
+
+
+# ---- an image with too many pixels gets the same message wherever it is read (issue 11, item 6) -------------
+
+def huge_png(path: Path, w: int = 15000, h: int = 15000) -> Path:
+    """A valid PNG header for a ``w``×``h`` greyscale image (and an empty image stream): what Pillow
+    reads to learn the size, without writing 225 MB of pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+TOO_MANY = "has too many pixels (225 Mpx, the limit is 89 Mpx): shrink it"
+
+
+def test_a_huge_png_is_told_too_many_pixels_by_predict_not_use_a_jpeg(tmp_path):
+    from core.inference import open_image
+
+    png = huge_png(tmp_path / "poster.png")
+    for given, label in ((png, str(png)), (png.read_bytes(), "the uploaded image")):
+        with pytest.raises(DataError) as e:
+            open_image(given, "RGB")
+        assert str(e.value).startswith(f"{label} {TOO_MANY}") and "JPEG" not in str(e.value)
+    small = huge_png(tmp_path / "small.png", 4, 4)   # the same header path, under the limit: no refusal
+    with pytest.raises(DataError, match="cannot be read as an image"):  # (its image stream is empty)
+        open_image(small, "RGB")
+
+
+def test_a_huge_png_uploaded_on_the_predict_tab_is_told_too_many_pixels(tmp_path):
+    import gradio as gr
+    from gradio.data_classes import ImageData
+
+    from ui import tab_predict
+
+    comp = tab_predict.friendly_image_errors(gr.Image(type="pil", render=False))
+    png = huge_png(tmp_path / "poster.png")
+    with pytest.raises(gr.Error) as e:
+        comp.preprocess(ImageData(path=str(png), orig_name="poster.png"))
+    assert e.value.message.startswith(f"poster.png {TOO_MANY}") and "JPEG" not in e.value.message
+
+
+def test_a_huge_png_in_a_folder_is_skipped_as_too_many_pixels(roots):
+    folder = image_folder(roots["data"] / "posters")
+    huge_png(folder / "cat" / "poster.png")
+    ds = D.load_dataset("folder", folder, data_dir=roots["data"], roots=roots["roots"])
+    assert len(ds) == 6
+    assert dict(ds.skipped)["cat/poster.png"] == \
+        "image too large: too many pixels (225 Mpx, the limit is 89 Mpx); shrink the image"
+
+
+def test_app_a_stuck_folder_scan_does_not_stall_other_users(app, monkeypatch):
+    """While one user's load is stuck listing a folder (held here by a gate, not by a clock), another
+    user loads a folder of their own and reshuffles their preview."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    real_load = D.load_dataset
+
+    def gated(kind, location=None, **kw):
+        if location and os.fspath(location).endswith("stuck"):
+            entered.set()
+            release.wait(120)
+            location = os.fspath(location)[:-len("stuck")] + "pets"
+        return real_load(kind, location, **kw)
+
+    monkeypatch.setattr(D, "load_dataset", gated)
+    a, b = client(app), client(app)
+    job = a.submit("Folder on the server", "CIFAR10", None, str(app["extra"] / "stuck"), "per class", 10, 10, 0,
+                   api_name="/load_data")
+    try:
+        assert entered.wait(120), "the first load never started"
+        assert "6 images, 2 classes" in load(b, "Folder on the server", str(app["extra"] / "pets"))[0]
+        assert {g["caption"] for g in b.predict("per class", api_name="/reshuffle")} == {"cat", "dog"}
+        assert not job.done()   # A's load was still waiting at the gate all along
+    finally:
+        release.set()
+    assert "6 images, 2 classes" in job.result(timeout=120)[0]
