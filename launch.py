@@ -1,7 +1,7 @@
 """Start the Classifier Lab dashboard.
 
     python launch.py [--host 127.0.0.1] [--port 7860] [--data-dir DIR] [--runs-dir DIR]
-                     [--max-jobs N] [--auth USER:PASS] [--share]
+                     [--data-root DIR ...] [--max-jobs N] [--auth USER:PASS] [--share]
 
 Works with no network at all: analytics, the version check, hub telemetry and the /monitoring
 page are turned off before Gradio is imported, and the page uses only bundled fonts and scripts.
@@ -27,6 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="address to bind (default 127.0.0.1: this computer only; 0.0.0.0 for a classroom LAN)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--data-dir", default="data", help="dataset cache and uploads (default data/)")
+    p.add_argument("--data-root", dest="data_roots", action="append", default=None, metavar="DIR",
+                   help="a folder whose datasets page users may load (repeat for several); nothing outside "
+                        "these is readable from the page (default: the --data-dir folder and assets/)")
     p.add_argument("--runs-dir", default="runs", help="run history: configs, metrics, checkpoints (default runs/)")
     p.add_argument("--max-jobs", type=int, default=None,
                    help="training jobs at once; more are queued (default 1 on CPU, 1 per GPU)")
@@ -57,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --max-jobs must be at least 1, got {max_jobs}", file=sys.stderr)
         return 2
 
+    for root in args.data_roots or []:
+        if not os.path.isdir(os.path.expanduser(root)):
+            print(f"error: --data-root {root} is not a folder on this server; give an existing folder",
+                  file=sys.stderr)
+            return 2
+
     from ui.app import build_app, launch_kwargs
     from core.jobs import JobManager
 
@@ -79,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         except LabError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    demo = build_app(manager, data_dir=args.data_dir, runs_dir=args.runs_dir)
+    demo = build_app(manager, data_dir=args.data_dir, runs_dir=args.runs_dir, data_roots=args.data_roots)
     print(f"Classifier Lab: http://{args.host}:{args.port}  (data {args.data_dir}, runs {args.runs_dir}, "
           f"{max_jobs} training job(s) at a time)", flush=True)
     try:

@@ -2,12 +2,16 @@
 
 Sources (``load_dataset(kind, ...)``, dispatched through ``SOURCES``):
 
-* ``"sample"``      the embedded CIFAR-10 sample (assets/cifar10-sample.zip), extracted once;
+* ``"sample"``      the embedded CIFAR-10 sample (assets/cifar10-sample.zip), extracted and checked once;
 * ``"torchvision"`` CIFAR10, CIFAR100, MNIST, FashionMNIST through ``torchvision.datasets``
                     (downloaded when possible, else read from files placed by hand);
 * ``"folder"``      an ImageFolder tree (one sub-folder per class, optionally inside train/ val/ test/);
-* ``"zip"``         an uploaded .zip of such a tree, safely extracted under ``<data_dir>/uploads/``;
+* ``"zip"``         an uploaded .zip of such a tree (or of images with an index .csv), safely extracted
+                    under ``<data_dir>/uploads/``;
 * ``"index"``       a .txt/.csv file of ``path,label[,split]`` lines.
+
+Loads from the page pass ``roots`` (the server's data roots, see core/paths.py) and ``limits``
+(``ScanLimits``): nothing outside the roots is read, and no listing runs unbounded.
 
 File-backed sources check every image when they are loaded (cheaply: header plus a reduced-size
 decode), so corrupt, truncated or oversized files are listed in ``ds.skipped`` instead of crashing
@@ -15,6 +19,7 @@ a training run an hour later. Images are converted to one mode per dataset ("RGB
 """
 from __future__ import annotations
 
+import copy
 import csv
 import gzip
 import hashlib
@@ -25,6 +30,8 @@ import shutil
 import socket
 import tarfile
 import tempfile
+import threading
+import time
 import unicodedata
 import zipfile
 from dataclasses import dataclass, field
@@ -36,6 +43,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from core import paths
 from core.errors import ConfigError, DataError, MissingFileError
 from core.registry import Registry
 
@@ -61,6 +69,17 @@ REASON_TRUNCATED = "truncated image"
 REASON_TOO_LARGE = "image too large"
 REASON_NO_CLASS = "not inside a class folder"
 REASON_NOT_FOUND = "file not found"
+REASON_OUTSIDE = "outside the data folders"
+# How many skipped files a failed load names in its message (the UI shows no table for a failure).
+SKIPPED_IN_MESSAGE = 5
+
+# Page loads (``limits=ScanLimits()``) stop listing a folder or an index after this many files, or
+# when listing takes longer than this: pointing at /usr or a slow network mount must not hold a
+# request for minutes. The time covers the listing only; checking the (at most MAX_SCAN_FILES)
+# images afterwards is bounded by the count, so a large but real dataset is not refused for its
+# image sizes.
+MAX_SCAN_FILES = 200_000
+MAX_SCAN_SECONDS = 20.0
 
 # Non-JPEG images up to this many pixels are fully decoded at scan time (cheap for small images);
 # larger ones get Pillow's structural verify() only, and load_image reports problems later.
@@ -120,6 +139,42 @@ class _Skip(Exception):
     """A file to leave out; the message is the reason shown in ``ds.skipped``."""
 
 
+class TooManyPixels(DataError):
+    """An image over Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)."""
+
+
+def _amount(pixels: int) -> str:
+    return f"{pixels / 1e6:,.0f} Mpx" if pixels >= 1_000_000 else f"{pixels:,} pixels"
+
+
+def too_many_pixels(pixels: int, limit: int) -> str:
+    """The one wording for an image over the limit, wherever an image is read (scan, training, Predict)."""
+    return f"too many pixels ({_amount(pixels)}, the limit is {_amount(limit)})"
+
+
+def _bomb_pixels(err: Exception) -> int | None:
+    # Pillow's own refusal (above 2x the limit) gives only the count: "Image size (225000000 pixels) exceeds..."
+    m = re.search(r"\((\d+) pixels\)", str(err))
+    return int(m.group(1)) if m else None
+
+
+def open_image_file(source) -> Image.Image:
+    """``Image.open`` (lazy: reads the header only) that raises ``TooManyPixels`` for any image over
+    ``Image.MAX_IMAGE_PIXELS``: Pillow itself only warns up to twice the limit and refuses with a
+    message about attacks beyond it. Other errors are Pillow's. The caller closes the image."""
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        im = Image.open(source)
+    except Image.DecompressionBombError as e:
+        pixels = _bomb_pixels(e)
+        raise TooManyPixels(too_many_pixels(pixels, limit) if pixels and limit else
+                            f"too many pixels (the limit is {_amount(limit or 0)})") from None
+    if limit is not None and im.size[0] * im.size[1] > limit:
+        im.close()
+        raise TooManyPixels(too_many_pixels(im.size[0] * im.size[1], limit))
+    return im
+
+
 def check_image(path: str | os.PathLike) -> tuple[int, int, str]:
     """Return (width, height, file mode) of an image file, or raise ``_Skip`` with the reason.
 
@@ -127,15 +182,12 @@ def check_image(path: str | os.PathLike) -> tuple[int, int, str]:
     fraction of the cost); other formats are decoded fully when small, else structurally verified.
     """
     path = os.fspath(path)
-    limit = Image.MAX_IMAGE_PIXELS
     try:
-        # Pillow raises above 2× MAX_IMAGE_PIXELS and only warns above 1×: the explicit check skips
-        # those too. (No warnings.catch_warnings here: it is not thread-safe and the UI is threaded.)
-        with Image.open(path) as im:
+        # open_image_file refuses above 1x the limit, where Pillow only warns. (No
+        # warnings.catch_warnings here: it is not thread-safe and the UI is threaded.)
+        with open_image_file(path) as im:
             w, h = im.size
             mode, fmt = im.mode, im.format
-            if limit is not None and w * h > limit:
-                raise _Skip(_too_large_reason(w, h, limit))
             if fmt == "JPEG":
                 im.draft(None, (max(1, w // 8), max(1, h // 8)))
                 im.load()
@@ -143,25 +195,20 @@ def check_image(path: str | os.PathLike) -> tuple[int, int, str]:
                 im.load()
             else:
                 im.verify()
-    except _Skip:
-        raise
-    except Image.DecompressionBombError as e:
-        raise _Skip(f"{REASON_TOO_LARGE}: {e} (Image.MAX_IMAGE_PIXELS); shrink the image") from None
+    except TooManyPixels as e:
+        raise _Skip(f"{REASON_TOO_LARGE}: {e}; shrink the image") from None
     except UnidentifiedImageError:
         raise _Skip(f"{REASON_CORRUPT}: Pillow cannot identify the file as an image") from None
     except FileNotFoundError:
         raise _Skip(REASON_NOT_FOUND) from None
     except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, struct.error...
-        text = str(e) or type(e).__name__
+        # An OSError's text carries the full path ("Permission denied: '/srv/...'"); the skipped list
+        # already names the file, and the full path of an upload is the server's business.
+        text = (e.strerror if isinstance(e, OSError) and e.filename and e.strerror else str(e)) or type(e).__name__
         if "truncat" in text.lower():
             raise _Skip(f"{REASON_TRUNCATED}: {text}") from None
         raise _Skip(f"{REASON_CORRUPT}: {text}") from None
     return w, h, mode
-
-
-def _too_large_reason(w: int, h: int, limit: int) -> str:
-    return (f"{REASON_TOO_LARGE}: {w}x{h} = {w * h:,} pixels is over Pillow's decompression-bomb "
-            f"limit of {limit:,} (Image.MAX_IMAGE_PIXELS); shrink the image")
 
 
 def _is_hidden(name: str) -> bool:
@@ -279,20 +326,21 @@ class FileDataset(LabDataset):
 
     def _open(self, i: int) -> Image.Image:
         path = self.paths[i]
-        limit = Image.MAX_IMAGE_PIXELS
+        # Named as in the dataset (relative to its folder): an upload's extraction folder is not shown.
+        shown = f"{self.describe(i)} of {self.name}"
         try:
-            with Image.open(path) as im:
-                if limit is not None and im.size[0] * im.size[1] > limit:
-                    raise Image.DecompressionBombError(f"{im.size[0]}x{im.size[1]} pixels is over {limit:,}")
+            with open_image_file(path) as im:
                 im.load()  # decode now: the file is closed on leaving the block
                 return im
         except FileNotFoundError:
-            raise DataError(f"Image {path} no longer exists. Reload the dataset.") from None
-        except Image.DecompressionBombError as e:
-            raise DataError(f"Image {path} is too large to open safely ({e}). Shrink it or remove it.") from None
+            raise DataError(f"Image {shown} no longer exists. Reload the dataset.") from None
+        except TooManyPixels as e:
+            raise DataError(f"Image {shown} is too large to open safely: {e}. Shrink it or remove it, "
+                            "and reload the dataset.") from None
         except Exception as e:
-            raise DataError(f"Image {path} cannot be read ({e or type(e).__name__}): the file is corrupt or "
-                            f"was changed after the dataset was loaded. Remove it and reload the dataset.") from None
+            text = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__)
+            raise DataError(f"Image {shown} cannot be read ({text}): the file is corrupt or was changed after "
+                            f"the dataset was loaded. Remove it and reload the dataset.") from None
 
     def describe(self, i: int) -> str:
         path = Path(self.paths[i])
@@ -370,6 +418,55 @@ def common_image_size(ds: LabDataset) -> tuple[int, int] | None:
 # Building a file-backed dataset from (path, class, split) entries
 # --------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class ScanLimits:
+    """How much one load may list (see MAX_SCAN_FILES). The Data tab passes ``ScanLimits()``; the
+    command line passes none, so the server's owner can still load a folder of any size."""
+    max_files: int = MAX_SCAN_FILES
+    max_seconds: float = MAX_SCAN_SECONDS
+
+
+class _Budget:
+    """Counts what a load lists and stops it at its ``ScanLimits`` (no limits: never stops)."""
+
+    def __init__(self, limits: ScanLimits | None, what: str, unit: str, hint: str):
+        self.limits, self.what, self.unit, self.hint = limits, what, unit, hint
+        self.count = 0
+        self.deadline = None if limits is None else time.monotonic() + limits.max_seconds
+
+    def add(self, n: int = 1) -> None:
+        if self.limits is None:
+            return
+        self.count += n
+        if self.count > self.limits.max_files:
+            raise DataError(f"{self.what} has more than {self.limits.max_files:,} {self.unit}; {self.hint}")
+        if time.monotonic() >= self.deadline:
+            raise DataError(f"Listing {self.what} took more than {self.limits.max_seconds:g} s "
+                            f"({self.count:,} {self.unit} so far); {self.hint}")
+
+
+@dataclass(frozen=True)
+class _Where:
+    """How messages name a scanned folder and the folders inside it: the path as given for a folder
+    on the server, the upload's own name (``photos.zip``) for an archive, never its extraction folder."""
+    base: Path
+    shown: str
+
+    def __call__(self, p: Path) -> str:
+        try:
+            rel = Path(p).relative_to(self.base).as_posix()
+        except ValueError:
+            return self.shown
+        return self.shown if rel == "." else f"{self.shown}/{rel}"
+
+
+def _skipped_inline(skipped: list[tuple[str, str]]) -> str:
+    """The first few skipped files for a message: a failed load shows no skipped table."""
+    shown = "; ".join(f"{f} ({r})" for f, r in skipped[:SKIPPED_IN_MESSAGE])
+    more = f"; and {len(skipped) - SKIPPED_IN_MESSAGE:,} more" if len(skipped) > SKIPPED_IN_MESSAGE else ""
+    return f" ({len(skipped):,} files skipped: {shown}{more})"
+
+
 def _build_file_dataset(*, name: str, root: Path, where: str, class_names: Iterable[str],
                         entries: Iterable[tuple[Path, str, str | None]], skipped: list[tuple[str, str]],
                         warnings: list[str], source: dict) -> FileDataset:
@@ -406,7 +503,7 @@ def _build_file_dataset(*, name: str, root: Path, where: str, class_names: Itera
             extra = f" ({skipped_per_class[cls]} unusable files skipped)" if cls in skipped_per_class else ""
             warnings.append(f"Class '{cls}' has no usable images{extra}; it was left out.")
     if not classes:
-        detail = f" ({len(skipped)} files skipped; see the skipped list)" if skipped else ""
+        detail = _skipped_inline(skipped) if skipped else ""
         raise DataError(f"No usable images found in {where}{detail}. Expected one sub-folder per class "
                         f"holding image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
     if len(classes) == 1:
@@ -426,78 +523,120 @@ def _build_file_dataset(*, name: str, root: Path, where: str, class_names: Itera
         paths=[g[0] for g in good], sizes=[(g[3], g[4]) for g in good], file_modes=[g[5] for g in good])
 
 
-def _visible(folder: Path) -> tuple[list[Path], list[Path]]:
-    """Sorted (sub-folders, files) of ``folder``, hidden entries and __MACOSX left out."""
-    dirs, files = [], []
-    for p in sorted(folder.iterdir(), key=lambda p: p.name):
-        if _is_hidden(p.name):
-            continue
-        (dirs if p.is_dir() else files).append(p)
-    return dirs, files
+class _FolderScan:
+    """One listing of an ImageFolder tree: the (file, class, split) entries, the skipped files and
+    the warnings. With ``allowed`` (resolved data roots) a folder or file whose real path (symlinks
+    followed) is elsewhere is skipped, and an outside folder is not even listed."""
+
+    def __init__(self, folder: Path, where: _Where, allowed: list[str] | None, budget: _Budget):
+        self.folder, self.where, self.allowed, self.budget = folder, where, allowed, budget
+        self.entries: list[tuple[Path, str, str | None]] = []
+        self.class_names: set[str] = set()
+        self.skipped: list[tuple[str, str]] = []
+        self.warnings: list[str] = []
+
+    def ok(self, p: Path) -> bool:
+        return self.allowed is None or paths.is_inside(os.path.realpath(p), self.allowed)
+
+    def visible(self, folder: Path) -> tuple[list[Path], list[Path]]:
+        """Sorted (sub-folders, files) of ``folder``, hidden entries and __MACOSX left out."""
+        dirs, files = [], []
+        for p in sorted(folder.iterdir(), key=lambda p: p.name):
+            self.budget.add()
+            if _is_hidden(p.name):
+                continue
+            (dirs if p.is_dir() else files).append(p)
+        return dirs, files
+
+    def class_files(self, folder: Path) -> list[Path]:
+        """Every visible file below a class folder (nested folders included; os.walk does not
+        follow links to folders), sorted."""
+        out = []
+        for dirpath, dirnames, filenames in os.walk(folder):
+            self.budget.add(len(dirnames) + len(filenames))
+            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+            out.extend(Path(dirpath) / f for f in sorted(filenames) if not _is_hidden(f))
+        return out
+
+    def refuse(self, p: Path, is_dir: bool = False) -> None:
+        self.skipped.append((p.relative_to(self.folder).as_posix() + ("/" if is_dir else ""), REASON_OUTSIDE))
+
+    def add_group(self, split: str | None, top: Path) -> None:
+        """The class folders directly in ``top`` (the tree itself, or its train/ val/ test/)."""
+        class_dirs, loose = self.visible(top)
+        loose_images = [f for f in loose if f.suffix.lower() in IMAGE_EXTENSIONS]
+        for f in loose_images:
+            self.skipped.append((f.relative_to(self.folder).as_posix(), REASON_NO_CLASS))
+        if loose_images:
+            self.warnings.append(f"{len(loose_images)} images directly in {self.where(top)} are not inside a "
+                                 f"class folder and were left out.")
+        for d in class_dirs:
+            if not self.ok(d):
+                self.refuse(d, is_dir=True)
+                continue
+            cls = _nfc(d.name)
+            self.class_names.add(cls)
+            for f in self.class_files(d):
+                if self.ok(f):
+                    self.entries.append((f, cls, split))
+                else:
+                    self.refuse(f)
 
 
-def _class_files(folder: Path) -> list[Path]:
-    """Every visible file below a class folder (nested folders included), sorted."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        out.extend(Path(dirpath) / f for f in sorted(filenames) if not _is_hidden(f))
-    return out
-
-
-def _unwrap(folder: Path) -> Path:
+def _unwrap(scan: _FolderScan, folder: Path) -> Path:
     """Step into single wrapper folders (a zip of ``mydata/<class>/...``)."""
     for _ in range(4):
-        dirs, files = _visible(folder)
+        dirs, files = scan.visible(folder)
         has_images = any(f.suffix.lower() in IMAGE_EXTENSIONS for f in files)
         if (len(dirs) == 1 and not has_images and dirs[0].name.lower() not in SPLIT_ALIASES
-                and _visible(dirs[0])[0]):
+                and scan.ok(dirs[0]) and scan.visible(dirs[0])[0]):
             folder = dirs[0]
         else:
             break
     return folder
 
 
-def _load_folder_tree(folder: Path, *, name: str, source: dict) -> FileDataset:
-    """ImageFolder layout, optionally split into train/ val|valid|validation/ test/ first."""
-    if not folder.is_dir():
-        raise DataError(f"Folder {folder} does not exist or is not a folder. Give the path of a folder "
-                        f"that holds one sub-folder per class.")
-    folder = _unwrap(folder)
-    dirs, files = _visible(folder)
-    skipped: list[tuple[str, str]] = []
-    warnings: list[str] = []
+def _split_groups(scan: _FolderScan, folder: Path) -> list[tuple[str | None, Path]]:
+    """(split, folder) pairs: train/ val|valid|validation/ test/ when present, else the folder itself."""
+    dirs, _ = scan.visible(folder)
     split_dirs = [d for d in dirs if d.name.lower() in SPLIT_ALIASES]
-    if split_dirs:
-        others = [d.name for d in dirs if d.name.lower() not in SPLIT_ALIASES]
-        if others:
-            raise DataError(
-                f"Folder {folder} mixes split folders ({', '.join(d.name for d in split_dirs)}) with other "
-                f"folders ({', '.join(others)}). Put every class folder inside train/, val/ and test/, or use "
-                f"no split folders at all.")
-        groups = sorted(((SPLIT_ALIASES[d.name.lower()], d) for d in split_dirs),
-                        key=lambda g: (SPLIT_ORDER.index(g[0]), g[1].name))
-    else:
-        groups = [(None, folder)]
-    entries: list[tuple[Path, str, str | None]] = []
-    class_names: set[str] = set()
-    for split, top in groups:
-        class_dirs, loose = _visible(top)
-        loose_images = [f for f in loose if f.suffix.lower() in IMAGE_EXTENSIONS]
-        for f in loose_images:
-            skipped.append((f.relative_to(folder).as_posix(), REASON_NO_CLASS))
-        if loose_images:
-            warnings.append(f"{len(loose_images)} images directly in {top} are not inside a class folder "
-                            f"and were left out.")
-        for d in class_dirs:
-            cls = _nfc(d.name)
-            class_names.add(cls)
-            entries.extend((f, cls, split) for f in _class_files(d))
-    if not class_names:
-        raise DataError(f"Folder {folder} has no class sub-folders. Expected {folder}/<class>/<image> "
-                        f"(or {folder}/train/<class>/<image>), e.g. cats/001.jpg and dogs/001.jpg.")
-    return _build_file_dataset(name=name, root=folder, where=str(folder), class_names=sorted(class_names),
-                               entries=entries, skipped=skipped, warnings=warnings, source=source)
+    if not split_dirs:
+        return [(None, folder)]
+    others = [d.name for d in dirs if d.name.lower() not in SPLIT_ALIASES]
+    if others:
+        raise DataError(
+            f"Folder {scan.where(folder)} mixes split folders ({', '.join(d.name for d in split_dirs)}) with "
+            f"other folders ({', '.join(others)}). Put every class folder inside train/, val/ and test/, or "
+            f"use no split folders at all.")
+    for d in split_dirs:
+        if not scan.ok(d):
+            scan.refuse(d, is_dir=True)
+    return sorted(((SPLIT_ALIASES[d.name.lower()], d) for d in split_dirs if scan.ok(d)),
+                  key=lambda g: (SPLIT_ORDER.index(g[0]), g[1].name))
+
+
+def _load_folder_tree(folder: Path, *, name: str, source: dict, label: str | None = None,
+                      allowed: list[str] | None = None, limits: ScanLimits | None = None) -> FileDataset:
+    """ImageFolder layout, optionally split into train/ val|valid|validation/ test/ first.
+
+    ``label`` names ``folder`` in messages (default: its path); ``allowed`` (resolved data roots)
+    keeps the scan inside them; ``limits`` bounds the listing (``ScanLimits``)."""
+    where = _Where(folder, label or str(folder))
+    if not folder.is_dir():
+        raise DataError(f"Folder {where.shown} does not exist or is not a folder. Give the path of a folder "
+                        f"that holds one sub-folder per class.")
+    scan = _FolderScan(folder, where, allowed,
+                       _Budget(limits, where.shown, "files", "point at a smaller folder or use an index file."))
+    scan.folder = folder = _unwrap(scan, folder)
+    for split, top in _split_groups(scan, folder):
+        scan.add_group(split, top)
+    if not scan.class_names:
+        shown = where(folder)
+        detail = _skipped_inline(scan.skipped) if scan.skipped else ""
+        raise DataError(f"Folder {shown} has no class sub-folders{detail}. Expected {shown}/<class>/<image> "
+                        f"(or {shown}/train/<class>/<image>), e.g. cats/001.jpg and dogs/001.jpg.")
+    return _build_file_dataset(name=name, root=folder, where=where(folder), class_names=sorted(scan.class_names),
+                               entries=scan.entries, skipped=scan.skipped, warnings=scan.warnings, source=source)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -564,10 +703,36 @@ def stat_is_link(info: zipfile.ZipInfo) -> bool:
     return (info.external_attr >> 16) & 0o170000 == 0o120000
 
 
-def safe_extract(zip_path: str | os.PathLike, dest: str | os.PathLike) -> None:
-    """Extract a zip into ``dest`` after ``check_zip``; each entry is bounded by its declared size."""
+def _zip_folders(zf: zipfile.ZipFile, label: str) -> list[list[str]]:
+    """Path parts of the archive's folder entries: an empty class folder must be extracted too, so
+    the load warns about it as it does for a folder on the server instead of silently dropping it."""
+    out = []
+    for info in zf.infolist():
+        if info.is_dir() and not stat_is_link(info):
+            parts = _zip_parts(info.filename.replace("\\", "/").rstrip("/"), label)
+            if parts:
+                out.append(parts)
+    return out
+
+
+def _write_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, label: str) -> None:
+    """Copy one entry, refusing it as soon as it grows past the size its header declares."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with zf.open(info) as src, open(target, "wb") as out:
+        while chunk := src.read(1 << 20):
+            written += len(chunk)
+            if written > info.file_size:  # the header lied about the size
+                raise DataError(f"Archive {label}: entry {info.filename!r} is larger than it declares; "
+                                f"the archive was rejected.")
+            out.write(chunk)
+
+
+def safe_extract(zip_path: str | os.PathLike, dest: str | os.PathLike, label: str | None = None) -> None:
+    """Extract a zip into ``dest`` after ``check_zip``; each entry is bounded by its declared size.
+    ``label`` names the archive in messages (default: its file name, an upload's original name)."""
     zip_path, dest = Path(zip_path), Path(dest)
-    label = zip_path.name
+    label = label or zip_path.name
     try:
         with zipfile.ZipFile(zip_path) as zf:
             members = check_zip(zf, label)
@@ -575,21 +740,15 @@ def safe_extract(zip_path: str | os.PathLike, dest: str | os.PathLike) -> None:
             need = sum(i.file_size for i, _ in members)
             if need > free:
                 raise DataError(f"Archive {label} needs {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free "
-                                f"in {dest}. Free some disk space.")
+                                f"on the server. Ask the teacher to free some disk space, or upload less.")
             root = dest.resolve()
+            for parts in _zip_folders(zf, label):
+                dest.joinpath(*parts).mkdir(parents=True, exist_ok=True)
             for info, parts in members:
                 target = dest.joinpath(*parts)
                 if root not in target.resolve().parents:  # belt and braces after _zip_parts
                     raise DataError(f"Archive {label}: entry {info.filename!r} escapes the upload folder; rejected.")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                written = 0
-                with zf.open(info) as src, open(target, "wb") as out:
-                    while chunk := src.read(1 << 20):
-                        written += len(chunk)
-                        if written > info.file_size:  # the header lied about the size
-                            raise DataError(f"Archive {label}: entry {info.filename!r} is larger than it declares; "
-                                            f"the archive was rejected.")
-                        out.write(chunk)
+                _write_entry(zf, info, target, label)
     except zipfile.BadZipFile as e:
         raise DataError(f"{label} is not a valid zip archive ({e}). Re-create it with a zip tool.") from None
     except zipfile.LargeZipFile as e:
@@ -610,7 +769,7 @@ def _extract_once(zip_path: Path, dest: Path, inner: str | None = None) -> Path:
         safe_extract(zip_path, tmp)
         src = tmp / inner if inner else tmp
         if not src.is_dir():
-            raise DataError(f"Archive {zip_path} has no top-level folder {inner}/.")
+            raise DataError(f"Archive {zip_path.name} has no top-level folder {inner}/.")
         try:
             os.rename(src, dest)
         except OSError:
@@ -634,41 +793,84 @@ def _file_hash(path: Path, length: int = 16) -> str:
 # --------------------------------------------------------------------------------------------------
 
 SOURCES: Registry[Callable[..., LabDataset]] = Registry("dataset source")
+# Every loader takes (location, data_dir, download, roots=None, limits=None). ``roots`` (the page's
+# data roots; None = the command line, any path) confines what a path may reach; ``limits`` bounds
+# the listing (ScanLimits). See load_dataset.
+
+# The embedded sample, checked once per data folder: a class opening the page together would
+# otherwise decode its 2,500 images once per student. Keyed by (sample folder, source); the folder's
+# mtime tells a re-extracted sample from the one in the cache.
+_SAMPLE_CACHE: dict[tuple[str, str], tuple[int, LabDataset]] = {}
+_SAMPLE_LOCK = threading.Lock()
+
+
+def _copy_dataset(ds: LabDataset) -> LabDataset:
+    """A copy whose lists and dicts one session may change without touching the cached original."""
+    clone = copy.copy(ds)
+    for key, value in vars(ds).items():
+        if isinstance(value, list):
+            setattr(clone, key, list(value))
+        elif isinstance(value, dict):
+            setattr(clone, key, {k: list(v) if isinstance(v, list) else v for k, v in value.items()})
+    return clone
 
 
 @SOURCES.register("sample")
-def _load_sample(location: str | None, data_dir: Path, download: bool) -> LabDataset:
+def _load_sample(location: str | None, data_dir: Path, download: bool, roots=None, limits=None) -> LabDataset:
     folder = data_dir / SAMPLE_FOLDER
-    if not folder.is_dir():
-        if not SAMPLE_ZIP.is_file():
-            raise MissingFileError(f"The embedded sample {SAMPLE_ZIP.name} is missing from {SAMPLE_ZIP.parent}. "
-                                   f"Restore it from the repository (git checkout assets/).",
-                                   files=[SAMPLE_ZIP.name], folder=str(SAMPLE_ZIP.parent))
-        _extract_once(SAMPLE_ZIP, folder, inner=SAMPLE_FOLDER)
-    return _load_folder_tree(folder, name=SAMPLE_NAME, source={"kind": "sample"})
+    with _SAMPLE_LOCK:  # the first of many simultaneous loads extracts and checks; the others wait for it
+        if not folder.is_dir():
+            if not SAMPLE_ZIP.is_file():
+                raise MissingFileError(f"The embedded sample {SAMPLE_ZIP.name} is missing from {SAMPLE_ZIP.parent}. "
+                                       f"Restore it from the repository (git checkout assets/).",
+                                       files=[SAMPLE_ZIP.name], folder=str(SAMPLE_ZIP.parent))
+            _extract_once(SAMPLE_ZIP, folder, inner=SAMPLE_FOLDER)
+        key, stamp = (os.path.realpath(folder), "sample"), folder.stat().st_mtime_ns
+        hit = _SAMPLE_CACHE.get(key)
+        if hit is None or hit[0] != stamp:
+            hit = _SAMPLE_CACHE[key] = (stamp, _load_folder_tree(folder, name=SAMPLE_NAME, source={"kind": "sample"}))
+    return _copy_dataset(hit[1])
 
 
 @SOURCES.register("folder")
-def _load_folder(location: str | None, data_dir: Path, download: bool) -> LabDataset:
+def _load_folder(location: str | None, data_dir: Path, download: bool, roots=None, limits=None) -> LabDataset:
     if not location:
         raise DataError("No folder given. Enter the path of a folder with one sub-folder per class.")
     folder = Path(location).expanduser()
-    return _load_folder_tree(folder, name=folder.name or str(folder),
+    allowed = None
+    if roots is not None:
+        paths.resolve_inside(location, roots)  # before any look at the disk: nothing outside can be probed
+        allowed = paths.real_roots(roots)
+    return _load_folder_tree(folder, name=folder.name or str(folder), allowed=allowed, limits=limits,
                              source={"kind": "folder", "location": str(folder.resolve())})
 
 
 @SOURCES.register("zip")
-def _load_zip(location: str | None, data_dir: Path, download: bool) -> LabDataset:
+def _load_zip(location: str | None, data_dir: Path, download: bool, roots=None, limits=None) -> LabDataset:
+    """An uploaded archive, extracted under <data_dir>/uploads/<content hash>/. Messages name it by
+    its own file name (an upload keeps its original name), never the extraction folder; what it holds
+    (class folders, or an index file) may reach nothing outside it, whoever loads it."""
     if not location:
         raise DataError("No zip file given. Upload a .zip of a folder with one sub-folder per class.")
     path = Path(location).expanduser()
+    label = path.name
     if not path.is_file():
-        raise DataError(f"Zip file {path} does not exist. Upload it again.")
+        raise DataError(f"Zip file {label} does not exist (any more). Upload it again.")
     if not zipfile.is_zipfile(path):
-        raise DataError(f"{path.name} is not a zip archive. Upload a .zip of a folder with one sub-folder per class.")
+        raise DataError(f"{label} is not a zip archive. Upload a .zip of a folder with one sub-folder per class.")
     dest = _extract_once(path, data_dir / "uploads" / _file_hash(path))
-    return _load_folder_tree(dest, name=path.stem,
-                             source={"kind": "zip", "location": str(path.resolve()), "extracted": str(dest)})
+    source = {"kind": "zip", "location": str(path.resolve()), "extracted": str(dest)}
+    return _load_extracted(dest, label=label, name=path.stem, source=source, limits=limits)
+
+
+def _load_extracted(dest: Path, *, label: str, name: str, source: dict, limits: ScanLimits | None) -> LabDataset:
+    """An extracted upload: an index .csv inside it if it has one, else its class folders."""
+    inside = paths.real_roots([dest])
+    index = _zip_index(dest)
+    if index is not None:
+        return _load_index_file(index, name=name, label=f"{label}/{index.relative_to(dest).as_posix()}",
+                                allowed=inside, outside="outside the archive", limits=limits, source=source)
+    return _load_folder_tree(dest, name=name, source=source, label=label, allowed=inside, limits=limits)
 
 
 # ---- index files -----------------------------------------------------------------------------------
@@ -678,44 +880,67 @@ _LABEL_HEADERS = {"label", "class", "target", "category", "class_name", "y"}
 _SPLIT_HEADERS = {"split", "subset", "set", "fold", "partition"}
 
 
-def _index_rows(path: Path) -> list[tuple[int, list[str]]]:
+def _is_index_header(fields: Sequence[str]) -> bool:
+    low = [f.strip().lower() for f in fields]
+    return any(f in _LABEL_HEADERS for f in low) and any(f in _PATH_HEADERS for f in low)
+
+
+def _zip_index(folder: Path) -> Path | None:
+    """The index file of an archive that has one: the one .csv at its top (or inside single wrapper
+    folders) whose header names a path and a label column. Other .csv files (notes, metadata beside
+    class folders) are not taken for an index."""
+    for _ in range(5):
+        dirs, files = [], []
+        for p in sorted(folder.iterdir(), key=lambda p: p.name):
+            if not _is_hidden(p.name):
+                (dirs if p.is_dir() else files).append(p)
+        found = []
+        for f in files:
+            if f.suffix.lower() == ".csv":
+                with open(f, encoding="utf-8-sig", errors="replace") as fh:
+                    if _is_index_header(next(csv.reader([fh.readline(1 << 16)]), [])):
+                        found.append(f)
+        if len(found) == 1:
+            return found[0]
+        if len(dirs) != 1 or files:
+            return None
+        folder = dirs[0]
+    return None
+
+
+def _index_rows(path: Path, label: str, budget: _Budget) -> list[tuple[int, list[str]]]:
     """(line number, fields) of every data line; comments and blank lines dropped."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"Index file {path} is not UTF-8 text ({e}). Save it as UTF-8.") from None
     rows = []
-    for no, line in enumerate(text.splitlines(), 1):
-        s = line.strip()
-        if not s or s.startswith("#"):
-            continue
-        if "," in s:
-            fields = next(csv.reader([s]))
-        elif "\t" in s:
-            fields = s.split("\t")
-        else:
-            fields = s.split()
-            # "my file.jpg cat" → the path may contain spaces: the label (and split) are the last tokens
-            if len(fields) > 2:
-                n_tail = 2 if fields[-1].lower() in SPLIT_ALIASES else 1
-                fields = s.rsplit(None, n_tail)
-        rows.append((no, [f.strip() for f in fields]))
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for no, line in enumerate(f, 1):
+                s = line.strip()
+                if not s or s.startswith("#"):
+                    continue
+                budget.add()
+                if "," in s:
+                    fields = next(csv.reader([s]))
+                elif "\t" in s:
+                    fields = s.split("\t")
+                else:
+                    fields = s.split()
+                    # "my file.jpg cat" → the path may contain spaces: the label (and split) are the last tokens
+                    if len(fields) > 2:
+                        n_tail = 2 if fields[-1].lower() in SPLIT_ALIASES else 1
+                        fields = s.rsplit(None, n_tail)
+                rows.append((no, [f.strip() for f in fields]))
+    except UnicodeDecodeError:
+        # no detail from the decoder: it would quote the file's bytes
+        raise DataError(f"Index file {label} is not UTF-8 text. Save it as UTF-8.") from None
     return rows
 
 
-@SOURCES.register("index")
-def _load_index(location: str | None, data_dir: Path, download: bool) -> LabDataset:
-    if not location:
-        raise DataError("No index file given. Give a .txt or .csv file with one 'path,label' line per image.")
-    index = Path(location).expanduser()
-    if not index.is_file():
-        raise DataError(f"Index file {index} does not exist.")
-    rows = _index_rows(index)
-    if not rows:
-        raise DataError(f"Index file {index} has no data lines. Write one 'path,label' line per image.")
+def _index_columns(rows: list[tuple[int, list[str]]]) -> tuple[dict, list[tuple[int, list[str]]]]:
+    """Which field is the path, the label and the split: from a header line when there is one
+    (dropped from the rows), else path,label[,split]."""
     cols = {"path": 0, "label": 1, "split": None}
     first = [f.lower() for f in rows[0][1]]
-    if any(f in _LABEL_HEADERS for f in first) and any(f in _PATH_HEADERS for f in first):
+    if _is_index_header(first):
         for k, f in enumerate(first):
             if f in _PATH_HEADERS:
                 cols["path"] = k
@@ -723,53 +948,100 @@ def _load_index(location: str | None, data_dir: Path, download: bool) -> LabData
                 cols["label"] = k
             elif f in _SPLIT_HEADERS:
                 cols["split"] = k
-        rows = rows[1:]
-    elif rows and len(rows[0][1]) >= 3:
+        return cols, rows[1:]
+    if len(rows[0][1]) >= 3:
         cols["split"] = 2
-    base = index.parent
-    items: list[tuple[int, Path, str, str | None]] = []
+    return cols, rows
+
+
+def _index_items(rows, cols: dict, base: Path, label: str) -> list[tuple[int, str, Path, str, str | None]]:
+    """(line, path as written, path, label, split) of each row. Messages say what is wrong with a
+    line without quoting it: the file may be anything (/etc/passwd copied under a data root)."""
+    items = []
     need = max(c for c in cols.values() if c is not None) + 1
+    expected = "path,label,split" if cols["split"] is not None else "path,label"
     for no, fields in rows:
         if len(fields) < need or not fields[cols["path"]] or not fields[cols["label"]]:
-            expected = "path,label,split" if cols["split"] is not None else "path,label"
-            raise DataError(f"Index file {index.name}, line {no}: expected '{expected}' but found "
-                            f"{','.join(fields)!r}. Fix or remove that line.")
+            raise DataError(f"Index file {label}, line {no}: expected '{expected}' but that line has "
+                            f"{len(fields)} field(s){' with an empty one' if len(fields) >= need else ''}. "
+                            f"Fix or remove that line.")
         split = None
         if cols["split"] is not None:
             raw = fields[cols["split"]].lower()
             if raw not in SPLIT_ALIASES:
-                raise DataError(f"Index file {index.name}, line {no}: split {fields[cols['split']]!r} is not one of "
-                                f"train, val, valid, validation, test.")
+                raise DataError(f"Index file {label}, line {no}: the split field is not one of train, val, "
+                                f"valid, validation, test.")
             split = SPLIT_ALIASES[raw]
-        p = Path(fields[cols["path"]].replace("\\", "/") if os.sep == "/" else fields[cols["path"]])  # Windows-made index
-        items.append((no, p if p.is_absolute() else base / p, _nfc(fields[cols["label"]]), split))
-    if not items:
-        raise DataError(f"Index file {index} has a header but no data lines.")
-    labels = {it[2] for it in items}
+        written = fields[cols["path"]]
+        p = Path(written.replace("\\", "/") if os.sep == "/" else written)  # Windows-made index
+        items.append((no, written, p if p.is_absolute() else base / p, _nfc(fields[cols["label"]]), split))
+    return items
+
+
+def _index_classes(items) -> tuple[dict[str, str], list[str]]:
+    """(label as written → class name, class names in order)."""
+    labels = {it[3] for it in items}
     if all(re.fullmatch(r"[+-]?\d+", lab) for lab in labels):
         # integer labels: ordered numerically so "10" comes after "9", and stored as canonical "7" not "07"
         norm = {lab: str(int(lab)) for lab in labels}
-        class_names = sorted(set(norm.values()), key=int)
-    else:
-        norm = {lab: lab for lab in labels}
-        class_names = sorted(labels)
-    skipped: list[tuple[str, str]] = []
-    entries = []
-    for no, p, lab, split in items:
-        if not p.is_file():
-            skipped.append((_rel_to(p, base), f"{REASON_NOT_FOUND} (line {no})"))
-            continue
-        entries.append((p, norm[lab], split))
-    return _build_file_dataset(name=index.stem, root=base, where=str(index), class_names=class_names,
-                               entries=entries, skipped=skipped, warnings=[],
-                               source={"kind": "index", "location": str(index.resolve())})
+        return norm, sorted(set(norm.values()), key=int)
+    return {lab: lab for lab in labels}, sorted(labels)
 
 
-def _rel_to(p: Path, base: Path) -> str:
-    try:
-        return p.relative_to(base).as_posix()
-    except ValueError:
-        return str(p)
+def _index_entries(items, norm: dict[str, str], label: str, allowed: list[str] | None, outside: str,
+                   budget: _Budget) -> tuple[list[tuple[Path, str, str | None]], list[tuple[str, str]]]:
+    """The rows that name a file (inside ``allowed``, symlinks followed, when given), and the others
+    as skipped (path as written, reason with its line). A path outside gets the same reason whether
+    it exists or not. When no row names a file the load fails without listing them: the file is then
+    no index at all, and its lines are not for the page to show."""
+    entries, skipped, n_out = [], [], 0
+    for no, written, p, lab, split in items:
+        budget.add(0)  # the time limit: resolving rows on a slow mount
+        if allowed is not None and not paths.is_inside(os.path.realpath(p), allowed):
+            skipped.append((written, f"{outside} (line {no})"))
+            n_out += 1
+        elif not p.is_file():
+            skipped.append((written, f"{REASON_NOT_FOUND} (line {no})"))
+        else:
+            entries.append((p, norm[lab], split))
+    if not entries:
+        raise DataError(f"Index file {label}: none of its {len(items):,} lines names an image file that can be "
+                        f"read ({n_out:,} {outside}, {len(items) - n_out:,} not found). Write one 'path,label' "
+                        f"line per image, the path relative to the index file's folder.")
+    return entries, skipped
+
+
+def _load_index_file(index: Path, *, name: str, label: str, source: dict, allowed: list[str] | None = None,
+                     outside: str = REASON_OUTSIDE, limits: ScanLimits | None = None) -> FileDataset:
+    """An index file's rows as a dataset. ``label`` names the file in messages; with ``allowed``
+    (resolved folders) a row whose file is elsewhere is skipped as ``outside``."""
+    budget = _Budget(limits, f"Index file {label}", "lines", "split it into smaller index files.")
+    rows = _index_rows(index, label, budget)
+    if not rows:
+        raise DataError(f"Index file {label} has no data lines. Write one 'path,label' line per image.")
+    cols, rows = _index_columns(rows)
+    if not rows:
+        raise DataError(f"Index file {label} has a header but no data lines.")
+    items = _index_items(rows, cols, index.parent, label)
+    norm, class_names = _index_classes(items)
+    entries, skipped = _index_entries(items, norm, label, allowed, outside, budget)
+    return _build_file_dataset(name=name, root=index.parent, where=label, class_names=class_names,
+                               entries=entries, skipped=skipped, warnings=[], source=source)
+
+
+@SOURCES.register("index")
+def _load_index(location: str | None, data_dir: Path, download: bool, roots=None, limits=None) -> LabDataset:
+    if not location:
+        raise DataError("No index file given. Give a .txt or .csv file with one 'path,label' line per image.")
+    index = Path(location).expanduser()
+    allowed = None
+    if roots is not None:
+        real = paths.resolve_inside(location, roots)  # before any look at the disk: nothing outside can be probed
+        allowed = [str(real.parent)] + paths.real_roots(roots)  # the rows: beside the index, or in a root
+    if not index.is_file():
+        raise DataError(f"Index file {index} does not exist or is not a file.")
+    return _load_index_file(index, name=index.stem, label=str(index), allowed=allowed, limits=limits,
+                            source={"kind": "index", "location": str(index.resolve())})
 
 
 # ---- torchvision ---------------------------------------------------------------------------------
@@ -895,7 +1167,8 @@ def probe_network(url: str, timeout: float = DOWNLOAD_PROBE_TIMEOUT_S) -> str | 
 
 
 @SOURCES.register("torchvision")
-def _load_torchvision(location: str | None, data_dir: Path, download: bool) -> LabDataset:
+def _load_torchvision(location: str | None, data_dir: Path, download: bool, roots=None, limits=None) -> LabDataset:
+    # roots and limits do not apply: the files are torchvision's own names under data_dir
     s = _tv_lookup(location)
     folder, files, archives, url = _tv_expected(s, data_dir)
     tv_root = data_dir / s.name if s.family == "cifar" else data_dir
@@ -968,22 +1241,38 @@ def _tv_download(s: _TvSet, tv_root: Path) -> str | None:
 # --------------------------------------------------------------------------------------------------
 
 def load_dataset(kind: str = "sample", location: str | os.PathLike | None = None,
-                 data_dir: str | os.PathLike = DEFAULT_DATA_DIR, download: bool = True) -> LabDataset:
-    """Load a dataset: kind "sample" | "torchvision" | "folder" | "zip" | "index" (see module doc)."""
+                 data_dir: str | os.PathLike = DEFAULT_DATA_DIR, download: bool = True,
+                 roots: Sequence[str | os.PathLike] | None = None, limits: ScanLimits | None = None) -> LabDataset:
+    """Load a dataset: kind "sample" | "torchvision" | "folder" | "zip" | "index" (see module doc).
+
+    ``roots`` (the Data tab passes the server's --data-root folders) confines a folder, an index
+    file and every file they reach to those folders, symlinks followed; None (the command line, run
+    by the server's owner) accepts any path. ``limits`` (``ScanLimits()`` from the page) bounds how
+    many files a load lists and for how long; None: no bound.
+    """
     loader = SOURCES.get(kind)
     data_dir = Path(data_dir).expanduser()
-    return loader(None if location is None else os.fspath(location), data_dir, download)
+    return loader(None if location is None else os.fspath(location), data_dir, download,
+                  roots=None if roots is None else list(roots), limits=limits)
 
 
-def load_from_source(source: dict, data_dir: str | os.PathLike = DEFAULT_DATA_DIR,
-                     download: bool = False) -> LabDataset:
-    """Reload a dataset from its ``ds.source`` dict (a zip whose upload is gone reuses its extracted folder)."""
+def load_from_source(source: dict, data_dir: str | os.PathLike = DEFAULT_DATA_DIR, download: bool = False,
+                     roots: Sequence[str | os.PathLike] | None = None, limits: ScanLimits | None = None) -> LabDataset:
+    """Reload a dataset from its ``ds.source`` dict (a zip whose upload is gone reuses its extracted
+    folder). ``roots`` and ``limits`` as in ``load_dataset``; with roots, that folder must be one of
+    this data folder's uploads."""
     kind = source.get("kind")
     if kind == "zip" and not Path(source.get("location", "")).is_file() and source.get("extracted"):
         folder = Path(source["extracted"])
-        ds = _load_folder_tree(folder, name=Path(source["location"]).stem, source=dict(source))
-        return ds
-    return load_dataset(kind, source.get("location"), data_dir=data_dir, download=download)
+        label = Path(source["location"]).name
+        uploads = os.path.realpath(Path(data_dir).expanduser() / "uploads")
+        if roots is not None and os.path.dirname(os.path.realpath(folder)) != uploads:
+            # a page may reload only an upload's own extraction folder, and is told nothing more
+            raise DataError(f"The uploaded archive {label} is no longer on the server. Upload it again.")
+        return _load_extracted(folder, label=label, name=Path(source["location"]).stem, source=dict(source),
+                               limits=limits)
+    return load_dataset(kind, source.get("location"), data_dir=data_dir, download=download, roots=roots,
+                        limits=limits)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -38,7 +38,11 @@ def find_checkpoint(run_dir: str | Path) -> Path:
 
 def open_image(image, mode: str) -> Image.Image:
     """Accept a PIL image, a path, bytes or an H×W(×C) uint8 array; return it converted to ``mode``."""
+    limit = Image.MAX_IMAGE_PIXELS
     if isinstance(image, Image.Image):
+        if limit is not None and image.size[0] * image.size[1] > limit:
+            raise DataError(f"The image has {datasets.too_many_pixels(image.size[0] * image.size[1], limit)}: "
+                            "shrink it and try again.")
         return datasets.convert_image(image, mode)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
@@ -51,9 +55,11 @@ def open_image(image, mode: str) -> Image.Image:
         if not Path(source).is_file():
             raise DataError(f"{label} does not exist.")
     try:
-        with Image.open(source) as im:
+        with datasets.open_image_file(source) as im:
             im.load()
             return datasets.convert_image(im, mode)
+    except datasets.TooManyPixels as err:
+        raise DataError(f"{label} has {err}: shrink it and try again.") from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as err:
         raise DataError(f"{label} cannot be read as an image ({type(err).__name__}: {err}). "
                         "Use a JPEG, PNG, BMP, GIF, WebP or TIFF file.") from None

@@ -41,14 +41,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory, session_data_dir):
-    """The dashboard on a free local port, one training slot, runs in a temporary folder."""
+def lab(tmp_path_factory, session_data_dir, tiny_folder):
+    """The dashboard on a free local port, one training slot, runs in a temporary folder; the page
+    may load from the data folder and from ``tiny_folder`` (its data roots)."""
     from core.jobs import JobManager
     from ui.app import build_app, launch_kwargs
 
     runs_dir = tmp_path_factory.mktemp("client-runs")
     manager = JobManager(runs_dir=runs_dir, data_dir=session_data_dir, max_jobs=1)
-    demo = build_app(manager, data_dir=session_data_dir, runs_dir=runs_dir)
+    demo = build_app(manager, data_dir=session_data_dir, runs_dir=runs_dir, data_roots=[session_data_dir, tiny_folder])
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1",
                             server_port=_free_port(), **launch_kwargs(session_data_dir, runs_dir))
     yield {"url": url, "manager": manager, "runs_dir": runs_dir}
@@ -292,7 +293,7 @@ def test_bad_input_gives_a_plain_message_not_a_traceback(lab, tmp_path):
 def test_a_refused_input_prints_no_trace_in_the_server_console(lab, capfd):
     """A teacher's console shows no Gradio stack trace for each student's typo."""
     capfd.readouterr()
-    with pytest.raises(AppError, match="/nope/none does not exist"):
+    with pytest.raises(AppError, match="/nope/none is outside this server's data folders"):
         new_client(lab).predict("Folder on the server", "CIFAR10", None, "/nope/none", "per class", 10, 10, 0,
                                 api_name="/load_data")
     err = capfd.readouterr().err

@@ -49,9 +49,12 @@ TABS = [("Data", tab_data), ("Model", tab_model), ("Memory", tab_memory), ("Trai
         ("Evaluate", tab_evaluate), ("Predict", tab_predict)]
 
 
-def build_app(manager, data_dir: str | Path = "data", runs_dir: str | Path = "runs") -> gr.Blocks:
-    """Build the Blocks for ``manager`` (a core.jobs.JobManager). Nothing heavy runs here."""
-    ctx = AppContext(manager=manager, data_dir=Path(data_dir), runs_dir=Path(runs_dir))
+def build_app(manager, data_dir: str | Path = "data", runs_dir: str | Path = "runs",
+              data_roots: list[str | Path] | None = None) -> gr.Blocks:
+    """Build the Blocks for ``manager`` (a core.jobs.JobManager). Nothing heavy runs here.
+    ``data_roots``: the only folders the Data tab may load from (default: ``data_dir`` and assets/)."""
+    ctx = AppContext(manager=manager, data_dir=Path(data_dir), runs_dir=Path(runs_dir),
+                     data_roots=None if data_roots is None else [str(r) for r in data_roots])
     try:
         from core.runs import RunHistory
         ctx.history = RunHistory(ctx.runs_dir)

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
+from core import paths
 from core.config import RunConfig
 from core.errors import LabError
 
@@ -32,6 +33,13 @@ class AppContext:
     config_fields: dict = field(default_factory=dict)  # widget → dotted RunConfig field
     shared: dict = field(default_factory=dict)         # components one tab exposes to another
     history: Any = None             # core.runs.RunHistory, when the history index is available
+    # The folders a page may load datasets from (launch.py --data-root), as the teacher wrote them:
+    # messages name them so. None: the data folder and assets/ (core.paths.default_roots).
+    data_roots: list | None = None
+
+    def __post_init__(self):
+        if self.data_roots is None:
+            self.data_roots = paths.default_roots(self.data_dir)
 
     def field_widgets(self) -> set:
         return set(self.config_fields)

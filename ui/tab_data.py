@@ -24,6 +24,10 @@ TV_SETS = ["CIFAR10", "CIFAR100", "MNIST", "FashionMNIST"]
 PREVIEW_N = 32
 THUMB_MIN = 96  # tiny images (CIFAR 32 px) are scaled up with NEAREST so a projector shows pixels
 AUG_PREVIEW_N = 8
+# Loads a user starts (a folder or an upload can take a while to list and check) share this many
+# slots, apart from every other event: a few large scans make other loads wait, not the whole page.
+# The sample a new page loads is cached in the engine and has its own event (see on_load).
+LOAD_SLOTS = 3
 STEP_COLUMNS = ["#", "step", "parameters"]
 _DATA = DataConfig()
 
@@ -131,7 +135,9 @@ def build(ctx: AppContext) -> None:
 
     @safe
     def load_data(session, label, tv, zip_value, path_value, mode, val, test, seed, progress=gr.Progress()):
-        kind = SOURCES[label]
+        kind = SOURCES.get(label)
+        if kind is None:
+            raise gr.Error(f"Unknown source {label!r}: choose one of {', '.join(SOURCES)}.")
         location = {"sample": None, "torchvision": tv, "folder": (path_value or "").strip(),
                     "index": (path_value or "").strip()}.get(kind)
         if kind == "zip":
@@ -143,11 +149,23 @@ def build(ctx: AppContext) -> None:
         if kind in ("folder", "index") and not location:
             raise gr.Error("Type the path of the folder or index file on the server.")
         progress(0.1, desc=f"Loading {label.lower()} (checking every image)…")
-        ds = datasets.load_dataset(kind, location, data_dir=ctx.data_dir)
+        # Page users reach only the data roots, and no listing runs unbounded (core/paths.py).
+        ds = datasets.load_dataset(kind, location, data_dir=ctx.data_dir, roots=ctx.data_roots,
+                                   limits=datasets.ScanLimits())
+        progress(0.7, desc="Summarising…")
+        return _loaded(session, ds, kind, location, mode, val, test, seed)
+
+    @safe
+    def open_sample(session, mode, val, test, seed):
+        """What a new page shows at once: the embedded sample, whatever the inputs say (this event
+        has no concurrency limit, so it must stay cheap: the engine keeps the sample checked)."""
+        ds = datasets.load_dataset("sample", data_dir=ctx.data_dir)
+        return _loaded(session, ds, "sample", None, mode, val, test, seed)
+
+    def _loaded(session, ds, kind, location, mode, val, test, seed):
         session["dataset"] = ds
         session["data_source"] = {"source": kind, "location": location}
         session["preview_seed"] = 0
-        progress(0.7, desc="Summarising…")
         return _describe(session, ds, mode, val, test, seed)
 
     def _describe(session, ds, mode, val, test, seed):
@@ -282,9 +300,9 @@ def build(ctx: AppContext) -> None:
         event.then(split_sliders, ctx.session, [val_pct, test_pct], api_visibility="private", show_progress="hidden")
 
     after_load(load.click(load_data, load_inputs, load_outputs, api_name="load_data", show_progress_on=[info],
-                          concurrency_limit=4))
+                          concurrency_limit=LOAD_SLOTS, concurrency_id="data_load"))
     after_load(zip_file.upload(load_data, load_inputs, load_outputs, api_name="load_zip", show_progress_on=[info],
-                               concurrency_limit=4))
+                               concurrency_limit=LOAD_SLOTS, concurrency_id="data_load"))
     reshuffle.click(reshuffle_preview, [ctx.session, preview_mode], gallery, api_name="reshuffle", concurrency_limit=None)
     preview_mode.change(safe(_preview), [ctx.session, preview_mode], gallery, api_visibility="private",
                         concurrency_limit=None)
@@ -302,13 +320,16 @@ def build(ctx: AppContext) -> None:
     for trigger in (aug_refresh.click, aug_index.submit, aug_seed.submit):
         trigger(redraw, [ctx.session, aug_index, aug_seed], aug_gallery, api_visibility="private",
                 concurrency_limit=None)
-    ctx.shared["data_load"] = (load_data, load_inputs, load_outputs, after_load)
+    ctx.shared["data_load"] = (open_sample, [ctx.session, preview_mode, val_pct, test_pct, split_seed],
+                               load_outputs, after_load)
     ctx.shared["split_sliders"] = (split_sliders, [val_pct, test_pct])
 
 
 def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
     """Load the default (embedded sample) when a page opens, so the preview is there at once.
     A new page always has a new session, so this never replaces data a user chose."""
-    load_data, load_inputs, load_outputs, after_load = ctx.shared["data_load"]
-    after_load(demo.load(load_data, load_inputs, load_outputs, api_visibility="private",
-                         show_progress_on=[load_outputs[0]]))
+    open_sample, sample_inputs, load_outputs, after_load = ctx.shared["data_load"]
+    # Its own event without a limit: every page needs it, so it must never wait behind a user's
+    # large folder scan in the "data_load" slots. It loads only the cached sample, whatever it is sent.
+    after_load(demo.load(open_sample, sample_inputs, load_outputs, api_visibility="private",
+                         show_progress_on=[load_outputs[0]], concurrency_limit=None))

@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from core import runs
+from core import datasets, runs
 from core.inference import TTA_CHOICES, Predictor, find_checkpoint
 from ui import plots
 from ui.common import ASSETS, AppContext, safe
@@ -60,12 +60,16 @@ def friendly_image_errors(component: gr.Image) -> gr.Image:
         def preprocess(self, payload):
             if FRIENDLY_IMAGE_CLASS not in (self.elem_classes or []):
                 return original(self, payload)
+            name = getattr(payload, "orig_name", None) or "The uploaded file"
             try:
+                if getattr(payload, "path", None):   # the header only: Gradio would decode it whole
+                    datasets.open_image_file(payload.path).close()
                 return original(self, payload)
             except gr.Error:
                 raise
+            except datasets.TooManyPixels as err:
+                raise gr.Error(f"{name} has {err}: shrink it and try again.", duration=None) from None
             except Exception as err:
-                name = getattr(payload, "orig_name", None) or "The uploaded file"
                 raise gr.Error(f"{name} cannot be read as an image ({type(err).__name__}). "
                                "Use a JPEG, PNG, BMP, GIF, WebP or TIFF file.", duration=None) from None
 
