@@ -168,6 +168,12 @@ def submit_comparison(manager, configs: Sequence[RunConfig], owner: str = "local
         raise ConfigError("Nothing to compare: the plan is empty.")
     for cfg in configs:
         cfg.validate()
+    for number, cfg in enumerate(configs, 1):   # all or nothing: no half-queued group when one cannot fit
+        try:
+            manager.check_fits(cfg)
+        except ConfigError as err:
+            raise ConfigError(f"Run {number} of the comparison ({cfg.model.name}, lr {cfg.optim.lr:g}): {err} "
+                              "Nothing was queued.") from None
     group_id = new_group_id()
     run_ids = []
     for cfg in configs:
