@@ -71,6 +71,7 @@ class Job:
     _process: Any = field(default=None, repr=False)    # the multiprocessing.Process training it
     _watcher: threading.Thread | None = field(default=None, repr=False)
     _terminated: bool = field(default=False, repr=False)   # ended by the server's shutdown
+    _changes: int = field(default=0, repr=False)   # counts every change a page would show (see ``changes``)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def request_stop(self) -> None:
@@ -79,6 +80,7 @@ class Job:
         with self._lock:
             if self.status == ev.RUNNING:
                 self.status, self.message = ev.STOPPING, "stopping after the current batch"
+                self._changes += 1
             self._send_stop()
 
     def _send_stop(self) -> None:
@@ -100,12 +102,19 @@ class Job:
         return self._process.pid if self._process is not None else None
 
     @property
+    def changes(self) -> int:
+        """How many times the job has changed (an event, or a stop request): a polling page that
+        has shown change N reads this one number and skips everything else while it is still N."""
+        return self._changes
+
+    @property
     def done(self) -> bool:
         return self.status in ev.FINAL_STATUSES
 
     def _record(self, event: ev.Event) -> None:
         with self._lock:
             self.events.append(event)
+            self._changes += 1
             if isinstance(event, ev.RunFinished):
                 self.status, self.message = event.status, event.message
             elif isinstance(event, ev.StatusChanged) and self.status != ev.STOPPING:
@@ -125,7 +134,8 @@ class Job:
             epochs = [e for e in self.events if isinstance(e, ev.EpochEnded)]
             return {"job_id": self.job_id, "owner": self.owner, "status": self.status,
                     "message": self.message, "started": started, "last_batch": last_batch,
-                    "epochs": epochs, "n_events": len(self.events), "model": self.config.model.name}
+                    "epochs": epochs, "n_events": len(self.events), "changes": self._changes,
+                    "model": self.config.model.name}
 
 
 def describe_exit(exitcode: int | None, memory_hint: str = "") -> str:

@@ -422,12 +422,46 @@ def test_poll_keeps_polling_when_the_run_ends_while_it_renders(tmp_path, monkeyp
         manager.shutdown(timeout=10)
 
 
+def test_a_poll_with_nothing_new_reads_one_counter_and_renders_nothing(tmp_path, monkeypatch):
+    """30 open pages poll every second: while a run has no news a poll must not build a snapshot,
+    a plot or a log, yet keep the timer on; a stop request is news and is shown."""
+    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1,
+                         fit=job_fits.stubborn_fit)   # ignores the stop: the page stays on Stopping
+    ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs")
+    with gr.Blocks():
+        ctx.session = gr.State({})
+        ctx.browser_id = gr.BrowserState(None)
+        tab_train.build(ctx)
+    poll, _ = ctx.shared["train_poll"]
+    try:
+        job = manager.submit(RunConfig(), owner="browser:b1")
+        while job.status != ev.RUNNING:
+            assert not job.done, job.message
+            time.sleep(0.02)
+        session = {}
+        status, *_ = poll(session, "b1", None)
+        assert status.startswith("Training — tutorial_net")
+
+        def no_snapshot():
+            raise AssertionError("a poll with nothing new built a snapshot")
+
+        monkeypatch.setattr(job, "snapshot", no_snapshot)
+        assert poll(session, "b1", None) == (gr.skip(),) * 5   # the timer output skipped too: it stays on
+        monkeypatch.undo()
+        job.request_stop()
+        status, *_, timer = poll(session, "b1", None)
+        assert status.startswith("Stopping — tutorial_net") and timer.active is True
+    finally:
+        job_fits.release(tmp_path / "runs")
+        manager.shutdown(timeout=10)
+
+
 def test_render_gives_status_progress_plot_and_log(finished_job):
     ctx, job = finished_job
     session = {}
     status, progress, fig, log = tab_train._render(ctx, job, session)
     assert status.startswith("Finished") and "100%" in progress and "epoch 2/2" in log
-    assert session["seen"] == len(job.events) and session["last_run_dir"].endswith(job.job_id)
+    assert session["seen"] == job.changes == len(job.events) and session["last_run_dir"].endswith(job.job_id)
     names = {t.name for t in fig.data}
     assert fig.data and any("train" in (n or "") for n in names)
 
