@@ -1,7 +1,8 @@
 """Start the Classifier Lab dashboard.
 
     python launch.py [--host 127.0.0.1] [--port 7860] [--data-dir DIR] [--runs-dir DIR]
-                     [--data-root DIR ...] [--max-jobs N] [--auth USER:PASS] [--share]
+                     [--data-root DIR ...] [--max-jobs N] [--max-job-memory SIZE]
+                     [--auth USER:PASS] [--share]
 
 Works with no network at all: analytics, the version check, hub telemetry and the /monitoring
 page are turned off before Gradio is imported, and the page uses only bundled fonts and scripts.
@@ -33,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs-dir", default="runs", help="run history: configs, metrics, checkpoints (default runs/)")
     p.add_argument("--max-jobs", type=int, default=None,
                    help="training jobs at once; more are queued (default 1 on CPU, 1 per GPU)")
+    p.add_argument("--max-job-memory", type=_size, default=None, metavar="SIZE",
+                   help="memory one training run may use at most, e.g. 4GiB, 512MiB or 3G (default: what is "
+                        "free); a run that needs more is refused with the batch size that fits")
     p.add_argument("--auth", default=None, metavar="USER:PASS",
                    help="require a login; each user then finds their own runs again after a reload")
     p.add_argument("--share", action="store_true", help="ask Gradio for a public share link (needs internet)")
@@ -40,6 +44,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also log every run for TensorBoard (needs `pip install tensorboard`; "
                         "then: tensorboard --logdir runs/)")
     return p.parse_args(argv)
+
+
+def _size(text: str) -> int:
+    """--max-job-memory: bytes from 4GiB, 512MiB, 3G... (argparse prints the message and exits)."""
+    from core.resources import parse_size
+    from core.errors import ConfigError
+    try:
+        return parse_size(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def default_max_jobs() -> int:
@@ -68,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ui.app import build_app, launch_kwargs
     from core.jobs import JobManager
+    from core.resources import format_size
 
     # One line per refused input in the console ("12:03:04 load_data: Folder ... does not
     # exist"), the trace only for real bugs; other libraries' INFO chatter stays off.
@@ -79,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     lab_log.setLevel(logging.INFO)
     lab_log.propagate = False
 
-    manager = JobManager(runs_dir=args.runs_dir, data_dir=args.data_dir, max_jobs=max_jobs)
+    manager = JobManager(runs_dir=args.runs_dir, data_dir=args.data_dir, max_jobs=max_jobs,
+                         max_job_memory=args.max_job_memory)
     if args.tensorboard:
         from core import tb
         from core.errors import LabError
@@ -90,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     demo = build_app(manager, data_dir=args.data_dir, runs_dir=args.runs_dir, data_roots=args.data_roots)
     print(f"Classifier Lab: http://{args.host}:{args.port}  (data {args.data_dir}, runs {args.runs_dir}, "
-          f"{max_jobs} training job(s) at a time)", flush=True)
+          f"{max_jobs} training job(s) at a time"
+          + (f", at most {format_size(args.max_job_memory)} each" if args.max_job_memory else "") + ")", flush=True)
     try:
         demo.launch(server_name=args.host, server_port=args.port, auth=auth, share=args.share,
                     **launch_kwargs(args.data_dir, args.runs_dir))

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from core import resources
 from core.config import FREEZE_CHOICES, RunConfig
 from core.errors import ConfigError, DataError, LabError
 from core.metrics import EvalReport
@@ -167,6 +168,12 @@ def submit_comparison(manager, configs: Sequence[RunConfig], owner: str = "local
         raise ConfigError("Nothing to compare: the plan is empty.")
     for cfg in configs:
         cfg.validate()
+    for number, cfg in enumerate(configs, 1):   # all or nothing: no half-queued group when one cannot fit
+        try:
+            manager.check_fits(cfg)
+        except ConfigError as err:
+            raise ConfigError(f"Run {number} of the comparison ({cfg.model.name}, lr {cfg.optim.lr:g}): {err} "
+                              "Nothing was queued.") from None
     group_id = new_group_id()
     run_ids = []
     for cfg in configs:
@@ -215,16 +222,8 @@ def list_groups(history, owner: str | None = None) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 def predicted_training_memory(config: RunConfig, num_classes: int, input_shape: Sequence[int]) -> int:
     """Training memory (bytes) core.memory predicts for this run's model, input and batch size:
-    the larger of the sum of the components and the simulated step peak (as on the Memory tab)."""
-    from core.memory import ZooFactory, estimate_memory
-
-    c, h, w = (int(v) for v in input_shape)
-    m = config.model
-    factory = ZooFactory(m.name, int(num_classes), c, (h, w), m.small_input_stem, m.freeze,
-                         m.freeze_stages if m.freeze == "stages" else 0)
-    est = estimate_memory(factory, (c, h, w), config.data.batch_size, optimizer=config.optim.optimizer,
-                          momentum=config.optim.momentum, precision=config.precision, inference=False)
-    return int(est.required_bytes)
+    the simulated step peak (as on the Memory tab), for a GPU."""
+    return resources.training_memory(config, num_classes, input_shape, device_type="cuda")
 
 
 def _record_memory(record) -> tuple[int | None, str | None]:

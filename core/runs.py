@@ -70,7 +70,17 @@ def _pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A process that has died but whose parent has not collected it yet (a training child between
+    # its death and the fork server's wait) still answers kill(pid, 0): a zombie is not alive.
+    return _process_state(pid) not in ("Z", "X")
+
+
+def _process_state(pid: int) -> str | None:
+    """The state letter of process ``pid`` (R, S, D, Z = zombie, X = dead...) from /proc; else None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]   # field 3
+    except (OSError, IndexError):
+        return None
 
 
 def _process_start_time(pid: int) -> float | None:

@@ -3,7 +3,7 @@
 Reads top to bottom: ``prepare`` turns a RunConfig into data, model and loaders; ``fit`` runs
 ``train_one_epoch`` and ``evaluate`` per epoch, writes checkpoints (last and best) and events to the
 run folder, then evaluates the best weights on the test split. It runs in the calling thread; the
-job manager (core.jobs) runs it in a background thread.
+job manager (core.jobs) runs it in a child process of its own.
 
 Reproducibility: each epoch's order and augmentation depend only on (seed, epoch), and RNG states
 are checkpointed, so "2 epochs in one go" and "1 epoch, stop, resume 1 epoch" give the same weights
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core import datasets, events as ev, loaders, metrics, models, tensorloader, transforms
+from core import datasets, events as ev, loaders, metrics, models, resources, tensorloader, transforms
 from core.checkpoints import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from core.config import RunConfig
 from core.errors import ConfigError, LabError
@@ -126,6 +126,23 @@ def _native_size(ds, indices: Sequence[int]) -> tuple[int, int] | None:
     return None
 
 
+def input_size_for(config: RunConfig, native: tuple[int, int] | None) -> tuple[int, int]:
+    """(h, w) the run feeds its model: data.image_size when set, else what the model needs for
+    images of ``native`` size (None: mixed sizes, treated as 224×224)."""
+    if config.data.image_size:
+        return (config.data.image_size, config.data.image_size)
+    return tuple(models.resolve_input_size(config.model.name, native or (224, 224), config.model.small_input_stem))
+
+
+def planned_input(config: RunConfig, data_dir: str | Path = datasets.DEFAULT_DATA_DIR) -> tuple[int, list[int]]:
+    """(number of classes, [C, H, W]) a run of ``config`` will train on, from its dataset's file
+    list without preparing loaders or a model (the job manager's memory check uses it). Nothing is
+    downloaded: a dataset that is not here yet raises MissingFileError."""
+    ds = datasets.load_dataset(config.data.source, config.data.location, data_dir=data_dir, download=False)
+    h, w = input_size_for(config, _native_size(ds, range(len(ds))))
+    return len(ds.classes), [1 if ds.mode == "L" else 3, h, w]
+
+
 def prepare(config: RunConfig, data_dir: str | Path = datasets.DEFAULT_DATA_DIR, dataset=None) -> Prepared:
     """Load data, split it, build the model and the loaders for ``config`` (no training)."""
     config.validate()
@@ -142,10 +159,7 @@ def prepare(config: RunConfig, data_dir: str | Path = datasets.DEFAULT_DATA_DIR,
     in_channels = 1 if ds.mode == "L" else 3
 
     native = _native_size(ds, split.train)
-    if d.image_size:
-        input_size = (d.image_size, d.image_size)
-    else:
-        input_size = tuple(models.resolve_input_size(m.name, native or (224, 224), m.small_input_stem))
+    input_size = input_size_for(config, native)
     created = models.create_model(m.name, num_classes=len(ds.classes), in_channels=in_channels,
                                   input_size=input_size, pretrained=m.pretrained,
                                   weights_path=m.weights_path, small_input_stem=m.small_input_stem,
@@ -548,11 +562,20 @@ def write_status(run_dir: Path, status: str, message: str = "", **extra) -> None
     os.replace(tmp, run_dir / STATUS_FILE)
 
 
+def record_lost_run(run_dir: Path, config: RunConfig, finished: ev.RunFinished, epochs_completed: int) -> None:
+    """Write the end of a run whose process died before ``fit`` could (the job manager calls it
+    with the reason): status.json as ``_finish`` writes it, and ``finished`` in events.jsonl and
+    card.json, so the run history shows the reason after a restart too."""
+    write_status(run_dir, finished.status, finished.message, seconds=finished.seconds,
+                 epochs_completed=epochs_completed)
+    _RunLog(run_dir, None, config)(finished)
+
+
 # torch's deterministic-algorithms switch, cudnn's flags and CUBLAS_WORKSPACE_CONFIG are
 # process-wide: a run sets them (seed_everything, cudnn.benchmark) and must put back what was there
-# before when it ends, or every later run and test in the process inherits them. The job manager
-# can run fits side by side in threads, so they are saved when the first of them starts and put
-# back when the last one ends.
+# before when it ends, or every later run and test in the process inherits them. A caller may run
+# fits side by side in threads (the job manager gives each run a process of its own instead), so
+# they are saved when the first of them starts and put back when the last one ends.
 _switches_lock = threading.Lock()
 _switches = {"runs": 0, "saved": None}
 
@@ -813,16 +836,6 @@ def _finish(run_dir, run_id, emit, status, message, best_epoch, best_metric, epo
     return FitResult(run_id, run_dir, status, message, best_epoch, best_metric, epochs_done, history, report)
 
 
-def largest_fitting_batch(config: RunConfig, input_shape: Sequence[int], num_classes: int, budget_bytes: float) -> int:
-    """The largest batch the memory calculator says fits ``budget_bytes`` for this run's model."""
-    from core import memory
-    c, h, w = input_shape
-    factory = memory.ZooFactory(config.model.name, num_classes, c, (h, w), config.model.small_input_stem,
-                                config.model.freeze, config.model.freeze_stages)
-    return int(memory.max_batch_size(factory, (c, h, w), budget_bytes, optimizer=config.optim.optimizer,
-                                     momentum=config.optim.momentum, precision=config.precision))
-
-
 def _oom_message(config: RunConfig, input_shape: Sequence[int] | None, num_classes: int | None,
                  device: torch.device | None = None) -> str:
     """Out of memory: on a GPU, say which batch size the memory calculator says would fit.
@@ -841,7 +854,7 @@ def _oom_message(config: RunConfig, input_shape: Sequence[int] | None, num_class
             torch.cuda.empty_cache()
             index = device.index if device.index is not None else torch.cuda.current_device()
             total = torch.cuda.get_device_properties(index).total_memory
-            fit_bs = largest_fitting_batch(config, input_shape, num_classes, total * 0.9)
+            fit_bs = resources.largest_fitting_batch(config, num_classes, input_shape, total * 0.9)
             msg += f" The memory calculator says batch size {fit_bs} fits in 90 % of this GPU's memory."
         except Exception:  # the hint is best effort; the out-of-memory itself is the message
             pass

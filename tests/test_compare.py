@@ -60,6 +60,23 @@ def test_plan_rejects_bad_input_with_clear_messages(tiny_folder):
         compare.parse_freeze_modes("everything")
 
 
+def test_a_comparison_with_a_run_that_cannot_fit_queues_nothing(tmp_path, tiny_folder):
+    """Every run is checked against the memory it may use before any is queued: no half-queued
+    group, no "queued" rows left in the history for runs that never start."""
+    from core import resources
+    base = _base(tiny_folder)
+    cap = resources.training_memory(base, 3, [3, 32, 32], "cpu")   # what tutorial_net at batch 16 needs
+    manager = JobManager(runs_dir=tmp_path / "runs", max_jobs=1, max_job_memory=cap)
+    history = RunHistory(tmp_path / "runs").attach(manager)
+    plan = compare.plan_comparison(base, ["tutorial_net", "resnet18"])
+    with pytest.raises(ConfigError) as refused:
+        compare.submit_comparison(manager, plan, owner="alice", history=history)
+    text = str(refused.value)
+    assert text.startswith("Run 2 of the comparison (resnet18, lr 0.01): This run needs about "), text
+    assert "per training run (--max-job-memory)" in text and text.endswith("Nothing was queued.")
+    assert manager.jobs() == [] and len(history.list()) == 0
+
+
 # ---- a real comparison ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory, tiny_folder):

@@ -21,6 +21,7 @@ from core.errors import ConfigError
 from core.jobs import JobManager
 from core.runs import CARD_FILE, INDEX_FILE, META_FILE, RunHistory, read_meta
 from core.trainer import fit
+from tests import job_fits
 
 
 def _config(tiny_folder, **changes) -> RunConfig:
@@ -160,13 +161,7 @@ def test_rename_tags_filter_and_sort(runs_copy):
 
 def test_delete_needs_the_run_id_typed_and_refuses_live_runs(runs_copy):
     runs_dir, managed, cli = runs_copy
-    release = threading.Event()
-
-    def slow_fit(config, on_event=None, should_stop=None, *, runs_dir, run_id, **kwargs):
-        release.wait(30)
-        on_event(ev.RunFinished(status=ev.FINISHED, message="done", best_epoch=None, best_metric=None, seconds=0.0))
-
-    manager = JobManager(runs_dir=runs_dir, max_jobs=1, fit=slow_fit)
+    manager = JobManager(runs_dir=runs_dir, max_jobs=1, fit=job_fits.fit_until_released)
     history = RunHistory(runs_dir).attach(manager)
     with pytest.raises(ConfigError, match="type its id"):
         history.delete(cli, confirm="yes")
@@ -177,7 +172,7 @@ def test_delete_needs_the_run_id_typed_and_refuses_live_runs(runs_copy):
             history.delete(managed, confirm=managed)
         assert (runs_dir / managed).is_dir()
     finally:
-        release.set()
+        job_fits.release(runs_dir)
         manager.wait(live.job_id, timeout=30)
     message = history.delete(cli, confirm=f" {cli} ")
     assert cli in message and not (runs_dir / cli).exists()
@@ -302,13 +297,7 @@ def test_a_finished_run_trains_on_for_more_epochs(runs_copy):
 
 def test_queued_runs_are_indexed_before_their_folder_exists(runs_copy):
     runs_dir, managed, cli = runs_copy
-    release = threading.Event()
-
-    def slow_fit(config, on_event=None, should_stop=None, *, runs_dir, run_id, **kwargs):
-        release.wait(30)
-        on_event(ev.RunFinished(status=ev.STOPPED, message="stopped", best_epoch=None, best_metric=None, seconds=0.0))
-
-    manager = JobManager(runs_dir=runs_dir, max_jobs=1, fit=slow_fit)
+    manager = JobManager(runs_dir=runs_dir, max_jobs=1, fit=job_fits.fit_until_released)
     history = RunHistory(runs_dir).attach(manager)
     blocker = manager.submit(RunConfig(), owner="bob")
     history.register_queued("20990101-000000-tutorial_net-abcdef", RunConfig(name="waiting"), owner="carol",
@@ -322,7 +311,7 @@ def test_queued_runs_are_indexed_before_their_folder_exists(runs_copy):
         manager.stop(queued.job_id)  # removed from the queue: never gets a folder
         assert queued.job_id not in set(history.list()["run_id"])
     finally:
-        release.set()
+        job_fits.release(runs_dir)
         manager.wait(blocker.job_id, timeout=30)
 
 

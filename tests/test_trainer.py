@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from core import events as ev
-from core import trainer
+from core import resources, trainer
 from core.checkpoints import load_checkpoint
 from core.config import RunConfig
 from core.errors import ConfigError
@@ -408,9 +408,8 @@ def test_out_of_memory_hint_uses_the_memory_calculator(tiny_config):
     """On a GPU an OOM stops the run with the batch the calculator says fits; checked here on the
     calculator side: the batch it names fits the budget and one more does not."""
     from core import memory
-    from core.trainer import largest_fitting_batch
     budget = 64 * 1024**2
-    bs = largest_fitting_batch(tiny_config, (3, 32, 32), 3, budget)
+    bs = resources.largest_fitting_batch(tiny_config, 3, (3, 32, 32), budget)
     factory = memory.ZooFactory("tutorial_net", 3, 3, (32, 32), True, "none", 0)
     assert bs > 0
     assert memory.estimate_memory(factory, (3, 32, 32), bs).required_bytes <= budget
@@ -439,7 +438,7 @@ def test_out_of_memory_on_a_gpu_names_the_batch_the_calculator_says_fits(tiny_co
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=gpu_bytes))
     msg = trainer._oom_message(tiny_config, (3, 32, 32), 3, torch.device("cuda", 0))
-    fits = trainer.largest_fitting_batch(tiny_config, (3, 32, 32), 3, 0.9 * gpu_bytes)
+    fits = resources.largest_fitting_batch(tiny_config, 3, (3, 32, 32), 0.9 * gpu_bytes)
     assert fits > 16
     assert "batch size 16" in msg and f"says batch size {fits} fits" in msg, msg
 
@@ -450,7 +449,7 @@ def test_out_of_memory_on_the_gpu_fails_the_run_with_the_calculators_batch(tmp_p
     monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", _raise_out_of_memory)
     result = fit(tiny_config, runs_dir=tmp_path)
     total = torch.cuda.get_device_properties(0).total_memory
-    fits = trainer.largest_fitting_batch(tiny_config, (3, 32, 32), 3, 0.9 * total)
+    fits = resources.largest_fitting_batch(tiny_config, 3, (3, 32, 32), 0.9 * total)
     assert result.status == ev.FAILED and f"says batch size {fits} fits" in result.message, result.message
 
 

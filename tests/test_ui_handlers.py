@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 import logging
 import re
-import threading
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from core import events as ev  # noqa: E402
 from core.config import RunConfig  # noqa: E402
 from core.errors import ConfigError, DataError, LabError  # noqa: E402
 from core.jobs import Job, JobManager  # noqa: E402
+from tests import job_fits  # noqa: E402
 from ui import app as ui_app, common, tab_data, tab_model, tab_predict, tab_train  # noqa: E402
 from ui.common import AppContext  # noqa: E402
 
@@ -352,15 +352,20 @@ def test_status_text_while_training_says_where_the_run_is(finished_job):
     assert testing.endswith(": final evaluation of the best weights")
 
 
+def test_status_text_of_a_crashed_training_process_gives_the_reason(tmp_path):
+    """A run whose process dies (here a segfault) shows the reason in words on the Train tab."""
+    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1,
+                         fit=job_fits.segfault_fit)
+    ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs")
+    job = manager.wait(manager.submit(RunConfig(), owner="a").job_id, timeout=60)
+    text = tab_train._status_text(ctx, job, job.snapshot())
+    assert text.startswith(f"Failed — tutorial_net — run {job.job_id}: The training process crashed "
+                           "(segmentation fault, signal 11, SIGSEGV)"), text
+
+
 def test_status_text_shows_the_queue_position(tiny_folder, tmp_path):
-    release = threading.Event()
-
-    def blocking_fit(config, on_event, should_stop, **kwargs):
-        on_event(ev.StatusChanged(status=ev.RUNNING, message="busy"))
-        release.wait(30)
-        on_event(ev.RunFinished(status=ev.FINISHED, message="done", best_epoch=None, best_metric=None, seconds=0))
-
-    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1, fit=blocking_fit)
+    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1,
+                         fit=job_fits.fit_until_released)
     ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs")
     try:
         first = manager.submit(RunConfig(), owner="a")
@@ -374,22 +379,15 @@ def test_status_text_shows_the_queue_position(tiny_folder, tmp_path):
         assert tab_train._status_text(ctx, third, third.snapshot()).startswith("Queued: position 2")
         assert tab_train._status_text(ctx, first, first.snapshot()).startswith("Training — tutorial_net")
     finally:
-        release.set()
+        job_fits.release(tmp_path / "runs")
         manager.shutdown(timeout=10)
 
 
 def test_poll_keeps_polling_when_the_run_ends_while_it_renders(tmp_path, monkeypatch):
     """Regression: the timer was switched off from job.done read *after* rendering, so a run that
     ended during a render left the page on "Training … final evaluation" for good."""
-    release = threading.Event()
-
-    def fit(config, on_event, should_stop, **kwargs):
-        on_event(ev.StatusChanged(status=ev.RUNNING, message="preparing data and model"))
-        release.wait(30)
-        on_event(ev.RunFinished(status=ev.FINISHED, message="finished 1 epoch(s)", best_epoch=1, best_metric=0.5,
-                                seconds=1.0))
-
-    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1, fit=fit)
+    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1,
+                         fit=job_fits.fit_until_released)
     ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs")
     with gr.Blocks():
         ctx.session = gr.State({})
@@ -405,7 +403,7 @@ def test_poll_keeps_polling_when_the_run_ends_while_it_renders(tmp_path, monkeyp
         real_plot = tab_train.plots.live_curves
 
         def plot_while_the_run_ends(*args, **kwargs):
-            release.set()
+            job_fits.release(tmp_path / "runs")
             manager.wait(job.job_id, timeout=10)
             return real_plot(*args, **kwargs)
 
@@ -420,7 +418,41 @@ def test_poll_keeps_polling_when_the_run_ends_while_it_renders(tmp_path, monkeyp
         *_, timer = poll(session, "b1", None)  # nothing new: no redraw, timer stays off
         assert timer.active is False
     finally:
-        release.set()
+        job_fits.release(tmp_path / "runs")
+        manager.shutdown(timeout=10)
+
+
+def test_a_poll_with_nothing_new_reads_one_counter_and_renders_nothing(tmp_path, monkeypatch):
+    """30 open pages poll every second: while a run has no news a poll must not build a snapshot,
+    a plot or a log, yet keep the timer on; a stop request is news and is shown."""
+    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1,
+                         fit=job_fits.stubborn_fit)   # ignores the stop: the page stays on Stopping
+    ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs")
+    with gr.Blocks():
+        ctx.session = gr.State({})
+        ctx.browser_id = gr.BrowserState(None)
+        tab_train.build(ctx)
+    poll, _ = ctx.shared["train_poll"]
+    try:
+        job = manager.submit(RunConfig(), owner="browser:b1")
+        while job.status != ev.RUNNING:
+            assert not job.done, job.message
+            time.sleep(0.02)
+        session = {}
+        status, *_ = poll(session, "b1", None)
+        assert status.startswith("Training — tutorial_net")
+
+        def no_snapshot():
+            raise AssertionError("a poll with nothing new built a snapshot")
+
+        monkeypatch.setattr(job, "snapshot", no_snapshot)
+        assert poll(session, "b1", None) == (gr.skip(),) * 5   # the timer output skipped too: it stays on
+        monkeypatch.undo()
+        job.request_stop()
+        status, *_, timer = poll(session, "b1", None)
+        assert status.startswith("Stopping — tutorial_net") and timer.active is True
+    finally:
+        job_fits.release(tmp_path / "runs")
         manager.shutdown(timeout=10)
 
 
@@ -429,7 +461,7 @@ def test_render_gives_status_progress_plot_and_log(finished_job):
     session = {}
     status, progress, fig, log = tab_train._render(ctx, job, session)
     assert status.startswith("Finished") and "100%" in progress and "epoch 2/2" in log
-    assert session["seen"] == len(job.events) and session["last_run_dir"].endswith(job.job_id)
+    assert session["seen"] == job.changes == len(job.events) and session["last_run_dir"].endswith(job.job_id)
     names = {t.name for t in fig.data}
     assert fig.data and any("train" in (n or "") for n in names)
 

@@ -152,8 +152,11 @@ def build(ctx: AppContext) -> None:
         job = _current_job(ctx, session, owner_of(request, browser_id))
         if job is None:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False)
-        if session.get("seen") == job.snapshot()["n_events"] and job.done:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False)
+        # Nothing new since the last render: one counter read, no snapshot, no plot (30 open pages
+        # poll every second). A queued job's text shows its place in the queue, which other jobs
+        # move, so it is rendered each time.
+        if session.get("seen") == job.changes and job.status != ev.QUEUED:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), (gr.Timer(active=False) if job.done else gr.skip())
         done = job.done  # read before rendering: a run that ends meanwhile is shown by the next tick
         rendered = _render(ctx, job, session)
         return rendered + (gr.Timer(active=not done),)
@@ -271,7 +274,7 @@ def _earlier_history(ctx: AppContext, job, session: dict, started) -> tuple[pd.D
 
 def _render(ctx: AppContext, job, session: dict):
     snap = job.snapshot()
-    session["seen"] = snap["n_events"]
+    session["seen"] = snap["changes"]
     session["last_run_dir"] = str(ctx.runs_dir / job.job_id)
     events = list(job.events)
     steps = [e for e in events if isinstance(e, ev.BatchEnded)]
