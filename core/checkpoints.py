@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from core import storage
 from core.errors import DataError
 
 FORMAT = "classifier-lab/1"
@@ -27,7 +28,11 @@ FORMAT = "classifier-lab/1"
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then a rename,
-    so a crash or a stop mid-write never leaves a half-written checkpoint where a good one was."""
+    so a crash, a stop or a full disk mid-write never leaves a half-written checkpoint where a good
+    one was. The rename is made durable before returning (the trainer writes the status that
+    describes this checkpoint only after). A failed write raises an OSError with its errno, also
+    when PyTorch hid it in a RuntimeError (see ``storage.os_error_for``); the partial file is
+    removed, giving its space back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format": FORMAT, **state}
@@ -38,9 +43,14 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        # Asked before the partial file is removed: its bytes are what the disk could not hold.
+        reason = storage.os_error_for(err, path.parent) if isinstance(err, RuntimeError) else None
         Path(tmp).unlink(missing_ok=True)
+        if reason is not None:
+            raise reason from err
         raise
+    storage.fsync_folder(path.parent)
     return path
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError
+from core.storage import atomic_write_text
 
 SOURCES = ("sample", "torchvision", "folder", "zip", "index")
 NORMALIZE_CHOICES = ("auto", "tutorial", "imagenet", "dataset", "none")
@@ -130,7 +131,8 @@ class RunConfig:
             raise ConfigError(f"{path}: {err}") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json(), encoding="utf-8")
+        # Atomic: a resumed run rewrites its config.json, and a full disk must not leave it empty.
+        atomic_write_text(path, self.to_json())
 
     # ---- validation ----------------------------------------------------------------------
     def validate(self) -> "RunConfig":

@@ -32,3 +32,25 @@ class MissingFileError(LabError, FileNotFoundError):
         super().__init__(message)
         self.files = list(files or [])
         self.folder = folder
+
+
+class StorageError(LabError, OSError):
+    """A write in the runs folder failed: the disk is full, read-only, failing, or not ours.
+
+    Also an OSError (with the original ``errno``), so code that tolerates a failed best-effort
+    write (``except OSError``) tolerates this one too. The message is ``problem`` (what failed,
+    where, how much space is left) and ``remedy`` (what to do), ending with what to do next:
+    ``sentence(then)`` lets the trainer say "then Resume: epoch 1 is saved" instead of "then try
+    again".
+    """
+
+    def __init__(self, problem: str, remedy: str, errno: int | None = None, then: str = "try again"):
+        self.problem, self.remedy = problem, remedy
+        super().__init__(self.sentence(then))
+        self.errno = errno
+
+    def sentence(self, then: str) -> str:
+        return f"{self.problem} {self.remedy}, then {then}."
+
+    def __reduce__(self):   # picklable (a run in a child process reports it to the server)
+        return type(self), (self.problem, self.remedy, self.errno)

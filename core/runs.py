@@ -6,8 +6,10 @@ final metrics, status) and lists the runs of a runs directory.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -20,11 +22,13 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from core import events as ev
+from core import events as ev, storage
 from core.config import RunConfig
 from core.errors import ConfigError, DataError
 from core.metrics import EvalReport
 from core.trainer import BEST_CKPT, CONFIG_FILE, EVAL_FILE, EVENTS_FILE, LAST_CKPT, STATUS_FILE
+
+log = logging.getLogger(__name__)
 
 # A run whose status.json still says "running" but whose writer is gone, or that has not been
 # touched for this long while "running", is shown as interrupted (the server died during it).
@@ -275,10 +279,14 @@ COLUMN_NAMES = [c for c, _ in INDEX_COLUMNS]
 SORT_COLUMNS = tuple(c for c in COLUMN_NAMES if c not in ("run_dir", "status_mtime"))
 
 
-def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+# One atomic JSON write for the whole engine (the trainer's status.json uses it too).
+_atomic_write_json = storage.atomic_write_json
+
+
+def _index_trouble(err: Exception) -> bool:
+    """An error of the index file itself (disk full, I/O error, locked too long, damaged), which
+    the history works around, as opposed to a mistake in the SQL (a bug, raised)."""
+    return isinstance(err, sqlite3.OperationalError) or type(err) is sqlite3.DatabaseError
 
 
 def _read_json(path: Path) -> dict:
@@ -531,15 +539,19 @@ class RunHistory:
         self._lock = threading.RLock()
         self._pending: dict[str, dict] = {}   # run id → meta to write when its folder appears
         self._attached: set[int] = set()
+        self._stale = False    # a write to the index failed: it lags behind the folders
+        self._warned = False   # that is logged once, not at every listing
         if not self._index_ok():
             self.rebuild()
 
     # ---- connection and schema -----------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
+        # SQLite's default rollback journal, not WAL: a WAL reader must write (its -shm file), so
+        # on a full disk even listing the runs failed with "disk I/O error"; with a rollback
+        # journal reading needs no space. Writes are few and short, so readers barely wait.
         con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         con.row_factory = sqlite3.Row
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA synchronous=NORMAL")
+        con.execute("PRAGMA synchronous=NORMAL")   # the index can be rebuilt; no fsync per row
         return con
 
     def _index_ok(self) -> bool:
@@ -549,22 +561,28 @@ class RunHistory:
             with closing(self._connect()) as con:
                 row = con.execute("SELECT value FROM info WHERE key='schema_version'").fetchone()
                 cols = [r[1] for r in con.execute("PRAGMA table_info(runs)")]
+                if con.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                    # An index from before is in WAL mode: switch it (see _connect). While another
+                    # process holds it open the switch fails and waits for a later start; WAL
+                    # keeps working meanwhile, as before.
+                    with contextlib.suppress(sqlite3.OperationalError):
+                        con.execute("PRAGMA journal_mode=DELETE")
             return row is not None and int(row[0]) == SCHEMA_VERSION and cols == COLUMN_NAMES
         except (sqlite3.DatabaseError, ValueError):
             return False
 
     def rebuild(self) -> int:
-        """Re-create the index from the run folders; returns the number of runs indexed."""
+        """Re-create the index from the run folders; returns the number of runs indexed (0 when it
+        cannot be written now: the history then lists the folders, see ``list``)."""
         with self._lock:
-            for suffix in ("", "-wal", "-shm"):
+            for suffix in ("", "-wal", "-shm", "-journal"):
                 Path(str(self.path) + suffix).unlink(missing_ok=True)
-            with closing(self._connect()) as con:
-                cols = ", ".join(f"{c} {t}" for c, t in INDEX_COLUMNS)
-                con.execute("BEGIN")
-                con.execute(f"CREATE TABLE runs ({cols})")
-                con.execute("CREATE TABLE info (key TEXT PRIMARY KEY, value TEXT)")
-                con.execute("INSERT INTO info VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                con.execute("COMMIT")
+            cols = ", ".join(f"{c} {t}" for c, t in INDEX_COLUMNS)
+            if not self._write(f"CREATE TABLE runs ({cols}); "
+                               "CREATE TABLE info (key TEXT PRIMARY KEY, value TEXT); "
+                               f"INSERT INTO info VALUES ('schema_version', '{SCHEMA_VERSION}');", script=True):
+                return 0
+            self._stale = False
             count = 0
             for run_dir in list_run_dirs(self.runs_dir):
                 if self._refresh(run_dir.name, run_dir) is not None:
@@ -577,13 +595,48 @@ class RunHistory:
         cols = list(row)
         sql = (f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
                f"ON CONFLICT(run_id) DO UPDATE SET " + ", ".join(f"{c}=excluded.{c}" for c in cols if c != "run_id"))
-        with self._lock, closing(self._connect()) as con:
-            con.execute(sql, [row[c] for c in cols])
+        self._write(sql, [row[c] for c in cols])
+
+    def _write(self, sql: str, params: Sequence = (), many: bool = False, script: bool = False) -> bool:
+        """One write to the index (a transaction); False when the index cannot be written (disk
+        full, I/O error, damaged file). Nothing is lost then: the folders are the truth, ``list``
+        reads them directly meanwhile and brings the index up to date once it can be written."""
+        try:
+            with self._lock, closing(self._connect()) as con:
+                if script:
+                    con.executescript(f"BEGIN; {sql} COMMIT;")
+                else:
+                    (con.executemany if many else con.execute)(sql, params)
+            return True
+        except sqlite3.DatabaseError as err:
+            if not _index_trouble(err):
+                raise
+            self._index_failed(err)
+            return False
+
+    def _read(self, sql: str, params: Sequence = ()) -> list[dict] | None:
+        """Rows of a query on the index; None when there is no index or it cannot be read."""
+        if not self.path.is_file():   # connecting would create an empty file
+            return None
+        try:
+            with closing(self._connect()) as con:
+                return [dict(r) for r in con.execute(sql, params)]
+        except sqlite3.DatabaseError as err:
+            if not _index_trouble(err):
+                raise
+            self._index_failed(err)
+            return None
+
+    def _index_failed(self, err: Exception) -> None:
+        self._stale = True
+        if not self._warned:   # once: on a full disk every listing would say it again
+            self._warned = True
+            log.warning("The run history index %s cannot be used (%s): listing the run folders directly "
+                        "until it can be written again.", self.path, err)
 
     def _get(self, run_id: str) -> dict | None:
-        with closing(self._connect()) as con:
-            row = con.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
-        return dict(row) if row is not None else None
+        rows = self._read("SELECT * FROM runs WHERE run_id=?", (run_id,))
+        return rows[0] if rows else None
 
     def _live_ids(self) -> set[str]:
         if self.manager is None:
@@ -591,23 +644,32 @@ class RunHistory:
         return {j.job_id for j in self.manager.jobs() if not j.done}
 
     def _refresh(self, run_id: str, run_dir: Path | None = None, live_ids: set[str] | None = None) -> dict | None:
-        """Re-read one run folder into its row (None when the folder is not a run)."""
+        """Re-read one run folder into its row (None when the folder is not a run). Only a row
+        that changed is written: listing an unchanged history writes nothing."""
         run_dir = Path(run_dir) if run_dir is not None else self.run_dir(run_id)
+        old = self._get(run_id)
+        row = self._read_row(run_dir, self._live_ids() if live_ids is None else live_ids, old)
+        if row is not None and (old is None or any(row[k] != old.get(k) for k in row if k != "updated")):
+            self._upsert(row)
+        return row
+
+    @staticmethod
+    def _read_row(run_dir: Path, live_ids: set[str], old: dict | None) -> dict | None:
+        """One run folder as an index row (None when it is not a run); ``old``, its row in the
+        index, gives what only the index knew (before meta.json had it)."""
         if not (run_dir / CONFIG_FILE).is_file():
             return None
         try:
-            record = load_run(run_dir, self._live_ids() if live_ids is None else live_ids)
+            record = load_run(run_dir, live_ids)
         except DataError:
             return None
         row = summarize_record(record)
-        old = self._get(run_id)
         if old is not None:  # keep what only the index knew (before meta.json had it)
             for key in ("owner", "group_id", "predicted_memory_bytes"):
                 if row.get(key) is None and old.get(key) is not None:
                     row[key] = old[key]
             if old.get("created") and old["created"] < row["created"]:
                 row["created"] = old["created"]
-        self._upsert(row)
         return row
 
     def run_dir(self, run_id: str) -> Path:
@@ -626,7 +688,11 @@ class RunHistory:
             meta = read_meta(run_dir)
             meta.update({k: v for k, v in changes.items()})
             if run_dir.is_dir():
-                _atomic_write_json(run_dir / META_FILE, meta)
+                try:
+                    _atomic_write_json(run_dir / META_FILE, meta)
+                except OSError as err:   # the old meta.json stays whole (atomic write)
+                    raise storage.storage_error(err, self.runs_dir,
+                                                f"saving the name and tags of run {run_id} ({META_FILE})") from err
             else:  # queued: the folder does not exist yet; written when the run starts
                 self._pending.setdefault(run_id, {}).update(changes)
         return meta
@@ -651,7 +717,10 @@ class RunHistory:
                 meta = read_meta(run_dir)
                 meta.update(self._pending.pop(run_id, {}))
                 meta.setdefault("owner", job.owner)
-                _atomic_write_json(run_dir / META_FILE, meta)
+                try:
+                    _atomic_write_json(run_dir / META_FILE, meta)
+                except OSError as err:   # disk full: the run's own files say how it went; index it anyway
+                    log.warning("meta.json of run %s not written: %s", run_id, err)
             if isinstance(event, ev.RunStarted):
                 # The trainer writes the card itself (every run folder has one, however it was
                 # started) and counts the sessions and durations; only the owner is known here.
@@ -685,18 +754,20 @@ class RunHistory:
                       "has_last": 0, "has_eval": 0, "run_dir": str(self.runs_dir / run_id)})
 
     # ---- reading -------------------------------------------------------------------------
-    def sync(self) -> None:
+    def sync(self, everything: bool = False) -> None:
         """Bring the index in line with the folders: new folders are added, vanished ones
-        removed, changed status files and runs whose process died are re-read."""
+        removed, changed status files and runs whose process died are re-read (``everything``:
+        every folder, after writes to the index failed)."""
         with self._lock:
-            with closing(self._connect()) as con:
-                rows = {r["run_id"]: dict(r) for r in con.execute(
-                    "SELECT run_id, status, status_mtime, run_dir FROM runs")}
+            found = self._read("SELECT run_id, status, status_mtime, run_dir FROM runs")
+            if found is None:
+                return
+            rows = {r["run_id"]: r for r in found}
             live = self._live_ids()
             on_disk = {p.name: p for p in list_run_dirs(self.runs_dir)}
             for run_id, run_dir in on_disk.items():
                 row = rows.get(run_id)
-                if row is None or row["run_dir"] != str(run_dir):
+                if everything or row is None or row["run_dir"] != str(run_dir):
                     self._refresh(run_id, run_dir, live)
                 elif (row["status_mtime"] != _mtime(run_dir / STATUS_FILE)
                       or (row["status"] in LIVE_STATUSES and run_id not in live)):
@@ -712,8 +783,47 @@ class RunHistory:
                     continue  # queued or just starting
                 gone.append(run_id)
             if gone:
-                with closing(self._connect()) as con:
-                    con.executemany("DELETE FROM runs WHERE run_id=?", [(r,) for r in gone])
+                self._write("DELETE FROM runs WHERE run_id=?", [(r,) for r in gone], many=True)
+
+    def _recover(self) -> None:
+        """After a failed write: once the index can be written again (space was freed), bring
+        every row up to date — or rebuild it when it is missing or damaged."""
+        if not self._index_ok():
+            self.rebuild()
+        elif self._write("UPDATE info SET value=value WHERE key='schema_version'"):  # a write needs room
+            self._stale = False
+            self.sync(everything=True)
+        if not self._stale and self._warned:
+            self._warned = False
+            log.info("The run history index %s works again.", self.path)
+
+    def _table(self) -> pd.DataFrame:
+        """Every row: from the index, or from the run folders while it cannot be kept current."""
+        if self._stale:
+            self._recover()
+        if not self._stale:
+            self.sync()
+        rows = None if self._stale else self._read("SELECT * FROM runs")
+        if rows is None:
+            return self._scan()
+        return pd.DataFrame.from_records(rows, columns=COLUMN_NAMES, coerce_float=True)
+
+    def _scan(self) -> pd.DataFrame:
+        """The rows read from the run folders alone, writing nothing (a full disk); from the index,
+        when it can be read, only what the folders lack: runs queued (no folder yet) or kept
+        elsewhere, and owners from before meta.json had them."""
+        live = self._live_ids()
+        known = {r["run_id"]: r for r in self._read("SELECT * FROM runs") or []}
+        rows = []
+        for run_dir in list_run_dirs(self.runs_dir):
+            row = self._read_row(run_dir, live, known.pop(run_dir.name, None))
+            if row is not None:
+                rows.append(row)
+        for run_id, old in known.items():
+            row = self._read_row(Path(old["run_dir"]), live, old) if old.get("run_dir") else None
+            if row is not None or run_id in live:
+                rows.append(row or old)
+        return pd.DataFrame.from_records(rows, columns=COLUMN_NAMES, coerce_float=True)
 
     def list(self, filter_text: str | None = None, status: str | None = None, model: str | None = None,
              tag: str | None = None, sort: str = "created", descending: bool = True,
@@ -724,9 +834,7 @@ class RunHistory:
         dataset, tags, owner or message. status/model/tag/group_id: exact matches."""
         if sort not in SORT_COLUMNS:
             raise ConfigError(f"Cannot sort runs by {sort!r}; choose one of {', '.join(SORT_COLUMNS)}.")
-        self.sync()
-        with closing(self._connect()) as con:
-            df = pd.read_sql_query("SELECT * FROM runs", con)
+        df = self._table()
         df = df.astype({"tags": "object", "name": "object", "owner": "object", "group_id": "object"})
         if status:
             df = df[df["status"] == status]
@@ -813,7 +921,10 @@ class RunHistory:
         """Cache a training-memory estimate (index + meta.json, valid while ``key`` matches)."""
         if n_bytes is None or key is None:
             return
-        self._update_meta(run_id, predicted_memory={"bytes": int(n_bytes), "key": key})
+        try:
+            self._update_meta(run_id, predicted_memory={"bytes": int(n_bytes), "key": key})
+        except OSError:   # a cache: on a full disk it is computed again next time
+            return
         self._touch(run_id, predicted_memory_bytes=int(n_bytes))
 
     def _touch(self, run_id: str, **values) -> dict:
@@ -840,9 +951,12 @@ class RunHistory:
             if status in (ev.RUNNING, ev.STOPPING):
                 raise ConfigError(f"Run {run_id} is still training in another process (its status file says "
                                   f"{status}); stop it first.")
-            shutil.rmtree(run_dir)
-        with self._lock, closing(self._connect()) as con:
-            con.execute("DELETE FROM runs WHERE run_id=?", (run_id,))
+            try:
+                shutil.rmtree(run_dir)   # needs no free space: deleting is how a full disk is cleared
+            except OSError as err:
+                raise storage.storage_error(err, self.runs_dir, f"deleting run {run_id}") from err
+        # On a full disk this may fail; the folder is gone, so the next listing drops the row.
+        self._write("DELETE FROM runs WHERE run_id=?", (run_id,))
         self._pending.pop(run_id, None)
         return f"Deleted run {run_id} ({run_dir})."
 

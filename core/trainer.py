@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -35,10 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from core import datasets, events as ev, loaders, metrics, models, resources, tensorloader, transforms
+from core import datasets, events as ev, loaders, metrics, models, resources, storage, tensorloader, transforms
 from core.checkpoints import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from core.config import RunConfig
-from core.errors import ConfigError, LabError
+from core.errors import ConfigError, LabError, StorageError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RUNS_DIR = Path("runs")
 LAST_CKPT, BEST_CKPT = "last.pth", "best.pth"
@@ -525,8 +528,16 @@ class _RunLog:
         self.tensorboard: EventSink | None = None
 
     def __call__(self, event: ev.Event) -> None:
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(event.to_dict(), ensure_ascii=False) + "\n")
+        try:
+            self._append(event)
+        except OSError as err:
+            if not isinstance(event, ev.RunFinished):
+                # The run cannot keep its record (disk full...): end it now with the reason,
+                # rather than train on with curves that will never be seen.
+                raise storage.storage_error(err, self.run_dir.parent,
+                                            f"writing the run's events ({EVENTS_FILE})") from err
+            # The run is ending with its reason anyway: the caller must still hear of it.
+            log.warning("the final event of %s was not written to %s: %s", self.run_dir.name, EVENTS_FILE, err)
         if isinstance(event, (ev.RunStarted, ev.RunFinished)):
             self._card(event)
         if self.tensorboard is not None:
@@ -536,6 +547,10 @@ class _RunLog:
                 pass
         if self.sink is not None:
             self.sink(event)
+
+    def _append(self, event: ev.Event) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(event.to_dict(), ensure_ascii=False) + "\n")
 
     def _card(self, event: ev.Event) -> None:
         # Imported here: core.runs imports this module (file names), so a top-level import
@@ -555,18 +570,72 @@ def _tensorboard_sink(config: RunConfig, data_dir) -> EventSink:
     return tb.TensorBoardLogger(data_dir=data_dir).sink(config)
 
 
-def write_status(run_dir: Path, status: str, message: str = "", **extra) -> None:
+def write_status(run_dir: Path, status: str, message: str = "", *, final: bool = False, **extra) -> None:
+    """Replace status.json atomically: if the write fails, the previous status stays whole.
+
+    final: the run's last status (finished, stopped, failed). On a disk so full that even the
+    temporary copy finds no room, the previous status ("running", by this live process) would say
+    forever that the run trains and block its deletion; so, only then, the file is rewritten in
+    place (``_rewrite_in_place``). Raises the OSError when both fail."""
     data = {"status": status, "message": message, "updated": time.time(), "pid": os.getpid(), **extra}
-    tmp = run_dir / (STATUS_FILE + ".tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, run_dir / STATUS_FILE)
+    try:
+        storage.atomic_write_json(run_dir / STATUS_FILE, data, indent=None)
+    except OSError:
+        if not final:
+            raise
+        _rewrite_in_place(run_dir / STATUS_FILE, json.dumps(data, ensure_ascii=False))
+
+
+def _rewrite_in_place(path: Path, text: str) -> None:
+    """Overwrite an existing small file's bytes without a new file: padded with spaces to its old
+    length (JSON allows them) and written in one call, it stays within the blocks the file already
+    has, so it needs no free space. Not atomic; a torn file reads as "no status" (interrupted,
+    resumable), never as a wrong epoch count."""
+    data = text.encode("utf-8")
+    data += b" " * max(0, path.stat().st_size - len(data))
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _writing(run_dir: Path, doing: str):
+    """Turn a failed write in a run folder into a StorageError naming the runs folder, the free
+    space and ``doing`` ('saving the checkpoint of epoch 2')."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as err:
+        raise storage.storage_error(err, run_dir.parent, doing) from err
+
+
+def _save_checkpoints(run_dir: Path, state: dict, *, best: bool, doing: str) -> None:
+    """best.pth (when the epoch is the best) before last.pth: if either write fails, last.pth —
+    what Resume continues from, and what the status counts — is still the previous epoch's. (If
+    only last.pth fails, best.pth already holds the new epoch; Resume trains that epoch again,
+    with the same seeds, and writes both.)"""
+    with _writing(run_dir, doing):
+        if best:
+            save_checkpoint(run_dir / BEST_CKPT, state)
+        save_checkpoint(run_dir / LAST_CKPT, state)
+
+
+def _saved_note(epochs_done: int) -> str:
+    """What the run's message ends with when a write fails: what Resume would continue from."""
+    if epochs_done <= 0:
+        return "start the run again: no epoch is saved yet"
+    return "Resume: epoch 1 is saved" if epochs_done == 1 else f"Resume: epochs 1–{epochs_done} are saved"
 
 
 def record_lost_run(run_dir: Path, config: RunConfig, finished: ev.RunFinished, epochs_completed: int) -> None:
     """Write the end of a run whose process died before ``fit`` could (the job manager calls it
     with the reason): status.json as ``_finish`` writes it, and ``finished`` in events.jsonl and
     card.json, so the run history shows the reason after a restart too."""
-    write_status(run_dir, finished.status, finished.message, seconds=finished.seconds,
+    write_status(run_dir, finished.status, finished.message, final=True, seconds=finished.seconds,
                  epochs_completed=epochs_completed)
     _RunLog(run_dir, None, config)(finished)
 
@@ -631,8 +700,6 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
     else:
         run_id = run_id or new_run_id(config)
         run_dir = Path(runs_dir) / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / CONFIG_FILE)
     emit = _RunLog(run_dir, on_event, config)
     t_start = time.time()
     history: list[dict] = []
@@ -640,10 +707,14 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
     epochs_done = 0
     prep = None
     try:
+        with _writing(run_dir, "creating the run folder"):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            config.save(run_dir / CONFIG_FILE)
         if config.tensorboard:   # before the first event: the log opens at RunStarted
             emit.tensorboard = _tensorboard_sink(config, data_dir)
         emit(ev.StatusChanged(status=ev.RUNNING, message="preparing data and model"))
-        write_status(run_dir, ev.RUNNING, "preparing")
+        with _writing(run_dir, f"writing {STATUS_FILE}"):
+            write_status(run_dir, ev.RUNNING, "preparing")
         seed_everything(config.seed, config.deterministic)
         prep = prepare(config, data_dir=data_dir, dataset=dataset)
         device, model = prep.device, prep.model
@@ -694,7 +765,8 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
                            params_trainable=trainable, batches_per_epoch=batches,
                            start_epoch=epochs_done, epochs=config.epochs, notes=prep.notes + resume_note,
                            start_batch=skip_batches))
-        write_status(run_dir, ev.RUNNING, "training", pid=os.getpid())
+        with _writing(run_dir, f"writing {STATUS_FILE}"):
+            write_status(run_dir, ev.RUNNING, "training", pid=os.getpid())
         monitor_max = config.monitor == "val_accuracy"
         bad_epochs = 0
         epoch_times: list[float] = []
@@ -729,8 +801,8 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
                                     skip_batches=skip_batches, resume_partial=partial if skip_batches else None,
                                     emit=emit, should_stop=should_stop)
             if stats["stopped_at"] is not None:
-                save_checkpoint(run_dir / LAST_CKPT,
-                                checkpoint_state(epoch - 1, stats["stopped_at"], stats["partial"]))
+                _save_checkpoints(run_dir, checkpoint_state(epoch - 1, stats["stopped_at"], stats["partial"]),
+                                  best=False, doing=f"saving the checkpoint of the stop in epoch {epoch}")
                 raise _StopRequested
             skip_batches, partial = 0, None
             lr_used = optimizer.param_groups[0]["lr"]   # the epoch's rate, before the scheduler moves it
@@ -744,6 +816,7 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
             metric = None if val is None else (val["accuracy"] if monitor_max else val["loss"])
             improved = metric is not None and (best_metric is None or
                                                (metric > best_metric if monitor_max else metric < best_metric))
+            saved_best = best_epoch, best_metric   # what the checkpoints on disk say, until this epoch's are
             if improved:
                 best_epoch, best_metric, bad_epochs = epoch, metric, 0
             else:
@@ -754,11 +827,15 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
                    "lr": lr_used, "seconds": stats["seconds"],
                    "images_per_sec": stats["images"] / max(stats["seconds"], 1e-9)}
             history.append(row)
+            try:
+                _save_checkpoints(run_dir, checkpoint_state(epoch), doing=f"saving the checkpoint of epoch {epoch}",
+                                  best=improved or (val is None and epoch == config.epochs))
+            except StorageError:   # the run ends with what its checkpoints hold, not this epoch
+                history.pop()
+                best_epoch, best_metric = saved_best
+                raise
+            # Only now: the status written at the end counts the epochs last.pth holds.
             epochs_done = epoch
-            state = checkpoint_state(epoch)
-            save_checkpoint(run_dir / LAST_CKPT, state)
-            if improved or (val is None and epoch == config.epochs):
-                save_checkpoint(run_dir / BEST_CKPT, state)
             emit(ev.EpochEnded(epoch=epoch, epochs=config.epochs, train_loss=row["train_loss"],
                                train_accuracy=row["train_accuracy"], val_loss=row["val_loss"],
                                val_accuracy=row["val_accuracy"], lr=row["lr"], seconds=row["seconds"],
@@ -780,6 +857,9 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
         return _finish(run_dir, run_id, emit, ev.STOPPED,
                        f"stopped by request after {epochs_done} complete epoch(s); resume from last.pth",
                        best_epoch, best_metric, epochs_done, history, t_start)
+    except StorageError as err:   # disk full, read-only, failing: say so, and what Resume has
+        return _finish(run_dir, run_id, emit, ev.FAILED, err.sentence(then=_saved_note(epochs_done)),
+                       best_epoch, best_metric, epochs_done, history, t_start)
     except LabError as err:
         return _finish(run_dir, run_id, emit, ev.FAILED, str(err), best_epoch, best_metric,
                        epochs_done, history, t_start)
@@ -790,7 +870,9 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
         return _finish(run_dir, run_id, emit, ev.FAILED, _oom_message(config, shape, classes, device),
                        best_epoch, best_metric, epochs_done, history, t_start)
     except Exception as err:  # a bug or an unexpected library error: keep the trace in the run folder
-        (run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
+        log.exception("run %s failed", run_id)   # and in the server log, where it cannot be lost
+        with contextlib.suppress(OSError):
+            (run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
         return _finish(run_dir, run_id, emit, ev.FAILED,
                        f"internal error: {type(err).__name__}: {err} (details in {run_dir / 'error.log'})",
                        best_epoch, best_metric, epochs_done, history, t_start)
@@ -819,9 +901,8 @@ def _final_evaluation(run_dir, prep, model, core_model, loss_fn, device, config,
     data = report.to_dict()
     data.update({"split": split_name, "loss": result["loss"],
                  "files": {str(i): prep.dataset.describe(i) for i in indices}})
-    tmp = run_dir / (EVAL_FILE + ".tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, run_dir / EVAL_FILE)
+    with _writing(run_dir, f"saving the test results ({EVAL_FILE})"):
+        storage.atomic_write_json(run_dir / EVAL_FILE, data, indent=None)
     emit(ev.Evaluated(split=split_name, accuracy=report.accuracy, top5_accuracy=report.topk.get(5),
                       macro_f1=report.macro_f1, report_path=str(run_dir / EVAL_FILE)))
     return report
@@ -830,7 +911,10 @@ def _final_evaluation(run_dir, prep, model, core_model, loss_fn, device, config,
 def _finish(run_dir, run_id, emit, status, message, best_epoch, best_metric, epochs_done, history,
             t_start, report=None) -> FitResult:
     seconds = time.time() - t_start
-    write_status(run_dir, status, message, seconds=seconds, epochs_completed=epochs_done)
+    try:
+        write_status(run_dir, status, message, final=True, seconds=seconds, epochs_completed=epochs_done)
+    except OSError as err:   # the caller still hears how the run ended (RunFinished below)
+        log.warning("status of run %s not written (%s): %s", run_id, status, err)
     emit(ev.RunFinished(status=status, message=message, best_epoch=best_epoch, best_metric=best_metric,
                         seconds=seconds))
     return FitResult(run_id, run_dir, status, message, best_epoch, best_metric, epochs_done, history, report)
