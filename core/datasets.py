@@ -543,7 +543,7 @@ class _FolderScan:
         dirs, files = [], []
         for p in sorted(folder.iterdir(), key=lambda p: p.name):
             self.budget.add()
-            if _is_hidden(p.name):
+            if _is_hidden(p.name) or (self.allowed is not None and paths.is_hidden(os.path.realpath(p), self.allowed)):
                 continue
             (dirs if p.is_dir() else files).append(p)
         return dirs, files
@@ -839,8 +839,8 @@ def _load_folder(location: str | None, data_dir: Path, download: bool, roots=Non
     folder = Path(location).expanduser()
     allowed = None
     if roots is not None:
-        paths.resolve_inside(location, roots)  # before any look at the disk: nothing outside can be probed
-        allowed = paths.real_roots(roots)
+        allowed = paths.page_reach(roots, data_dir)
+        paths.resolve_inside(location, roots, allowed)  # before any look at the disk: nothing outside is probed
     return _load_folder_tree(folder, name=folder.name or str(folder), allowed=allowed, limits=limits,
                              source={"kind": "folder", "location": str(folder.resolve())})
 
@@ -1036,8 +1036,9 @@ def _load_index(location: str | None, data_dir: Path, download: bool, roots=None
     index = Path(location).expanduser()
     allowed = None
     if roots is not None:
-        real = paths.resolve_inside(location, roots)  # before any look at the disk: nothing outside can be probed
-        allowed = [str(real.parent)] + paths.real_roots(roots)  # the rows: beside the index, or in a root
+        # before any look at the disk: nothing outside can be probed (other users' uploads included)
+        real = paths.resolve_inside(location, roots, paths.page_reach(roots, data_dir))
+        allowed = paths.page_reach(roots, data_dir, also=[str(real.parent)])  # rows: beside the index, or in a root
     if not index.is_file():
         raise DataError(f"Index file {index} does not exist or is not a file.")
     return _load_index_file(index, name=index.stem, label=str(index), allowed=allowed, limits=limits,

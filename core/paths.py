@@ -40,9 +40,39 @@ def real_roots(roots: Roots) -> list[str]:
     return [os.path.realpath(os.path.expanduser(os.fspath(r))) for r in roots]
 
 
-def is_inside(real: str, reals: Sequence[str]) -> bool:
-    """True when ``real`` (an already resolved path) is one of ``reals`` or below one."""
+UPLOADS = "uploads"   # <data_dir>/uploads/<hash>/: each extracted upload is its uploader's alone
+
+
+class Reach(list):
+    """Resolved folders a page may read (a list, as ``is_inside`` takes them), less the ``hidden``
+    folders below them: the data folder's uploads/, whose extracted archives belong to the users who
+    uploaded them. A page reaches its own upload through the upload, never by typing its path."""
+
+    def __init__(self, inside: Sequence[str], hidden: Sequence[str] = ()):
+        super().__init__(inside)
+        self.hidden = list(hidden)
+
+
+def page_reach(roots: Roots, data_dir: str | os.PathLike, also: Sequence[str] = ()) -> Reach:
+    """What a page's folder or index load may read: ``also`` (resolved) and the roots, without the
+    uploads of ``data_dir``."""
+    return Reach(list(also) + real_roots(roots), real_roots([Path(data_dir) / UPLOADS]))
+
+
+def _under(real: str, reals: Sequence[str]) -> bool:
     return any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in reals)
+
+
+def is_inside(real: str, reals: Sequence[str]) -> bool:
+    """True when ``real`` (an already resolved path) is one of ``reals`` or below one, and not in a
+    folder a ``Reach`` hides."""
+    return _under(real, reals) and not _under(real, getattr(reals, "hidden", ()))
+
+
+def is_hidden(real: str, reals: Sequence[str]) -> bool:
+    """True when ``real`` is a folder (or below one) that a ``Reach`` hides: a scan leaves it out
+    without a word, as if it were not there."""
+    return _under(real, getattr(reals, "hidden", ()))
 
 
 def outside_message(given: str | os.PathLike, roots: Roots) -> str:
@@ -55,17 +85,18 @@ def outside_message(given: str | os.PathLike, roots: Roots) -> str:
             f"root, or upload a .zip.")
 
 
-def resolve_inside(path: str | os.PathLike, roots: Roots) -> Path:
+def resolve_inside(path: str | os.PathLike, roots: Roots, reach: Reach | None = None) -> Path:
     """``path`` resolved (symlinks followed), or ``OutsideRootsError`` when it is not under a root.
 
     A path that does not exist is judged by where it would be; inside a root it is returned as is
     (the caller says "does not exist"), outside it gets the same refusal as an existing one.
+    ``reach`` (default: the roots themselves) may hide folders below them, such as the uploads.
     """
     p = Path(os.fspath(path)).expanduser()
     try:
         real = str(p.resolve(strict=True))
     except (OSError, RuntimeError):  # missing, unreadable, or a symlink loop
         real = os.path.realpath(p)   # where it would be; never raises
-    if not is_inside(real, real_roots(roots)):
+    if not is_inside(real, real_roots(roots) if reach is None else reach):
         raise OutsideRootsError(outside_message(path, roots))
     return Path(real)

@@ -250,6 +250,26 @@ def test_a_page_reload_of_an_upload_reaches_only_its_extraction_folder(roots, tm
     assert str(roots["outside"]) not in str(e.value)
 
 
+def test_other_users_uploads_cannot_be_reached_by_typing_their_path(roots, tmp_path):
+    """uploads/ sits in the default data root, but each extracted archive is its uploader's alone:
+    typed as a folder, reached through the data folder, or listed by an index, it is not read."""
+    z = make_zip(tmp_path / "private.zip", {"cat/0.jpg": jpeg("cat", 0), "dog/0.jpg": jpeg("dog", 0)})
+    extracted = Path(D.load_dataset("zip", z, data_dir=roots["data"], roots=roots["roots"]).source["extracted"])
+    assert extracted.parent == roots["data"] / "uploads"
+    for folder in (extracted, extracted.parent, extracted / "cat"):
+        msg = refusal("folder", folder, roots)
+        assert "outside this server's data folders" in msg and extracted.name not in msg.replace(str(folder), "")
+    image_folder(roots["data"] / "mine", classes=("cat",), n=1)
+    image_folder(roots["data"] / "yours", classes=("dog",), n=1)
+    whole = D.load_dataset("folder", roots["data"], data_dir=roots["data"], roots=roots["roots"])
+    assert whole.classes == ["mine", "yours"] and len(whole) == 2 and not any("uploads" in f for f, _ in whole.skipped)
+    (roots["extra"] / "peek.csv").write_text(f"{extracted / 'cat' / '0.jpg'},cat\n{roots['data'] / 'mine/cat/0.jpg'},x\n"
+                                             f"{roots['data'] / 'yours/dog/0.jpg'},y\n")
+    ds = D.load_dataset("index", roots["extra"] / "peek.csv", data_dir=roots["data"], roots=roots["roots"])
+    assert len(ds) == 2 and ds.skipped[0][1].startswith(D.REASON_OUTSIDE)
+    assert len(D.load_dataset("folder", extracted)) == 2   # the command line still reads it
+
+
 # ---- bounded listings -----------------------------------------------------------------------------------
 
 def test_a_listing_stops_at_the_file_limit(roots):
