@@ -29,6 +29,8 @@ from core.trainer import BEST_CKPT, CONFIG_FILE, EVAL_FILE, EVENTS_FILE, LAST_CK
 # A run whose status.json still says "running" but whose writer is gone, or that has not been
 # touched for this long while "running", is shown as interrupted (the server died during it).
 STALE_AFTER_S = 15 * 60
+UNREADABLE_STATUS = ("status unknown: the status file (status.json) is unreadable; the run may have failed. "
+                     "Its checkpoints, if any, are intact")
 
 
 @dataclass
@@ -109,12 +111,18 @@ def read_status(run_dir: Path, live_ids: set[str] | frozenset = frozenset()) -> 
     """(status, message) of a run folder; a 'running' run that no live job owns is 'interrupted',
     unless another process that is still alive (the command line, a second server) trains it."""
     path = run_dir / STATUS_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    if not path.exists():
         return (ev.INTERRUPTED, "no status file: the run did not get past its start") if (run_dir / CONFIG_FILE).exists() \
             else ("unknown", "not a run folder")
-    status, message = data.get("status", "unknown"), data.get("message", "")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):   # JSONDecodeError, UnicodeDecodeError
+        data = None
+    # The trainer replaces the file atomically, so a damaged one is not a write in progress. Its
+    # outcome is unknown: calling it "interrupted" would hide that a run may have failed.
+    if not isinstance(data, dict) or not isinstance(data.get("status"), str):
+        return ev.FAILED, UNREADABLE_STATUS
+    status, message = data["status"], str(data.get("message", ""))
     if status in (ev.RUNNING, ev.STOPPING, ev.QUEUED) and run_dir.name not in live_ids:
         if not _writer_alive(data):
             return ev.INTERRUPTED, "the server stopped while this run was training; resume it from its last checkpoint"
@@ -275,7 +283,7 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):   # JSONDecodeError and UnicodeDecodeError (a damaged file) alike
         return {}
 
 

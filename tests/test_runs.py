@@ -357,3 +357,18 @@ def test_resumed_epochs_rule():
     assert resumed_epochs(10, 10, True, None) is None    # finished: only when asked for more
     assert resumed_epochs(10, 10, True, 10) is None
     assert resumed_epochs(10, 10, True, 15) == 15
+
+
+# ---- a damaged status file -----------------------------------------------------------------------
+def test_a_damaged_status_file_reads_as_failed_with_its_reason_not_as_interrupted(runs_copy):
+    from core.runs import UNREADABLE_STATUS, read_status
+    runs_dir, managed, _ = runs_copy
+    run_dir = runs_dir / managed
+    for damaged in ('{"status": "fini', "[1, 2]", '{"message": "no status"}', "\udcff"):
+        (run_dir / "status.json").write_text(damaged, encoding="utf-8", errors="surrogateescape")
+        assert read_status(run_dir) == (ev.FAILED, UNREADABLE_STATUS)
+    assert "status file (status.json) is unreadable" in UNREADABLE_STATUS
+    row = RunHistory(runs_dir).get(managed)
+    assert (row["status"], row["message"]) == (ev.FAILED, UNREADABLE_STATUS)
+    (run_dir / "status.json").unlink()   # no file at all: the run never got past its start
+    assert read_status(run_dir)[0] == ev.INTERRUPTED
