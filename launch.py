@@ -1,7 +1,7 @@
 """Start the Classifier Lab dashboard.
 
     python launch.py [--host 127.0.0.1] [--port 7860] [--data-dir DIR] [--runs-dir DIR]
-                     [--max-jobs N] [--auth USER:PASS] [--share]
+                     [--max-jobs N] [--auth USER:PASS] [--teacher USER:PASS] [--private-runs] [--share]
 
 Works with no network at all: analytics, the version check, hub telemetry and the /monitoring
 page are turned off before Gradio is imported, and the page uses only bundled fonts and scripts.
@@ -32,6 +32,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="training jobs at once; more are queued (default 1 on CPU, 1 per GPU)")
     p.add_argument("--auth", default=None, metavar="USER:PASS",
                    help="require a login; each user then finds their own runs again after a reload")
+    p.add_argument("--teacher", default=None, metavar="USER:PASS",
+                   help="a teacher, who may stop, resume, rename, tag, export and delete every run: with --auth "
+                        "they log in as USER; without it, the page has a 'Teacher sign-in' box for PASS")
+    p.add_argument("--private-runs", action="store_true",
+                   help="each user sees only their own runs (the teacher sees all); by default everyone may "
+                        "view every run, and only its owner or the teacher may change it")
     p.add_argument("--share", action="store_true", help="ask Gradio for a public share link (needs internet)")
     p.add_argument("--tensorboard", action="store_true",
                    help="also log every run for TensorBoard (needs `pip install tensorboard`; "
@@ -52,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --auth needs USER:PASS, e.g. --auth teacher:secret", file=sys.stderr)
             return 2
         auth = tuple(args.auth.split(":", 1))
+    teacher = None
+    if args.teacher:
+        teacher = tuple(args.teacher.split(":", 1))
+        if len(teacher) != 2 or not all(teacher):
+            print("error: --teacher needs USER:PASS, e.g. --teacher teacher:secret", file=sys.stderr)
+            return 2
+        if auth is not None:   # the teacher logs in on Gradio's login page like the students
+            auth = [auth, teacher]
     max_jobs = args.max_jobs if args.max_jobs is not None else default_max_jobs()
     if max_jobs < 1:
         print(f"error: --max-jobs must be at least 1, got {max_jobs}", file=sys.stderr)
@@ -79,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         except LabError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    demo = build_app(manager, data_dir=args.data_dir, runs_dir=args.runs_dir)
+    demo = build_app(manager, data_dir=args.data_dir, runs_dir=args.runs_dir, teacher=teacher,
+                     login=auth is not None, private_runs=args.private_runs)
     print(f"Classifier Lab: http://{args.host}:{args.port}  (data {args.data_dir}, runs {args.runs_dir}, "
           f"{max_jobs} training job(s) at a time)", flush=True)
     try:

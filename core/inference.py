@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -27,13 +28,41 @@ CHECKPOINT_NAMES = ("best.pth", "last.pth")
 
 
 def find_checkpoint(run_dir: str | Path) -> Path:
-    """The run's best checkpoint, else its last one; DataError naming the folder when neither exists."""
+    """The run's best checkpoint, else its last one; DataError naming the run (its folder's name,
+    not where the server keeps it) when neither exists."""
     run_dir = Path(run_dir)
     for name in CHECKPOINT_NAMES:
         if (run_dir / name).is_file():
             return run_dir / name
-    raise DataError(f"The run folder {run_dir} has no checkpoint (best.pth or last.pth) yet: train it for "
+    raise DataError(f"Run {run_dir.name} has no checkpoint (best.pth or last.pth) yet: train it for "
                     "at least one epoch, or pick another run.")
+
+
+_BOMB_PIXELS = re.compile(r"Image size \((\d+) pixels\)")
+
+
+def too_many_pixels(label: str, pixels: int) -> DataError:
+    """The refusal of an image over Pillow's limit (Image.MAX_IMAGE_PIXELS, the one the Data tab's
+    checks use): what it has, what is allowed, what to do."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return DataError(f"{label} has too many pixels ({pixels / 1e6:,.0f} Mpx, the limit is {limit / 1e6:,.0f} Mpx): "
+                     "shrink it.")
+
+
+def check_image_size(source, label: str) -> None:
+    """Refuse an image file with more pixels than the limit, from its header alone (no decoding).
+    Pillow itself raises only above twice the limit and merely warns between the two."""
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with Image.open(source) as im:
+            w, h = im.size
+    except Image.DecompressionBombError as err:
+        found = _BOMB_PIXELS.search(str(err))
+        raise too_many_pixels(label, int(found[1]) if found else 2 * (limit or 0)) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return   # not an image at all: the decoder that follows says so
+    if limit is not None and w * h > limit:
+        raise too_many_pixels(label, w * h)
 
 
 def open_image(image, mode: str) -> Image.Image:
@@ -47,15 +76,20 @@ def open_image(image, mode: str) -> Image.Image:
     if isinstance(image, (bytes, bytearray)):
         source, label = io.BytesIO(image), "the uploaded image"
     else:
-        source, label = os.fspath(image), os.fspath(image)
+        source = os.fspath(image)
+        label = Path(source).name   # the name, not where the server keeps it
         if not Path(source).is_file():
             raise DataError(f"{label} does not exist.")
+    check_image_size(source, label)
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
     try:
         with Image.open(source) as im:
             im.load()
             return datasets.convert_image(im, mode)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as err:
-        raise DataError(f"{label} cannot be read as an image ({type(err).__name__}: {err}). "
+        # The exception's type only: Pillow's text quotes the file's full path on the server.
+        raise DataError(f"{label} cannot be read as an image ({type(err).__name__}). "
                         "Use a JPEG, PNG, BMP, GIF, WebP or TIFF file.") from None
 
 
