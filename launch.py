@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --teacher needs USER:PASS, e.g. --teacher teacher:secret", file=sys.stderr)
             return 2
         if auth is not None:   # the teacher logs in on Gradio's login page like the students
+            if auth[0] == teacher[0]:
+                print(f"error: --auth and --teacher both name the user {teacher[0]!r}; give the teacher "
+                      "another name, e.g. --auth class:pass1 --teacher teacher:pass2", file=sys.stderr)
+                return 2
             auth = [auth, teacher]
     max_jobs = args.max_jobs if args.max_jobs is not None else default_max_jobs()
     if max_jobs < 1:

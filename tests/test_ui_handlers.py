@@ -589,8 +589,13 @@ def test_launch_main_rejects_bad_arguments_with_a_message(capsys):
     assert "USER:PASS" in capsys.readouterr().err
     assert launch.main(["--max-jobs", "0"]) == 2
     assert "--max-jobs must be at least 1" in capsys.readouterr().err
+    assert launch.main(["--teacher", "tea"]) == 2
+    assert "--teacher needs USER:PASS" in capsys.readouterr().err
+    assert launch.main(["--auth", "tea:a", "--teacher", "tea:b"]) == 2
+    assert "both name the user 'tea'" in capsys.readouterr().err
     args = launch.parse_args([])
-    assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
+    assert (args.host, args.port, args.share, args.private_runs, args.teacher) == ("127.0.0.1", 7860, False, False, None)
+    assert launch.parse_args(["--private-runs", "--teacher", "t:p"]).private_runs is True
 
 
 def test_after_a_restart_the_train_tab_offers_the_interrupted_run(finished_job, tmp_path):
