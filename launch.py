@@ -50,26 +50,33 @@ def default_max_jobs() -> int:
     return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    auth = None
+def parse_logins(args: argparse.Namespace):
+    """(auth for demo.launch, teacher (name, password)) from --auth and --teacher; ValueError with
+    the message for a malformed one. With both, the teacher is one more login of Gradio's page."""
+    auth = teacher = None
     if args.auth:
         if ":" not in args.auth:
-            print("error: --auth needs USER:PASS, e.g. --auth teacher:secret", file=sys.stderr)
-            return 2
+            raise ValueError("--auth needs USER:PASS, e.g. --auth class:secret")
         auth = tuple(args.auth.split(":", 1))
-    teacher = None
     if args.teacher:
         teacher = tuple(args.teacher.split(":", 1))
         if len(teacher) != 2 or not all(teacher):
-            print("error: --teacher needs USER:PASS, e.g. --teacher teacher:secret", file=sys.stderr)
-            return 2
-        if auth is not None:   # the teacher logs in on Gradio's login page like the students
+            raise ValueError("--teacher needs USER:PASS, e.g. --teacher teacher:secret")
+        if auth is not None:
             if auth[0] == teacher[0]:
-                print(f"error: --auth and --teacher both name the user {teacher[0]!r}; give the teacher "
-                      "another name, e.g. --auth class:pass1 --teacher teacher:pass2", file=sys.stderr)
-                return 2
+                raise ValueError(f"--auth and --teacher both name the user {teacher[0]!r}; give the teacher "
+                                 "another name, e.g. --auth class:pass1 --teacher teacher:pass2")
             auth = [auth, teacher]
+    return auth, teacher
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        auth, teacher = parse_logins(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     max_jobs = args.max_jobs if args.max_jobs is not None else default_max_jobs()
     if max_jobs < 1:
         print(f"error: --max-jobs must be at least 1, got {max_jobs}", file=sys.stderr)
