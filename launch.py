@@ -2,7 +2,7 @@
 
     python launch.py [--host 127.0.0.1] [--port 7860] [--data-dir DIR] [--runs-dir DIR]
                      [--data-root DIR ...] [--max-jobs N] [--max-job-memory SIZE]
-                     [--auth USER:PASS] [--share]
+                     [--auth USER:PASS] [--teacher USER:PASS] [--private-runs] [--share]
 
 Works with no network at all: analytics, the version check, hub telemetry and the /monitoring
 page are turned off before Gradio is imported, and the page uses only bundled fonts and scripts.
@@ -39,6 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "free); a run that needs more is refused with the batch size that fits")
     p.add_argument("--auth", default=None, metavar="USER:PASS",
                    help="require a login; each user then finds their own runs again after a reload")
+    p.add_argument("--teacher", default=None, metavar="USER:PASS",
+                   help="a teacher, who may stop, resume, rename, tag, export and delete every run: with --auth "
+                        "they log in as USER; without it, the page has a 'Teacher sign-in' box for PASS")
+    p.add_argument("--private-runs", action="store_true",
+                   help="each user sees only their own runs (the teacher sees all); by default everyone may "
+                        "view every run, and only its owner or the teacher may change it")
     p.add_argument("--share", action="store_true", help="ask Gradio for a public share link (needs internet)")
     p.add_argument("--tensorboard", action="store_true",
                    help="also log every run for TensorBoard (needs `pip install tensorboard`; "
@@ -61,14 +67,33 @@ def default_max_jobs() -> int:
     return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    auth = None
+def parse_logins(args: argparse.Namespace):
+    """(auth for demo.launch, teacher (name, password)) from --auth and --teacher; ValueError with
+    the message for a malformed one. With both, the teacher is one more login of Gradio's page."""
+    auth = teacher = None
     if args.auth:
         if ":" not in args.auth:
-            print("error: --auth needs USER:PASS, e.g. --auth teacher:secret", file=sys.stderr)
-            return 2
+            raise ValueError("--auth needs USER:PASS, e.g. --auth class:secret")
         auth = tuple(args.auth.split(":", 1))
+    if args.teacher:
+        teacher = tuple(args.teacher.split(":", 1))
+        if len(teacher) != 2 or not all(teacher):
+            raise ValueError("--teacher needs USER:PASS, e.g. --teacher teacher:secret")
+        if auth is not None:
+            if auth[0] == teacher[0]:
+                raise ValueError(f"--auth and --teacher both name the user {teacher[0]!r}; give the teacher "
+                                 "another name, e.g. --auth class:pass1 --teacher teacher:pass2")
+            auth = [auth, teacher]
+    return auth, teacher
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        auth, teacher = parse_logins(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     max_jobs = args.max_jobs if args.max_jobs is not None else default_max_jobs()
     if max_jobs < 1:
         print(f"error: --max-jobs must be at least 1, got {max_jobs}", file=sys.stderr)
@@ -104,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         except LabError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    demo = build_app(manager, data_dir=args.data_dir, runs_dir=args.runs_dir, data_roots=args.data_roots)
+    demo = build_app(manager, data_dir=args.data_dir, runs_dir=args.runs_dir, data_roots=args.data_roots,
+                     teacher=teacher, login=auth is not None, private_runs=args.private_runs)
     print(f"Classifier Lab: http://{args.host}:{args.port}  (data {args.data_dir}, runs {args.runs_dir}, "
           f"{max_jobs} training job(s) at a time"
           + (f", at most {format_size(args.max_job_memory)} each" if args.max_job_memory else "") + ")", flush=True)

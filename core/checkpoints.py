@@ -57,23 +57,47 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True`` (nothing in the file is executed).
 
-    Raises DataError with the file name when it is missing, corrupt, or not a lab checkpoint.
+    Raises DataError naming the file (never where the server keeps it) when it is missing, not a
+    PyTorch file, holds code a safe load refuses, is damaged, or is not a lab checkpoint.
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"Checkpoint {path} does not exist. Pick a run with a saved checkpoint "
+        raise DataError(f"Checkpoint {path.name} does not exist. Pick a run with a saved checkpoint "
                         "or upload a .pth file.")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # any parse failure of a foreign or damaged file (torch raises many kinds)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"{path.name} is not a readable PyTorch checkpoint ({first[:200]}). "
-                        "Use a .pth file saved by the lab or by torch.save of a state_dict.") from None
+        raise DataError(_unreadable_reason(path, err)) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DataError(f"{path.name} is a PyTorch file but not a Classifier Lab checkpoint "
                         "(no 'format' entry). To use plain weights, pick them as 'your own "
                         "weights (.pth)' on the Model tab instead.")
     return state
+
+
+# How a torch.save file starts: a zip archive (the format since PyTorch 1.6) or, for the legacy
+# format, a pickle (protocol 2+ starts with the PROTO opcode 0x80).
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_PICKLE_PROTO = b"\x80"
+
+
+def _unreadable_reason(path: Path, err: Exception) -> str:
+    """Why torch.load refused ``path``, in the lab's words. PyTorch's own text is long, advises
+    weights_only=False (exactly what must not be done with an untrusted file) and was cut off
+    mid-sentence when quoted; so it is classified, not quoted."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        head = b""
+    if not head.startswith(_ZIP_MAGIC) and not head.startswith(_PICKLE_PROTO):
+        return (f"{path.name} is not a PyTorch file (not a zip archive or pickle). Upload a .pth "
+                "checkpoint saved by the lab (best.pth or last.pth of a run).")
+    if "weights only load failed" in str(err).lower():
+        return (f"{path.name} contains code objects that a safe load refuses (weights_only), so it "
+                "was not loaded; only load checkpoints saved by the lab.")
+    return (f"{path.name} is a damaged or incomplete PyTorch file ({type(err).__name__}); save or "
+            "download it again.")
 
 
 def capture_rng_state() -> dict[str, Any]:

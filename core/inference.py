@@ -27,12 +27,13 @@ CHECKPOINT_NAMES = ("best.pth", "last.pth")
 
 
 def find_checkpoint(run_dir: str | Path) -> Path:
-    """The run's best checkpoint, else its last one; DataError naming the folder when neither exists."""
+    """The run's best checkpoint, else its last one; DataError naming the run (its folder's name,
+    not where the server keeps it) when neither exists."""
     run_dir = Path(run_dir)
     for name in CHECKPOINT_NAMES:
         if (run_dir / name).is_file():
             return run_dir / name
-    raise DataError(f"The run folder {run_dir} has no checkpoint (best.pth or last.pth) yet: train it for "
+    raise DataError(f"Run {run_dir.name} has no checkpoint (best.pth or last.pth) yet: train it for "
                     "at least one epoch, or pick another run.")
 
 
@@ -51,7 +52,8 @@ def open_image(image, mode: str) -> Image.Image:
     if isinstance(image, (bytes, bytearray)):
         source, label = io.BytesIO(image), "the uploaded image"
     else:
-        source, label = os.fspath(image), os.fspath(image)
+        source = os.fspath(image)
+        label = Path(source).name   # the name, not where the server keeps it
         if not Path(source).is_file():
             raise DataError(f"{label} does not exist.")
     try:
@@ -61,7 +63,8 @@ def open_image(image, mode: str) -> Image.Image:
     except datasets.TooManyPixels as err:
         raise DataError(f"{label} has {err}: shrink it and try again.") from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as err:
-        raise DataError(f"{label} cannot be read as an image ({type(err).__name__}: {err}). "
+        # The exception's type only: Pillow's text quotes the file's full path on the server.
+        raise DataError(f"{label} cannot be read as an image ({type(err).__name__}). "
                         "Use a JPEG, PNG, BMP, GIF, WebP or TIFF file.") from None
 
 

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from core import events as ev, storage
+from core import events as ev, identity, storage
 from core.config import RunConfig
 from core.errors import ConfigError, DataError
 from core.metrics import EvalReport
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 # A run whose status.json still says "running" but whose writer is gone, or that has not been
 # touched for this long while "running", is shown as interrupted (the server died during it).
 STALE_AFTER_S = 15 * 60
+UNREADABLE_STATUS = ("status unknown: the status file (status.json) is unreadable; the run may have failed. "
+                     "Its checkpoints, if any, are intact")
 
 
 @dataclass
@@ -123,12 +125,18 @@ def read_status(run_dir: Path, live_ids: set[str] | frozenset = frozenset()) -> 
     """(status, message) of a run folder; a 'running' run that no live job owns is 'interrupted',
     unless another process that is still alive (the command line, a second server) trains it."""
     path = run_dir / STATUS_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    if not path.exists():
         return (ev.INTERRUPTED, "no status file: the run did not get past its start") if (run_dir / CONFIG_FILE).exists() \
             else ("unknown", "not a run folder")
-    status, message = data.get("status", "unknown"), data.get("message", "")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):   # JSONDecodeError, UnicodeDecodeError
+        data = None
+    # The trainer replaces the file atomically, so a damaged one is not a write in progress. Its
+    # outcome is unknown: calling it "interrupted" would hide that a run may have failed.
+    if not isinstance(data, dict) or not isinstance(data.get("status"), str):
+        return ev.FAILED, UNREADABLE_STATUS
+    status, message = data["status"], str(data.get("message", ""))
     if status in (ev.RUNNING, ev.STOPPING, ev.QUEUED) and run_dir.name not in live_ids:
         if not _writer_alive(data):
             return ev.INTERRUPTED, "the server stopped while this run was training; resume it from its last checkpoint"
@@ -141,7 +149,7 @@ def load_run(run_dir: str | Path, live_ids: set[str] | frozenset = frozenset()) 
     """Read one run folder (tolerates a run that is still being written)."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
-        raise DataError(f"{run_dir} is not a Classifier Lab run folder (no {CONFIG_FILE}).")
+        raise DataError(f"Run {run_dir.name} is not a Classifier Lab run folder (no {CONFIG_FILE}).")
     try:
         config = RunConfig.load(run_dir / CONFIG_FILE)
     except Exception:  # a config from an older or edited version: still show the run
@@ -193,37 +201,12 @@ def list_run_dirs(runs_dir: str | Path) -> list[Path]:
     return sorted(dirs, key=lambda p: p.name, reverse=True)
 
 
-def run_choices(runs_dir: str | Path, need: str = "checkpoint") -> list[tuple[str, str]]:
-    """(label, run_dir) pairs for a dropdown. need: 'checkpoint' or 'eval' (runs that have one)."""
-    out = []
-    for run_dir in list_run_dirs(runs_dir):
-        has = (run_dir / EVAL_FILE).exists() if need == "eval" else \
-            any((run_dir / n).exists() for n in (BEST_CKPT, LAST_CKPT))
-        if not has:
-            continue
-        label = run_dir.name
-        try:
-            cfg = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-            name = read_meta(run_dir).get("name") or cfg.get("name")   # a rename wins over the config's name
-            if name:
-                label = f"{name} ({run_dir.name})"
-        except (OSError, json.JSONDecodeError):
-            pass
-        if (run_dir / EVAL_FILE).exists():
-            try:
-                acc = json.loads((run_dir / EVAL_FILE).read_text(encoding="utf-8"))["accuracy"]
-                label += f" — test {acc:.1%}"
-            except (OSError, json.JSONDecodeError, KeyError):
-                pass
-        out.append((label, str(run_dir)))
-    return out
-
-
 def misclassified_images(record: RunRecord, limit: int = 24, data_dir: str | Path | None = None):
-    """(image, caption) pairs of the run's most confident test errors, for a gallery.
+    """(PIL image, caption) pairs of the run's most confident test errors, for a gallery.
 
-    File-backed datasets give the image path directly; array-backed ones (torchvision sets) are
-    reloaded from the data directory to fetch the pixels."""
+    Pixels, never paths: a path in a gallery would have to be served from the data folder, which
+    would then serve every user's uploads to anyone who guessed a name. File-backed datasets are
+    read from their files; array-backed ones (torchvision sets) are reloaded from the data folder."""
     if not record.eval:
         return []
     report = record.report()
@@ -242,11 +225,24 @@ def misclassified_images(record: RunRecord, limit: int = 24, data_dir: str | Pat
     for _, r in rows.iterrows():
         caption = f"{r['true']} → {r['predicted']} {r['confidence']:.0%}"  # short: thumbnails are narrow
         path = files.get(str(r["sample"]))
-        if path and Path(path).is_file():
-            out.append((path, caption))
+        image = _read_image(path) if path and Path(path).is_file() else None
+        if image is not None:
+            out.append((image, caption))
         elif ds is not None:
             out.append((ds.load_image(int(r["sample"])), caption))
     return out
+
+
+def _read_image(path: str):
+    """The image at ``path`` as a PIL image in memory, or None when it cannot be read (a file
+    changed since the evaluation costs its thumbnail, not the gallery)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
 
 
 # =============================================================================================
@@ -293,7 +289,7 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):   # JSONDecodeError and UnicodeDecodeError (a damaged file) alike
         return {}
 
 
@@ -369,6 +365,32 @@ def _num(value) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if value != value else value  # NaN → None
+
+
+def _text(value) -> str | None:
+    """A text cell of the index, None for empty or NaN (pandas reads a NULL as NaN)."""
+    return value if isinstance(value, str) and value else None
+
+
+def _no_run(run_id: str) -> str:
+    return f"No run {run_id!r} in the run history: pick a run from the list (it may have been deleted)."
+
+
+def run_label(row: dict) -> str:
+    """How a run reads in a list: its name, else "resnet18 · 3 epochs · 14:42" (the start time;
+    with the date when not today). Never the folder, which says nothing to a person."""
+    name = _text(row.get("name"))
+    if name:
+        return name
+    parts = [_text(row.get("model")) or "run"]
+    epochs = _num(row.get("epochs"))
+    if epochs:
+        parts.append(f"{int(epochs)} epoch{'s' * (int(epochs) != 1)}")
+    created = _num(row.get("created"))
+    if created:
+        same_day = time.strftime("%Y%m%d", time.localtime(created)) == time.strftime("%Y%m%d")
+        parts.append(time.strftime("%H:%M" if same_day else "%b %d %H:%M", time.localtime(created)))
+    return " · ".join(parts)
 
 
 def summarize_record(record: RunRecord, meta: dict | None = None) -> dict[str, Any]:
@@ -862,42 +884,83 @@ class RunHistory:
         if row is None and self.path.exists():
             row = self._get(run_id)
         if row is None:
-            raise ConfigError(f"No run {run_id!r} in {self.runs_dir}: pick a run from the history table "
-                              "(it may have been deleted).")
+            raise ConfigError(_no_run(run_id))
         return row
 
     def label(self, run_id: str) -> str:
-        row = self._get(run_id) or {}
-        return row.get("name") or run_id
+        row = self._get(run_id)
+        return run_label(row) if row else run_id
 
-    def choices(self, need: str | None = None, **filters) -> list[tuple[str, str]]:
-        """(label, run id) pairs for a dropdown, newest first. need: None, 'eval' or 'checkpoint'."""
+    def choices(self, need: str | None = None, who: identity.Who | None = None, private: bool = False,
+                **filters) -> list[tuple[str, str]]:
+        """(label, run id) pairs for a dropdown, newest first: the run's name as the label (never a
+        folder), the id as the value. need: None, 'eval' or 'checkpoint'. With ``who``, only the
+        runs ``who`` may view (``private``: their own, or all for the teacher)."""
         df = self.list(**filters)
         if need == "eval":
             df = df[df["has_eval"] == 1]
         elif need == "checkpoint":
             df = df[(df["has_last"] == 1) | df["checkpoint_bytes"].notna()]
         out = []
-        for _, r in df.iterrows():
-            name = r["name"] if isinstance(r["name"], str) else ""   # NaN from the index means "no name"
-            label = f"{name} ({r['run_id']})" if name else r["run_id"]
-            if pd.notna(r["test_accuracy"]):
-                label += f" — test {r['test_accuracy']:.1%}"
-            elif r["status"] not in (ev.FINISHED,):
-                label += f" — {r['status']}"
-            out.append((label, r["run_id"]))
-        return out
+        for row in df.to_dict("records"):
+            if who is not None and not identity.can_view(_text(row.get("owner")), who, private):
+                continue
+            label = run_label(row)
+            if _num(row.get("test_accuracy")) is not None:
+                label += f" · test {row['test_accuracy']:.1%}"
+            elif row.get("status") != ev.FINISHED:
+                label += f" · {row.get('status')}"
+            out.append((label, row["run_id"]))
+        seen = pd.Series([label for label, _ in out]).value_counts() if out else pd.Series(dtype=int)
+        # Two runs that read the same (same model and minute) get the end of their ids to tell them apart.
+        return [(f"{label} [{run_id[-6:]}]" if seen.get(label, 0) > 1 else label, run_id) for label, run_id in out]
+
+    # ---- who may do what -----------------------------------------------------------------
+    def owner(self, run_id: str) -> tuple[bool, str | None]:
+        """(known, owner) of a run: whether the id is a run of this history (indexed, in the runs
+        folder, or a job of the attached queue) and who started it (None: the command line)."""
+        self.run_dir(run_id)  # a path or anything but a plain id is refused here
+        row = self._get(run_id) if self.path.exists() else None
+        if row is None:
+            row = self._refresh(run_id)
+        job = self.manager.find(run_id) if self.manager is not None else None
+        if row is None and job is None and run_id not in self._pending:
+            return False, None
+        owner = _text(row.get("owner")) if row else None
+        if owner is None and run_id in self._pending:
+            owner = self._pending[run_id].get("owner")
+        if owner is None and job is not None:
+            owner = job.owner
+        return True, owner
+
+    def check_access(self, run_id: str, who: identity.Who, action: str | None = None,
+                     private: bool = False) -> str | None:
+        """Refuse (ConfigError, in plain words) an id that is not a run here, a run ``who`` may not
+        see, or, with ``action`` ('delete', 'rename', ...), a run ``who`` may not change. Returns
+        the run's owner."""
+        if not run_id:
+            raise ConfigError("Pick a run first.")
+        known, owner = self.owner(run_id)
+        if not known:
+            raise ConfigError(_no_run(run_id))
+        if action is None:
+            identity.require_view(owner, who, private)
+        else:
+            identity.require_change(owner, who, action)
+        return owner
 
     # ---- editing -------------------------------------------------------------------------
     def _require_run(self, run_id: str) -> Path:
         run_dir = self.run_dir(run_id)
         if not (run_dir / CONFIG_FILE).is_file() and run_id not in self._pending:
-            raise ConfigError(f"No run {run_id!r} in {self.runs_dir}: pick a run from the history table "
-                              "(it may have been deleted).")
+            raise ConfigError(_no_run(run_id))
         return run_dir
 
-    def rename(self, run_id: str, name: str | None) -> dict:
-        """Give a run a display name (kept in its meta.json); empty clears it."""
+    def rename(self, run_id: str, name: str | None, who: identity.Who | None = None) -> dict:
+        """Give a run a display name (kept in its meta.json); empty clears it. With ``who``, only
+        when they may change the run (``None``: a trusted caller, e.g. the command line)."""
+        if who is not None:
+            self.check_access(run_id, who, "rename")
         self._require_run(run_id)
         name = " ".join(str(name or "").split()) or None
         if name and len(name) > MAX_NAME_CHARS:
@@ -905,8 +968,10 @@ class RunHistory:
         self._update_meta(run_id, name=name)
         return self._refresh(run_id) or self._touch(run_id, name=name)
 
-    def set_tags(self, run_id: str, tags: str | Sequence[str] | None) -> dict:
-        """Replace a run's tags ('a, b' or a list; kept in meta.json)."""
+    def set_tags(self, run_id: str, tags: str | Sequence[str] | None, who: identity.Who | None = None) -> dict:
+        """Replace a run's tags ('a, b' or a list; kept in meta.json); ``who`` as for ``rename``."""
+        if who is not None:
+            self.check_access(run_id, who, "tag")
         self._require_run(run_id)
         tags = normalize_tags(tags)
         self._update_meta(run_id, tags=tags)
@@ -932,9 +997,11 @@ class RunHistory:
             self._upsert({"run_id": run_id, **values, "updated": time.time()})
         return self._get(run_id) or {}
 
-    def delete(self, run_id: str, confirm: str | None) -> str:
+    def delete(self, run_id: str, confirm: str | None, who: identity.Who | None = None) -> str:
         """Delete a run's folder (checkpoints included) and its row — only when ``confirm`` is
-        exactly the run id, and never while the run is training or queued."""
+        exactly the run id, and never while the run is training or queued; ``who`` as for ``rename``."""
+        if who is not None:
+            self.check_access(run_id, who, "delete")
         run_dir = self.run_dir(run_id)
         if (confirm or "").strip() != run_id:
             raise ConfigError(f"To delete run {run_id}, type its id exactly ({run_id}) to confirm. "
@@ -944,9 +1011,10 @@ class RunHistory:
             raise ConfigError(f"Run {run_id} is {job.status}: stop it first (Train tab or Stop), then delete it.")
         if run_dir.exists():
             if not (run_dir / CONFIG_FILE).is_file() and not (run_dir / META_FILE).is_file():
-                raise ConfigError(f"{run_dir} is not a Classifier Lab run folder; it was left alone.")
+                raise ConfigError(f"The folder of run {run_id} is not a Classifier Lab run folder; it was left alone.")
             if run_dir.resolve().parent != self.runs_dir.resolve():
-                raise ConfigError(f"{run_dir} is outside the runs folder {self.runs_dir}; delete it by hand.")
+                raise ConfigError(f"Run {run_id} is kept outside the runs folder; the server's owner can delete "
+                                  "it by hand.")
             status, _ = read_status(run_dir, self._live_ids())
             if status in (ev.RUNNING, ev.STOPPING):
                 raise ConfigError(f"Run {run_id} is still training in another process (its status file says "
@@ -958,7 +1026,7 @@ class RunHistory:
         # On a full disk this may fail; the folder is gone, so the next listing drops the row.
         self._write("DELETE FROM runs WHERE run_id=?", (run_id,))
         self._pending.pop(run_id, None)
-        return f"Deleted run {run_id} ({run_dir})."
+        return f"Deleted run {run_id}."
 
     # ---- resuming ------------------------------------------------------------------------
     def interrupted(self) -> list[Path]:
@@ -980,9 +1048,13 @@ class RunHistory:
         active = df["status_mtime"].fillna(df["created"])
         return df.loc[active.astype(float).idxmax()].to_dict()
 
-    def resume(self, run_id: str, owner: str | None = None, epochs: int | None = None):
+    def resume(self, run_id: str, owner: str | None = None, epochs: int | None = None,
+               who: identity.Who | None = None):
         """Continue a stopped, failed or interrupted run from its last.pth (same folder) through
-        the attached JobManager; returns the Job."""
+        the attached JobManager; returns the Job. ``who`` as for ``rename``; the job keeps the
+        run's owner (``owner`` overrides it; a command-line run becomes the resumer's)."""
+        if who is not None:
+            self.check_access(run_id, who, "resume")
         if self.manager is None:
             raise ConfigError("Resuming needs the training queue: this history is not attached to a JobManager.")
         run_dir = self._require_run(run_id)
@@ -993,7 +1065,7 @@ class RunHistory:
                               "can be resumed (and finished ones trained for more epochs).")
         last = run_dir / LAST_CKPT
         if not last.is_file():
-            raise ConfigError(f"Run {run_id} has no last.pth in {run_dir}: it stopped before its first "
+            raise ConfigError(f"Run {run_id} has no last.pth: it stopped before its first "
                               "checkpoint, so it cannot be resumed. Start it again instead.")
         from core.checkpoints import load_checkpoint
         ckpt = load_checkpoint(last)
@@ -1004,4 +1076,5 @@ class RunHistory:
             raise ConfigError(f"Run {run_id} finished all its {done} epoch{'s' * (done != 1)}. To train it further, ask "
                               f"for more epochs in all than {done}; or start a new run.")
         config.epochs = total
-        return self.manager.submit(config, owner=owner or row.get("owner") or "local", resume_from=last)
+        owner = owner or _text(row.get("owner")) or (who.owner if who is not None else "local")
+        return self.manager.submit(config, owner=owner, resume_from=last)

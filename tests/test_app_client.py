@@ -210,9 +210,10 @@ def test_train_evaluate_and_predict_on_an_uploaded_zip(lab, tiny_zip, tmp_path):
     assert ckpt["classes"] == TINY and ckpt["config"]["data"]["source"] == "zip"
     assert json.loads((run_dir / "config.json").read_text())["data"]["location"].endswith("tiny.zip")
 
-    choice = c.predict(None, api_name="/eval_runs")
-    assert choice["value"] == str(run_dir)
-    summary, matrix, per_class, mistakes = c.predict(str(run_dir), True, api_name="/evaluate_run")
+    choice = c.predict(None, None, api_name="/eval_runs")
+    assert choice["value"] == run_id   # lists hold run ids, labelled by name: never a server folder
+    assert all(str(lab["runs_dir"]) not in label for label, _ in choice["choices"])
+    summary, matrix, per_class, mistakes = c.predict(run_id, True, None, api_name="/evaluate_run")
     assert re.search(r"on 30 test images: accuracy \*\*[\d.]+%\*\*", summary)
     heat = [t for t in plot_json(matrix)["data"] if t["type"] == "heatmap"]
     assert heat and list(heat[0]["x"]) == TINY and list(heat[0]["y"]) == TINY
@@ -227,8 +228,8 @@ def test_train_evaluate_and_predict_on_an_uploaded_zip(lab, tiny_zip, tmp_path):
         cap = re.fullmatch(r"(\w+) → (\w+) (\d+)%", m["caption"])
         assert cap and cap[1] in TINY and cap[2] in TINY and cap[1] != cap[2], m["caption"]
 
-    assert c.predict(None, api_name="/predict_runs")["value"] == str(run_dir)
-    label = c.predict(handle_file(str(EXAMPLES / "cat.jpg")), "A trained run", str(run_dir), None, "none",
+    assert c.predict(None, None, api_name="/predict_runs")["value"] == run_id
+    label = c.predict(handle_file(str(EXAMPLES / "cat.jpg")), "A trained run", run_id, None, "none", None,
                       api_name="/predict")
     confs = label["confidences"]
     assert label["label"] in TINY and [x["label"] for x in confs][0] == label["label"]
@@ -238,14 +239,14 @@ def test_train_evaluate_and_predict_on_an_uploaded_zip(lab, tiny_zip, tmp_path):
 
     # The same checkpoint uploaded as a file (the Predict tab's other source) gives the same answer.
     upload = c.predict(handle_file(str(EXAMPLES / "cat.jpg")), "A checkpoint file (.pth)", None,
-                       handle_file(str(run_dir / "best.pth")), "none", api_name="/predict")
+                       handle_file(str(run_dir / "best.pth")), "none", None, api_name="/predict")
     assert upload["label"] == label["label"]
     assert [x["confidence"] for x in upload["confidences"]] == pytest.approx([x["confidence"] for x in confs])
 
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
     table, csv = c.predict([handle_file(str(EXAMPLES / "ship.jpg")), handle_file(str(EXAMPLES / "dog.jpg")),
-                            handle_file(str(bad))], "A trained run", str(run_dir), None, "none",
+                            handle_file(str(bad))], "A trained run", run_id, None, "none", None,
                            api_name="/predict_many")
     rows = table_rows(table)
     assert sorted(r[0] for r in rows) == ["dog.jpg", "notes.png", "ship.jpg"]
@@ -266,11 +267,12 @@ def test_bad_input_gives_a_plain_message_not_a_traceback(lab, tmp_path):
     not_image = tmp_path / "essay.jpg"
     not_image.write_text("Once upon a time")
     with pytest.raises(AppError) as info2:
-        c.predict(handle_file(str(not_image)), "A trained run", None, None, "none", api_name="/predict")
+        c.predict(handle_file(str(not_image)), "A trained run", None, None, "none", None, api_name="/predict")
     assert str(info2.value).startswith("essay.jpg cannot be read as an image")
 
     with pytest.raises(AppError) as info3:
-        c.predict(handle_file(str(EXAMPLES / "cat.jpg")), "A trained run", None, None, "none", api_name="/predict")
+        c.predict(handle_file(str(EXAMPLES / "cat.jpg")), "A trained run", None, None, "none", None,
+                  api_name="/predict")
     assert "No trained run yet" in str(info3.value)
 
     with pytest.raises(AppError) as info4:
@@ -335,9 +337,9 @@ def test_second_user_is_queued_while_the_only_slot_trains(lab):
 
     out, _ = poll_until_done(a)
     assert out[0].startswith("Finished"), out[0]
-    run_dir = str(lab["runs_dir"] / re.search(r"run (\S+):", out[0]).group(1))
-    assert a.predict(None, api_name="/predict_runs")["value"] == run_dir  # the newest run, A's own
-    label = a.predict(handle_file(str(EXAMPLES / "airplane.jpg")), "A trained run", run_dir, None, "none",
+    run_id = re.search(r"run (\S+):", out[0]).group(1)
+    assert a.predict(None, None, api_name="/predict_runs")["value"] == run_id  # the newest run, A's own
+    label = a.predict(handle_file(str(EXAMPLES / "airplane.jpg")), "A trained run", run_id, None, "none", None,
                       api_name="/predict")
     top5 = label["confidences"]
     assert len(top5) == 5 and {x["label"] for x in top5} <= set(SAMPLE_CLASSES)

@@ -415,3 +415,35 @@ def test_sample_zip_missing(tmp_path, monkeypatch):
     with pytest.raises(MissingFileError, match="cifar10-sample.zip"):
         D.load_dataset("sample", data_dir=tmp_path / "data")
     assert not os.path.exists(tmp_path / "data" / "cifar10-sample")
+
+
+# ---- checkpoints a user uploads on the Predict tab ---------------------------------------------------
+class _Payload:
+    """Runs a shell command when unpickled: what a malicious .pth does under a plain torch.load."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_refused_checkpoints_say_what_is_wrong_in_full_sentences(tmp_path):
+    import torch
+
+    from core.checkpoints import load_checkpoint
+
+    malicious = tmp_path / "free-weights.pth"
+    torch.save({"model": _Payload()}, malicious)
+    garbage = tmp_path / "holiday.pth"
+    garbage.write_bytes(b"\x00\x01 this is not a checkpoint at all " * 20)
+    damaged = tmp_path / "half.pth"
+    damaged.write_bytes(malicious.read_bytes()[:200])     # a zip cut short (a broken download)
+    messages = {}
+    for path in (malicious, garbage, damaged):
+        with pytest.raises(DataError) as err:
+            load_checkpoint(path)
+        messages[path.name] = str(err.value)
+    assert messages["free-weights.pth"].startswith("free-weights.pth contains code objects that a safe load refuses")
+    assert messages["holiday.pth"].startswith("holiday.pth is not a PyTorch file")
+    assert messages["half.pth"].startswith("half.pth is a damaged or incomplete PyTorch file")
+    assert len(set(messages.values())) == 3
+    for text in messages.values():
+        assert text.endswith(".") and "weights_only=False" not in text and str(tmp_path) not in text

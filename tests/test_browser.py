@@ -276,6 +276,10 @@ def test_student_flow_in_the_browser(page):
     pg.locator("#predict_image input[type=file]").set_input_files(str(not_image))
     expect(pg.locator(".toast-body")).to_contain_text("not-an-image.png cannot be read as an image", timeout=20_000)
     assert "preprocess" not in " ".join(_toasts(pg))
+    # ...and the top-5 of the example is not left beside it, as if it were this file's
+    expect(top5).not_to_contain_text("%", timeout=10_000)
+    refused = [t for t in _toasts(pg) if "cannot be read as an image" in t]
+    assert len(refused) == 1, refused   # one toast per refused file
 
     # 6. Nothing left the machine, and the page logged no errors (the refused file's 'Error' aside).
     pg.lab["console_errors"] = [e for e in pg.lab["console_errors"] if "cannot be read as an image" not in e]

@@ -191,6 +191,15 @@ def test_confusion_difference_reorders_classes_and_rejects_other_datasets():
 
 
 # ---- the Compare tab's handlers, called as plain functions -----------------------------------
+class _Request:
+    """What a handler reads of a gr.Request: no login, one Gradio session."""
+    username = None
+
+    def __init__(self, session_hash: str):
+        self.session_hash = session_hash
+
+
+TEACHER = _Request("teacher-session")
 @pytest.fixture
 def tab(comparison, tmp_path):
     import gradio as gr
@@ -198,7 +207,9 @@ def tab(comparison, tmp_path):
     from ui.common import AppContext
 
     runs_dir, manager, history, group, _ = comparison
-    ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=runs_dir, history=history)
+    ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=runs_dir, history=history,
+                     secret="k" * 32)
+    ctx.teacher_sessions.add(TEACHER.session_hash)   # signed in on the page (the runs are alice's)
     with gr.Blocks() as demo:
         ctx.session = gr.State(dict)
         ctx.browser_id = gr.BrowserState(None)
@@ -243,40 +254,43 @@ def test_tab_history_panel_rename_tag_export_and_delete(tab, tmp_path):
 
     ctx, h, w, group = tab
     run_id = group.run_ids[0]
-    msg, table = h["rename"](run_id, "renamed in the UI", "", "(all)")
+    msg, table = h["rename"](run_id, "renamed in the UI", "", "(all)", None, TEACHER)
     assert "renamed in the UI" in msg and "renamed in the UI" in set(table["name"])
-    msg, table = h["save_tags"](run_id, "ui, test", "ui", "(all)")
+    msg, table = h["save_tags"](run_id, "ui, test", "ui", "(all)", None, TEACHER)
     assert list(table["run id"]) == [run_id]   # the filter 'ui' applies
     assert list(table["owner"]) == ["alice"]
     from ui.tab_compare import owner_label
     assert [owner_label(o) for o in ("user:alice", None, "browser:3f9a2c77-e1", "")] == \
         ["alice", "command line", "browser 3f9a2c", "command line"]
-    files, msg = h["export"]["metrics"](run_id)
+    files, msg = h["export"]["metrics"](run_id, None, TEACHER)
     assert any(f.endswith("-epochs.csv") for f in files)
-    files, msg = h["export"]["checkpoint"](run_id)
+    files, msg = h["export"]["checkpoint"](run_id, None, TEACHER)
     assert files[0].endswith(f"{run_id}-best.pth")
     with pytest.raises(gr.Error, match="type its id"):
-        h["delete"](group.run_ids[1], "no", "", "(all)", list(group.run_ids))
+        h["delete"](group.run_ids[1], "no", "", "(all)", list(group.run_ids), None, TEACHER)
     with pytest.raises(gr.Error, match="finished all its 2 epochs\\..*more epochs in all than 2"):
-        h["resume"](run_id, None, [], "browser-1", None)   # finished: only with more epochs
+        h["resume"](run_id, None, [], None, TEACHER)   # finished: only with more epochs
     with pytest.raises(gr.Error, match="finished all its 2 epochs"):
-        h["resume"](run_id, 0, [], "browser-1", None)      # the box's 0 means "as planned" too
-    msg, chosen, _, box = h["resume"](run_id, 3, [], "browser-1", None)
+        h["resume"](run_id, 0, [], None, TEACHER)      # the box's 0 means "as planned" too
+    msg, chosen, _, box = h["resume"](run_id, 3, [], None, TEACHER)
     assert msg.startswith(f"Resuming {run_id} from its last checkpoint, up to epoch 3") and chosen["value"] == [run_id]
     assert box == 0   # back to "as planned", so that it does not re-plan the next run resumed
     job = ctx.manager.wait(run_id, timeout=120)
+    assert job.owner == "alice"   # resumed by the teacher, still alice's run
     assert job.status == ev.FINISHED and [e.epoch for e in job.events if isinstance(e, ev.EpochEnded)] == [3]
     with pytest.raises(gr.Error, match="Pick a run"):
-        h["export"]["onnx"](None)
+        h["export"]["onnx"](None, None, TEACHER)
     assert (ctx.runs_dir / run_id / META_FILE).is_file()
     # the new name shows in every run list: the Compare dropdowns and the Evaluate/Predict ones
+    # (labels are names, values are run ids: never a folder)
     from ui.tab_compare import run_choices
-    assert any(label.startswith(f"renamed in the UI ({run_id})") for label, _ in run_choices(ctx))
-    assert any(label.startswith(f"renamed in the UI ({run_id})") for label, _ in runs.run_choices(ctx.runs_dir))
-    h["rename"](run_id, "", "", "(all)")  # leave the shared comparison as it was
-    h["save_tags"](run_id, "", "", "(all)")
+    assert any(label.startswith("renamed in the UI · test ") for label, value in run_choices(ctx) if value == run_id)
+    assert [label for label, value in ctx.history.choices(need="checkpoint") if value == run_id][0] \
+        .startswith("renamed in the UI · test ")
+    h["rename"](run_id, "", "", "(all)", None, TEACHER)  # leave the shared comparison as it was
+    h["save_tags"](run_id, "", "", "(all)", None, TEACHER)
     labels = [label for label, value in run_choices(ctx) if value == run_id]
-    assert labels and not labels[0].startswith("nan")   # no name: the id, never "nan (…)"
+    assert labels and not labels[0].startswith("nan")   # no name: the config's, never "nan"
 
 
 def test_a_run_that_ends_during_a_poll_keeps_the_timer_for_one_more_tick(tab, monkeypatch):
@@ -296,14 +310,16 @@ def test_a_run_that_ends_during_a_poll_keeps_the_timer_for_one_more_tick(tab, mo
 
 def test_tab_train_all_queues_a_comparison_on_the_data_tab_data(tab, tiny_folder):
     ctx, h, w, _ = tab
+    from core import identity
+    token = identity.sign(ctx.secret, "b0b1")   # this page's browser token (id b0b1)
     values = {ctx.session: {"data_source": {"source": "folder", "location": str(tiny_folder)}},
-              ctx.browser_id: "browser-1", w["models"]: ["lenet5"], w["lrs"]: "0.05", w["freeze"]: "",
+              ctx.browser_id: token, w["models"]: ["lenet5"], w["lrs"]: "0.05", w["freeze"]: "",
               w["epochs"]: 1}
     selected, fig, board, queue, timer = h["train_all"](values, None)
     run_ids = selected["value"]
     assert len(run_ids) == 1 and "Queued 1 run" in queue
     job = ctx.manager.get(run_ids[0])
-    assert job.owner == "browser:browser-1" and job.config.name == "lenet5 lr=0.05"
+    assert job.owner == "browser:b0b1" and job.config.name == "lenet5 lr=0.05"
     assert job.config.data.location == str(tiny_folder) and job.config.epochs == 1
     ctx.manager.wait(run_ids[0], timeout=120)
     deadline = time.time() + 60
@@ -317,17 +333,17 @@ def test_tab_train_all_queues_a_comparison_on_the_data_tab_data(tab, tiny_folder
     assert selected["value"] == run_ids and any(run_ids[0] == v for _, v in selected["choices"])
     assert run_ids[0] in set(history["run id"])   # the last poll also shows the run in the history table
     from ui import tab_train   # a reloaded Train tab does not take the comparison's run for its own
-    assert tab_train._current_job(ctx, {}, "browser:browser-1") is None
+    assert tab_train._current_job(ctx, {}, "browser:b0b1") is None
 
     # The comparison is listed, and a reloaded page (a fresh session, same browser) gets it back.
     session = {}
-    group_update = h["refresh_groups"](session, "browser-1", None)
+    group_update = h["refresh_groups"](session, token, None)
     group_id = group_update["value"]
     assert group_id and group_id in {v for _, v in group_update["choices"]}
-    group_update, selected, timer = h["reconnect"](session, "browser-1", None)
+    group_update, selected, timer = h["reconnect"](session, token, None)
     assert group_update["value"] == group_id and selected["value"] == run_ids and timer.active
     assert session["cmp_group"] == group_id
-    group_update, _, _ = h["reconnect"]({}, "another-browser", None)   # someone else: nothing picked
+    group_update, _, _ = h["reconnect"]({}, "b0b1", None)   # the raw id is nobody: nothing picked
     assert "value" not in group_update
     # Picking the comparison in the list shows its runs, curves and leaderboard.
     selected, fig, board, queue, timer, pick_a, pick_b = h["pick_group"](group_id, {})

@@ -4,6 +4,7 @@ interrupted runs and resumes them."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -346,3 +347,71 @@ def test_resumed_epochs_rule():
     assert resumed_epochs(10, 10, True, None) is None    # finished: only when asked for more
     assert resumed_epochs(10, 10, True, 10) is None
     assert resumed_epochs(10, 10, True, 15) == 15
+
+
+# ---- who may see and change a run; run lists that show names, not folders --------------------------
+def test_a_damaged_status_file_reads_as_failed_with_its_reason_not_as_interrupted(runs_copy):
+    from core.runs import UNREADABLE_STATUS, read_status
+    runs_dir, managed, _ = runs_copy
+    run_dir = runs_dir / managed
+    for damaged in ('{"status": "fini', "[1, 2]", '{"message": "no status"}', "\udcff"):
+        (run_dir / "status.json").write_text(damaged, encoding="utf-8", errors="surrogateescape")
+        assert read_status(run_dir) == (ev.FAILED, UNREADABLE_STATUS)
+    assert "status file (status.json) is unreadable" in UNREADABLE_STATUS
+    row = RunHistory(runs_dir).get(managed)
+    assert (row["status"], row["message"]) == (ev.FAILED, UNREADABLE_STATUS)
+    (run_dir / "status.json").unlink()   # no file at all: the run never got past its start
+    assert read_status(run_dir)[0] == ev.INTERRUPTED
+
+
+def test_run_lists_are_named_and_hold_ids_filtered_by_who_may_see(runs_copy):
+    from core.identity import Who
+    from core.runs import run_label
+    runs_dir, managed, cli = runs_copy
+    history = RunHistory(runs_dir)
+    history.rename(cli, "")          # no name at all: model, epochs and start time
+    choices = dict((v, label) for label, v in history.choices(need="checkpoint"))
+    assert set(choices) == {managed, cli}
+    assert choices[managed].startswith("first · test ")
+    assert re.fullmatch(r"from the command line · test [\d.]+%", choices[cli]) or \
+        re.fullmatch(r"tutorial_net · 1 epoch · \d\d:\d\d · test [\d.]+%", choices[cli])
+    assert not any("/" in label or managed in label for label in choices.values())
+    assert run_label({"model": "resnet18", "epochs": 3, "created": time.time()}).startswith("resnet18 · 3 epochs · ")
+    alice, bob = Who("alice"), Who("bob")
+    assert {v for _, v in history.choices(who=bob, private=False)} == {managed, cli}     # a class leaderboard
+    assert [v for _, v in history.choices(who=bob, private=True)] == []
+    assert [v for _, v in history.choices(who=alice, private=True)] == [managed]
+    assert len(history.choices(who=Who("t", teacher=True), private=True)) == 2
+
+
+def test_check_access_refuses_unknown_ids_paths_and_other_peoples_runs(runs_copy):
+    from core.identity import Who
+    runs_dir, managed, cli = runs_copy
+    history = RunHistory(runs_dir)
+    alice, bob, teacher = Who("alice"), Who("bob"), Who("t", teacher=True)
+    assert history.check_access(managed, bob) == "alice"                       # viewing is open by default
+    with pytest.raises(ConfigError, match="runs are private"):
+        history.check_access(managed, bob, private=True)
+    for action in ("delete", "rename", "tag", "resume", "export", "stop"):
+        with pytest.raises(ConfigError, match=f"only its owner or the teacher can {action} it"):
+            history.check_access(managed, bob, action)
+        history.check_access(managed, alice, action)
+        history.check_access(managed, teacher, action)
+    with pytest.raises(ConfigError, match="only its owner or the teacher can delete"):
+        history.check_access(cli, alice, "delete")               # a command-line run: the teacher's to change
+    history.check_access(cli, teacher, "delete")
+    with pytest.raises(ConfigError, match="No run '20990101-000000-nope-abcdef' in the run history"):
+        history.check_access("20990101-000000-nope-abcdef", teacher)
+    for path in (str(runs_dir / managed), f"../{managed}", f"{runs_dir.name}/{managed}"):
+        with pytest.raises(ConfigError, match="is not a run id"):
+            history.check_access(path, teacher)
+    # the editing methods ask the same rule when told who asks
+    with pytest.raises(ConfigError, match="can rename it"):
+        history.rename(managed, "mine now", who=bob)
+    with pytest.raises(ConfigError, match="can tag it"):
+        history.set_tags(managed, "x", who=bob)
+    with pytest.raises(ConfigError, match="can delete it"):
+        history.delete(managed, managed, who=bob)
+    assert history.get(managed)["name"] == "first" and (runs_dir / managed).is_dir()
+    assert history.rename(managed, "renamed by alice", who=alice)["name"] == "renamed by alice"
+    assert history.delete(managed, managed, who=teacher) == f"Deleted run {managed}."

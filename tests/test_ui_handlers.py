@@ -207,7 +207,9 @@ def test_safe_returns_values_unchanged():
 
 
 # ---- small common helpers ------------------------------------------------------------------------
-def test_owner_of_prefers_login_then_browser_then_session():
+def test_who_is_the_login_then_a_signed_browser_token_then_the_session(tmp_path):
+    from core import identity
+
     class Req:
         username = "ana"
         session_hash = "s1"
@@ -216,10 +218,21 @@ def test_owner_of_prefers_login_then_browser_then_session():
         username = None
         session_hash = "s2"
 
-    assert common.owner_of(Req(), "b1") == "user:ana"
-    assert common.owner_of(Anonymous(), "b1") == "browser:b1"
-    assert common.owner_of(Anonymous(), None) == "session:s2"
-    assert common.owner_of(None, None) == "session:local"
+    ctx = AppContext(manager=None, data_dir=tmp_path, runs_dir=tmp_path, secret="k" * 32, teacher=("tea", "pw"),
+                     login=True)
+    token = identity.sign(ctx.secret, "b1")
+    assert common.who_is(ctx, Req(), token) == identity.Who("user:ana")
+    assert common.who_is(ctx, Anonymous(), token) == identity.Who("browser:b1")
+    # a raw id or a forged signature is only this session (a digest of its hash, never the hash)
+    for bad in ("b1", "b1." + "0" * 64, None):
+        assert common.who_is(ctx, Anonymous(), bad) == identity.Who(identity.session_owner("s2"))
+    assert common.who_is(ctx, None, None).owner == "session:local"
+    # the teacher: the --teacher login with --auth; a session signed in on the page without it
+    Req.username = "tea"
+    assert common.who_is(ctx, Req(), None) == identity.Who("user:tea", teacher=True)
+    ctx.login, Req.username = False, "ana"
+    ctx.teacher_sessions.add("s2")
+    assert common.who_is(ctx, Anonymous(), token) == identity.Who("browser:b1", teacher=True)
 
 
 def test_formatting_helpers():
@@ -388,12 +401,14 @@ def test_poll_keeps_polling_when_the_run_ends_while_it_renders(tmp_path, monkeyp
     ended during a render left the page on "Training … final evaluation" for good."""
     manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1,
                          fit=job_fits.fit_until_released)
-    ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs")
+    ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs", secret="k" * 32)
     with gr.Blocks():
         ctx.session = gr.State({})
         ctx.browser_id = gr.BrowserState(None)
         tab_train.build(ctx)
     poll, _ = ctx.shared["train_poll"]
+    from core import identity
+    b1 = identity.sign(ctx.secret, "b1")   # the page's token for browser id b1
     try:
         job = manager.submit(RunConfig(), owner="browser:b1")
         deadline = time.time() + 10
@@ -408,14 +423,14 @@ def test_poll_keeps_polling_when_the_run_ends_while_it_renders(tmp_path, monkeyp
             return real_plot(*args, **kwargs)
 
         monkeypatch.setattr(tab_train.plots, "live_curves", plot_while_the_run_ends)
-        status, _, _, _, timer = poll(session, "b1", None)
+        status, _, _, _, timer = poll(session, b1, None)
         assert status.startswith("Training") and job.done
         assert timer.active is True, "the timer stopped although the page still shows a running job"
         monkeypatch.setattr(tab_train.plots, "live_curves", real_plot)
-        status, progress, _, log, timer = poll(session, "b1", None)
+        status, progress, _, log, timer = poll(session, b1, None)
         assert status.startswith("Finished — tutorial_net") and timer.active is False
         assert "finished: finished 1 epoch(s)" in log
-        *_, timer = poll(session, "b1", None)  # nothing new: no redraw, timer stays off
+        *_, timer = poll(session, b1, None)  # nothing new: no redraw, timer stays off
         assert timer.active is False
     finally:
         job_fits.release(tmp_path / "runs")
@@ -427,29 +442,31 @@ def test_a_poll_with_nothing_new_reads_one_counter_and_renders_nothing(tmp_path,
     a plot or a log, yet keep the timer on; a stop request is news and is shown."""
     manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1,
                          fit=job_fits.stubborn_fit)   # ignores the stop: the page stays on Stopping
-    ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs")
+    ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs", secret="k" * 32)
     with gr.Blocks():
         ctx.session = gr.State({})
         ctx.browser_id = gr.BrowserState(None)
         tab_train.build(ctx)
     poll, _ = ctx.shared["train_poll"]
+    from core import identity
+    b1 = identity.sign(ctx.secret, "b1")   # the page's token for browser id b1
     try:
         job = manager.submit(RunConfig(), owner="browser:b1")
         while job.status != ev.RUNNING:
             assert not job.done, job.message
             time.sleep(0.02)
         session = {}
-        status, *_ = poll(session, "b1", None)
+        status, *_ = poll(session, b1, None)
         assert status.startswith("Training — tutorial_net")
 
         def no_snapshot():
             raise AssertionError("a poll with nothing new built a snapshot")
 
         monkeypatch.setattr(job, "snapshot", no_snapshot)
-        assert poll(session, "b1", None) == (gr.skip(),) * 5   # the timer output skipped too: it stays on
+        assert poll(session, b1, None) == (gr.skip(),) * 5   # the timer output skipped too: it stays on
         monkeypatch.undo()
         job.request_stop()
-        status, *_, timer = poll(session, "b1", None)
+        status, *_, timer = poll(session, b1, None)
         assert status.startswith("Stopping — tutorial_net") and timer.active is True
     finally:
         job_fits.release(tmp_path / "runs")
@@ -461,7 +478,6 @@ def test_render_gives_status_progress_plot_and_log(finished_job):
     session = {}
     status, progress, fig, log = tab_train._render(ctx, job, session)
     assert status.startswith("Finished") and "100%" in progress and "epoch 2/2" in log
-    assert session["seen"] == job.changes == len(job.events) and session["last_run_dir"].endswith(job.job_id)
     names = {t.name for t in fig.data}
     assert fig.data and any("train" in (n or "") for n in names)
 
@@ -552,9 +568,13 @@ def test_launch_kwargs_are_offline_and_private(tmp_path):
     kw = ui_app.launch_kwargs(tmp_path / "data", tmp_path / "runs")
     assert kw["enable_monitoring"] is False and kw["run_history"] is False
     assert kw["footer_links"] == ["settings"]
-    assert str((tmp_path / "data").resolve()) in kw["allowed_paths"]
-    assert str((tmp_path / "runs").resolve()) in kw["allowed_paths"]
-    assert str(common.ASSETS) in kw["allowed_paths"]
+    # nothing served by path: the data and runs folders are not allowed but blocked
+    assert kw["allowed_paths"] == []
+    assert kw["blocked_paths"] == [str((tmp_path / "data").resolve()), str((tmp_path / "runs").resolve())]
+    # ...unless a folder holds Gradio's own cache (a runs folder of /tmp would block every upload)
+    import tempfile
+    assert ui_app.launch_kwargs(tempfile.gettempdir(), tmp_path / "runs")["blocked_paths"] == \
+        [str((tmp_path / "runs").resolve())]
 
 
 def test_build_app_wires_the_named_endpoints_and_ids(tmp_path):
@@ -574,19 +594,24 @@ def test_build_app_wires_the_named_endpoints_and_ids(tmp_path):
 
 
 def test_browser_ids_outlive_a_server_restart_and_page_loads_run_side_by_side(tmp_path):
-    """The browser id is encrypted with a secret kept in the runs folder (not a new one per start),
+    """Browser tokens are signed with a secret kept in the runs folder (not a new one per start) that
+    the page never gets (Gradio publishes a BrowserState's secret: it gets a key derived from it),
     and events without their own limit are not queued one at a time app-wide (Gradio's default)."""
     runs = tmp_path / "runs"
     apps = []
     for _ in range(2):   # two server starts on the same runs folder
         manager = JobManager(runs_dir=runs, data_dir=tmp_path / "data", max_jobs=1)
         apps.append(ui_app.build_app(manager, data_dir=tmp_path / "data", runs_dir=runs))
-    secrets = [next(b.secret for b in demo.blocks.values() if isinstance(b, gr.BrowserState)) for demo in apps]
-    assert secrets[0] == secrets[1] and len(secrets[0]) >= 16
+    from core import identity
+    keys = [next(b.secret for b in demo.blocks.values() if isinstance(b, gr.BrowserState)) for demo in apps]
+    assert keys[0] == keys[1] and len(keys[0]) >= 16
     secret_file = runs / ui_app.SECRET_FILE
-    assert secret_file.read_text() == secrets[0] and secret_file.stat().st_mode & 0o077 == 0  # owner only
-    assert ui_app.build_app(JobManager(runs_dir=tmp_path / "other", max_jobs=1), runs_dir=tmp_path / "other") \
-        .blocks is not None and (tmp_path / "other" / ui_app.SECRET_FILE).read_text() != secrets[0]
+    secret = secret_file.read_text()
+    assert len(secret) >= 16 and secret_file.stat().st_mode & 0o077 == 0  # owner only
+    assert keys[0] == identity.storage_key(secret) and secret not in keys[0]
+    assert secret not in str(apps[0].get_config_file())                 # the page never sees the signing key
+    other = ui_app.build_app(JobManager(runs_dir=tmp_path / "other", max_jobs=1), runs_dir=tmp_path / "other")
+    assert other.blocks is not None and (tmp_path / "other" / ui_app.SECRET_FILE).read_text() != secret
     assert apps[0]._queue.default_concurrency_limit == ui_app.DEFAULT_CONCURRENCY > 1
 
 
@@ -597,5 +622,50 @@ def test_launch_main_rejects_bad_arguments_with_a_message(capsys):
     assert "USER:PASS" in capsys.readouterr().err
     assert launch.main(["--max-jobs", "0"]) == 2
     assert "--max-jobs must be at least 1" in capsys.readouterr().err
+    assert launch.main(["--teacher", "tea"]) == 2
+    assert "--teacher needs USER:PASS" in capsys.readouterr().err
+    assert launch.main(["--auth", "tea:a", "--teacher", "tea:b"]) == 2
+    assert "both name the user 'tea'" in capsys.readouterr().err
     args = launch.parse_args([])
-    assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
+    assert (args.host, args.port, args.share, args.private_runs, args.teacher) == ("127.0.0.1", 7860, False, False, None)
+    assert launch.parse_args(["--private-runs", "--teacher", "t:p"]).private_runs is True
+
+
+def test_after_a_restart_the_train_tab_offers_the_interrupted_run(finished_job, tmp_path):
+    """The server died while a run trained: a new server on the same runs folder says so and offers
+    Resume on the page of the browser that owned it, instead of 'Ready'; other browsers see nothing."""
+    import json
+    import shutil
+
+    from core import identity
+    from core.runs import RunHistory
+
+    _, job = finished_job
+    runs_dir = tmp_path / "runs"
+    run_dir = runs_dir / job.job_id
+    shutil.copytree(finished_job[0].runs_dir / job.job_id, run_dir)
+    status = json.loads((run_dir / "status.json").read_text())
+    status.update(status="running", pid=2 ** 22 + 1)   # no such process: the writer is gone
+    (run_dir / "status.json").write_text(json.dumps(status))
+    meta = run_dir / "meta.json"   # the owner, as the first server's history recorded it
+    meta.write_text(json.dumps({**(json.loads(meta.read_text()) if meta.exists() else {}), "owner": "browser:7e57"}))
+    manager = JobManager(runs_dir=runs_dir, data_dir=tmp_path / "data", max_jobs=1)   # the restarted server
+    ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=runs_dir, secret="k" * 32)
+    ctx.history = RunHistory(runs_dir).attach(manager)
+    with gr.Blocks() as demo:
+        ctx.session = gr.State({})
+        ctx.browser_id = gr.BrowserState(None)
+        tab_train.build(ctx)
+        ctx.shared["tab"] = {}
+        tab_train.on_load(ctx, demo)
+    reconnect = ctx.shared["train_reconnect"]
+    try:
+        text, *_ = reconnect({}, identity.sign(ctx.secret, "7e57"), None)   # the page of browser 7e57
+        assert text.startswith("Your last run (") and job.job_id in text
+        assert "was interrupted (the server stopped while it was training)" in text and "Resume last run" in text
+        other, *_ = reconnect({}, identity.sign(ctx.secret, "beef"), None)
+        assert not isinstance(other, str)                                  # nothing offered to another browser
+        forged, *_ = reconnect({}, "7e57", None)                           # nor to a raw, unsigned id
+        assert not isinstance(forged, str)
+    finally:
+        manager.shutdown(timeout=10)

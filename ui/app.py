@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import os
 import secrets
-import uuid
+import tempfile
+import time
 from pathlib import Path
 
 import gradio as gr
 
+from core import identity
 from ui import tab_data, tab_evaluate, tab_memory, tab_model, tab_predict, tab_train
-from ui.common import ASSETS, AppContext
+from ui.common import AppContext, safe
 
 TITLE = "Classifier Lab"
 # Events without their own limit run this many at once (Gradio's default is 1 app-wide, so a class
 # opening the page together would wait in one line behind each page-load handler). Training never
 # runs in a handler, and the heavy handlers (memory, exports) keep their own lower limits.
 DEFAULT_CONCURRENCY = 8
-SECRET_FILE = ".browser-secret"   # in the runs folder: the browser ids outlive a server restart
+SECRET_FILE = ".browser-secret"   # in the runs folder: the browser tokens outlive a server restart
+SIGN_IN_DELAY_S = 1.0             # each wrong teacher password costs this long (guessing is slow)
 
 # Larger type and roomier controls read well on a projector and stay usable on a laptop.
 CSS = """
@@ -50,11 +53,18 @@ TABS = [("Data", tab_data), ("Model", tab_model), ("Memory", tab_memory), ("Trai
 
 
 def build_app(manager, data_dir: str | Path = "data", runs_dir: str | Path = "runs",
-              data_roots: list[str | Path] | None = None) -> gr.Blocks:
+              data_roots: list[str | Path] | None = None, teacher: tuple[str, str] | None = None,
+              login: bool = False, private_runs: bool = False) -> gr.Blocks:
     """Build the Blocks for ``manager`` (a core.jobs.JobManager). Nothing heavy runs here.
-    ``data_roots``: the only folders the Data tab may load from (default: ``data_dir`` and assets/)."""
+
+    data_roots: the only folders the Data tab may load from (default: ``data_dir`` and assets/);
+    teacher: (login name, password) of --teacher; login: the app runs with --auth (the teacher
+    then logs in with that name; without it, the page has a teacher sign-in box); private_runs:
+    nobody but the teacher sees others' runs."""
     ctx = AppContext(manager=manager, data_dir=Path(data_dir), runs_dir=Path(runs_dir),
-                     data_roots=None if data_roots is None else [str(r) for r in data_roots])
+                     data_roots=None if data_roots is None else [str(r) for r in data_roots],
+                     teacher=teacher, login=login, private_runs=private_runs)
+    ctx.secret = browser_secret(ctx.runs_dir)
     try:
         from core.runs import RunHistory
         ctx.history = RunHistory(ctx.runs_dir)
@@ -72,21 +82,26 @@ def build_app(manager, data_dir: str | Path = "data", runs_dir: str | Path = "ru
         # page-load event (and a public "/dict" endpoint) that resets the state to a fresh dict; it
         # raced the Data tab's load and sometimes wiped the dataset a page had just loaded.
         ctx.session = gr.State({})
-        # The id is kept encrypted in the browser's localStorage; a secret that changed with every
-        # server start would make a restarted server unable to read it, and the browser would lose
-        # its runs (Resume, the Compare tab's last comparison).
+        # The browser token (core.identity) is kept in localStorage. Gradio puts a BrowserState's
+        # secret in the page config, so it gets a key derived from the signing secret, never the
+        # secret itself; both last across restarts, so a browser keeps its runs (Resume, the
+        # Compare tab's last comparison).
         ctx.browser_id = gr.BrowserState(None, storage_key="classifier-lab-browser-id",
-                                         secret=browser_secret(ctx.runs_dir))
+                                         secret=identity.storage_key(ctx.secret))
         gr.Markdown(f"# {TITLE}\nTrain, inspect, compare and use image classifiers — "
                     "go through the tabs from left to right.", elem_id="lab-header")
+        if teacher is not None and not login:
+            _teacher_sign_in(ctx)
         ctx.shared["tab"] = {}
         with gr.Tabs(elem_id="lab-tabs") as ctx.shared["tabs"]:
             for label, module in tabs:
                 with gr.Tab(label, id=label.lower(), elem_id=f"tab-{label.lower()}") as tab:
                     ctx.shared["tab"][label] = tab
                     module.build(ctx)
-        # One stable id per browser (kept in localStorage): a reloaded page finds its jobs again.
-        demo.load(_ensure_browser_id, ctx.browser_id, ctx.browser_id, api_visibility="private")
+        # One stable, server-signed token per browser (kept in localStorage): a reloaded page finds
+        # its jobs again. A missing, legacy (unsigned) or forged token is replaced by a new one.
+        demo.load(lambda token: identity.ensure_token(ctx.secret, token), ctx.browser_id, ctx.browser_id,
+                  api_visibility="private")
         for module in [m for _, m in tabs]:
             on_load = getattr(module, "on_load", None)
             if on_load is not None:
@@ -116,17 +131,55 @@ def browser_secret(runs_dir: Path) -> str:
     return value
 
 
-def _ensure_browser_id(current: str | None) -> str:
-    return current or uuid.uuid4().hex
+def _teacher_sign_in(ctx: AppContext) -> None:
+    """A small password box under the header (no --auth): a right password marks this Gradio
+    session as the teacher's, on the server; nothing the page holds can claim it."""
+    throttle = identity.SignInThrottle()
+    with gr.Accordion("Teacher sign-in", open=False, elem_id="teacher_signin"):
+        with gr.Row():
+            password = gr.Textbox(label="Teacher password", type="password", scale=3, elem_id="teacher_password")
+            sign_in = gr.Button("Sign in", scale=1, elem_id="teacher_signin_btn")
+        note = gr.Markdown("", elem_id="teacher_note")
+
+    @safe
+    def check(given: str, request: gr.Request):
+        session = getattr(request, "session_hash", None)
+        if not session:
+            raise gr.Error("Teacher sign-in needs a page session; open the lab in a browser.")
+        wait = throttle.wait_s(session)
+        if wait > 0:
+            raise gr.Error(f"Too many wrong passwords: try again in {wait:.0f} s.")
+        if not identity.password_matches(given, ctx.teacher[1]):
+            throttle.failed(session)
+            time.sleep(SIGN_IN_DELAY_S)   # slows guessing down; the throttle caps it
+            raise gr.Error("Wrong teacher password.")
+        ctx.teacher_sessions.add(session)
+        return "", "Signed in as the teacher for this page: you can stop, resume, rename, tag, export and " \
+                   "delete every run, and see all of them. A reload signs you out."
+
+    sign_in.click(check, password, [password, note], api_name="teacher_sign_in", concurrency_limit=None)
+    password.submit(check, password, [password, note], api_visibility="private", concurrency_limit=None)
+
+
+def _served_folder_ok(folder: Path) -> bool:
+    """Whether ``folder`` can be put in ``blocked_paths``: not when it holds Gradio's own upload and
+    cache folder (a runs folder of /tmp would block every upload and every image)."""
+    cache = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
+    return not cache.is_relative_to(folder.resolve())
 
 
 def launch_kwargs(data_dir: str | Path, runs_dir: str | Path) -> dict:
-    """Options for ``demo.launch``: offline-safe, files served only from our own folders."""
+    """Options for ``demo.launch``: offline-safe, and no folder served by path. Images go to the
+    page as values (Gradio writes them to its cache) and downloads are copied out by the handler
+    that checked who asks; the data and runs folders are even blocked, so no path there (the
+    signing secret, the index, checkpoints, meta.json, uploads) is served or returned by mistake."""
+    blocked = [str(Path(f).resolve()) for f in (data_dir, runs_dir) if _served_folder_ok(Path(f))]
     return {
         "theme": gr.themes.Soft(),          # bundled fonts only (no Google Fonts request)
         "css": CSS,
         "footer_links": ["settings"],
-        "allowed_paths": [str(Path(data_dir).resolve()), str(Path(runs_dir).resolve()), str(ASSETS)],
+        "allowed_paths": [],
+        "blocked_paths": blocked,
         "enable_monitoring": False,
         "max_file_size": "1gb",
         "show_error": True,

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from core import paths
+from core import identity, paths
 from core.config import RunConfig
 from core.errors import LabError
 
@@ -29,10 +29,15 @@ class AppContext:
     data_dir: Path
     runs_dir: Path
     session: Any = None             # gr.State(dict): this browser tab's dataset, split, model choices
-    browser_id: Any = None          # gr.BrowserState: survives reloads, so a tab finds its jobs again
+    browser_id: Any = None          # gr.BrowserState: the server-signed browser token (core.identity)
     config_fields: dict = field(default_factory=dict)  # widget → dotted RunConfig field
     shared: dict = field(default_factory=dict)         # components one tab exposes to another
     history: Any = None             # core.runs.RunHistory, when the history index is available
+    secret: str | None = None       # signs browser tokens; None: every caller is only its session
+    teacher: tuple[str, str] | None = None   # --teacher (login name, password)
+    login: bool = False             # --auth: the login name is the identity
+    private_runs: bool = False      # --private-runs: nobody sees others' runs but the teacher
+    teacher_sessions: set = field(default_factory=set)  # Gradio sessions signed in as the teacher
     # The folders a page may load datasets from (launch.py --data-root), as the teacher wrote them:
     # messages name them so. None: the data folder and assets/ (core.paths.default_roots).
     data_roots: list | None = None
@@ -139,13 +144,28 @@ def safe(fn: Callable) -> Callable:
     return wrapper
 
 
-def owner_of(request: gr.Request | None, browser_id: str | None) -> str:
-    """Who a job belongs to: the login name with --auth, else this browser's stored id."""
-    if request is not None and getattr(request, "username", None):
-        return f"user:{request.username}"
-    if browser_id:
-        return f"browser:{browser_id}"
-    return f"session:{getattr(request, 'session_hash', None) or 'local'}"
+def who_is(ctx: AppContext, request: gr.Request | None, token) -> identity.Who:
+    """Who sends this event: with --auth the login name; else the browser the server-signed
+    ``token`` names, and for any other token (a raw id, a forgery, none) only this Gradio session.
+    The teacher is the --teacher login, or (without --auth) a session signed in as the teacher."""
+    username = getattr(request, "username", None) if request is not None else None
+    session_hash = getattr(request, "session_hash", None) if request is not None else None
+    if username:
+        teacher = ctx.login and ctx.teacher is not None and username == ctx.teacher[0]
+        return identity.Who(f"user:{username}", teacher=teacher)
+    ident = identity.verify(ctx.secret, token)
+    owner = f"browser:{ident}" if ident else identity.session_owner(session_hash)
+    return identity.Who(owner, teacher=session_hash is not None and session_hash in ctx.teacher_sessions)
+
+
+def run_history(ctx: AppContext):
+    """The run-history index (core.runs.RunHistory), made on first use for a bare context (tests)."""
+    if ctx.history is None:
+        from core.runs import RunHistory
+        ctx.history = RunHistory(ctx.runs_dir)
+        if ctx.manager is not None:
+            ctx.history.attach(ctx.manager)
+    return ctx.history
 
 
 def fmt_bytes(n: float) -> str:

@@ -18,11 +18,11 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from core import compare, events as ev, export, runs
+from core import compare, events as ev, export, identity, runs
 from core.errors import ConfigError, LabError
 from core.models import list_models
 from ui import plots
-from ui.common import AppContext, config_from_widgets, owner_of, safe
+from ui.common import AppContext, config_from_widgets, run_history, safe, who_is
 
 POLL_S = 1.0
 DEFAULT_MODELS = ["tutorial_net", "resnet18"]
@@ -39,20 +39,34 @@ EXPORT_KINDS = ("checkpoint", "torchscript", "onnx", "metrics")
 # ---------------------------------------------------------------------------------------------
 # Small helpers (plain functions: the tests call them directly)
 # ---------------------------------------------------------------------------------------------
-def _history(ctx: AppContext):
-    if ctx.history is None:  # the app creates it; a bare AppContext (tests) may not have
-        ctx.history = runs.RunHistory(ctx.runs_dir).attach(ctx.manager)
-    return ctx.history
+_history = run_history
 
 
-def run_choices(ctx: AppContext, need: str | None = None) -> list[tuple[str, str]]:
-    """(label, run id) pairs, newest first: queued and live runs too unless ``need`` says otherwise."""
-    return _history(ctx).choices(need=need)
+def run_choices(ctx: AppContext, need: str | None = None, who: identity.Who | None = None) -> list[tuple[str, str]]:
+    """(label, run id) pairs, newest first: queued and live runs too unless ``need`` says otherwise;
+    with ``who``, only the runs they may see (all of them unless runs are private)."""
+    return _history(ctx).choices(need=need, who=who, private=ctx.private_runs)
 
 
-def group_choices(ctx: AppContext) -> list[tuple[str, str]]:
-    """(label, group id) of every comparison in the history, newest first."""
-    return [(g["label"], g["group_id"]) for g in compare.list_groups(_history(ctx))]
+def group_choices(ctx: AppContext, who: identity.Who | None = None) -> list[tuple[str, str]]:
+    """(label, group id) of every comparison in the history that ``who`` may see, newest first."""
+    return [(g["label"], g["group_id"]) for g in compare.list_groups(_history(ctx))
+            if who is None or identity.can_view(g["owner"] if isinstance(g["owner"], str) else None,
+                                                who, ctx.private_runs)]
+
+
+def visible(ctx: AppContext, who: identity.Who | None, run_ids) -> list[str]:
+    """The runs of ``run_ids`` that are runs of this history and that ``who`` may see (a list the
+    page sent back is not trusted: an id can be made up, and runs can be private)."""
+    out = []
+    for r in run_ids or []:
+        try:
+            if who is not None:
+                _history(ctx).check_access(r, who, private=ctx.private_runs)
+            out.append(r)
+        except LabError:
+            continue
+    return out
 
 
 def _keep(value, choices) -> list[str] | str | None:
@@ -226,9 +240,12 @@ def _live(ctx: AppContext, run_ids) -> bool:
     return any((j := ctx.manager.find(r)) is not None and not j.done for r in run_ids or [])
 
 
-def history_table(ctx: AppContext, filter_text: str | None = None, status: str | None = None) -> pd.DataFrame:
+def history_table(ctx: AppContext, filter_text: str | None = None, status: str | None = None,
+                  who: identity.Who | None = None) -> pd.DataFrame:
     df = _history(ctx).list(filter_text=filter_text or None,
                             status=None if status in (None, "", ALL_STATUSES) else status)
+    if who is not None and ctx.private_runs:
+        df = df[[identity.can_view(o if isinstance(o, str) else None, who, True) for o in df["owner"]]]
     pct = lambda s: (pd.to_numeric(s, errors="coerce") * 100).round(1)  # noqa: E731
     return _for_display(pd.DataFrame({
         "run id": df["run_id"], "name": df["name"].fillna(""), "tags": df["tags"].fillna(""),
@@ -255,31 +272,28 @@ def owner_label(owner) -> str:
     return owner
 
 
-def _export_dir(ctx: AppContext, run_id: str) -> Path:
-    run_dir = _history(ctx).run_dir(run_id)
-    if not (run_dir / runs.CONFIG_FILE).is_file():
-        raise ConfigError(f"Run {run_id} has no folder yet (still queued?): nothing to export.")
-    out = run_dir / "exports"
-    out.mkdir(exist_ok=True)
-    return out
-
-
-def export_files(ctx: AppContext, run_id: str | None, kind: str) -> list[str]:
-    """Create the files to download for ``kind`` (checkpoint, torchscript, onnx, metrics) in the
-    run folder's exports/ (served by Gradio: runs_dir is an allowed path)."""
+def export_files(ctx: AppContext, run_id: str | None, kind: str, who: identity.Who | None = None) -> list[str]:
+    """Create the files to download for ``kind`` (checkpoint, torchscript, onnx, metrics) in a
+    fresh temporary folder, after checking that ``who`` may export the run (None: a trusted
+    caller). Gradio copies what the handler returns into its cache and serves that copy; the
+    runs folder itself is never served."""
     if not run_id:
         raise ConfigError("Pick a run in the history table first.")
     if kind not in EXPORT_KINDS:
         raise ConfigError(f"Unknown export {kind!r}; choose one of {', '.join(EXPORT_KINDS)}.")
-    out = _export_dir(ctx, run_id)
-    run_dir = out.parent
+    h = _history(ctx)
+    if who is not None:
+        h.check_access(run_id, who, "export")
+    run_dir = h.run_dir(run_id)
+    if not (run_dir / runs.CONFIG_FILE).is_file():
+        raise ConfigError(f"Run {run_id} has no folder yet (still queued?): nothing to export.")
+    out = Path(tempfile.mkdtemp(prefix="lab-export-"))   # one per request: no user sees another's files
     if kind == "metrics":
         return [str(p) for p in export.export_metrics_csv(run_dir, out)]
     from core.inference import find_checkpoint
     ckpt = find_checkpoint(run_dir)
     if kind == "checkpoint":
         dest = out / f"{run_id}-{ckpt.name}"
-        dest.unlink(missing_ok=True)
         try:
             os.link(ckpt, dest)          # no copy of a big file when the file system allows it
         except OSError:
@@ -292,11 +306,14 @@ def export_files(ctx: AppContext, run_id: str | None, kind: str) -> list[str]:
     return [str(path), str(path.with_suffix(".json"))]
 
 
-def pair_view(ctx: AppContext, run_a: str | None, run_b: str | None, normalize: bool = True):
-    """(heatmap A, heatmap B, summary markdown, difference table) for two runs."""
+def pair_view(ctx: AppContext, run_a: str | None, run_b: str | None, normalize: bool = True,
+              who: identity.Who | None = None):
+    """(heatmap A, heatmap B, summary markdown, difference table) for two runs (that ``who`` may see)."""
     h = _history(ctx)
     figs, reports, labels = [], [], []
     for which, run_id in (("A", run_a), ("B", run_b)):
+        if run_id and who is not None:
+            h.check_access(run_id, who, private=ctx.private_runs)
         if not run_id:
             figs.append(plots.empty_figure(f"Pick run {which}", f"Run {which}"))
             reports.append(None)
@@ -426,8 +443,14 @@ def build(ctx: AppContext) -> None:
     timer = gr.Timer(POLL_S, active=False)
 
     # ---- handlers ------------------------------------------------------------------------
-    def _selection_update(value):
-        choices = run_choices(ctx)
+    # Every handler that reads or changes runs takes the browser token and the request: who asks
+    # decides what they see (--private-runs) and what they may change (core.identity). Run ids
+    # the page sends back are checked against the history; nothing is taken as a path.
+    def _who(browser_id, request):
+        return who_is(ctx, request, browser_id)
+
+    def _selection_update(value, who):
+        choices = run_choices(ctx, who=who)
         return gr.update(choices=choices, value=_keep(list(value or []), choices))
 
     def _render(run_ids, memory_sync: bool = False, live: bool | None = None):
@@ -473,25 +496,28 @@ def build(ctx: AppContext) -> None:
         base.epochs = int(values[epochs])
         configs = compare.plan_comparison(base, values[models], compare.parse_lrs(values[lrs]),
                                           compare.parse_freeze_modes(values[freeze]))
-        group = compare.submit_comparison(ctx.manager, configs, owner_of(request, browser_id), _history(ctx))
+        who = _who(browser_id, request)
+        group = compare.submit_comparison(ctx.manager, configs, who.owner, _history(ctx))
         session["cmp_group"] = str(group)
         fig, board_df, qtext, _ = _render(group.run_ids)
-        choices = run_choices(ctx)
+        choices = run_choices(ctx, who=who)
         return (gr.update(choices=choices, value=list(group.run_ids)), fig, board_df,
                 f"Queued {len(configs)} run(s) as comparison {group}.\n" + qtext, gr.Timer(active=True))
 
-    def _pair_defaults(run_ids, a, b):
+    def _pair_defaults(run_ids, a, b, who):
         """Fill the empty side-by-side dropdowns with the first two evaluated selected runs."""
         if a and b:
             return gr.skip(), gr.skip()
-        evaluated = run_choices(ctx, need="eval")
+        evaluated = run_choices(ctx, need="eval", who=who)
         ids = {v for _, v in evaluated}
         picks = [r for r in run_ids or [] if r in ids]
         if len(picks) < 2:
             return gr.skip(), gr.skip()
         return gr.update(choices=evaluated, value=picks[0]), gr.update(choices=evaluated, value=picks[1])
 
-    def poll(run_ids, a=None, b=None, filter_text=None, status=None):
+    def poll(run_ids, a=None, b=None, filter_text=None, status=None, browser_id=None, request: gr.Request = None):
+        who = _who(browser_id, request)
+        run_ids = visible(ctx, who, run_ids)
         # Read before rendering: if a run ends while the leaderboard is drawn from the index, the
         # timer goes on and the next tick re-reads its folder (else it stayed 'running').
         live = _live(ctx, run_ids)
@@ -500,118 +526,131 @@ def build(ctx: AppContext) -> None:
             return (gr.skip(), fig, board_df, qtext, gr.Timer(active=True), gr.skip(), gr.skip(), gr.skip())
         # Last tick: refresh the run labels (statuses), open the side-by-side view, and show the
         # finished runs in the history table (it only refreshed on request before).
-        return ((_selection_update(run_ids), fig, board_df, qtext, gr.Timer(active=False))
-                + _pair_defaults(run_ids, a, b) + (history_table(ctx, filter_text, status),))
+        return ((_selection_update(run_ids, who), fig, board_df, qtext, gr.Timer(active=False))
+                + _pair_defaults(run_ids, a, b, who) + (history_table(ctx, filter_text, status, who),))
 
     @safe
-    def show_selected(run_ids, a=None, b=None):
+    def show_selected(run_ids, a=None, b=None, browser_id=None, request: gr.Request = None):
+        who = _who(browser_id, request)
+        run_ids = visible(ctx, who, run_ids)
         live = _live(ctx, run_ids)
         fig, board_df, qtext, _ = _render(run_ids, memory_sync=not live, live=live)
         # The side-by-side view starts with the first two evaluated runs of the selection.
-        return (fig, board_df, qtext, gr.Timer(active=live)) + _pair_defaults(run_ids, a, b)
+        return (fig, board_df, qtext, gr.Timer(active=live)) + _pair_defaults(run_ids, a, b, who)
 
     @safe
-    def pick_group(group_id, session=None):
+    def pick_group(group_id, session=None, browser_id=None, request: gr.Request = None):
         if not group_id:
             return (gr.skip(),) * 7
+        who = _who(browser_id, request)
+        if group_id not in {g for _, g in group_choices(ctx, who)}:
+            raise ConfigError("No such comparison here: pick one from the list.")
         if session is not None:
             session["cmp_group"] = group_id
         ids = compare.group_run_ids(group_id, _history(ctx))
         # A new selection: the side-by-side view starts again from its first two evaluated runs.
-        return (gr.update(choices=run_choices(ctx), value=ids),) + show_selected(ids, None, None)
+        return (gr.update(choices=run_choices(ctx, who=who), value=ids),) + show_selected(ids, None, None,
+                                                                                          browser_id, request)
 
     def refresh_groups(session, browser_id, request: gr.Request):
         """The comparison list; the value is this session's comparison, else this browser's latest."""
-        choices = group_choices(ctx)
+        who = _who(browser_id, request)
+        choices = group_choices(ctx, who)
         current = (session or {}).get("cmp_group")
         if current is None:
-            own = compare.list_groups(_history(ctx), owner=owner_of(request, browser_id))
+            own = compare.list_groups(_history(ctx), owner=who.owner)
             current = own[0]["group_id"] if own else None
         return gr.update(choices=choices, value=_keep(current, choices))
 
     @safe
     def stop_selected(run_ids, browser_id, request: gr.Request):
-        owner = owner_of(request, browser_id)
+        who = _who(browser_id, request)
         stopped, others = [], []
         for r in run_ids or []:
             job = ctx.manager.find(r)
             if job is None or job.done:
                 continue
-            if job.owner != owner:
+            if not identity.can_change(job.owner, who):
                 others.append(r)
                 continue
             ctx.manager.stop(r)
             stopped.append(r)
         text = f"Stopping {len(stopped)} run(s) (each keeps a checkpoint; Resume in the history continues it)."
         if others:
-            text += f" {len(others)} run(s) belong to someone else and were left running."
-        return text + "\n" + queue_text(ctx, run_ids)
+            text += (f" {len(others)} run(s) belong to someone else and were left running: only their owner "
+                     "or the teacher can stop them.")
+        return text + "\n" + queue_text(ctx, visible(ctx, who, run_ids))
 
     @safe
-    def refresh_choices(run_ids, a, b, hist_value):
-        choices = run_choices(ctx)
-        evaluated = run_choices(ctx, need="eval")
+    def refresh_choices(run_ids, a, b, hist_value, browser_id=None, request: gr.Request = None):
+        who = _who(browser_id, request)
+        choices = run_choices(ctx, who=who)
+        evaluated = run_choices(ctx, need="eval", who=who)
         return (gr.update(choices=choices, value=_keep(list(run_ids or []), choices)),
                 gr.update(choices=evaluated, value=_keep(a, evaluated)),
                 gr.update(choices=evaluated, value=_keep(b, evaluated)),
                 gr.update(choices=choices, value=_keep(hist_value, choices)))
 
     @safe
-    def leaderboard_csv(run_ids):
+    def leaderboard_csv(run_ids, browser_id=None, request: gr.Request = None):
+        run_ids = visible(ctx, _who(browser_id, request), run_ids)
         if not run_ids:
             raise ConfigError("Pick runs to compare first: the CSV is the leaderboard of the selected runs.")
         df = compare.leaderboard(_history(ctx), list(run_ids), memory=True)
-        folder = Path(tempfile.gettempdir()) / "classifier-lab"
-        path = folder / f"leaderboard-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+        path = Path(tempfile.mkdtemp(prefix="lab-leaderboard-")) / f"leaderboard-{time.strftime('%Y%m%d-%H%M%S')}.csv"
         return gr.update(value=str(compare.leaderboard_csv(df, path)), visible=True)  # hidden until there is one
 
     @safe
-    def show_pair(a, b, normalize_rows):
-        return pair_view(ctx, a, b, bool(normalize_rows))
+    def show_pair(a, b, normalize_rows, browser_id=None, request: gr.Request = None):
+        return pair_view(ctx, a, b, bool(normalize_rows), _who(browser_id, request))
 
     @safe
-    def refresh_history(filter_text, status):
-        return history_table(ctx, filter_text, status)
+    def refresh_history(filter_text, status, browser_id=None, request: gr.Request = None):
+        return history_table(ctx, filter_text, status, _who(browser_id, request))
 
     @safe
-    def select_row(df: pd.DataFrame, evt: gr.SelectData):
+    def select_row(df: pd.DataFrame, browser_id, request: gr.Request, evt: gr.SelectData):
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         if df is None or row is None or row >= len(df):
             return gr.skip()
-        return gr.update(value=str(df.iloc[row]["run id"]), choices=run_choices(ctx))
+        return gr.update(value=str(df.iloc[row]["run id"]), choices=run_choices(ctx, who=_who(browser_id, request)))
 
     @safe
-    def fill_fields(run_id):
+    def fill_fields(run_id, browser_id=None, request: gr.Request = None):
         if not run_id:
             return "", "", ""
+        _history(ctx).check_access(run_id, _who(browser_id, request), private=ctx.private_runs)
         row = _history(ctx).get(run_id, refresh=False)
         return row.get("name") or "", row.get("tags") or "", ""
 
-    def _after_edit(message, filter_text, status):
-        return message, history_table(ctx, filter_text, status)
+    def _after_edit(message, filter_text, status, who):
+        return message, history_table(ctx, filter_text, status, who)
 
     @safe
-    def rename(run_id, new_name, filter_text, status):
+    def rename(run_id, new_name, filter_text, status, browser_id=None, request: gr.Request = None):
         if not run_id:
             raise ConfigError("Pick a run in the history table first.")
-        _history(ctx).rename(run_id, new_name)
+        who = _who(browser_id, request)
+        _history(ctx).rename(run_id, new_name, who=who)
         return _after_edit(f"Renamed {run_id} to “{new_name.strip()}”." if (new_name or "").strip()
-                           else f"Cleared the name of {run_id}.", filter_text, status)
+                           else f"Cleared the name of {run_id}.", filter_text, status, who)
 
     @safe
-    def save_tags(run_id, tag_text, filter_text, status):
+    def save_tags(run_id, tag_text, filter_text, status, browser_id=None, request: gr.Request = None):
         if not run_id:
             raise ConfigError("Pick a run in the history table first.")
-        row = _history(ctx).set_tags(run_id, tag_text)
-        return _after_edit(f"Tags of {run_id}: {row.get('tags') or '(none)'}.", filter_text, status)
+        who = _who(browser_id, request)
+        row = _history(ctx).set_tags(run_id, tag_text, who=who)
+        return _after_edit(f"Tags of {run_id}: {row.get('tags') or '(none)'}.", filter_text, status, who)
 
     @safe
-    def delete(run_id, confirm_text, filter_text, status, run_ids):
+    def delete(run_id, confirm_text, filter_text, status, run_ids, browser_id=None, request: gr.Request = None):
         if not run_id:
             raise ConfigError("Pick a run in the history table first.")
-        message = _history(ctx).delete(run_id, confirm_text)
-        msg, table_df = _after_edit(message, filter_text, status)
-        choices = run_choices(ctx)
+        who = _who(browser_id, request)
+        message = _history(ctx).delete(run_id, confirm_text, who=who)
+        msg, table_df = _after_edit(message, filter_text, status, who)
+        choices = run_choices(ctx, who=who)
         return (msg, table_df, "", gr.update(choices=choices, value=None),
                 gr.update(choices=choices, value=_keep(list(run_ids or []), choices)))
 
@@ -621,30 +660,34 @@ def build(ctx: AppContext) -> None:
             raise ConfigError("Pick a run in the history table first: a stopped, failed or interrupted one "
                               "goes on where it stopped; a finished one trains further up to 'Epochs in all'.")
         epochs = int(epochs or 0) or None   # 0 or empty: as planned
-        job = _history(ctx).resume(run_id, owner=owner_of(request, browser_id), epochs=epochs)
-        ids = list(dict.fromkeys(list(run_ids or []) + [job.job_id]))
-        choices = run_choices(ctx)
+        who = _who(browser_id, request)
+        job = _history(ctx).resume(run_id, epochs=epochs, who=who)   # the run keeps its owner
+        ids = list(dict.fromkeys(visible(ctx, who, run_ids) + [job.job_id]))
+        choices = run_choices(ctx, who=who)
         # The box goes back to 0: a number left there must not re-plan the next run resumed.
         return (f"Resuming {run_id} from its last checkpoint, up to epoch {job.config.epochs} ({job.status}); "
                 "it is added to the comparison above.",
                 gr.update(choices=choices, value=ids), gr.Timer(active=True), 0)
 
     @safe
-    def add_to_comparison(run_id, run_ids):
+    def add_to_comparison(run_id, run_ids, browser_id=None, request: gr.Request = None):
         if not run_id:
             raise ConfigError("Pick a run in the history table first.")
-        ids = list(dict.fromkeys(list(run_ids or []) + [run_id]))
-        return gr.update(choices=run_choices(ctx), value=ids)
+        who = _who(browser_id, request)
+        _history(ctx).check_access(run_id, who, private=ctx.private_runs)
+        ids = list(dict.fromkeys(visible(ctx, who, run_ids) + [run_id]))
+        return gr.update(choices=run_choices(ctx, who=who), value=ids)
 
     def make_export(kind):
         @safe
-        def do_export(run_id):
-            files = export_files(ctx, run_id, kind)
+        def do_export(run_id, browser_id=None, request: gr.Request = None):
+            files = export_files(ctx, run_id, kind, _who(browser_id, request))
             return files, f"Exported {kind} of {run_id}: " + ", ".join(Path(f).name for f in files)
         do_export.__name__ = f"export_{kind}"
         return do_export
 
     # ---- wiring --------------------------------------------------------------------------
+    me = ctx.browser_id   # the browser token, last input of every run handler
     for w in (models, lrs, freeze, epochs):
         w.change(preview_plan, [models, lrs, freeze, epochs], plan, api_visibility="private",
                  show_progress="hidden", concurrency_limit=None)
@@ -652,43 +695,45 @@ def build(ctx: AppContext) -> None:
     train_inputs = ctx.field_widgets() | {ctx.session, ctx.browser_id, models, lrs, freeze, epochs}
     train.click(train_all, inputs=train_inputs, outputs=live_outputs, api_name="compare_train_all",
                 show_progress="hidden", concurrency_limit=None).then(
-        refresh_groups, [ctx.session, ctx.browser_id], group_pick, api_visibility="private",
+        refresh_groups, [ctx.session, me], group_pick, api_visibility="private",
         show_progress="hidden", concurrency_limit=None)
-    stop.click(stop_selected, [selected, ctx.browser_id], queue, api_name="compare_stop",
+    stop.click(stop_selected, [selected, me], queue, api_name="compare_stop",
                show_progress="hidden", concurrency_limit=None)
-    timer.tick(poll, [selected, run_a, run_b, filt, status_f], [selected, curves, board, queue, timer, run_a, run_b, table],
+    timer.tick(poll, [selected, run_a, run_b, filt, status_f, me],
+               [selected, curves, board, queue, timer, run_a, run_b, table],
                api_name="compare_poll", show_progress="hidden", concurrency_limit=None)
     show_outputs = [curves, board, queue, timer, run_a, run_b]
-    selected.input(show_selected, [selected, run_a, run_b], show_outputs, api_name="compare_show",
+    selected.input(show_selected, [selected, run_a, run_b, me], show_outputs, api_name="compare_show",
                    concurrency_limit=None)
-    group_pick.input(pick_group, [group_pick, ctx.session], [selected] + show_outputs, api_name="compare_group",
-                     concurrency_limit=None)
-    refresh.click(refresh_choices, [selected, run_a, run_b, hist_run], [selected, run_a, run_b, hist_run],
-                  api_name="compare_runs", concurrency_limit=None)
-    csv_btn.click(leaderboard_csv, selected, csv_file, api_name="compare_csv", concurrency_limit=None)
-    pair_inputs, pair_outputs = [run_a, run_b, normalize], [cm_a, cm_b, pair_md, pair_table]
+    group_pick.input(pick_group, [group_pick, ctx.session, me], [selected] + show_outputs,
+                     api_name="compare_group", concurrency_limit=None)
+    lists = [selected, run_a, run_b, hist_run]
+    refresh.click(refresh_choices, lists + [me], lists, api_name="compare_runs", concurrency_limit=None)
+    csv_btn.click(leaderboard_csv, [selected, me], csv_file, api_name="compare_csv", concurrency_limit=None)
+    pair_inputs, pair_outputs = [run_a, run_b, normalize, me], [cm_a, cm_b, pair_md, pair_table]
     for w in (run_a, run_b, normalize):
         w.change(show_pair, pair_inputs, pair_outputs, api_visibility="private", concurrency_limit=None)
-    hist_inputs = [filt, status_f]
+    hist_inputs = [filt, status_f, me]
     hist_refresh.click(refresh_history, hist_inputs, table, api_name="compare_history", concurrency_limit=None)
     filt.submit(refresh_history, hist_inputs, table, api_visibility="private", concurrency_limit=None)
     status_f.change(refresh_history, hist_inputs, table, api_visibility="private", concurrency_limit=None)
-    table.select(select_row, table, hist_run, api_visibility="private", concurrency_limit=None)
-    hist_run.change(fill_fields, hist_run, [name, tags, confirm], api_visibility="private", concurrency_limit=None)
-    rename_btn.click(rename, [hist_run, name, filt, status_f], [hist_msg, table], api_name="rename_run",
+    table.select(select_row, [table, me], hist_run, api_visibility="private", concurrency_limit=None)
+    hist_run.change(fill_fields, [hist_run, me], [name, tags, confirm], api_visibility="private",
+                    concurrency_limit=None)
+    rename_btn.click(rename, [hist_run, name, filt, status_f, me], [hist_msg, table], api_name="rename_run",
                      concurrency_limit=None)
-    tags_btn.click(save_tags, [hist_run, tags, filt, status_f], [hist_msg, table], api_name="tag_run",
+    tags_btn.click(save_tags, [hist_run, tags, filt, status_f, me], [hist_msg, table], api_name="tag_run",
                    concurrency_limit=None)
-    delete_btn.click(delete, [hist_run, confirm, filt, status_f, selected],
+    delete_btn.click(delete, [hist_run, confirm, filt, status_f, selected, me],
                      [hist_msg, table, confirm, hist_run, selected], api_name="delete_run", concurrency_limit=None)
-    resume_btn.click(resume, [hist_run, resume_epochs, selected, ctx.browser_id], [hist_msg, selected, timer, resume_epochs],
+    resume_btn.click(resume, [hist_run, resume_epochs, selected, me], [hist_msg, selected, timer, resume_epochs],
                      api_name="resume_run", concurrency_limit=None)
-    add_btn.click(add_to_comparison, [hist_run, selected], selected, api_visibility="private",
-                  concurrency_limit=None).then(show_selected, [selected, run_a, run_b], show_outputs,
+    add_btn.click(add_to_comparison, [hist_run, selected, me], selected, api_name="compare_add",
+                  concurrency_limit=None).then(show_selected, [selected, run_a, run_b, me], show_outputs,
                                                api_visibility="private", concurrency_limit=None)
     for btn, kind in ((exp_ckpt, "checkpoint"), (exp_ts, "torchscript"), (exp_onnx, "onnx"), (exp_csv, "metrics")):
         # Exports use the CPU for a few seconds: one at a time for the whole server.
-        btn.click(make_export(kind), hist_run, [exp_file, hist_msg], api_name=f"export_{kind}",
+        btn.click(make_export(kind), [hist_run, me], [exp_file, hist_msg], api_name=f"export_{kind}",
                   concurrency_id="cmp_export", concurrency_limit=1)
 
     ctx.shared["compare"] = {
@@ -702,9 +747,9 @@ def build(ctx: AppContext) -> None:
                      "show_pair": show_pair, "refresh_history": refresh_history, "rename": rename,
                      "save_tags": save_tags, "delete": delete, "resume": resume,
                      "add_to_comparison": add_to_comparison, "pick_group": pick_group,
-                     "refresh_groups": refresh_groups,
+                     "refresh_groups": refresh_groups, "fill_fields": fill_fields,
                      "export": {k: make_export(k) for k in EXPORT_KINDS}},
-        "reload": (refresh_choices, [selected, run_a, run_b, hist_run], refresh_history, hist_inputs, table),
+        "reload": (refresh_choices, lists + [me], lists, refresh_history, hist_inputs, table),
         "groups": (refresh_groups, pick_group, [selected] + show_outputs),
     }
 
@@ -713,13 +758,13 @@ def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
     """On page load and when the tab is opened: refresh the run lists and the history table; after
     a reload, select this browser's comparison runs that are still training and poll them."""
     shared = ctx.shared["compare"]
-    refresh_choices, lists, refresh_history, hist_inputs, table = shared["reload"]
+    refresh_choices, list_inputs, lists, refresh_history, hist_inputs, table = shared["reload"]
     w = shared["widgets"]
-    demo.load(refresh_choices, lists, lists, api_visibility="private")
+    demo.load(refresh_choices, list_inputs, lists, api_visibility="private")
     demo.load(refresh_history, hist_inputs, table, api_visibility="private")
     tab = ctx.shared.get("tab", {}).get("Compare")
     if tab is not None:
-        tab.select(refresh_choices, lists, lists, api_visibility="private")
+        tab.select(refresh_choices, list_inputs, lists, api_visibility="private")
         tab.select(refresh_history, hist_inputs, table, api_visibility="private")
 
     refresh_groups, _, group_outputs = shared["groups"]
@@ -728,16 +773,16 @@ def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
     def reconnect(session, browser_id, request: gr.Request):
         """After a reload or a server restart: show this browser's latest comparison again, whether
         it is still training (the timer follows it) or long finished (its curves and leaderboard)."""
-        owner = owner_of(request, browser_id)
-        own = compare.list_groups(_history(ctx), owner=owner)
-        choices = group_choices(ctx)
+        who = who_is(ctx, request, browser_id)
+        own = compare.list_groups(_history(ctx), owner=who.owner)
+        choices = group_choices(ctx, who)
         if not own:
             return (gr.update(choices=choices),) + (gr.skip(),) * 2
         latest = own[0]
         session["cmp_group"] = latest["group_id"]
         # The timer's first tick draws the curves and the leaderboard, and stops once none is live.
         return (gr.update(choices=choices, value=latest["group_id"]),
-                gr.update(choices=run_choices(ctx), value=latest["run_ids"]), gr.Timer(active=True))
+                gr.update(choices=run_choices(ctx, who=who), value=latest["run_ids"]), gr.Timer(active=True))
 
     shared["handlers"]["reconnect"] = reconnect
     ctx.browser_id.change(reconnect, [ctx.session, ctx.browser_id], [w["group"], w["selected"], w["timer"]],

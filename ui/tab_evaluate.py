@@ -8,7 +8,7 @@ import pandas as pd
 
 from core import runs
 from ui import plots
-from ui.common import AppContext, safe
+from ui.common import AppContext, run_history, safe, who_is
 
 GALLERY_LIMIT = 24
 PER_CLASS_HEADERS = ["class", "precision", "recall", "f1", "support"]
@@ -31,34 +31,31 @@ def build(ctx: AppContext) -> None:
                                      datatype=["str", "number", "number", "number", "number"],
                                      column_widths=["28%", "22%", "16%", "15%", "19%"])  # no "precisi/on"
     # 6 columns: a caption such as "airplane → automobile 61%" fits under a thumbnail (8 cut it off).
+    # The mistakes come as pixels (PNG: small images stay sharp), never as paths into the data folder.
     errors = gr.Gallery(label="Most confident mistakes (true class → predicted class, confidence)", columns=6,
-                        height=560, elem_id="eval_errors", object_fit="contain")
+                        height=560, elem_id="eval_errors", object_fit="contain", format="png")
 
     @safe
-    def refresh_runs(session: dict, current: str | None):
-        choices = runs.run_choices(ctx.runs_dir, need="eval")
-        paths = [p for _, p in choices]
-        value = current if current in paths else None
-        last = session.get("last_run_dir") if session else None
-        if value is None and last in paths:
-            value = last
-        if value is None and paths:
-            value = paths[0]
-        return gr.Dropdown(choices=choices, value=value)
+    def refresh_runs(session: dict, current: str | None, browser_id, request: gr.Request):
+        who = who_is(ctx, request, browser_id)
+        choices = run_history(ctx).choices(need="eval", who=who, private=ctx.private_runs)
+        return gr.Dropdown(choices=choices, value=pick_value(choices, current, session))
 
     @safe
-    def show(run_dir: str | None, normalize_rows: bool):
-        if not run_dir:
+    def show(run_id: str | None, normalize_rows: bool, browser_id, request: gr.Request):
+        if not run_id:
             return ("Train a model on the Train tab, then pick its run here.", plots.empty_figure("No run selected"),
                     pd.DataFrame(columns=PER_CLASS_HEADERS), [])
-        record = runs.load_run(run_dir, live_ids=set(ctx.manager.running()))
+        history = run_history(ctx)   # the id must be a run of the history, one this caller may see
+        history.check_access(run_id, who_is(ctx, request, browser_id), private=ctx.private_runs)
+        record = runs.load_run(history.run_dir(run_id), live_ids=set(ctx.manager.running()))
         report = record.report()
         if report is None:
-            return (f"Run {record.run_id} has no test evaluation yet ({record.status}).",
+            return (f"Run {history.label(run_id)} has no test evaluation yet ({record.status}).",
                     plots.empty_figure("No evaluation yet"), pd.DataFrame(columns=PER_CLASS_HEADERS), [])
         split = record.eval.get("split", "test")
         topk = " · ".join(f"top-{k}: **{v:.1%}**" for k, v in sorted(report.topk.items()) if k != 1)
-        text = (f"**{record.label}** — {record.config.model.name if record.config else '?'} on "
+        text = (f"**{history.label(run_id)}** — {record.config.model.name if record.config else '?'} on "
                 f"{report.num_samples} {split} images: accuracy **{report.accuracy:.1%}**"
                 f"{' · ' + topk if topk else ''} · macro F1 **{report.macro_f1:.3f}** · "
                 f"weighted F1 {report.weighted_f1:.3f}")
@@ -76,14 +73,28 @@ def build(ctx: AppContext) -> None:
         return text, fig, table, gallery
 
     outputs = [summary, matrix, per_class, errors]
-    refresh.click(refresh_runs, [ctx.session, run], run, api_name="eval_runs", concurrency_limit=None)
-    run.change(show, [run, normalize], outputs, api_name="evaluate_run", concurrency_limit=None)
-    normalize.change(show, [run, normalize], outputs, api_visibility="private", concurrency_limit=None)
-    ctx.shared["eval_refresh"] = (refresh_runs, run)
+    list_inputs = [ctx.session, run, ctx.browser_id]
+    refresh.click(refresh_runs, list_inputs, run, api_name="eval_runs", concurrency_limit=None)
+    run.change(show, [run, normalize, ctx.browser_id], outputs, api_name="evaluate_run", concurrency_limit=None)
+    normalize.change(show, [run, normalize, ctx.browser_id], outputs, api_visibility="private", concurrency_limit=None)
+    ctx.shared["eval_refresh"] = (refresh_runs, list_inputs, run)
+    ctx.shared["eval_handlers"] = {"refresh_runs": refresh_runs, "show": show}
+
+
+def pick_value(choices: list[tuple[str, str]], current: str | None, session: dict | None) -> str | None:
+    """Which run a refreshed list shows: the one shown before, else the run this page trained
+    last, else the newest."""
+    ids = [v for _, v in choices]
+    for candidate in (current, (session or {}).get("last_run_id")):
+        if candidate in ids:
+            return candidate
+    return ids[0] if ids else None
 
 
 def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
-    refresh_runs, run = ctx.shared["eval_refresh"]
-    demo.load(refresh_runs, [ctx.session, run], run, api_visibility="private")
+    refresh_runs, inputs, run = ctx.shared["eval_refresh"]
+    demo.load(refresh_runs, inputs, run, api_visibility="private")
     # The list is refreshed whenever the Evaluate tab is opened, so a run that just finished appears.
-    ctx.shared["tab"]["Evaluate"].select(refresh_runs, [ctx.session, run], run, api_visibility="private")
+    ctx.shared["tab"]["Evaluate"].select(refresh_runs, inputs, run, api_visibility="private")
+    # ...and once the page has its browser token (the list can depend on who asks: --private-runs).
+    ctx.browser_id.change(refresh_runs, inputs, run, api_visibility="private", show_progress="hidden")

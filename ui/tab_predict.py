@@ -10,10 +10,10 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from core import datasets, runs
+from core import datasets
 from core.inference import TTA_CHOICES, Predictor, find_checkpoint
-from ui import plots
-from ui.common import ASSETS, AppContext, safe
+from ui.common import ASSETS, AppContext, run_history, safe, who_is
+from ui.tab_evaluate import pick_value
 
 EXAMPLES = sorted(str(p) for p in (ASSETS / "examples").glob("*.jpg"))
 CACHE_SIZE = 4  # predictors kept in memory (one model each), shared by all browsers
@@ -120,37 +120,39 @@ def build(ctx: AppContext) -> None:
                              interactive=False, elem_id="predict_table")
         download = gr.File(label="Predictions as CSV", interactive=False)
 
-    def checkpoint_path(source_value: str, run_dir: str | None, uploaded) -> str:
+    def checkpoint_path(source_value: str, run_id: str | None, uploaded, browser_id, request) -> str:
         if source_value.startswith("A checkpoint"):
             if not uploaded:
                 raise gr.Error("Upload a .pth checkpoint first (a best.pth or last.pth from a run folder).")
             return uploaded if isinstance(uploaded, str) else uploaded.name
-        if not run_dir:
+        if not run_id:
             raise gr.Error("No trained run yet: train one on the Train tab, or upload a checkpoint.")
-        return str(find_checkpoint(run_dir))
+        history = run_history(ctx)   # an id of the history that this caller may see; never a path
+        history.check_access(run_id, who_is(ctx, request, browser_id), private=ctx.private_runs)
+        return str(find_checkpoint(history.run_dir(run_id)))
 
     @safe
-    def describe(source_value, run_dir, uploaded):
-        if (source_value.startswith("A trained") and not run_dir) or (source_value.startswith("A checkpoint") and not uploaded):
+    def describe(source_value, run_id, uploaded, browser_id, request: gr.Request):
+        if (source_value.startswith("A trained") and not run_id) or (source_value.startswith("A checkpoint") and not uploaded):
             return ""
-        p = cache.get(checkpoint_path(source_value, run_dir, uploaded))
+        p = cache.get(checkpoint_path(source_value, run_id, uploaded, browser_id, request))
         c, h, w = p.input_shape
         return (f"**{p.model_name}**, {len(p.classes)} classes ({', '.join(p.classes[:12])}"
                 f"{'…' if len(p.classes) > 12 else ''}); input {w}×{h} {'grayscale' if c == 1 else 'RGB'}; "
                 f"{_trained_text(p)}. Images are resized and normalised as in training.")
 
     @safe
-    def predict(img, source_value, run_dir, uploaded, tta_value):
+    def predict(img, source_value, run_id, uploaded, tta_value, browser_id, request: gr.Request):
         if img is None:
             return None
-        p = cache.get(checkpoint_path(source_value, run_dir, uploaded))
+        p = cache.get(checkpoint_path(source_value, run_id, uploaded, browser_id, request))
         return dict(p.predict(img, topk=5, tta=tta_value))
 
     @safe
-    def predict_files(files, source_value, run_dir, uploaded, tta_value):
+    def predict_files(files, source_value, run_id, uploaded, tta_value, browser_id, request: gr.Request):
         if not files:
             return pd.DataFrame(columns=["image", "prediction", "probability", "top_k", "error"]), None
-        p = cache.get(checkpoint_path(source_value, run_dir, uploaded))
+        p = cache.get(checkpoint_path(source_value, run_id, uploaded, browser_id, request))
         paths = [f if isinstance(f, str) else f.name for f in files]
         df = p.predict_many(paths, topk=5, tta=tta_value, names=[Path(x).name for x in paths])
         out = Path(tempfile.mkdtemp(prefix="lab-predictions-")) / "predictions.csv"
@@ -158,13 +160,10 @@ def build(ctx: AppContext) -> None:
         return df, str(out)
 
     @safe
-    def refresh_runs(session: dict, current: str | None):
-        choices = runs.run_choices(ctx.runs_dir, need="checkpoint")
-        paths = [p for _, p in choices]
-        value = current if current in paths else (session or {}).get("last_run_dir")
-        if value not in paths:
-            value = paths[0] if paths else None
-        return gr.Dropdown(choices=choices, value=value)
+    def refresh_runs(session: dict, current: str | None, browser_id, request: gr.Request):
+        who = who_is(ctx, request, browser_id)
+        choices = run_history(ctx).choices(need="checkpoint", who=who, private=ctx.private_runs)
+        return gr.Dropdown(choices=choices, value=pick_value(choices, current, session))
 
     def toggle(source_value):
         from_run = source_value.startswith("A trained")
@@ -172,18 +171,26 @@ def build(ctx: AppContext) -> None:
 
     model_inputs = [source, run, upload]
     source.change(toggle, source, [run, refresh, upload], api_visibility="private")
-    refresh.click(refresh_runs, [ctx.session, run], run, api_name="predict_runs", concurrency_limit=None)
+    list_inputs = [ctx.session, run, ctx.browser_id]
+    refresh.click(refresh_runs, list_inputs, run, api_name="predict_runs", concurrency_limit=None)
     for trigger in (run.change, upload.change):
-        trigger(describe, model_inputs, info, api_visibility="private", concurrency_limit=None)
-    image.change(predict, [image, *model_inputs, tta], label, api_name="predict", concurrency_limit=None)
-    tta.change(predict, [image, *model_inputs, tta], label, api_visibility="private", concurrency_limit=None)
-    many.upload(predict_files, [many, *model_inputs, tta], [table, download], api_name="predict_many",
+        trigger(describe, [*model_inputs, ctx.browser_id], info, api_visibility="private", concurrency_limit=None)
+    predict_inputs = [image, *model_inputs, tta, ctx.browser_id]
+    # A refused image (or model) leaves no top-5 of the previous image beside it: {} is what the
+    # Label gets for None from Python (null itself breaks the Label in the page).
+    # (In the page itself: no round trip, and nothing an API caller could call.)
+    image.change(predict, predict_inputs, label, api_name="predict", concurrency_limit=None).failure(
+        None, None, label, js="() => ({})", api_visibility="private", show_progress="hidden")
+    tta.change(predict, predict_inputs, label, api_visibility="private", concurrency_limit=None)
+    many.upload(predict_files, [many, *model_inputs, tta, ctx.browser_id], [table, download], api_name="predict_many",
                 concurrency_limit=None)
-    ctx.shared["predict_refresh"] = (refresh_runs, run)
+    ctx.shared["predict_refresh"] = (refresh_runs, list_inputs, run)
+    ctx.shared["predict_handlers"] = {"predict": predict, "refresh_runs": refresh_runs, "describe": describe}
 
 
 def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
-    refresh_runs, run = ctx.shared["predict_refresh"]
-    demo.load(refresh_runs, [ctx.session, run], run, api_visibility="private")
-    ctx.shared["tab"]["Predict"].select(refresh_runs, [ctx.session, run], run, api_visibility="private")
+    refresh_runs, inputs, run = ctx.shared["predict_refresh"]
+    demo.load(refresh_runs, inputs, run, api_visibility="private")
+    ctx.shared["tab"]["Predict"].select(refresh_runs, inputs, run, api_visibility="private")
+    ctx.browser_id.change(refresh_runs, inputs, run, api_visibility="private", show_progress="hidden")
 
