@@ -236,7 +236,8 @@ class JobManager:
     """
 
     def __init__(self, runs_dir: str | Path = "runs", data_dir: str | Path = datasets.DEFAULT_DATA_DIR,
-                 max_jobs: int = 1, fit: Callable | None = None, max_job_memory: int | None = None):
+                 max_jobs: int = 1, fit: Callable | None = None, max_job_memory: int | None = None,
+                 train_threads: int | None = None):
         if max_jobs < 1:
             raise ConfigError(f"max_jobs must be at least 1, got {max_jobs}.")
         if max_job_memory is not None and max_job_memory <= 0:
@@ -247,6 +248,9 @@ class JobManager:
         self.data_dir = Path(data_dir)
         self.max_jobs = max_jobs
         self.max_job_memory = max_job_memory
+        if train_threads is not None and train_threads < 1:
+            raise ConfigError(f"train_threads must be at least 1, got {train_threads}.")
+        self.train_threads = train_threads   # each child's torch threads; None: as many as the server's
         self._fit = fit  # injectable for tests; default core.trainer.fit
         self._jobs: dict[str, Job] = {}
         self._queue: list[str] = []
@@ -477,7 +481,7 @@ class JobManager:
         proc = self._context.Process(
             target=_child_main, name=f"train-{job.job_id}",
             args=(self._fit or trainer.fit, job.config, kwargs, events_w, control_r,
-                  torch.get_num_threads(), dict(os.environ)))
+                  self.train_threads or torch.get_num_threads(), dict(os.environ)))
         try:
             proc.start()
         except BaseException:

@@ -236,3 +236,21 @@ def test_a_run_the_memory_check_cannot_size_is_admitted(tmp_path, tiny_config):
     job = manager.submit(tiny_config, owner="alice")
     manager.wait(job.job_id, timeout=60)
     assert job.status == ev.FAILED and "nope" in job.message
+
+
+def test_each_child_trains_with_the_threads_it_is_given(tmp_path, tiny_config):
+    """A class server leaves a core to the pages (launch.py --train-threads, default_train_threads)."""
+    import torch
+    manager = JobManager(runs_dir=tmp_path, max_jobs=1, fit=job_fits.threads_fit, train_threads=1)
+    try:
+        job = manager.submit(tiny_config, owner="alice")
+        manager.wait(job.job_id, timeout=60)
+        assert job.message == "1 threads"
+        manager.train_threads = None   # as many as the server's own torch
+        job = manager.submit(tiny_config, owner="alice")
+        manager.wait(job.job_id, timeout=60)
+        assert job.message == f"{torch.get_num_threads()} threads"
+    finally:
+        manager.shutdown(timeout=10)
+    with pytest.raises(ConfigError, match="train_threads must be at least 1"):
+        JobManager(runs_dir=tmp_path, train_threads=0)

@@ -396,6 +396,39 @@ def test_status_text_shows_the_queue_position(tiny_folder, tmp_path):
         manager.shutdown(timeout=10)
 
 
+def test_a_queued_page_renders_only_when_its_place_in_the_queue_moves(tmp_path, monkeypatch):
+    """30 students with queued runs poll every second: a queued page is redrawn when its place
+    changes, not at every tick."""
+    from core import identity
+    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1,
+                         fit=job_fits.fit_until_released)
+    ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs", secret="k" * 32)
+    with gr.Blocks():
+        ctx.session = gr.State({})
+        ctx.browser_id = gr.BrowserState(None)
+        tab_train.build(ctx)
+    poll, _ = ctx.shared["train_poll"]
+    try:
+        first = manager.submit(RunConfig(), owner="browser:a")
+        second = manager.submit(RunConfig(), owner="browser:b")
+        mine = manager.submit(RunConfig(), owner="browser:c")
+        token, session = identity.sign(ctx.secret, "c"), {}
+        assert poll(session, token, None)[0].startswith("Queued: position 2")
+
+        def no_snapshot():
+            raise AssertionError("a poll with nothing new built a snapshot")
+
+        monkeypatch.setattr(mine, "snapshot", no_snapshot)
+        assert poll(session, token, None)[:4] == (gr.skip(),) * 4
+        monkeypatch.undo()
+        manager.stop(second.job_id)   # the run ahead leaves the queue: this page moves up
+        assert poll(session, token, None)[0].startswith("Queued: position 1")
+        assert first.status in (ev.QUEUED, ev.RUNNING)
+    finally:
+        job_fits.release(tmp_path / "runs")
+        manager.shutdown(timeout=10)
+
+
 def test_poll_keeps_polling_when_the_run_ends_while_it_renders(tmp_path, monkeypatch):
     """Regression: the timer was switched off from job.done read *after* rendering, so a run that
     ended during a render left the page on "Training … final evaluation" for good."""
@@ -626,6 +659,17 @@ def test_launch_main_rejects_bad_arguments_with_a_message(capsys):
     assert "--teacher needs USER:PASS" in capsys.readouterr().err
     assert launch.main(["--auth", "tea:a", "--teacher", "tea:b"]) == 2
     assert "both name the user 'tea'" in capsys.readouterr().err
+    assert launch.main(["--auth", "ana:1", "--auth", "ana:2"]) == 2
+    assert "names the user 'ana' twice" in capsys.readouterr().err
+    logins = launch.parse_args(["--auth", "ana:1", "--auth", "ben:2:x", "--teacher", "tea:3"])
+    assert launch.parse_logins(logins) == ([("ana", "1"), ("ben", "2:x"), ("tea", "3")], ("tea", "3"))
+    assert launch.parse_logins(launch.parse_args(["--teacher", "tea:3"])) == (None, ("tea", "3"))
+    assert launch.main(["--train-threads", "0"]) == 2
+    assert "--train-threads must be at least 1" in capsys.readouterr().err
+    assert launch.default_train_threads("127.0.0.1", 1, cores=2) is None   # a laptop: every core trains
+    assert launch.default_train_threads("0.0.0.0", 1, cores=2) == 1        # a class: a core for the pages
+    assert launch.default_train_threads("0.0.0.0", 2, cores=9) == 4
+    assert launch.default_train_threads("0.0.0.0", 4, cores=2) == 1
     args = launch.parse_args([])
     assert (args.host, args.port, args.share, args.private_runs, args.teacher) == ("127.0.0.1", 7860, False, False, None)
     assert launch.parse_args(["--private-runs", "--teacher", "t:p"]).private_runs is True

@@ -158,13 +158,14 @@ def build(ctx: AppContext) -> None:
         job = _current_job(ctx, session, who.owner)
         if job is None or not can_view(job.owner, who, ctx.private_runs):
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False)
-        # Nothing new since the last render: one counter read, no snapshot, no plot (30 open pages
-        # poll every second). A queued job's text shows its place in the queue, which other jobs
-        # move, so it is rendered each time.
-        if session.get("seen") == job.changes and job.status != ev.QUEUED:
+        # Nothing new since the last render: a counter (and, while queued, the place in the queue,
+        # which other jobs move) read, no snapshot, no plot: 30 open pages poll every second.
+        place = ctx.manager.queue_position(job.job_id) if job.status == ev.QUEUED else None
+        if session.get("seen") == job.changes and session.get("seen_place") == place:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), (gr.Timer(active=False) if job.done else gr.skip())
         done = job.done  # read before rendering: a run that ends meanwhile is shown by the next tick
         rendered = _render(ctx, job, session)
+        session["seen_place"] = place
         return rendered + (gr.Timer(active=not done),)
 
     inputs = ctx.field_widgets() | {ctx.session, ctx.browser_id}
@@ -175,7 +176,7 @@ def build(ctx: AppContext) -> None:
     stop.click(stop_run, [ctx.session, ctx.browser_id], status, api_name="stop_training",
                show_progress="hidden", concurrency_limit=None)
     timer.tick(poll, [ctx.session, ctx.browser_id], outputs, api_name="poll_training",
-               show_progress="hidden", concurrency_limit=None)
+               show_progress="hidden", queue=False)
     ctx.shared["train_poll"] = (poll, outputs)
 
 
