@@ -109,6 +109,18 @@ def parse_logins(args: argparse.Namespace):
     return (auth or None), teacher
 
 
+def _argument_problem(args: argparse.Namespace, max_jobs: int) -> str | None:
+    """What is wrong with the numbers and folders given, in words (None: nothing)."""
+    if max_jobs < 1:
+        return f"--max-jobs must be at least 1, got {max_jobs}"
+    if args.train_threads is not None and args.train_threads < 1:
+        return f"--train-threads must be at least 1, got {args.train_threads}"
+    for root in args.data_roots or []:
+        if not os.path.isdir(os.path.expanduser(root)):
+            return f"--data-root {root} is not a folder on this server; give an existing folder"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -117,19 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     max_jobs = args.max_jobs if args.max_jobs is not None else default_max_jobs()
-    if max_jobs < 1:
-        print(f"error: --max-jobs must be at least 1, got {max_jobs}", file=sys.stderr)
-        return 2
-    if args.train_threads is not None and args.train_threads < 1:
-        print(f"error: --train-threads must be at least 1, got {args.train_threads}", file=sys.stderr)
+    problem = _argument_problem(args, max_jobs)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     threads = args.train_threads or default_train_threads(args.host, max_jobs)
-
-    for root in args.data_roots or []:
-        if not os.path.isdir(os.path.expanduser(root)):
-            print(f"error: --data-root {root} is not a folder on this server; give an existing folder",
-                  file=sys.stderr)
-            return 2
 
     from ui.app import build_app, launch_kwargs
     from core.jobs import JobManager

@@ -16,6 +16,7 @@ from typing import Sequence
 
 from core.config import RunConfig
 from core.errors import ConfigError
+from core.storage import format_size   # the one size format of messages; re-exported here
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 MEMINFO = Path("/proc/meminfo")
@@ -54,15 +55,6 @@ def parse_size(text: str | int) -> int:
     if n_bytes <= 0:
         raise ConfigError(f"A memory size must be more than 0 bytes, got {text!r}.")
     return n_bytes
-
-
-def format_size(n_bytes: float) -> str:
-    """``9.3 GiB``, ``512 MiB``, ``800 KiB``, ``12 bytes``: one decimal below 10 of a unit."""
-    for unit, size in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if abs(n_bytes) >= size:
-            value = n_bytes / size
-            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
-    return f"{int(n_bytes)} bytes"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def test_an_unreadable_size_says_how_to_write_one(text):
 
 def test_sizes_are_written_with_a_unit():
     assert [resources.format_size(n) for n in (12, 800 * 1024, 512 * MiB, int(9.3 * GiB), 20 * GiB)] == [
-        "12 bytes", "800 KiB", "512 MiB", "9.3 GiB", "20 GiB"]
+        "12 B", "800 KiB", "512 MiB", "9.3 GiB", "20 GiB"]
 
 
 def test_meminfo_available(tmp_path):

@@ -396,18 +396,22 @@ def test_status_text_shows_the_queue_position(tiny_folder, tmp_path):
         manager.shutdown(timeout=10)
 
 
-def test_a_queued_page_renders_only_when_its_place_in_the_queue_moves(tmp_path, monkeypatch):
-    """30 students with queued runs poll every second: a queued page is redrawn when its place
-    changes, not at every tick."""
-    from core import identity
-    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1,
-                         fit=job_fits.fit_until_released)
+def _train_tab(tmp_path, fit):
+    """A Train tab over a job manager that runs ``fit`` (tests/job_fits.py): (manager, ctx, poll)."""
+    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1, fit=fit)
     ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs", secret="k" * 32)
     with gr.Blocks():
         ctx.session = gr.State({})
         ctx.browser_id = gr.BrowserState(None)
         tab_train.build(ctx)
-    poll, _ = ctx.shared["train_poll"]
+    return manager, ctx, ctx.shared["train_poll"][0]
+
+
+def test_a_queued_page_renders_only_when_its_place_in_the_queue_moves(tmp_path, monkeypatch):
+    """30 students with queued runs poll every second: a queued page is redrawn when its place
+    changes, not at every tick."""
+    from core import identity
+    manager, ctx, poll = _train_tab(tmp_path, job_fits.fit_until_released)
     try:
         first = manager.submit(RunConfig(), owner="browser:a")
         second = manager.submit(RunConfig(), owner="browser:b")
@@ -432,14 +436,7 @@ def test_a_queued_page_renders_only_when_its_place_in_the_queue_moves(tmp_path, 
 def test_poll_keeps_polling_when_the_run_ends_while_it_renders(tmp_path, monkeypatch):
     """Regression: the timer was switched off from job.done read *after* rendering, so a run that
     ended during a render left the page on "Training … final evaluation" for good."""
-    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1,
-                         fit=job_fits.fit_until_released)
-    ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs", secret="k" * 32)
-    with gr.Blocks():
-        ctx.session = gr.State({})
-        ctx.browser_id = gr.BrowserState(None)
-        tab_train.build(ctx)
-    poll, _ = ctx.shared["train_poll"]
+    manager, ctx, poll = _train_tab(tmp_path, job_fits.fit_until_released)
     from core import identity
     b1 = identity.sign(ctx.secret, "b1")   # the page's token for browser id b1
     try:
@@ -473,14 +470,7 @@ def test_poll_keeps_polling_when_the_run_ends_while_it_renders(tmp_path, monkeyp
 def test_a_poll_with_nothing_new_reads_one_counter_and_renders_nothing(tmp_path, monkeypatch):
     """30 open pages poll every second: while a run has no news a poll must not build a snapshot,
     a plot or a log, yet keep the timer on; a stop request is news and is shown."""
-    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1,
-                         fit=job_fits.stubborn_fit)   # ignores the stop: the page stays on Stopping
-    ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs", secret="k" * 32)
-    with gr.Blocks():
-        ctx.session = gr.State({})
-        ctx.browser_id = gr.BrowserState(None)
-        tab_train.build(ctx)
-    poll, _ = ctx.shared["train_poll"]
+    manager, ctx, poll = _train_tab(tmp_path, job_fits.stubborn_fit)   # ignores the stop: the page stays on Stopping
     from core import identity
     b1 = identity.sign(ctx.secret, "b1")   # the page's token for browser id b1
     try:
