@@ -464,3 +464,26 @@ def test_tensorboard_log_for_one_run_from_the_train_tab(lab, tiny_zip):
     run_dir = lab["runs_dir"] / re.search(r"run (\S+):", out[0]).group(1)
     assert json.loads((run_dir / "config.json").read_text())["tensorboard"] is True
     assert list(run_dir.glob("events.out.tfevents.*"))   # the event file sits in the run folder
+
+
+def test_a_run_too_big_for_its_memory_is_refused_before_it_starts(lab):
+    """Issue 11's server killer: ResNet-50 without the small-input stem, batch 4096, on a server
+    whose runs may use 3 GiB (the limit the issue saw the kernel kill the server under). The memory
+    check refuses it with the largest batch that fits, queues nothing, and the page goes on."""
+    c = new_client(lab)
+    labels = {p["label"] for p in c.view_api(print_info=False, return_format="dict")["named_endpoints"]
+              ["/start_training"]["parameters"]}
+    stem = next(label for label in labels if label.startswith("Small-input stem"))
+    before = len(lab["manager"].jobs())
+    lab["manager"].max_job_memory = 3 * 2**30
+    try:
+        with pytest.raises(AppError) as e:
+            start(c, **{"Model": "resnet50", stem: False, "Batch size": "4096", "Device": "cpu"})
+    finally:
+        lab["manager"].max_job_memory = None
+    text = str(e.value)
+    assert "resnet50" in text and "4096" in text.replace(",", "") and "--max-job-memory" in text, text
+    fits = re.search(r"[Bb]atch (\d+) fits", text)
+    assert fits and 1 <= int(fits.group(1)) < 4096, text
+    assert len(lab["manager"].jobs()) == before   # nothing queued, no run folder started
+    assert poll(c)[-1]["active"] is False           # the page has no run to follow, and answers
