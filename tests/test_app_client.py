@@ -487,3 +487,32 @@ def test_a_run_too_big_for_its_memory_is_refused_before_it_starts(lab):
     assert fits and 1 <= int(fits.group(1)) < 4096, text
     assert len(lab["manager"].jobs()) == before   # nothing queued, no run folder started
     assert poll(c)[-1]["active"] is False           # the page has no run to follow, and answers
+
+
+def test_own_weights_reach_a_run_only_through_this_pages_upload(lab, tmp_path, session_data_dir):
+    """The 'Weights file used' box is read-only on the page but free text through the API: a server
+    path typed there (another user's checkpoint, any file) is refused without a look at the disk; an
+    upload is shown by its name, and a refused upload is not kept on the server."""
+    import torch
+
+    from core import models as M
+    c = new_client(lab)
+    weights_dir = Path(session_data_dir) / "weights"
+    for typed in (str(Path(__file__)), "/nonexistent/x.pth", "../runs/best.pth"):
+        with pytest.raises(AppError) as e:
+            start(c, **{"Weights file used": typed})
+        assert "was not uploaded on this page" in str(e.value) and "/" not in str(e.value).split("'")[1]
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint at all")
+    before = set(weights_dir.glob("*")) if weights_dir.exists() else set()
+    with pytest.raises(AppError):
+        c.predict(handle_file(str(junk)), "tutorial_net", True, api_name="/load_weights")
+    assert (set(weights_dir.glob("*")) if weights_dir.exists() else set()) == before
+    good = tmp_path / "mine.pth"
+    torch.save(M.create_model("tutorial_net", 10, input_size=32).model.state_dict(), good)
+    shown, report = c.predict(handle_file(str(good)), "tutorial_net", True, api_name="/load_weights")
+    assert shown == "mine.pth" and "fits tutorial_net" in report
+    start(c, **{"Weights file used": shown, "Epochs": 1})
+    job = next(j for j in reversed(lab["manager"].jobs()) if j.config.model.weights_path)
+    assert Path(job.config.model.weights_path).resolve().parent == weights_dir.resolve()
+    poll_until_done(c)

@@ -14,7 +14,7 @@ import gradio as gr
 
 from core import identity, paths
 from core.config import RunConfig
-from core.errors import LabError
+from core.errors import ConfigError, LabError
 
 log = logging.getLogger("classifier_lab.ui")
 
@@ -72,7 +72,24 @@ def config_from_widgets(ctx: AppContext, values: dict, session: dict | None = No
         for part in parents:
             node = node[part]
         node[leaf] = value
+    _uploaded_weights(raw["model"], session)
     return RunConfig.from_dict(raw)
+
+
+def _uploaded_weights(model: dict, session: dict | None) -> None:
+    """The model's own weights file: one this page uploaded (Model → Your own weights), by the name
+    the page shows, replaced by where the server keeps it. Anything else, a server path typed
+    through the API included, is refused without looking at the disk."""
+    shown = model.get("weights_path")
+    if not shown:
+        return
+    files = (session or {}).get("weights_files", {})
+    real = files.get(shown) or (shown if shown in files.values() else None)
+    if real is None:
+        name = Path(str(shown)).name[:80]
+        raise ConfigError(f"The weights file {name!r} was not uploaded on this page. Upload it under Model → "
+                          "Your own weights (.pth), then start again.")
+    model["weights_path"] = real
 
 
 def bind(ctx: AppContext, widget, dotted: str, convert: Callable | None = None, restore: Callable | None = None):

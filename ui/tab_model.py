@@ -54,7 +54,7 @@ def build(ctx: AppContext) -> None:
                                        elem_id="model_weights_file")
                 weights_path = bind(ctx, gr.Textbox("", label="Weights file used", interactive=False,
                                                     elem_id="model_weights_path"), "model.weights_path",
-                                    lambda v: v or None)
+                                    lambda v: v or None, lambda v: Path(v).name if v else "")
                 weights_report = gr.Markdown("")
         with gr.Column(scale=2):
             show = gr.Button("Show the layer table", elem_id="model_layers_btn")
@@ -106,15 +106,24 @@ def build(ctx: AppContext) -> None:
         digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
         dest = ctx.data_dir / "weights" / f"{digest}-{src.name}"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if not dest.exists():  # keep a copy: Gradio's upload cache is not ours to rely on
+        copied = not dest.exists()
+        if copied:  # keep a copy: Gradio's upload cache is not ours to rely on
             shutil.copyfile(src, dest)
         classes, channels, size = model_shape(session, model_name, stem_on)
-        created = models.create_model(model_name, classes, in_channels=channels, input_size=size,
-                                      small_input_stem=stem_on, weights_path=dest)
+        try:
+            created = models.create_model(model_name, classes, in_channels=channels, input_size=size,
+                                          small_input_stem=stem_on, weights_path=dest)
+        except Exception:
+            if copied:   # a refused file is not kept
+                dest.unlink(missing_ok=True)
+            raise
+        # The page shows the file's name; only this session's uploads map to a file on the server
+        # (common.config_from_widgets), so no path typed through the API reaches a file.
+        session.setdefault("weights_files", {})[src.name] = str(dest)
         report = created.load_report
         lines = [f"**{src.name}** fits {model_name}: {report.summary()}."]
         lines += [f"- skipped `{k}`: file {tuple(a)} vs model {tuple(b)}" for k, a, b in report.mismatched_shapes[:8]]
-        return str(dest), "\n".join(lines)
+        return src.name, "\n".join(lines)
 
     table_inputs, table_outputs = [ctx.session, name, stem, freeze, stages, pretrained], [params, layers]
     # First: the public endpoint keeps the name "layer_table" (private events reuse the function's name).
