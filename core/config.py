@@ -172,10 +172,7 @@ class RunConfig:
             raise ConfigError("model.freeze_stages must be at least 1 with model.freeze='stages'.")
         _choice("optim.optimizer", o.optimizer, OPTIMIZERS)
         _choice("optim.scheduler", o.scheduler, SCHEDULERS)
-        for name in ("lr",) + (("head_lr",) if o.head_lr is not None else ()):
-            value = getattr(o, name)
-            if not value > 0:
-                raise ConfigError(f"optim.{name} must be a number > 0, got {value}.")
+        _check_rates_and_seeds(self)
         if not 0.0 <= o.momentum < 1.0:
             raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}.")
         if o.weight_decay < 0:
@@ -207,6 +204,22 @@ class RunConfig:
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise ConfigError(f"device must be {DEVICES_HINT}, got {self.device!r}.")
         return self
+
+
+MAX_LR = 100.0        # far above any useful rate: a typo (1e308) is told so, not trained into NaN
+MAX_SEED = 2**32 - 1  # NumPy's seeds stop here
+
+
+def _check_rates_and_seeds(config: "RunConfig") -> None:
+    o = config.optim
+    for name in ("lr",) + (("head_lr",) if o.head_lr is not None else ()):
+        value = getattr(o, name)
+        if not 0 < value <= MAX_LR:
+            raise ConfigError(f"optim.{name} must be a number > 0 and at most {MAX_LR:g} (typical: 0.0001 to 0.1), "
+                              f"got {value}.")
+    for name, value in (("seed", config.seed), ("data.split_seed", config.data.split_seed)):
+        if not 0 <= value <= MAX_SEED:
+            raise ConfigError(f"{name} must be a whole number from 0 to {MAX_SEED:,}, got {value}.")
 
 
 def _build(cls, raw: dict, prefix: str, extra: dict | None = None):

@@ -302,15 +302,17 @@ def normalize_tags(tags: str | Sequence[str] | None) -> list[str]:
     """'a, b,,a ' or ['a', 'b'] → ['a', 'b'] (trimmed, no empties, no duplicates, order kept)."""
     if tags is None:
         return []
+    if isinstance(tags, str) and len(tags) > MAX_TAGS * 60:   # checked before any work on it
+        raise ConfigError(f"Tags are at most {MAX_TAGS} words of up to 50 characters; got {len(tags):,} characters.")
     items = tags.split(",") if isinstance(tags, str) else [str(t) for t in tags]
-    out: list[str] = []
+    out: dict[str, None] = {}   # ordered and de-duplicated in one pass
     for t in items:
-        t = " ".join(t.split())
-        if t and t not in out:
-            out.append(t[:50])
-    if len(out) > MAX_TAGS:
-        raise ConfigError(f"At most {MAX_TAGS} tags per run; got {len(out)}. Remove some.")
-    return out
+        t = " ".join(t.split())[:50]
+        if t:
+            out.setdefault(t)
+        if len(out) > MAX_TAGS:
+            raise ConfigError(f"At most {MAX_TAGS} tags per run; got more. Remove some.")
+    return list(out)
 
 
 def dataset_label(data: dict | Any) -> str:

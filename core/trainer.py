@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import re
 import threading
 import time
 import traceback
@@ -874,8 +875,19 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
         with contextlib.suppress(OSError):
             (run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
         return _finish(run_dir, run_id, emit, ev.FAILED,
-                       f"internal error: {type(err).__name__}: {err} (details in {run_dir / 'error.log'})",
+                       f"internal error: {type(err).__name__}: {without_paths(str(err))} (details in the run's "
+                       "error.log and the server's console)",
                        best_epoch, best_metric, epochs_done, history, t_start)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\":,()]+/)*[^\s'\":,()]*")
+
+
+def without_paths(text: str, limit: int = 300) -> str:
+    """An error's text as a page may show it (other users see failed runs): every absolute path
+    replaced by its last part, at most ``limit`` characters."""
+    text = _ABSOLUTE_PATH.sub(lambda m: Path(m.group()).name or "/", text)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _set_loader_epoch(loader, seed: int, epoch: int, skip_batches: int) -> None:

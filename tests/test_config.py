@@ -106,3 +106,23 @@ def test_bad_json_text_and_unreadable_file(tmp_path):
         RunConfig.from_json("{epochs: 3")
     with pytest.raises(ConfigError, match="Cannot read"):
         RunConfig.load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("optim.lr", 1e308, "optim.lr must be a number > 0 and at most 100"),
+    ("optim.head_lr", 1e9, "optim.head_lr must be a number > 0 and at most 100"),
+    ("seed", 2**70, "seed must be a whole number from 0 to 4,294,967,295"),
+    ("seed", -1, "seed must be a whole number from 0"),
+    ("data.split_seed", 2**40, "data.split_seed must be a whole number from 0"),
+])
+def test_typos_of_huge_rates_and_seeds_are_refused_before_a_run(field, value, words):
+    """Through the API a page can send any number; these used to start a run that failed with an
+    internal error (a seed NumPy refuses) or trained straight into NaN."""
+    raw = RunConfig().to_dict()
+    *parents, leaf = field.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=words):
+        RunConfig.from_dict(raw)

@@ -415,3 +415,12 @@ def test_check_access_refuses_unknown_ids_paths_and_other_peoples_runs(runs_copy
     assert history.get(managed)["name"] == "first" and (runs_dir / managed).is_dir()
     assert history.rename(managed, "renamed by alice", who=alice)["name"] == "renamed by alice"
     assert history.delete(managed, managed, who=teacher) == f"Deleted run {managed}."
+
+
+def test_a_flood_of_tags_is_refused_at_once_and_duplicates_go_in_one_pass():
+    from core.runs import MAX_TAGS, normalize_tags
+    assert normalize_tags(" a, b,,a , " + "x" * 80) == ["a", "b", "x" * 50]
+    with pytest.raises(ConfigError, match="got 1,488,889 characters"):
+        normalize_tags(",".join(f"t{i}" for i in range(200_000)))
+    with pytest.raises(ConfigError, match=f"At most {MAX_TAGS} tags"):
+        normalize_tags([f"t{i}" for i in range(MAX_TAGS + 1)])

@@ -197,7 +197,7 @@ def test_stop_takes_effect_within_one_batch_and_leaves_a_usable_checkpoint(tmp_p
 
 
 def test_divergence_stops_with_a_learning_rate_hint(tmp_path, tiny_config):
-    tiny_config.optim.lr = 1e8
+    tiny_config.optim.lr = 100.0   # the largest allowed (config.MAX_LR): it still diverges
     tiny_config.optim.momentum = 0.0
     tiny_config.optim.weight_decay = 0.0
     result = fit(tiny_config, runs_dir=tmp_path)
@@ -550,3 +550,19 @@ def test_every_run_folder_gets_its_card_from_a_plain_fit_call(tmp_path, tiny_con
     failed = fit(tiny_config, runs_dir=tmp_path)
     card = json.loads((failed.run_dir / "card.json").read_text(encoding="utf-8"))
     assert failed.status == ev.FAILED and card["status"] == ev.FAILED and "does-not-exist" in card["message"]
+
+
+def test_an_internal_error_names_no_server_path_and_keeps_the_trace(tmp_path, tiny_config, monkeypatch):
+    """Other users may view a failed run: its message shows the error without server paths; the
+    trace, paths and all, stays in the run's error.log."""
+    from core import trainer
+
+    def broken(*args, **kwargs):
+        raise OSError(f"[Errno 5] Input/output error: '{tmp_path}/secret/cache.bin'")
+
+    monkeypatch.setattr(trainer, "train_one_epoch", broken)
+    result = fit(tiny_config, runs_dir=tmp_path)
+    assert result.status == ev.FAILED
+    assert result.message.startswith("internal error: OSError: [Errno 5] Input/output error: 'cache.bin'")
+    assert str(tmp_path) not in result.message and "error.log" in result.message
+    assert f"{tmp_path}/secret/cache.bin" in (result.run_dir / "error.log").read_text(encoding="utf-8")
