@@ -180,8 +180,10 @@ def test_another_browser_may_view_but_not_change_a_run(lab):
     ident = identity.verify(lab["secret"], token)
     b = _client(lab["url"])
     _lists(b, None)
-    summary = b.predict(run_id, True, None, api_name="/evaluate_run")[0]   # a class leaderboard: viewing is open
+    summary, _, _, mistakes = b.predict(run_id, True, None, api_name="/evaluate_run")   # a leaderboard: viewing is open
     assert "accuracy" in summary
+    # ...but the run trained on A's upload: its images (the mistakes) are A's alone
+    assert mistakes in ([], None) and "shown only to the run's owner" in summary
     forged = [None, ident, f"{ident}.{'0' * 64}", f"{ident}.{identity.sign('guessed-secret', ident).split('.')[1]}",
               token + "0", "browser:" + ident]
     for attempt in forged:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from core import runs
+from core import identity, runs
 from ui import plots
 from ui.common import AppContext, run_history, safe, who_is
 
@@ -47,7 +47,8 @@ def build(ctx: AppContext) -> None:
             return ("Train a model on the Train tab, then pick its run here.", plots.empty_figure("No run selected"),
                     pd.DataFrame(columns=PER_CLASS_HEADERS), [])
         history = run_history(ctx)   # the id must be a run of the history, one this caller may see
-        history.check_access(run_id, who_is(ctx, request, browser_id), private=ctx.private_runs)
+        who = who_is(ctx, request, browser_id)
+        owner = history.check_access(run_id, who, private=ctx.private_runs)
         record = runs.load_run(history.run_dir(run_id), live_ids=set(ctx.manager.running()))
         report = record.report()
         if report is None:
@@ -69,6 +70,10 @@ def build(ctx: AppContext) -> None:
             {"precision": "{:.3f}", "recall": "{:.3f}", "f1": "{:.3f}", "support": "{:,}"}, na_rep="")
         fig = plots.confusion_heatmap(report.confusion, report.class_names, normalize=normalize_rows,
                                       title=f"Confusion matrix ({split}, {'row-normalised' if normalize_rows else 'counts'})")
+        if record.config and record.config.data.source == "zip" and not identity.can_change(owner, who):
+            # Someone's upload is theirs: its images reach only them (and the teacher).
+            text += "\n\nThe mistakes are shown only to the run's owner: its images come from their upload."
+            return text, fig, table, []
         gallery = runs.misclassified_images(record, limit=GALLERY_LIMIT, data_dir=ctx.data_dir)
         return text, fig, table, gallery
 
