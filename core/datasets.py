@@ -1252,6 +1252,8 @@ def load_dataset(kind: str = "sample", location: str | os.PathLike | None = None
     many files a load lists and for how long; None: no bound.
     """
     loader = SOURCES.get(kind)
+    if isinstance(location, str):
+        paths.check_typed(location)
     data_dir = Path(data_dir).expanduser()
     return loader(None if location is None else os.fspath(location), data_dir, download,
                   roots=None if roots is None else list(roots), limits=limits)

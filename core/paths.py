@@ -75,12 +75,25 @@ def is_hidden(real: str, reals: Sequence[str]) -> bool:
     return _under(real, getattr(reals, "hidden", ()))
 
 
+def shorten(text: str, limit: int = 200) -> str:
+    """A path as a message may quote it: at most ``limit`` characters (a page can send megabytes)."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def check_typed(path: str) -> None:
+    """Refuse a path no file can have (a NUL character) with a message, before the OS raises."""
+    if "\x00" in path:
+        raise DataError(f"The path {shorten(path.replace(chr(0), '?'))!r} contains a NUL character, which no "
+                        "file name can hold. Type the path again.")
+
+
 def outside_message(given: str | os.PathLike, roots: Roots) -> str:
     """The one message for any path outside the roots: it names what the user typed and the roots
     as configured, never anything found on disk."""
     shown = [os.fspath(r) for r in roots]
+    given = shorten(os.fspath(given))
     names = " and ".join(shown) if len(shown) <= 2 else ", ".join(shown[:-1]) + " and " + shown[-1]
-    return (f"{os.fspath(given)} is outside this server's data folders. Only folders and index files under "
+    return (f"{given} is outside this server's data folders. Only folders and index files under "
             f"{names} can be loaded from this page (the server's --data-root). Ask the teacher to add a data "
             f"root, or upload a .zip.")
 

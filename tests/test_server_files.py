@@ -539,3 +539,12 @@ def test_app_a_stuck_folder_scan_does_not_stall_other_users(app, monkeypatch):
     finally:
         release.set()
     assert "6 images, 2 classes" in job.result(timeout=120)[0]
+
+
+def test_a_nul_byte_or_a_megabyte_path_gets_a_short_clear_message(roots):
+    with pytest.raises(DataError, match="contains a NUL character"):
+        D.load_dataset("folder", "/etc\x00/x", data_dir=roots["data"], roots=roots["roots"])
+    with pytest.raises(DataError, match="contains a NUL character"):
+        D.load_dataset("index", "a\x00.csv")   # the command line too: no 'embedded null byte'
+    msg = refusal("folder", "/" + "x" * 1_000_000, roots)
+    assert len(msg) < 1_000 and "outside this server's data folders" in msg
