@@ -173,7 +173,9 @@ def launch_kwargs(data_dir: str | Path, runs_dir: str | Path) -> dict:
     page as values (Gradio writes them to its cache) and downloads are copied out by the handler
     that checked who asks; the data and runs folders are even blocked, so no path there (the
     signing secret, the index, checkpoints, meta.json, uploads) is served or returned by mistake."""
-    blocked = [str(Path(f).resolve()) for f in (data_dir, runs_dir) if _served_folder_ok(Path(f))]
+    # As the server's owner wrote them (Gradio resolves them when it checks): its refusal message
+    # quotes this list to whoever sent the path, and need not tell them where the lab is installed.
+    blocked = [os.fspath(f) for f in (data_dir, runs_dir) if _served_folder_ok(Path(f))]
     return {
         "theme": gr.themes.Soft(),          # bundled fonts only (no Google Fonts request)
         "css": CSS,
