@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core import compare, events as ev, runs
+from core import compare, events as ev
 from core.config import RunConfig
 from core.errors import ConfigError, DataError, ModelError
 from core.jobs import JobManager

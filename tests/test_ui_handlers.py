@@ -21,7 +21,7 @@ from PIL import Image  # noqa: E402
 
 from core import events as ev  # noqa: E402
 from core.config import RunConfig  # noqa: E402
-from core.errors import ConfigError, DataError, LabError  # noqa: E402
+from core.errors import ConfigError, DataError  # noqa: E402
 from core.jobs import Job, JobManager  # noqa: E402
 from tests import job_fits  # noqa: E402
 from ui import app as ui_app, common, tab_data, tab_model, tab_predict, tab_train  # noqa: E402
