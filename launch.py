@@ -109,6 +109,36 @@ def parse_logins(args: argparse.Namespace):
     return (auth or None), teacher
 
 
+def login_check(auth):
+    """Gradio's ``auth`` for the --auth logins (None without them): core.identity.LoginCheck, a
+    constant-time comparison throttled per login name and for everyone together, so POST /login
+    cannot be hammered (Gradio's own list check has no throttle). A throttled try is answered 400,
+    the one status Gradio's login page reports ("Incorrect credentials"), with a detail that says
+    when to try again; ``login_message`` on that page explains the lock."""
+    if not auth:
+        return None
+    from fastapi import HTTPException
+
+    from core import identity
+    check = identity.LoginCheck(auth)
+
+    def login(username, password) -> bool:
+        try:
+            return check(username, password)
+        except identity.TooManyTries as err:
+            raise HTTPException(status_code=400, detail=str(err)) from None
+
+    return login
+
+
+def login_message() -> str:
+    """The note Gradio's login page shows above the form (it cannot show a refusal's own text)."""
+    from core import identity
+    return (f"After {identity.SIGN_IN_TRIES} wrong passwords for one login within a minute, that login "
+            f"refuses every password for the rest of the minute (after {identity.SIGN_IN_TRIES_ALL} from "
+            "everyone together, every login does): wait a minute, then try again.")
+
+
 def _argument_problem(args: argparse.Namespace, max_jobs: int) -> str | None:
     """What is wrong with the numbers and folders given, in words (None: nothing)."""
     if max_jobs < 1:
@@ -166,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
           + (f" with {threads} thread(s) each" if threads else "")
           + (f", at most {format_size(args.max_job_memory)} each" if args.max_job_memory else "") + ")", flush=True)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, auth=auth, share=args.share,
+        demo.launch(server_name=args.host, server_port=args.port, auth=login_check(auth),
+                    auth_message=login_message() if auth else None, share=args.share,
                     **launch_kwargs(args.data_dir, args.runs_dir))
     except OSError as err:
         print(f"error: cannot listen on {args.host}:{args.port} ({err}). Is another lab running? "

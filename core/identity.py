@@ -12,11 +12,16 @@ Permissions. ``can_view`` and ``can_change`` are the one rule every handler that
 asks: the owner or the teacher may change a run (stop, resume, delete, rename, tag, export); others
 may look at it unless the lab runs with private runs. A run with no owner (the command line) is
 the server owner's: only the teacher changes it.
+
+Sign-in. ``SignInGuard`` checks a password against a budget of wrong ones per client address (the
+page's teacher sign-in) or per login name (``LoginCheck``, Gradio's ``auth`` with --auth) and one
+for everyone together; over budget, every password is refused at once, unchecked.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import threading
 import time
@@ -26,8 +31,15 @@ from typing import Callable
 from core.errors import ConfigError
 
 TOKEN_ID_BYTES = 16
-SIGN_IN_WINDOW_S = 60.0     # at most SIGN_IN_TRIES failed teacher sign-ins per session in this window
+# Password guessing (SignInGuard): in any SIGN_IN_WINDOW_S, at most SIGN_IN_TRIES wrong passwords
+# from one computer (the page's teacher sign-in) or for one login name (--auth), and at most
+# SIGN_IN_TRIES_ALL from everyone together. The global budget is what bounds a class with many
+# computers: 20 a minute is 28,800 guesses a day, so a password of 8 random letters and digits
+# (2.8e12) or three random dictionary words is out of reach for years, while a word from a
+# list of common passwords is not: pick the teacher password accordingly.
+SIGN_IN_WINDOW_S = 60.0
 SIGN_IN_TRIES = 5
+SIGN_IN_TRIES_ALL = 20
 
 
 @dataclass(frozen=True)
@@ -121,7 +133,8 @@ def password_matches(given, expected: str) -> bool:
 
 
 class SignInThrottle:
-    """At most ``tries`` failed sign-ins per key (a Gradio session) in ``window`` seconds."""
+    """At most ``tries`` failures per key in ``window`` seconds (a sliding window). Used by
+    SignInGuard, which decides what the keys are; keys are never anything the client chooses."""
 
     def __init__(self, tries: int = SIGN_IN_TRIES, window: float = SIGN_IN_WINDOW_S,
                  clock: Callable[[], float] = time.monotonic):
@@ -135,7 +148,7 @@ class SignInThrottle:
         if recent:
             self._failures[key] = recent
         else:
-            self._failures.pop(key, None)   # the table does not grow with every session ever seen
+            self._failures.pop(key, None)   # the table does not grow with every key ever seen
         return recent
 
     def wait_s(self, key: str) -> float:
@@ -148,5 +161,85 @@ class SignInThrottle:
 
     def failed(self, key: str) -> None:
         with self._lock:
-            self._recent(key)
+            for old in list(self._failures):   # forget every key whose failures are all old
+                self._recent(old)
             self._failures.setdefault(key, []).append(self.clock())
+
+
+class TooManyTries(ConfigError):
+    """A sign-in refused without looking at the password; ``wait_s``: when to try again."""
+
+    def __init__(self, message: str, wait_s: float):
+        super().__init__(message)
+        self.wait_s = wait_s
+
+
+EVERYONE = "\0everyone"   # the global budget's key (no address or login name contains a NUL)
+
+
+class SignInGuard:
+    """Password checks that cannot be hammered: per ``key`` (the client's address for the page's
+    teacher sign-in, the login name for --auth; never a session id, which the client chooses) at
+    most ``tries`` wrong passwords per ``window``, and at most ``tries_all`` from all keys together.
+    Beyond either, every password, right or wrong, is refused at once until the window has room:
+    the refusal says nothing about the guess, and no thread waits.
+
+    The trade-off of the global budget: students on ``tries_all / tries`` computers can keep the
+    teacher's sign-in closed, a minute at a time. The teacher can always start the server with
+    --auth logins instead, or manage runs from the server's console."""
+
+    def __init__(self, per: str = "computer", tries: int = SIGN_IN_TRIES, tries_all: int = SIGN_IN_TRIES_ALL,
+                 window: float = SIGN_IN_WINDOW_S, clock: Callable[[], float] = time.monotonic):
+        self.per = per   # what a key is, in messages: "computer" or "login"
+        self.each = SignInThrottle(tries, window, clock)
+        self.all = SignInThrottle(tries_all, window, clock)
+        self._lock = threading.Lock()   # check, compare and count as one step (no burst slips through)
+
+    def attempt(self, key: str, given, expected: str | None) -> bool:
+        """Whether ``given`` is ``expected`` (None: no such login, always wrong); a wrong one counts
+        against ``key`` and everyone. TooManyTries, before any comparison, when over a budget."""
+        key = str(key)[:200]
+        with self._lock:
+            self._refuse_if_throttled(key)
+            # an unknown login is compared too (with a stand-in), so it answers as fast as a known one
+            if password_matches(given, "-" * 16 if expected is None else expected) and expected is not None:
+                return True
+            self.each.failed(key)
+            self.all.failed(EVERYONE)
+            return False
+
+    def _refuse_if_throttled(self, key: str) -> None:
+        everyone, own = self.all.wait_s(EVERYONE), self.each.wait_s(key)
+        if max(everyone, own) <= 0:
+            return
+        wait = math.ceil(max(everyone, own))
+        window = "a minute" if self.each.window == 60 else f"per {self.each.window:g} s"
+        if everyone >= own:
+            way_out = ("The teacher can always start the server with --auth logins, or manage runs from the "
+                       "server's console." if self.per == "computer" else
+                       "The teacher can always manage runs from the server's console.")
+            raise TooManyTries(
+                f"Too many wrong passwords from everyone together (at most {self.all.tries} {window}): "
+                f"signing in is closed for everyone for {wait} s more; try again then. {way_out}", wait)
+        if self.per == "login":
+            raise TooManyTries(
+                f"Too many wrong passwords for the login {key[:60]!r}: it is locked for {wait} s more; try "
+                f"again then (each login may get its password wrong {self.each.tries} times {window}).", wait)
+        raise TooManyTries(
+            f"Too many wrong passwords from this computer: try again in {wait} s (each computer may get "
+            f"the teacher password wrong {self.each.tries} times {window}).", wait)
+
+
+class LoginCheck:
+    """Gradio's ``auth`` callable for --auth logins, ``(username, password) -> bool``: a constant-time
+    comparison, throttled per login name and for everyone together (Gradio's login route gives no
+    address). A student can therefore lock one login, the teacher's too, for a minute with
+    wrong passwords; the teacher can still manage runs from the server's console."""
+
+    def __init__(self, logins, guard: SignInGuard | None = None):
+        self.logins = {str(name): str(password) for name, password in logins}
+        self.guard = guard or SignInGuard(per="login")
+
+    def __call__(self, username, password) -> bool:
+        name = username if isinstance(username, str) else ""
+        return self.guard.attempt(name, password, self.logins.get(name))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import secrets
 import tempfile
-import time
 from pathlib import Path
 
 import gradio as gr
@@ -23,7 +22,7 @@ TITLE = "Classifier Lab"
 # runs in a handler, and the heavy handlers (memory, exports) keep their own lower limits.
 DEFAULT_CONCURRENCY = 8
 SECRET_FILE = ".browser-secret"   # in the runs folder: the browser tokens outlive a server restart
-SIGN_IN_DELAY_S = 1.0             # each wrong teacher password costs this long (guessing is slow)
+SIGN_IN_CONCURRENCY = 2           # teacher sign-in tries at a time (each is quick; a flood waits in line)
 
 # Larger type and roomier controls read well on a projector and stay usable on a laptop.
 CSS = """
@@ -133,8 +132,11 @@ def browser_secret(runs_dir: Path) -> str:
 
 def _teacher_sign_in(ctx: AppContext) -> None:
     """A small password box under the header (no --auth): a right password marks this Gradio
-    session as the teacher's, on the server; nothing the page holds can claim it."""
-    throttle = identity.SignInThrottle()
+    session as the teacher's, on the server; nothing the page holds can claim it. Guessing is
+    throttled per computer and for everyone together (core.identity.SignInGuard), never per session,
+    which the client picks; a throttled try is refused at once, and at most SIGN_IN_CONCURRENCY
+    tries run at a time, so a flood of guesses holds no worker that other pages need."""
+    guard = identity.SignInGuard(per="computer")
     with gr.Accordion("Teacher sign-in", open=False, elem_id="teacher_signin"):
         with gr.Row():
             password = gr.Textbox(label="Teacher password", type="password", scale=3, elem_id="teacher_password")
@@ -146,19 +148,25 @@ def _teacher_sign_in(ctx: AppContext) -> None:
         session = getattr(request, "session_hash", None)
         if not session:
             raise gr.Error("Teacher sign-in needs a page session; open the lab in a browser.")
-        wait = throttle.wait_s(session)
-        if wait > 0:
-            raise gr.Error(f"Too many wrong passwords: try again in {wait:.0f} s.")
-        if not identity.password_matches(given, ctx.teacher[1]):
-            throttle.failed(session)
-            time.sleep(SIGN_IN_DELAY_S)   # slows guessing down; the throttle caps it
+        if not guard.attempt(_client_address(request), given, ctx.teacher[1]):
             raise gr.Error("Wrong teacher password.")
         ctx.teacher_sessions.add(session)
         return "", "Signed in as the teacher for this page: you can stop, resume, rename, tag, export and " \
                    "delete every run, and see all of them. A reload signs you out."
 
-    sign_in.click(check, password, [password, note], api_name="teacher_sign_in", concurrency_limit=None)
-    password.submit(check, password, [password, note], api_visibility="private", concurrency_limit=None)
+    limits = {"concurrency_limit": SIGN_IN_CONCURRENCY, "concurrency_id": "teacher_sign_in"}
+    sign_in.click(check, password, [password, note], api_name="teacher_sign_in", **limits)
+    password.submit(check, password, [password, note], api_visibility="private", **limits)
+
+
+def _client_address(request) -> str:
+    """The address the request came from: the socket's peer as uvicorn reports it, which a page
+    cannot pick the way it picks its session hash (uvicorn believes X-Forwarded-For only from a
+    proxy on the server itself, 127.0.0.1). "unknown" when Gradio gives none: such tries then
+    share one budget, besides the global one."""
+    client = getattr(request, "client", None)
+    host = getattr(client, "host", None)
+    return str(host) if host else "unknown"
 
 
 def _served_folder_ok(folder: Path) -> bool:
