@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -34,6 +35,32 @@ EVAL_CROP_RATIO = 0.875
 # From this size on the default train spec is the ImageNet recipe (RandomResizedCrop); below it the
 # CIFAR recipe (RandomCrop with padding), since random-resized crops of 32-px images lose too much.
 LARGE_IMAGE_SIZE = 64
+
+# Limits of a spec.
+# A spec comes from untrusted users (the Data tab's JSON box and its API) and the preview runs in
+# the server process, so ``normalize_spec`` checks all of this before any image is touched; the
+# preview (``augment_preview``) and training (``build_transform``) both go through it:
+# * Image size. A step that sets the size (Resize, the crops) sets at most MAX_SIDE px a side;
+#   padding (Pad, RandomCrop's padding) and expanding rotations may then add at most MAX_SIDE px to
+#   the image a pipeline gets and at most double it (MAX_GROWTH), worst case over RandomApply,
+#   RandomChoice and every RandomOrder order. 4,096² px is 16.8 Mpx: 50 MB as RGB bytes, 201 MB as
+#   float32. Resize with one number (the shorter side) also caps the longer side at MAX_SIDE
+#   (torchvision's max_size), so an extreme aspect ratio cannot blow an image up.
+# * Nesting: at most MAX_NESTING levels of RandomApply/RandomChoice/RandomOrder, MAX_STEPS steps in
+#   all, MAX_ORDER_STEPS in one RandomOrder. The shape is checked without recursion first.
+# * Numbers: finite; angles within ±MAX_DEGREES; scales, ratios and jitter factors bounded; fill a
+#   pixel value (0-255).
+
+MAX_SIDE = 4096
+MAX_GROWTH = 2.0
+MAX_NESTING = 8
+MAX_STEPS = 64
+MAX_ORDER_STEPS = 6
+MAX_DEGREES = 360
+MAX_JITTER = 10.0
+MAX_AFFINE_SCALE = 10.0
+MAX_RATIO = 100.0
+MAX_PREVIEW_SEED = 2**32 - 1  # NumPy's seeds stop here (as config.MAX_SEED); torch's a bit later
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,8 +170,23 @@ def _step(name: str, defaults: dict, doc: str, build: Callable | None = None, tt
     STEPS.add(name, StepDef(name, defaults, build or _tv(name), doc, tta_only))
 
 
+def _build_resize(params: dict, mode: str) -> Callable:
+    """Resize; with one number (the shorter side) the longer side stops at MAX_SIDE (torchvision's
+    max_size, which must exceed the shorter side: at MAX_SIDE itself the longer side is set)."""
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+    size = kwargs["size"]
+    short = size if isinstance(size, int) else size[0] if len(size) == 1 else None
+    if isinstance(short, int) and not isinstance(short, bool):
+        if short < MAX_SIDE:
+            kwargs["max_size"] = MAX_SIDE
+        else:
+            kwargs["size"], kwargs["max_size"] = None, MAX_SIDE
+    return v2.Resize(**kwargs)
+
+
 _step("Resize", {"size": 32, "interpolation": "bilinear", "antialias": True},
-      "Resize; an int sets the shorter side, [h, w] the exact size.")
+      f"Resize; an int sets the shorter side (the longer one stops at {MAX_SIDE:,} px), [h, w] the exact size.",
+      build=_build_resize)
 _step("RandomCrop", {"size": 32, "padding": 4, "padding_mode": "constant", "pad_if_needed": False, "fill": 0},
       "Pad, then crop a random size×size window (the CIFAR recipe).")
 _step("CenterCrop", {"size": 32}, "Crop the centre.")
@@ -202,36 +244,171 @@ def describe_steps() -> dict[str, dict]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Spec validation and building
+# Spec validation and building (limits: see MAX_SIDE at the top)
 # --------------------------------------------------------------------------------------------------
+
+_SCALARS = (str, bool, int, float, type(None))
+_SQRT2 = math.sqrt(2.0)
+
+
+def _show(value: Any) -> str:
+    """A user's value in a message: short, even when huge or deeply nested."""
+    try:
+        return reprlib.repr(value)
+    except ValueError:  # an int of more digits than Python prints
+        return "<a number too long to print>"
+
+
+def _fail(where: str, name: str | None, message: str) -> ConfigError:
+    return ConfigError(f"Augmentation {where}{f' ({name})' if name else ''}: {message}")
+
+
+def _bad_step(where: str, step: Any) -> ConfigError:
+    return _fail(where, None, f"expected {{'name': <step>, 'params': {{...}}}}, got {_show(step)}. "
+                              f"Valid steps: {', '.join(STEPS)}.")
+
+
+def _check_value(value: Any, where: str, name: str, key: Any) -> None:
+    """A param value is a JSON scalar or a flat list of them, and every number is finite."""
+    for x in value if isinstance(value, (list, tuple)) else [value]:
+        if not isinstance(x, _SCALARS):
+            raise _fail(where, name, f"params.{key} must be a number, text, true/false, null or a flat list "
+                                     f"of them, got {_show(value)}.")
+        if isinstance(x, float) and not math.isfinite(x):
+            raise _fail(where, name, f"params.{key} must hold finite numbers, got {_show(value)}.")
+
+
+def _check_structure(spec: list) -> None:
+    """Shape, depth and count of a spec without recursion (a 3,000-deep spec must be refused before
+    any recursive code sees it): every step a dict with a text name and params of scalars or flat
+    lists, at most MAX_NESTING levels, MAX_STEPS steps and MAX_ORDER_STEPS in one RandomOrder."""
+    todo = [(step, f"step {k + 1}", 1) for k, step in enumerate(spec)]
+    count = 0
+    while todo:
+        step, where, depth = todo.pop()
+        count += 1
+        if count > MAX_STEPS:
+            raise ConfigError(f"The augmentation spec has more than {MAX_STEPS} steps (nested ones included); "
+                              f"the limit is {MAX_STEPS}. Remove some steps.")
+        if depth > MAX_NESTING:
+            raise _fail(where, None, f"steps are nested {depth} levels deep in RandomApply/RandomChoice/"
+                                     f"RandomOrder; the limit is {MAX_NESTING} levels. Flatten the pipeline "
+                                     f"(a RandomApply inside a RandomApply can be one step with p multiplied).")
+        if not isinstance(step, dict) or not isinstance(step.get("name"), str):
+            raise _bad_step(where, step)
+        name, params = step["name"], step.get("params") or {}
+        if not isinstance(params, dict):
+            raise _fail(where, name, f"params must be a dict, got {_show(params)}.")
+        for key, value in params.items():
+            if key == "steps" and name in NESTED_STEPS and isinstance(value, list):
+                if name == "RandomOrder" and len(value) > MAX_ORDER_STEPS:
+                    raise _fail(where, name, f"{len(value)} nested steps; the limit is {MAX_ORDER_STEPS} in "
+                                             f"one RandomOrder. Split it into several RandomOrder steps.")
+                todo.extend((s, f"{where}.{k + 1}", depth + 1) for k, s in enumerate(value))
+            else:
+                _check_value(value, where, name, key)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _numbers(value: Any, lengths: tuple[int, ...], whole: bool = False) -> list | None:
+    """``value`` (a number, or a list of ``lengths`` numbers) as a list; None when it is not one."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if isinstance(value, (list, tuple)) and len(items) not in lengths:
+        return None
+    if not all(_is_number(x) and (not whole or isinstance(x, int)) for x in items):
+        return None
+    return items
+
+
+def _ranges_ok(value: Any, lo: float, hi: float, lengths: tuple[int, ...] = (2,),
+               scalar: tuple[float, float] | None = None) -> bool:
+    """A number within ``scalar``, or a list of ``lengths`` numbers within [lo, hi] as ordered
+    [min, max] pairs."""
+    if not isinstance(value, (list, tuple)):
+        return scalar is not None and _is_number(value) and scalar[0] <= value <= scalar[1]
+    v = _numbers(value, lengths)
+    return v is not None and all(lo <= x <= hi for x in v) and all(v[i] <= v[i + 1] for i in range(0, len(v), 2))
+
+
+def _check_geometry(name: str, p: dict, where: str) -> None:
+    """Ranges of the spatial params: sizes, padding, angles, scales, ratios."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise _fail(where, name, message)
+
+    if "size" in p:
+        v = _numbers(p["size"], (1, 2), whole=True)
+        use = f"Use a whole number of pixels from 1 to {MAX_SIDE:,}, or [height, width] each from 1 to {MAX_SIDE:,}."
+        need(v is not None and min(v) >= 1, f"size {_show(p['size'])}: {use}")
+        need(max(v) <= MAX_SIDE, f"size {_show(p['size'])} would make images {max(v):,} px a side; the limit is "
+                                 f"{MAX_SIDE:,} px a side. {use}")
+    if p.get("padding") is not None:
+        v = _numbers(p["padding"], (1, 2, 4), whole=True)
+        need(v is not None and all(x >= 0 for x in v),  # how much it may add: _padded
+             f"padding {_show(p['padding'])}: use a whole number of pixels (0 or more), or a list of 2 "
+             f"([left and right, top and bottom]) or 4 ([left, top, right, bottom]) of them.")
+    for key in ("degrees", "shear"):
+        if p.get(key) is not None:
+            need(_ranges_ok(p[key], -MAX_DEGREES, MAX_DEGREES, (2, 4) if key == "shear" else (2,),
+                            scalar=(0, MAX_DEGREES)),
+                 f"{key} {_show(p[key])}: use a number from 0 to {MAX_DEGREES} (a random angle in [-{key}, {key}]) "
+                 f"or [min, max] with -{MAX_DEGREES} <= min <= max <= {MAX_DEGREES}"
+                 f"{' (4 values: x range, then y range)' if key == 'shear' else ''}.")
+    if p.get("scale") is not None:
+        crop = name == "RandomResizedCrop"
+        lo, hi = (0.0, 1.0) if crop else (1 / MAX_AFFINE_SCALE, MAX_AFFINE_SCALE)
+        need(_ranges_ok(p["scale"], lo, hi) and p["scale"][0] > 0,
+             f"scale {_show(p['scale'])}: use [min, max] {'fractions of the image area' if crop else 'zoom factors'} "
+             f"with {lo:g} {'<' if crop else '<='} min <= max <= {hi:g}.")
+    if p.get("ratio") is not None:
+        need(_ranges_ok(p["ratio"], 1 / MAX_RATIO, MAX_RATIO),
+             f"ratio {_show(p['ratio'])}: use [min, max] aspect ratios (width / height) with "
+             f"{1 / MAX_RATIO:g} <= min <= max <= {MAX_RATIO:g}.")
+
+
+def _check_colors(name: str, p: dict, where: str) -> None:
+    """Ranges of the colour params: jitter factors and fill."""
+    for key in ("brightness", "contrast", "saturation"):
+        if p.get(key) is not None and not _ranges_ok(p[key], 0, MAX_JITTER, scalar=(0, MAX_JITTER)):
+            raise _fail(where, name, f"{key} {_show(p[key])}: use a number from 0 to {MAX_JITTER:g} or [min, max] "
+                                     f"factors with 0 <= min <= max <= {MAX_JITTER:g}.")
+    if p.get("fill") is not None:
+        v = _numbers(p["fill"], (1, 3))
+        if v is None or not all(0 <= x <= 255 for x in v):
+            raise _fail(where, name, f"fill {_show(p['fill'])}: use a pixel value from 0 to 255, or "
+                                     f"[red, green, blue] values from 0 to 255.")
+
 
 def _check_step(step: Any, where: str) -> tuple[StepDef, dict]:
     if not isinstance(step, dict) or not isinstance(step.get("name"), str):
-        raise ConfigError(f"Augmentation {where}: expected {{'name': <step>, 'params': {{...}}}}, got {step!r}. "
-                          f"Valid steps: {', '.join(STEPS)}.")
+        raise _bad_step(where, step)
     extra = set(step) - {"name", "params"}
     if extra:
-        raise ConfigError(f"Augmentation {where} ({step['name']}): unknown keys {sorted(extra)}; "
+        raise ConfigError(f"Augmentation {where} ({step['name']}): unknown keys {_show(sorted(map(str, extra)))}; "
                           f"a step has only 'name' and 'params'.")
     if step["name"] not in STEPS:
-        raise ConfigError(f"Augmentation {where}: unknown step {step['name']!r}. Valid steps: {', '.join(STEPS)}.")
+        raise ConfigError(f"Augmentation {where}: unknown step {_show(step['name'])}. Valid steps: {', '.join(STEPS)}.")
     sdef = STEPS.get(step["name"])
     params = step.get("params") or {}
     if not isinstance(params, dict):
-        raise ConfigError(f"Augmentation {where} ({sdef.name}): params must be a dict, got {params!r}.")
-    unknown = sorted(set(params) - set(sdef.defaults))
+        raise ConfigError(f"Augmentation {where} ({sdef.name}): params must be a dict, got {_show(params)}.")
+    unknown = sorted(map(str, set(params) - set(sdef.defaults)))
     if unknown:
         valid = ", ".join(sdef.defaults) or "none"
         raise ConfigError(f"Augmentation {where} ({sdef.name}): unknown params {', '.join(unknown)}. "
                           f"Valid params: {valid}.")
     try:
         json.dumps(params)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise ConfigError(f"Augmentation {where} ({sdef.name}): params must be JSON values ({e}).") from None
     merged = {**copy.deepcopy(sdef.defaults), **copy.deepcopy(params)}
-    if sdef.name in NESTED_STEPS:
-        if not isinstance(merged["steps"], list) or not merged["steps"]:
-            raise ConfigError(f"Augmentation {where} ({sdef.name}): 'steps' must be a non-empty list of steps.")
+    if sdef.name in NESTED_STEPS and (not isinstance(merged["steps"], list) or not merged["steps"]):
+        raise ConfigError(f"Augmentation {where} ({sdef.name}): 'steps' must be a non-empty list of steps.")
+    _check_geometry(sdef.name, merged, where)
+    _check_colors(sdef.name, merged, where)
     return sdef, merged
 
 
@@ -240,13 +417,87 @@ def _build_step(step: Any, mode: str, where: str, allow_tta: bool = False) -> Ca
     if sdef.tta_only and not allow_tta:
         raise ConfigError(f"Augmentation {where}: {sdef.name} returns several crops per image and is for "
                           f"test-time augmentation only (build_tta_transform); remove it from this spec.")
+    channels = 1 if mode == "L" else 3
+    if isinstance(params.get("fill"), (list, tuple)) and len(params["fill"]) not in (1, channels):
+        raise ConfigError(f"Augmentation {where} ({sdef.name}): fill {_show(params['fill'])} has "
+                          f"{len(params['fill'])} values; these {mode} images have {channels} channel(s). "
+                          f"Use one number or {channels} values.")
     try:
         return sdef.build(params, mode)
     except ConfigError:
         raise
     except (ValueError, TypeError, KeyError) as e:
-        raise ConfigError(f"Augmentation {where} ({sdef.name}): invalid params {params}: {e}. "
+        raise ConfigError(f"Augmentation {where} ({sdef.name}): invalid params {_show(params)}: {e}. "
                           f"Valid params: {', '.join(sdef.defaults) or 'none'}.") from None
+
+
+# ---- the image sizes a spec can make --------------------------------------------------------------
+# A bound (a, b): the longest side is at most a × (the pipeline's input side) + b; a = 0 once a
+# step has set the size.
+
+def _describe_bound(bound: tuple[float, int]) -> str:
+    a, b = bound
+    if a == 0:
+        return f"{b:,} px a side"
+    times = "their size" if a == 1 else f"{a:.3g} × their size"
+    return f"{times}{f' + {b:,} px' if b else ''} a side ({math.ceil(a * 32 + b):,} px for a 32-px image)"
+
+
+def _within(bound: tuple[float, int], where: str, name: str, what: str, fix: str) -> tuple[float, int]:
+    a, b = bound
+    if b > MAX_SIDE or a > MAX_GROWTH + 1e-9:
+        raise _fail(where, name, f"{what} would make images {_describe_bound(bound)}; the limit is {MAX_SIDE:,} px "
+                                 f"a side (at most {MAX_SIDE:,} px added to an image, at most {MAX_GROWTH:g} × its "
+                                 f"size). {fix}")
+    return bound
+
+
+def _padded(bound: tuple[float, int], padding: Any, where: str, name: str) -> tuple[float, int]:
+    v = list(padding) if isinstance(padding, (list, tuple)) else [padding]
+    left, top, right, bottom = (v * 4)[:4] if len(v) == 1 else (v * 2 if len(v) == 2 else v)
+    a, b = bound
+    room = max(MAX_SIDE - b, 0)
+    return _within((a, b + max(left + right, top + bottom)), where, name, f"padding {_show(padding)}",
+                   f"Use a padding of at most {room // 2:,} (it is added on both sides: left + right and "
+                   f"top + bottom at most {room:,} px).")
+
+
+def _bound_after(step: dict, bound: tuple[float, int], where: str) -> tuple[float, int]:
+    """The bound after one normalized step (its params already checked)."""
+    name, p = step["name"], step["params"]
+    if name in NESTED_STEPS:
+        return _nested_bound(name, p["steps"], bound, where)
+    if name in ("Pad", "RandomCrop") and p.get("padding"):
+        padded = _padded(bound, p["padding"], where, name)
+        if name == "Pad":
+            return padded
+    if "size" in p:
+        return 0.0, max(_numbers(p["size"], (1, 2), whole=True))
+    if name == "RandomRotation" and p.get("expand"):
+        a, b = bound
+        return _within((a * _SQRT2, math.ceil(b * _SQRT2)), where, name, "expand=true",
+                       "Set expand to false (the corners are cut, the size kept), or Resize or crop to a "
+                       "smaller size before the rotation.")
+    return bound
+
+
+def _nested_bound(name: str, steps: list[dict], bound: tuple[float, int], where: str) -> tuple[float, int]:
+    def worst(bounds):
+        return max(x[0] for x in bounds), max(x[1] for x in bounds)
+
+    if name == "RandomChoice":
+        return worst([_bound_after(s, bound, f"{where}.{k + 1}") for k, s in enumerate(steps)])
+    if name == "RandomApply":
+        out = bound
+        for k, s in enumerate(steps):
+            out = _bound_after(s, out, f"{where}.{k + 1}")
+        return worst([bound, out])
+    # RandomOrder: the worst order, over the subsets of steps already applied (2^n, n <= MAX_ORDER_STEPS)
+    done = {0: bound}
+    for mask in range(1, 1 << len(steps)):
+        done[mask] = worst([_bound_after(s, done[mask & ~(1 << k)], f"{where}.{k + 1}")
+                            for k, s in enumerate(steps) if mask >> k & 1])
+    return done[(1 << len(steps)) - 1]
 
 
 def _check_spec(spec: Any) -> list:
@@ -257,15 +508,28 @@ def _check_spec(spec: Any) -> list:
     return list(spec)
 
 
-def normalize_spec(spec: Sequence[dict] | None) -> list[dict]:
-    """Validate ``spec`` (building every step once) and return it with all params filled in."""
+def _normalize_steps(steps: list, prefix: str) -> list[dict]:
     out = []
-    for k, step in enumerate(_check_spec(spec)):
-        _build_step(step, "RGB", where=f"step {k + 1}", allow_tta=True)
-        sdef, params = _check_step(step, f"step {k + 1}")
+    for k, step in enumerate(steps):
+        where = f"{prefix}{k + 1}"
+        _build_step(step, "RGB", where=where, allow_tta=True)
+        sdef, params = _check_step(step, where)
         if sdef.name in NESTED_STEPS:
-            params["steps"] = normalize_spec(params["steps"])
+            params["steps"] = _normalize_steps(params["steps"], f"{where}.")
         out.append({"name": sdef.name, "params": params})
+    return out
+
+
+def normalize_spec(spec: Sequence[dict] | None) -> list[dict]:
+    """Validate ``spec`` and return it with all params filled in: its shape and size (without
+    recursion), every step's params and ranges (building every step once), then the image sizes it
+    can make (see MAX_SIDE). Nothing here touches an image."""
+    steps = _check_spec(spec)
+    _check_structure(steps)
+    out = _normalize_steps(steps, "step ")
+    bound = (1.0, 0)
+    for k, step in enumerate(out):
+        bound = _bound_after(step, bound, f"step {k + 1}")
     return out
 
 
@@ -278,7 +542,10 @@ def spec_from_json(text: str) -> list[dict]:
     """Parse and validate a JSON spec."""
     try:
         spec = json.loads(text)
-    except json.JSONDecodeError as e:
+    except RecursionError:
+        raise ConfigError(f"The augmentation spec is nested too deeply to read; the limit is {MAX_NESTING} "
+                          f"levels of RandomApply/RandomChoice/RandomOrder.") from None
+    except ValueError as e:  # JSONDecodeError, or a number of more than 4,300 digits
         raise ConfigError(f"The augmentation spec is not valid JSON: {e}.") from None
     return normalize_spec(spec)
 
@@ -401,8 +668,10 @@ def _tensor_tail(normalization: Normalization, mode: str) -> list[Callable]:
 
 
 def build_steps(spec: Sequence[dict] | None, mode: str) -> list[Callable]:
-    """The spec's steps as transforms (no conversion, no tensor tail)."""
+    """The spec's steps as transforms (no conversion, no tensor tail), after every check of
+    ``normalize_spec`` (sizes, nesting, ranges)."""
     _check_mode(mode)
+    normalize_spec(spec)
     return [_build_step(step, mode, where=f"step {k + 1}") for k, step in enumerate(_check_spec(spec))]
 
 
@@ -528,14 +797,22 @@ def augment_preview(image: PIL.Image.Image, spec: Sequence[dict] | None, n: int 
     """``n`` augmented versions of one image (steps only, no tensor/normalise), reproducible for a seed.
 
     The global torch RNG (which v2 transforms use) is seeded inside ``fork_rng`` and restored after.
+    The spec is checked in full (``normalize_spec``: sizes, nesting, ranges) before the image is.
     """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_PREVIEW_SEED:
+        raise ConfigError(f"The preview seed must be a whole number from 0 to {MAX_PREVIEW_SEED:,}, "
+                          f"got {_show(seed)}.")
     mode = mode or ("L" if image.mode in GRAYSCALE_MODES else "RGB")
     pipeline = v2.Compose([ToMode(mode), *build_steps(spec, mode)])
     out = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for _ in range(n):
-            img = pipeline(image)
+            try:
+                img = pipeline(image)
+            except ValueError as e:  # e.g. a RandomCrop larger than this image (without pad_if_needed)
+                raise ConfigError(f"The augmentation pipeline cannot run on this {image.width}×{image.height}-px "
+                                  f"image: {e}") from None
             if isinstance(img, torch.Tensor):
                 img = F.to_pil_image(img)
             out.append(img)

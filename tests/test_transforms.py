@@ -260,3 +260,166 @@ def test_augment_preview_seeded_and_distinct(image):
     assert T.augment_preview(image.convert("L"), spec, n=2)[0].mode == "L"
     with pytest.raises(ConfigError):
         T.augment_preview(image, [{"name": "TenCrop"}])
+
+
+# ---- limits: a spec from an untrusted page must not be able to exhaust the server ----------------
+
+class _Untouchable:
+    """Stands in for an image that must not be looked at: any attribute access fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the image was touched ({name}) before the spec was refused")
+
+
+def _nest(depth: int) -> dict:
+    step = {"name": "RandomHorizontalFlip", "params": {"p": 0.5}}
+    for _ in range(depth):
+        step = {"name": "RandomApply", "params": {"p": 0.5, "steps": [step]}}
+    return step
+
+
+def test_pad_30000_refused_before_any_image_is_touched():
+    spec = [{"name": "Pad", "params": {"padding": 30000}}]
+    words = (r"step 1 \(Pad\): padding 30000 would make images their size \+ 60,000 px a side "
+             r"\(60,032 px for a 32-px image\); the limit is 4,096 px a side.*padding of at most 2,048")
+    with pytest.raises(ConfigError, match=words):
+        T.normalize_spec(spec)
+    with pytest.raises(ConfigError, match=words):   # the Data tab's preview (runs in the server)
+        T.augment_preview(_Untouchable(), spec, n=8, seed=0, mode="RGB")
+    with pytest.raises(ConfigError, match=words):   # training builds its transform the same way
+        T.build_transform(spec, "tutorial", "RGB")
+    with pytest.raises(ConfigError, match=r"RandomCrop\): padding 30000 would make images"):
+        T.normalize_spec([{"name": "RandomCrop", "params": {"size": 32, "padding": 30000}}])
+
+
+def test_resize_14000_refused():
+    for step in ({"name": "Resize", "params": {"size": 14000}}, {"name": "Resize", "params": {"size": [32, 14000]}},
+                 {"name": "RandomResizedCrop", "params": {"size": 14000}}, {"name": "CenterCrop", "params": {"size": 5000}}):
+        with pytest.raises(ConfigError, match=rf"\({step['name']}\): size .* would make images [\d,]+ px a side; "
+                                              r"the limit is 4,096 px a side. Use a whole number of pixels from 1 to 4,096"):
+            T.augment_preview(_Untouchable(), [step], mode="RGB")
+
+
+def test_padding_and_expanding_rotations_add_up():
+    with pytest.raises(ConfigError, match=r"step 2 \(Pad\): padding 100 would make images their size \+ 4,200 px.*"
+                                          r"padding of at most 48"):
+        T.normalize_spec([{"name": "Pad", "params": {"padding": 2000}}, {"name": "Pad", "params": {"padding": 100}}])
+    with pytest.raises(ConfigError, match=r"step 2 \(RandomRotation\): expand=true would make images 5,657 px a side"):
+        T.normalize_spec([{"name": "Resize", "params": {"size": 4000}},
+                          {"name": "RandomRotation", "params": {"expand": True}}])
+    rotate = {"name": "RandomRotation", "params": {"expand": True}}
+    T.normalize_spec([rotate, rotate])  # at most double the size
+    with pytest.raises(ConfigError, match=r"step 3 \(RandomRotation\): expand=true would make images 2.83 × their size"):
+        T.normalize_spec([rotate, rotate, rotate])
+    # A Resize or crop sets the size again, so padding after it starts from there.
+    T.normalize_spec([{"name": "Pad", "params": {"padding": 2048}}, {"name": "CenterCrop", "params": {"size": 32}},
+                      {"name": "Pad", "params": {"padding": [2032, 0, 2032, 0]}}])
+
+
+def test_nested_steps_count_their_worst_case():
+    pad = lambda p: {"name": "Pad", "params": {"padding": p}}
+    crop = {"name": "CenterCrop", "params": {"size": 32}}
+    T.normalize_spec([{"name": "RandomOrder", "params": {"steps": [crop, pad(1500)]}}])  # worst order: 3,032 px
+    with pytest.raises(ConfigError, match=r"step 1.\d \(Pad\): padding \d+ would make images their size \+ 4,200 px"):
+        T.normalize_spec([{"name": "RandomOrder", "params": {"steps": [crop, pad(1500), pad(600)]}}])
+    choice = lambda side: {"name": "RandomChoice", "params": {"steps": [
+        crop, {"name": "Resize", "params": {"size": side}}]}}
+    T.normalize_spec([choice(1096), pad(1500)])  # the larger choice + 3,000 px: 4,096
+    with pytest.raises(ConfigError, match=r"step 2 \(Pad\): padding 1500 would make images 4,200 px a side.*"
+                                          r"padding of at most 1,448"):
+        T.normalize_spec([choice(1200), pad(1500)])
+    with pytest.raises(ConfigError, match=r"step 2 \(Pad\): padding 1500 would make images their size \+ 5,000 px"):
+        T.normalize_spec([{"name": "RandomApply", "params": {"p": 0.1, "steps": [pad(1000)]}}, pad(1500)])
+    with pytest.raises(ConfigError, match="7 nested steps; the limit is 6 in one RandomOrder"):
+        T.normalize_spec([{"name": "RandomOrder", "params": {"steps": [pad(1)] * 7}}])
+
+
+def test_nesting_3000_deep_refused_without_recursion_error():
+    deep = [_nest(3000)]
+    with pytest.raises(ConfigError, match=r"step 1(\.1){8}: steps are nested 9 levels deep .* the limit is 8 levels"):
+        T.normalize_spec(deep)
+    with pytest.raises(ConfigError, match="nested 9 levels deep"):
+        T.augment_preview(_Untouchable(), deep, mode="RGB")
+    text = "[" + '{"name": "RandomApply", "params": {"steps": [' * 3000 + '{"name": "Grayscale"}' + "]}}" * 3000 + "]"
+    with pytest.raises(ConfigError, match="nested too deeply to read; the limit is 8 levels"):
+        T.spec_from_json(text)
+    T.normalize_spec([_nest(7)])  # 8 levels with the flip inside: the limit itself
+    with pytest.raises(ConfigError, match="nested 9 levels deep"):
+        T.normalize_spec([_nest(8)])
+    with pytest.raises(ConfigError, match="params.fill must be a number, text, true/false, null or a flat list"):
+        T.normalize_spec([{"name": "Pad", "params": {"fill": [[[0]]]}}])
+
+
+def test_too_many_steps_refused():
+    flip = {"name": "RandomHorizontalFlip", "params": {"p": 0.5}}
+    T.normalize_spec([flip] * 64)
+    with pytest.raises(ConfigError, match="more than 64 steps .*the limit is 64"):
+        T.normalize_spec([flip] * 65)
+    with pytest.raises(ConfigError, match="more than 64 steps"):
+        T.normalize_spec([flip] * 40 + [{"name": "RandomChoice", "params": {"steps": [flip] * 30}}])
+
+
+@pytest.mark.parametrize("step,words", [
+    ({"name": "RandomRotation", "params": {"degrees": 1e308}},
+     r"RandomRotation\): degrees 1e\+308: use a number from 0 to 360 .*-360 <= min <= max <= 360"),
+    ({"name": "RandomRotation", "params": {"degrees": [100, 50]}}, "degrees"),
+    ({"name": "RandomRotation", "params": {"degrees": float("nan")}}, "params.degrees must hold finite numbers"),
+    ({"name": "RandomAffine", "params": {"shear": 1e308}}, r"RandomAffine\): shear 1e\+308"),
+    ({"name": "RandomAffine", "params": {"degrees": [-1e308, 0]}}, "degrees"),
+    ({"name": "RandomAffine", "params": {"scale": [1e300, 1e300]}}, "zoom factors with 0.1 <= min <= max <= 10"),
+    ({"name": "RandomAffine", "params": {"translate": [float("inf"), 0]}}, "finite"),
+    ({"name": "RandomResizedCrop", "params": {"ratio": [0, 1]}}, r"ratio \[0, 1\]: use \[min, max\] aspect ratios"),
+    ({"name": "RandomResizedCrop", "params": {"scale": [5, 10]}}, "fractions of the image area"),
+    ({"name": "ColorJitter", "params": {"brightness": 1e308}}, "brightness 1e\\+308: use a number from 0 to 10"),
+    ({"name": "RandomRotation", "params": {"fill": 1e308}}, "fill 1e\\+308: use a pixel value from 0 to 255"),
+    ({"name": "Pad", "params": {"padding": -10}}, r"padding -10: use a whole number of pixels \(0 or more\)"),
+    ({"name": "Resize", "params": {"size": True}}, "size True: Use a whole number of pixels from 1 to 4,096"),
+    ({"name": "RandomCrop", "params": {"size": 0}}, "size 0: Use a whole number"),
+])
+def test_numbers_out_of_range_are_config_errors(step, words):
+    with pytest.raises(ConfigError, match=words):
+        T.augment_preview(_Untouchable(), [step], mode="RGB")
+
+
+def test_fill_channels_and_huge_json_numbers():
+    with pytest.raises(ConfigError, match=r"fill \[0, 0, 0\] has 3 values; these L images have 1 channel"):
+        T.build_transform([{"name": "Pad", "params": {"fill": [0, 0, 0]}}], "none", "L")
+    with pytest.raises(ConfigError, match="not valid JSON: Exceeds the limit"):
+        T.spec_from_json('[{"name": "Resize", "params": {"size": ' + "9" * 5000 + "}}]")
+
+
+def test_preview_seed_bounded(image):
+    with pytest.raises(ConfigError, match="preview seed must be a whole number from 0 to 4,294,967,295"):
+        T.augment_preview(image, [], n=1, seed=2**70)
+    with pytest.raises(ConfigError, match="preview seed"):
+        T.augment_preview(image, [], n=1, seed=-1)
+    assert T.augment_preview(image, [], n=1, seed=2**32 - 1)[0].size == (32, 32)
+
+
+def test_preview_crop_larger_than_the_image_is_a_config_error(image):
+    with pytest.raises(ConfigError, match=r"cannot run on this 32×32-px image: Required crop size \(64, 64\)"):
+        T.augment_preview(image, [{"name": "RandomCrop", "params": {"size": 64, "padding": 0}}], n=1)
+
+
+def test_resize_to_a_short_side_caps_the_long_side():
+    wide = Image.new("RGB", (4000, 10))
+    assert T.augment_preview(wide, [{"name": "Resize", "params": {"size": 100}}], n=1)[0].size == (4096, 10)
+    assert T.augment_preview(wide, [{"name": "Resize", "params": {"size": 4096}}], n=1)[0].size == (4096, 10)
+    x = T.build_transform([{"name": "Resize", "params": {"size": 16}}], "none", "RGB")(Image.new("RGB", (64, 32)))
+    assert x.shape == (3, 16, 32)  # ordinary images keep the usual behaviour
+
+
+def test_normal_pipelines_still_validate():
+    for size, native in ((32, (32, 32)), (28, (32, 32)), (224, (500, 375)), ((384, 512), None)):
+        T.normalize_spec(T.default_train_spec(size, native_size=native))
+        T.normalize_spec(T.default_eval_spec(size, native_size=native))
+    T.normalize_spec([{"name": name, "params": params} for name, params in T.list_steps().items()
+                      if name not in T.TTA_ONLY_STEPS])
+    T.normalize_spec([{"name": "Resize", "params": {"size": [4096, 4096]}}, {"name": "Pad", "params": {"padding": 0}},
+                      {"name": "RandomResizedCrop", "params": {"size": 32, "scale": [0.08, 1.0]}},
+                      {"name": "Pad", "params": {"padding": [0, 2032]}},  # 32 + 2 × 2,032 = 4,096
+                      {"name": "RandomAffine", "params": {"degrees": [-360, 360], "shear": [-10, 10, -5, 5],
+                                                          "scale": [0.1, 10]}},
+                      {"name": "ColorJitter", "params": {"brightness": [0.5, 10], "hue": 0.5}},
+                      {"name": "RandomRotation", "params": {"degrees": 360, "fill": [255, 0, 127.5]}}])
+    assert T.tta_transform_from_state(T.transform_state([], "tutorial", "RGB", 224))  # Resize 256 inside
