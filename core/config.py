@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import numbers
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,19 +279,21 @@ def _coerce(label: str, f: dataclasses.Field, value: Any) -> Any:
 
 
 def _check_augment(spec: Any) -> None:
-    """The shape of data.train_augment; step names and parameters are checked when the transform is
-    built (core.transforms), which knows them."""
+    """data.train_augment: its shape here, then every step, parameter and the image sizes it can
+    make (core.transforms.normalize_spec, which knows them), so a run is refused before it is queued."""
     example = '[{"name": "RandomHorizontalFlip", "params": {"p": 0.5}}]'
     if spec is None:
         return
     if not isinstance(spec, list):
         raise ConfigError(f"data.train_augment must be a list of transform steps such as {example}, "
-                          f"or empty for the default augmentation; got {spec!r}.")
+                          f"or empty for the default augmentation; got {reprlib.repr(spec)}.")
     for k, step in enumerate(spec, start=1):
         if not (isinstance(step, dict) and isinstance(step.get("name"), str)
                 and isinstance(step.get("params", {}), dict)):
             raise ConfigError(f"data.train_augment step {k} must be an object with a \"name\" (text) and "
-                              f"optional \"params\" (an object), as in {example}; got {step!r}.")
+                              f"optional \"params\" (an object), as in {example}; got {reprlib.repr(step)}.")
+    from core import transforms   # here: core.config stays importable without torch
+    transforms.normalize_spec(spec)
 
 
 def _check_class_weights(cw: Any) -> None:

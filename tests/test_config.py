@@ -126,3 +126,17 @@ def test_typos_of_huge_rates_and_seeds_are_refused_before_a_run(field, value, wo
     node[leaf] = value
     with pytest.raises(ConfigError, match=words):
         RunConfig.from_dict(raw)
+
+
+def test_an_augmentation_that_would_blow_up_images_is_refused_with_the_config():
+    """A spec arriving in a config (a resumed or API-built run), not only through the Data tab."""
+    raw = RunConfig().to_dict()
+    raw["data"]["train_augment"] = [{"name": "Pad", "params": {"padding": 30000}}]
+    with pytest.raises(ConfigError, match="Pad.*the limit is 4,096 px a side"):
+        RunConfig.from_dict(raw)
+    deep: list = [{"name": "RandomHorizontalFlip"}]
+    for _ in range(3000):
+        deep = [{"name": "RandomApply", "params": {"transforms": deep}}]
+    raw["data"]["train_augment"] = deep
+    with pytest.raises(ConfigError):
+        RunConfig.from_dict(raw)
