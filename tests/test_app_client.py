@@ -404,7 +404,7 @@ def test_stop_a_running_run_resume_it_while_others_keep_working(lab, tiny_zip):
 def test_a_failed_run_shows_its_reason_and_the_server_goes_on(lab, tiny_zip):
     a = new_client(lab)
     load_zip(a, tiny_zip)
-    start(a, **{"Epochs": 2, "Batch size": 16, "Device": "cpu", "Learning rate": 1e8})
+    start(a, **{"Epochs": 2, "Batch size": 16, "Device": "cpu", "Learning rate": 100})
     out, _ = poll_until_done(a, timeout=60)
     assert out[0].startswith("Failed — tutorial_net — run "), out[0]
     assert "learning rate" in out[0] and "too high" in out[0]
