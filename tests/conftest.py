@@ -3,6 +3,7 @@ the shared CIFAR-10 subset beside the project (../shared/data), or files a test 
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,13 @@ def tiny_config(tiny_folder):
         "optim": {"lr": 0.01},
         "epochs": 2, "device": "cpu", "seed": 1,
     })
+
+
+@pytest.fixture(scope="session")
+def tiny_zip(tiny_folder, tmp_path_factory) -> Path:
+    """The ``tiny_folder`` fixture (3 classes, 120 train + 30 test images) as an upload."""
+    path = tmp_path_factory.mktemp("zips") / "tiny.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for f in sorted(tiny_folder.rglob("*.jpg")):
+            zf.write(f, f"tiny/{f.relative_to(tiny_folder).as_posix()}")
+    return path

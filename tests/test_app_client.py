@@ -13,7 +13,6 @@ import os
 import re
 import socket
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -57,14 +56,6 @@ def lab(tmp_path_factory, session_data_dir, tiny_folder):
     manager.shutdown(timeout=20)
 
 
-@pytest.fixture(scope="module")
-def tiny_zip(tiny_folder, tmp_path_factory) -> Path:
-    """The ``tiny_folder`` fixture (3 classes, 120 train + 30 test images) as an upload."""
-    path = tmp_path_factory.mktemp("zips") / "tiny.zip"
-    with zipfile.ZipFile(path, "w") as zf:
-        for f in sorted(tiny_folder.rglob("*.jpg")):
-            zf.write(f, f"tiny/{f.relative_to(tiny_folder).as_posix()}")
-    return path
 
 
 def new_client(lab) -> Client:

@@ -14,7 +14,6 @@ import os
 import re
 import socket
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -50,13 +49,6 @@ def _launch(manager, data_dir: Path, runs_dir: Path, **options):
     return demo, url
 
 
-@pytest.fixture(scope="module")
-def tiny_zip(tiny_folder, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("own-zips") / "tiny.zip"
-    with zipfile.ZipFile(path, "w") as zf:
-        for f in sorted(tiny_folder.rglob("*.jpg")):
-            zf.write(f, f"tiny/{f.relative_to(tiny_folder).as_posix()}")
-    return path
 
 
 @pytest.fixture(scope="module")
