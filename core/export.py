@@ -2,13 +2,17 @@
 
 Both model formats take a float32 batch N×C×H×W (any N), already preprocessed the way the run's
 eval transform does it (resize/crop, scale to 0..1, normalise), and return logits N×K (apply a
-softmax for probabilities). Beside each exported file a ``<name>.json`` says what that input and
-output are: class names, input shape, the eval transform (normalisation mean/std...), the model
-name and the exporter used. The TorchScript file also carries it inside
+softmax for probabilities). Beside each exported file a sidecar named after the whole file name
+(``model.pt.json``, ``model.onnx.json``: ``sidecar_path``, so two exports into one folder never
+overwrite each other's) says what that input and output are: class names, input shape, the eval
+transform (normalisation mean/std...), the model name and the exporter used. The TorchScript
+file also carries it inside
 (``torch.jit.load(path, _extra_files={"classifier_lab.json": ""})``) and the ONNX file in its
 metadata (``classes``, ``input_shape``, ``transform``).
 
-ONNX needs the ``onnx`` package (the exporter builds the file with it). With ``onnxscript``
+ONNX needs the ``onnx`` package (the exporter builds the file with it); it is optional (not in
+requirements.txt), and the error that says so gives the command that installs it into the
+interpreter running this code (``install_command``). With ``onnxscript``
 also installed the torch.export-based exporter (PyTorch's default since 2.9) is used, else the
 TorchScript-based one (deprecated by PyTorch but complete and much faster on a CPU). When
 ``onnxruntime`` is installed the exported file is run once and compared with PyTorch.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -30,6 +35,27 @@ from core.errors import ConfigError, DataError, ModelError
 EXPORTERS = ("auto", "dynamo", "legacy")
 CHECK_TOLERANCE = 1e-4   # max |difference| of logits between PyTorch and the exported model
 INFO_ENTRY = "classifier_lab.json"
+# The optional ONNX packages, pinned to the versions tests/test_export.py passes with beside the pinned
+# torch (requirements-dev.txt gives only lower bounds). Not in requirements.txt: training needs none of them.
+ONNX_PINS = {"onnx": "onnx==1.23.2", "onnxruntime": "onnxruntime==1.32.0", "onnxscript": "onnxscript==0.7.2"}
+
+
+def install_command(*packages: str) -> str:
+    """The pip command that installs ``packages`` (names from ONNX_PINS, pinned) for the Python
+    running this code (``sys.executable -m pip``): a bare ``pip`` may belong to another Python
+    than the server's virtual environment."""
+    python = sys.executable or "python3"
+    if any(c.isspace() for c in python):
+        python = f'"{python}"'
+    return f"{python} -m pip install " + " ".join(ONNX_PINS.get(p, p) for p in packages)
+
+
+def sidecar_path(model_path: str | Path) -> Path:
+    """Where the JSON description of an exported model file lives: its whole file name plus
+    ``.json`` (``run.pt`` -> ``run.pt.json``, ``run.onnx`` -> ``run.onnx.json``), so the
+    TorchScript and ONNX exports of one run, side by side, each keep their own."""
+    path = Path(model_path)
+    return path.with_name(path.name + ".json")
 
 
 def _has(module: str) -> bool:
@@ -73,7 +99,7 @@ def _example(input_shape, n: int, seed: int = 0) -> torch.Tensor:
 
 
 def _write_info(out_path: Path, info: dict) -> Path:
-    side = out_path.with_suffix(".json")
+    side = sidecar_path(out_path)
     tmp = side.with_name(side.name + ".tmp")
     tmp.write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
     os.replace(tmp, side)
@@ -104,7 +130,8 @@ def export_torchscript(checkpoint: str | Path, out_path: str | Path) -> Path:
     """Trace the checkpoint's model into a TorchScript file (``.pt``) with a free batch size.
 
     Load it with ``torch.jit.load(path)`` (no lab code needed). The traced model is run on a
-    batch of another size and compared with PyTorch before the file is kept."""
+    batch of another size and compared with PyTorch before the file is kept. Returns the file's
+    path; its description is written to ``sidecar_path(path)``."""
     predictor, info = _load(checkpoint)
     out = _prepare_out(out_path, ".pt")
     model = predictor.model
@@ -121,24 +148,32 @@ def export_torchscript(checkpoint: str | Path, out_path: str | Path) -> Path:
     return out
 
 
+def _check_onnx_options(opset, exporter: str) -> None:
+    """ConfigError, before any work, for a bad opset or exporter or a missing package (with the
+    command that installs it for this Python)."""
+    if exporter not in EXPORTERS:
+        raise ConfigError(f"ONNX exporter must be one of {', '.join(EXPORTERS)}; got {exporter!r}.")
+    if not onnx_available():
+        raise ConfigError("ONNX export needs the onnx package, which is not installed for the Python that "
+                          f"runs the lab. Install it (with onnxruntime, which checks the exported file) by "
+                          f"running {install_command('onnx', 'onnxruntime')}.")
+    if exporter == "dynamo" and not onnxscript_available():
+        raise ConfigError("The torch.export-based ONNX exporter needs the onnxscript package: "
+                          f"{install_command('onnxscript')}, or choose the 'legacy' exporter.")
+    if opset is not None and (not isinstance(opset, int) or isinstance(opset, bool) or opset < 7):
+        raise ConfigError(f"ONNX opset must be a whole number of at least 7 (or empty for the exporter's "
+                          f"choice); got {opset!r}.")
+
+
 def export_onnx(checkpoint: str | Path, out_path: str | Path, opset: int | None = None,
                 exporter: str = "auto") -> Path:
     """Export the checkpoint's model to ONNX (``.onnx``, weights inside, dynamic batch axis).
 
     opset: None lets the exporter choose (its recommended opset). exporter: "auto" (the
     torch.export-based exporter when onnxscript is installed, else the TorchScript-based one),
-    "dynamo" or "legacy". Input name ``input``, output name ``logits``."""
-    if exporter not in EXPORTERS:
-        raise ConfigError(f"ONNX exporter must be one of {', '.join(EXPORTERS)}; got {exporter!r}.")
-    if not onnx_available():
-        raise ConfigError("ONNX export needs the onnx package, which is not installed here: "
-                          "pip install onnx (and onnxruntime to check or run the exported file).")
-    if exporter == "dynamo" and not onnxscript_available():
-        raise ConfigError("The torch.export-based ONNX exporter needs the onnxscript package: "
-                          "pip install onnxscript, or choose the 'legacy' exporter.")
-    if opset is not None and (not isinstance(opset, int) or isinstance(opset, bool) or opset < 7):
-        raise ConfigError(f"ONNX opset must be a whole number of at least 7 (or empty for the exporter's "
-                          f"choice); got {opset!r}.")
+    "dynamo" or "legacy". Input name ``input``, output name ``logits``. Returns the file's path;
+    its description is written to ``sidecar_path(path)``."""
+    _check_onnx_options(opset, exporter)
     use_dynamo = exporter == "dynamo" or (exporter == "auto" and onnxscript_available())
     predictor, info = _load(checkpoint)
     out = _prepare_out(out_path, ".onnx")

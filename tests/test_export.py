@@ -102,7 +102,7 @@ def test_torchscript_and_onnx_match_pytorch_on_real_images(which, trained_run, m
     assert np.abs(session.run(None, {"input": x[:1].numpy()})[0] - expected[:1].numpy()).max() <= TOL
     meta = session.get_modelmeta().custom_metadata_map
     assert json.loads(meta["classes"]) == ["airplane", "cat", "ship"]
-    side = json.loads(onnx_path.with_suffix(".json").read_text(encoding="utf-8"))
+    side = json.loads(export.sidecar_path(onnx_path).read_text(encoding="utf-8"))
     assert side["format"] == "onnx" and side["opset"] >= 13 and "dynamo=False" in side["exporter"]
     assert side["transform"] == predictor.transform_state
 
@@ -115,7 +115,7 @@ def test_onnx_with_the_torch_export_based_exporter(which, trained_run, mobilenet
     ort = pytest.importorskip("onnxruntime")
     ckpt = _checkpoint(trained_run if which == "tutorial_net" else mobilenet_checkpoint)
     path = export.export_onnx(ckpt, tmp_path / "dynamo.onnx")     # exporter="auto", as ui/tab_compare.py calls it
-    side = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    side = json.loads(export.sidecar_path(path).read_text(encoding="utf-8"))
     assert "dynamo=True" in side["exporter"] and side["model"] == which
     assert not list(tmp_path.glob("*.data"))   # weights inside the one file
     predictor = Predictor(ckpt)
@@ -143,6 +143,47 @@ def test_onnx_export_explains_missing_packages_and_bad_options(trained_run, tmp_
     with pytest.raises(ConfigError, match="pip install onnx"):
         export.export_onnx(trained_run, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_missing_onnx_hint_installs_into_the_python_running_the_server(trained_run, tmp_path, monkeypatch):
+    """A bare 'pip install onnx' may install into another Python than the server's .venv: the
+    hint is '<this interpreter> -m pip install' with pinned versions."""
+    import sys
+
+    monkeypatch.setattr(export, "onnx_available", lambda: False)
+    monkeypatch.setattr(sys, "executable", "/srv/lab/.venv/bin/python")
+    with pytest.raises(ConfigError) as err:
+        export.export_onnx(trained_run, tmp_path / "m.onnx")
+    assert "/srv/lab/.venv/bin/python -m pip install onnx==1.23.2 onnxruntime==1.32.0" in str(err.value)
+    monkeypatch.setattr(export, "onnx_available", lambda: True)
+    monkeypatch.setattr(export, "onnxscript_available", lambda: False)
+    monkeypatch.setattr(sys, "executable", r"C:\Program Files\Lab\.venv\Scripts\python.exe")
+    with pytest.raises(ConfigError) as err:
+        export.export_onnx(trained_run, tmp_path / "m.onnx", exporter="dynamo")
+    assert r'"C:\Program Files\Lab\.venv\Scripts\python.exe" -m pip install onnxscript==0.7.2' in str(err.value)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_torchscript_and_onnx_exports_side_by_side_keep_their_own_sidecars(trained_run, tmp_path):
+    """run.pt and run.onnx in one folder: each its own description (run.pt.json, run.onnx.json);
+    the ONNX export, done second, leaves the TorchScript one as it was."""
+    pytest.importorskip("onnx")
+    ts = export.export_torchscript(trained_run, tmp_path / "run.pt")
+    ts_side = tmp_path / "run.pt.json"
+    ts_text = ts_side.read_text(encoding="utf-8")
+    onnx_path = export.export_onnx(trained_run, tmp_path / "run.onnx", exporter="legacy")
+    onnx_side = tmp_path / "run.onnx.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.onnx", "run.onnx.json", "run.pt", "run.pt.json"]
+    assert ts_side.read_text(encoding="utf-8") == ts_text          # untouched by the ONNX export
+    ts_info, onnx_info = json.loads(ts_text), json.loads(onnx_side.read_text(encoding="utf-8"))
+    assert ts_info["format"] == "torchscript" and "torch.jit.trace" in ts_info["exporter"]
+    assert onnx_info["format"] == "onnx" and "dynamo=False" in onnx_info["exporter"]
+    extra = {export.INFO_ENTRY: ""}
+    torch.jit.load(str(ts), _extra_files=extra)
+    assert json.loads(extra[export.INFO_ENTRY]) == ts_info          # the sidecar is this file's own description
+    assert ts_info["classes"] == onnx_info["classes"] == ["airplane", "cat", "ship"]
+    assert export.sidecar_path(ts) == ts_side and export.sidecar_path(onnx_path) == onnx_side   # what a caller lists
 
 
 def test_export_takes_a_run_folder_and_explains_a_missing_checkpoint(trained_run, tmp_path):
