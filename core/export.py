@@ -45,6 +45,11 @@ def install_command(*packages: str) -> str:
     running this code (``sys.executable -m pip``): a bare ``pip`` may belong to another Python
     than the server's virtual environment."""
     python = sys.executable or "python3"
+    try:   # the README's .venv/bin/python: relative, so a page user is not told where the lab lives
+        inside = Path(python).resolve(strict=False).relative_to(Path.cwd().resolve())
+        python = inside.as_posix()
+    except ValueError:
+        pass
     if any(c.isspace() for c in python):
         python = f'"{python}"'
     return f"{python} -m pip install " + " ".join(ONNX_PINS.get(p, p) for p in packages)

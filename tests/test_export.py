@@ -162,6 +162,13 @@ def test_missing_onnx_hint_installs_into_the_python_running_the_server(trained_r
         export.export_onnx(trained_run, tmp_path / "m.onnx", exporter="dynamo")
     assert r'"C:\Program Files\Lab\.venv\Scripts\python.exe" -m pip install onnxscript==0.7.2' in str(err.value)
     assert not list(tmp_path.iterdir())
+    # the README's .venv under the lab's folder: named relative to it (a page user is not told where
+    # the lab is installed)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / ".venv" / "bin" / "python"))
+    with pytest.raises(ConfigError) as err:
+        export.export_onnx(trained_run, tmp_path / "m.onnx", exporter="dynamo")
+    assert ".venv/bin/python -m pip install onnxscript" in str(err.value) and str(tmp_path) not in str(err.value)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit")
@@ -347,3 +354,15 @@ def test_a_run_asks_for_its_own_tensorboard_log(tmp_path, tiny_folder):
     assert job.status == ev.FINISHED, job.message
     assert len(list((tmp_path / "b" / job.job_id).glob("events.out.tfevents.*"))) == 1
     logger.close()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_the_history_export_hands_over_the_model_and_its_own_description(trained_run):
+    """Compare → Run history → TorchScript: both files it lists exist (the description is the
+    model file's own, run.pt.json, not a shared run.json)."""
+    from ui.common import AppContext
+    from ui.tab_compare import export_files
+    ctx = AppContext(manager=None, data_dir=trained_run.parent, runs_dir=trained_run.parent)
+    files = [Path(f) for f in export_files(ctx, trained_run.name, "torchscript")]
+    assert [f.name for f in files] == [f"{trained_run.name}.pt", f"{trained_run.name}.pt.json"]
+    assert all(f.is_file() for f in files)

@@ -303,7 +303,7 @@ def export_files(ctx: AppContext, run_id: str | None, kind: str, who: identity.W
         path = export.export_torchscript(ckpt, out / f"{run_id}.pt")
     else:
         path = export.export_onnx(ckpt, out / f"{run_id}.onnx")
-    return [str(path), str(path.with_suffix(".json"))]
+    return [str(path), str(export.sidecar_path(path))]
 
 
 def pair_view(ctx: AppContext, run_a: str | None, run_b: str | None, normalize: bool = True,
