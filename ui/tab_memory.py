@@ -9,15 +9,66 @@ import pandas as pd
 
 from core import memory
 from ui import plots
-from ui.common import AppContext, fmt_bytes, safe
+from ui.common import AppContext, safe
 from ui.tab_model import model_shape
 
 OPTIMIZERS = ["sgd", "adam", "adamw", "rmsprop"]
+MiB = 2**20
+# The training bar's segments: the table's component rows (core.memory.MemoryEstimate fields) they
+# add up, so the bar's total is the table's "training total (sum of the above)".
+SEGMENTS = [("weights", {"param_bytes": "parameters", "buffer_bytes": "buffers"}),
+            ("gradients", {"gradient_bytes": ""}),
+            ("optimizer state", {"optimizer_bytes": ""}),
+            ("activations", {"activation_bytes": "saved", "weight_copy_bytes": "half-precision weight copies",
+                             "output_bytes": "logits + loss"}),
+            ("input batch", {"input_bytes": "images + labels"}),
+            ("device overhead", {"overhead_bytes": ""})]
+
+
+def fmt_mib(n: float) -> str:
+    """Every memory number of the tab (text, bars, table): MiB with one decimal, on one line."""
+    return f"{n / MiB:,.1f}\u00a0MiB"
+
+
+def bar_components(est: memory.MemoryEstimate) -> tuple[dict, dict]:
+    """(training, inference) segments in bytes; they sum to the table's training and inference totals."""
+    train = {}
+    for segment, parts in SEGMENTS:
+        shown = {f: label for f, label in parts.items() if getattr(est, f)}
+        if shown:
+            labels = [label for label in shown.values() if label]
+            name = f"{segment} ({' + '.join(labels)})" if labels else segment
+            train[name] = sum(getattr(est, f) for f in shown)
+    if est.inference_total_bytes is None:
+        return train, {}
+    weights = est.param_bytes + est.buffer_bytes
+    act, overhead = est.inference_activation_bytes or 0, est.overhead_bytes
+    infer = {"weights (parameters + buffers)": weights, "activations (peak live)": act,
+             "input batch (images)": est.inference_total_bytes - weights - act - overhead,
+             "device overhead": overhead}
+    return train, {k: v for k, v in infer.items() if v}
+
+
+def _peak_sentence(est: memory.MemoryEstimate) -> str:
+    """The one peak (``required_bytes``) and how it relates to the bars' total (the sum of components)."""
+    peak, total = fmt_mib(est.required_bytes), fmt_mib(est.training_total_bytes)
+    if est.step_peak_bytes is None:
+        head = f"training needs **{peak}** (the sum of the components, as the training bar shows)"
+    else:
+        relation = ("below it: backward frees saved activations as gradients appear"
+                    if est.step_peak_bytes <= est.training_total_bytes else
+                    "above it: the optimiser step makes temporaries")
+        head = (f"training needs **{peak}** at its peak (the simulated step, the table's 'training step peak'); "
+                f"the training bar adds up the components as if all were held at once, {total} (the table's "
+                f"'training total'), and the peak is {relation}")
+    inference = est.inference_total_bytes
+    return head + (f"; inference **{fmt_mib(inference)}**" if inference is not None else "")
 
 
 def build(ctx: AppContext) -> None:
     m = ctx.shared["model"]
-    gr.Markdown("The model, freezing and input size come from the **Model** and **Data** tabs. "
+    gr.Markdown("The model, freezing and input size come from the **Model** tab (the channels and the images' "
+                "own size from the dataset loaded on the **Data** tab). "
                 "Counted from what autograd really saves for the backward pass and a simulated training "
                 "step, not a rule of thumb; nothing is allocated.")
     with gr.Row():
@@ -37,32 +88,27 @@ def build(ctx: AppContext) -> None:
                          elem_classes="lab-numbers-right", datatype=["str", "number", "number"])
 
     @safe
-    def calculate(session, name, stem, freeze, stages, batch_size, opt, prec, budget_label, progress=gr.Progress()):
-        classes, channels, size = model_shape(session, name, stem)
+    def calculate(session, name, stem, freeze, stages, batch_size, opt, prec, budget_label, size_px=0,
+                  progress=gr.Progress()):
+        classes, channels, size = model_shape(session, name, stem, size_px)
         factory = memory.ZooFactory(name, classes, channels, tuple(size), bool(stem), freeze, int(stages or 0))
         progress(0.2, desc="Tracing the model on the meta device…")
         est = memory.estimate_memory(factory, factory.input_shape, int(batch_size), optimizer=opt, precision=prec)
-        train = {"weights": est.param_bytes + est.buffer_bytes, "gradients": est.gradient_bytes,
-                 "optimizer state": est.optimizer_bytes,
-                 "activations": est.activation_bytes + est.weight_copy_bytes + est.output_bytes,
-                 "input": est.input_bytes}
-        infer = {"weights": est.param_bytes + est.buffer_bytes,
-                 "activations": est.inference_activation_bytes or 0, "input": est.input_bytes}
+        train, infer = bar_components(est)
         gb = float(budget_label.split()[0])
         progress(0.6, desc="Finding the largest batch…")
         best = memory.max_batch_size(factory, factory.input_shape, gb * 1e9, optimizer=opt, precision=prec)
         fits = f"**Largest batch for {budget_label}: {int(best):,}**" if int(best) else \
             f"**Nothing fits in {budget_label}**: {best.reason}"
         text = (f"{name}, {channels}×{size[0]}×{size[1]} input, batch {int(batch_size)}, {opt}, {prec}: "
-                f"training needs **{fmt_bytes(est.required_bytes)}** at its peak (the bars show what is held "
-                f"together at the end of the forward pass: {fmt_bytes(est.training_total_bytes)}), inference "
-                f"**{fmt_bytes(est.inference_total_bytes or 0)}** · {est.trainable_params:,} of "
-                f"{est.num_params:,} parameters trainable · {fits}. A GPU also needs its CUDA context and "
-                "library workspaces (0.3–1 GB) on top.")
-        return (text, plots.memory_breakdown(train, title="Memory for one step", inference=infer),
-                plots.memory_per_layer(_layer_names(est.layers)), _readable(est.as_table()))
+                f"{_peak_sentence(est)} · {est.trainable_params:,} of {est.num_params:,} parameters trainable · "
+                f"{fits}. A GPU also needs its CUDA context and library workspaces (0.3–1 GB) on top.")
+        fig = plots.memory_breakdown(train, title="Memory for one step", inference=infer)
+        return (text, _in_mib(fig, train, infer), plots.memory_per_layer(_layer_names(est.layers)),
+                _readable(est.as_table()))
 
-    inputs = [ctx.session, m["name"], m["stem"], m["freeze"], m["stages"], batch, optimizer, precision, budget]
+    inputs = [ctx.session, m["name"], m["stem"], m["freeze"], m["stages"], batch, optimizer, precision, budget,
+              m["image_size"]]
     outputs = [summary, breakdown, per_layer, table]
     compute.click(calculate, inputs, outputs, api_name="memory", show_progress_on=[summary], concurrency_limit=4)
     for comp in (optimizer, precision, budget):
@@ -80,10 +126,29 @@ def _layer_names(layers: pd.DataFrame | None) -> pd.DataFrame | None:
     return layers.assign(layer=layers["layer"].replace({"(model)": "ops in forward()"}))
 
 
+def _in_mib(fig, train: dict, infer: dict):
+    """The breakdown chart in MiB with the tab's rounding: segment labels, hover and totals read as
+    the text and the table do (plots.memory_breakdown picks its own unit and 3 significant digits)."""
+    totals = {"training": sum(train.values()), "inference": sum(infer.values())}
+    for trace in fig.data:
+        sizes = [train.get(trace.name) or 0, infer.get(trace.name) or 0]
+        trace.x = [v / MiB for v in sizes]
+        trace.text = [fmt_mib(v) if v else "" for v in sizes]
+        trace.customdata = [[fmt_mib(v), row[1]] for v, row in zip(sizes, trace.customdata)]
+    for note in fig.layout.annotations:
+        if note.y in totals:
+            note.x, note.text = totals[note.y] / MiB, f"<b>{fmt_mib(totals[note.y])}</b>"
+    fig.update_xaxes(title_text="memory (MiB)", range=[0, 1.2 * max(totals.values()) / MiB])
+    return fig
+
+
 def _readable(table: pd.DataFrame):
     """The engine's table as a Styler, as the leaderboard and the per-class table do: the cells
-    keep their numbers and read "248,024" bytes, "0.24" MiB."""
-    return table.style.format({"bytes": "{:,}", "MiB": "{:,.2f}"})
+    keep their numbers and read "248,024" bytes, "0.2" MiB (the text's and the bars' rounding),
+    numbers on one line."""
+    table = table.assign(MiB=(table["bytes"] / MiB).round(1))
+    return table.style.format({"bytes": "{:,}", "MiB": "{:,.1f}"}).set_properties(
+        subset=["bytes", "MiB"], **{"white-space": "nowrap"})
 
 
 def on_load(ctx: AppContext, demo: gr.Blocks) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import gradio as gr
 import pandas as pd
@@ -17,14 +18,66 @@ _M = ModelConfig()
 LAYER_COLUMNS = ["layer", "type", "output_shape", "params", "trainable"]
 
 
-def model_shape(session: dict, name: str, stem: bool) -> tuple[int, int, tuple[int, int]]:
-    """(classes, channels, (h, w)) the model would be built for with this session's dataset."""
+class InputPlan(NamedTuple):
+    """What a run of this model feeds it for this session's dataset (core.trainer.input_size_for)."""
+    classes: int
+    channels: int
+    native: tuple[int, int] | None    # (h, w) shared by every image; None: sizes differ
+    size: tuple[int, int]             # (h, w) fed to the model
+    minimum: int                      # the smallest side the model accepts (with this stem)
+
+
+def input_plan(session: dict, name: str, stem: bool, image_size: int | None = None) -> InputPlan:
+    """The input size a run will use, as core.trainer.input_size_for and create_model decide it:
+    data.image_size when set (rounded as the model rounds it), else the images' own size when the
+    model accepts it, else the model's resize target. Without a dataset: the sample's 32×32 RGB."""
     ds = session.get("dataset") if session else None
     classes = len(ds.classes) if ds is not None else 10
     channels = 1 if ds is not None and ds.mode == "L" else 3
-    size = datasets.common_image_size(ds) if ds is not None else (32, 32)
-    native = (size[1], size[0]) if size else (224, 224)
-    return classes, channels, tuple(models.resolve_input_size(name, native, stem))
+    wh = datasets.common_image_size(ds) if ds is not None else (32, 32)
+    native = (wh[1], wh[0]) if wh else None
+    minimum = models.min_input_size(name, bool(stem))
+    if image_size:
+        s = int(image_size)
+        size = models.resolve_input_size(name, (s, s), bool(stem)) if s >= minimum else (s, s)
+    else:
+        size = models.resolve_input_size(name, native or (224, 224), bool(stem))
+    return InputPlan(classes, channels, native, tuple(size), minimum)
+
+
+def model_shape(session: dict, name: str, stem: bool,
+                image_size: int | None = None) -> tuple[int, int, tuple[int, int]]:
+    """(classes, channels, (h, w)) the model would be built for with this session's dataset."""
+    plan = input_plan(session, name, stem, image_size)
+    return plan.classes, plan.channels, plan.size
+
+
+def _wh(size) -> str:
+    return f"{size[1]}×{size[0]}"
+
+
+def size_line(plan: InputPlan, name: str, stem: bool, image_size: int | None) -> str:
+    """One line: the input size the run will use and why ("fed 32×32 …" / "resized to 224×224 …")."""
+    kind = "grayscale" if plan.channels == 1 else "RGB"
+    low = max(plan.minimum, 8)   # the config refuses fewer than 8 pixels (core.config)
+    if image_size and int(image_size) < low:
+        return (f"⚠️ input size {_wh(plan.size)} is below the {low}×{low} {name} accepts"
+                f"{' with the small-input stem' if stem else ''}: a run would stop before training. Set at "
+                f"least {low}, or 0 for the model's own size.")
+    if plan.native == plan.size:
+        return f"fed {_wh(plan.size)} {kind} images (their own size)"
+    seen = f"they are {_wh(plan.native)}" if plan.native else "their sizes differ"
+    if image_size:
+        why = "the input size set here" + (", rounded to a multiple of the patch size"
+                                           if plan.size != (int(image_size),) * 2 else "")
+    elif plan.native and min(plan.native) >= plan.minimum:
+        why = "a multiple of the patch size"
+    elif plan.native:
+        why = (f"{name} needs at least {plan.minimum}×{plan.minimum}"
+               f"{' even with the small-input stem' if stem else ''}")
+    else:
+        why = "the model's default size"
+    return f"{kind} images resized to {_wh(plan.size)} ({seen}; {why})"
 
 
 def build(ctx: AppContext) -> None:
@@ -37,8 +90,16 @@ def build(ctx: AppContext) -> None:
             pretrained = bind(ctx, gr.Checkbox(_M.pretrained, label="Start from ImageNet weights (transfer learning)",
                                                elem_id="model_pretrained"), "model.pretrained")
             weights_note = gr.Markdown("", elem_id="model_weights_note")
-            stem = bind(ctx, gr.Checkbox(_M.small_input_stem, label="Small-input stem (keep small images small "
-                                         "instead of resizing to 224)", elem_id="model_stem"), "model.small_input_stem")
+            stem = bind(ctx, gr.Checkbox(_M.small_input_stem, label="Small-input stem (less downsampling in "
+                                         "the first layers: small images stay small)",
+                                         info="Without it, images are fed at their own size when the model "
+                                              "accepts it, else resized to the model's default (224 px for "
+                                              "ImageNet models).", elem_id="model_stem"), "model.small_input_stem")
+            image_size = bind(ctx, gr.Number(0, label="Input size in pixels (0 = the model's own size)", minimum=0,
+                                             precision=0, info="Images are resized to this square size; 224 "
+                                             "gives the ImageNet-size estimate on the Memory tab.",
+                                             elem_id="model_input_size"),
+                              "data.image_size", none_if_empty, lambda v: v or 0)
             freeze = bind(ctx, gr.Radio(list(FREEZE_CHOICES), value=_M.freeze, label="Freezing",
                                         info="none: train everything · features: train only the new head · "
                                              "stages: freeze the first N stages", elem_id="model_freeze"),
@@ -62,17 +123,16 @@ def build(ctx: AppContext) -> None:
             layers = gr.Dataframe(pd.DataFrame(columns=LAYER_COLUMNS), interactive=False, max_height=520,
                                   elem_id="model_layers")
     ctx.shared["model"] = {"name": name, "pretrained": pretrained, "stem": stem, "freeze": freeze,
-                           "stages": stages, "init": init, "weights_path": weights_path}
+                           "stages": stages, "init": init, "weights_path": weights_path, "image_size": image_size}
 
     @safe
-    def describe(session, model_name, stem_on):
+    def describe(session, model_name, stem_on, size_px=0):
         spec = models.get_model_spec(model_name)
-        classes, channels, size = model_shape(session, model_name, stem_on)
-        n = models.count_params(model_name, classes, channels, small_input_stem=stem_on)
+        plan = input_plan(session, model_name, stem_on, size_px)
+        n = models.count_params(model_name, plan.classes, plan.channels, small_input_stem=stem_on)
         stage_names = models.list_stages(model_name)
         lines = [f"**{spec.name}** — {spec.description}",
-                 f"{n:,} parameters for {classes} classes · fed {size[1]}×{size[0]} "
-                 f"{'grayscale' if channels == 1 else 'RGB'} images"]
+                 f"{n:,} parameters for {plan.classes} classes · {size_line(plan, model_name, stem_on, size_px)}"]
         if spec.imagenet_params:
             lines.append(f"ImageNet version: {spec.imagenet_params:,} parameters, {spec.default_input_size} px input")
         lines.append(f"Stages: {', '.join(stage_names)}")
@@ -83,8 +143,8 @@ def build(ctx: AppContext) -> None:
                 gr.Checkbox(interactive=True) if spec.has_pretrained else gr.Checkbox(value=False, interactive=False))
 
     @safe
-    def layer_table(session, model_name, stem_on, freeze_mode, n_stages, pretrained_on):
-        classes, channels, size = model_shape(session, model_name, stem_on)
+    def layer_table(session, model_name, stem_on, freeze_mode, n_stages, pretrained_on, size_px=0):
+        classes, channels, size = model_shape(session, model_name, stem_on, size_px)
         created = models.create_model(model_name, classes, in_channels=channels, input_size=size,
                                       small_input_stem=stem_on)
         trainable, total = models.apply_freeze(created.model, model_name, freeze_mode, int(n_stages or 0))
@@ -96,10 +156,10 @@ def build(ctx: AppContext) -> None:
                      "pretrained feature extractor (tick 'Start from ImageNet weights', or load your own .pth).")
         if created.notes:
             text += "\n\n" + "\n".join(f"- {n}" for n in created.notes)
-        return text, table
+        return text, _readable_layers(table)
 
     @safe
-    def use_weights(session, upload, model_name, stem_on):
+    def use_weights(session, upload, model_name, stem_on, size_px=0):
         if not upload:
             return "", ""
         src = Path(upload if isinstance(upload, str) else upload.name)
@@ -109,7 +169,7 @@ def build(ctx: AppContext) -> None:
         copied = not dest.exists()
         if copied:  # keep a copy: Gradio's upload cache is not ours to rely on
             shutil.copyfile(src, dest)
-        classes, channels, size = model_shape(session, model_name, stem_on)
+        classes, channels, size = model_shape(session, model_name, stem_on, size_px)
         try:
             created = models.create_model(model_name, classes, in_channels=channels, input_size=size,
                                           small_input_stem=stem_on, weights_path=dest)
@@ -125,23 +185,35 @@ def build(ctx: AppContext) -> None:
         lines += [f"- skipped `{k}`: file {tuple(a)} vs model {tuple(b)}" for k, a, b in report.mismatched_shapes[:8]]
         return src.name, "\n".join(lines)
 
-    table_inputs, table_outputs = [ctx.session, name, stem, freeze, stages, pretrained], [params, layers]
+    table_inputs, table_outputs = [ctx.session, name, stem, freeze, stages, pretrained, image_size], [params, layers]
+    describe_inputs = [ctx.session, name, stem, image_size]
     # First: the public endpoint keeps the name "layer_table" (private events reuse the function's name).
     show.click(layer_table, table_inputs, table_outputs, api_name="layer_table", concurrency_limit=4)
     # The table follows the choices: a table of another model (or freezing) than the one picked
     # would teach the wrong numbers on a projector.
-    for trigger, api in ((name.change, {"api_name": "describe_model"}), (stem.change, {"api_visibility": "private"})):
-        trigger(describe, [ctx.session, name, stem], [about, weights_note, stages, pretrained], concurrency_limit=None,
+    private = {"api_visibility": "private"}
+    # The size box follows on blur/Enter: while "224" is typed, 2 and 22 are no input sizes to show.
+    for trigger, api in ((name.change, {"api_name": "describe_model"}), (stem.change, private),
+                         (image_size.blur, private), (image_size.submit, private)):
+        trigger(describe, describe_inputs, [about, weights_note, stages, pretrained], concurrency_limit=None,
                 **api).then(layer_table, table_inputs, table_outputs, api_visibility="private",
                             show_progress_on=[params], concurrency_limit=4)
     for trigger in (freeze.change, stages.release, pretrained.change):
         trigger(layer_table, table_inputs, table_outputs, api_visibility="private", show_progress_on=[params],
                 concurrency_limit=4)
-    weights_file.upload(use_weights, [ctx.session, weights_file, name, stem], [weights_path, weights_report],
+    weights_file.upload(use_weights, [ctx.session, weights_file, name, stem, image_size],
+                        [weights_path, weights_report],
                         api_name="load_weights", concurrency_limit=4)
     weights_file.clear(lambda: ("", ""), None, [weights_path, weights_report], api_visibility="private")
-    ctx.shared["model_describe"] = (describe, [ctx.session, name, stem], [about, weights_note, stages, pretrained])
+    ctx.shared["model_describe"] = (describe, describe_inputs, [about, weights_note, stages, pretrained])
     ctx.shared["model_table"] = (layer_table, table_inputs, table_outputs)
+
+
+def _readable_layers(table: pd.DataFrame):
+    """Parameter counts with thousands separators, on one line ("11,173,962" never wraps in a cell)."""
+    count = lambda v: f"{int(v):,}" if pd.notna(v) else ""
+    cols = [c for c in ("params", "trainable") if c in table.columns and pd.api.types.is_numeric_dtype(table[c])]
+    return table.style.format({c: count for c in cols}).set_properties(subset=cols, **{"white-space": "nowrap"})
 
 
 def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
