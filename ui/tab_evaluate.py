@@ -3,6 +3,9 @@ of a finished run (its best checkpoint on the test split, computed by the engine
 training and saved as eval.json)."""
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 import gradio as gr
 import pandas as pd
 
@@ -38,8 +41,10 @@ def build(ctx: AppContext) -> None:
     @safe
     def refresh_runs(session: dict, current: str | None, browser_id, request: gr.Request):
         who = who_is(ctx, request, browser_id)
-        choices = run_history(ctx).choices(need="eval", who=who, private=ctx.private_runs)
-        return gr.Dropdown(choices=choices, value=pick_value(choices, current, session))
+        history = run_history(ctx)
+        choices = history.choices(need="eval", who=who, private=ctx.private_runs)
+        return gr.Dropdown(choices=choices, value=pick_value(choices, current, session, view="eval",
+                                                             own=lambda: own_run_ids(history, who)))
 
     @safe
     def show(run_id: str | None, normalize_rows: bool, browser_id, request: gr.Request):
@@ -49,14 +54,16 @@ def build(ctx: AppContext) -> None:
         history = run_history(ctx)   # the id must be a run of the history, one this caller may see
         who = who_is(ctx, request, browser_id)
         owner = history.check_access(run_id, who, private=ctx.private_runs)
+        whose = whose_run(owner, who)   # someone else's run says so, before anything else
+        whose = f"_{whose}_\n\n" if whose else ""
         record = runs.load_run(history.run_dir(run_id), live_ids=set(ctx.manager.running()))
         report = record.report()
         if report is None:
-            return (f"Run {history.label(run_id)} has no test evaluation yet ({record.status}).",
+            return (f"{whose}Run {history.label(run_id)} has no test evaluation yet ({record.status}).",
                     plots.empty_figure("No evaluation yet"), pd.DataFrame(columns=PER_CLASS_HEADERS), [])
         split = record.eval.get("split", "test")
         topk = " · ".join(f"top-{k}: **{v:.1%}**" for k, v in sorted(report.topk.items()) if k != 1)
-        text = (f"**{history.label(run_id)}** — {record.config.model.name if record.config else '?'} on "
+        text = (f"{whose}**{history.label(run_id)}** — {record.config.model.name if record.config else '?'} on "
                 f"{report.num_samples} {split} images: accuracy **{report.accuracy:.1%}**"
                 f"{' · ' + topk if topk else ''} · macro F1 **{report.macro_f1:.3f}** · "
                 f"weighted F1 {report.weighted_f1:.3f}")
@@ -86,14 +93,58 @@ def build(ctx: AppContext) -> None:
     ctx.shared["eval_handlers"] = {"refresh_runs": refresh_runs, "show": show}
 
 
-def pick_value(choices: list[tuple[str, str]], current: str | None, session: dict | None) -> str | None:
-    """Which run a refreshed list shows: the one shown before, else the run this page trained
-    last, else the newest."""
+def pick_value(choices: list[tuple[str, str]], current: str | None, session: dict | None,
+               view: str = "eval", own: Callable[[], set] | None = None) -> str | None:
+    """Which run a refreshed list (``view``: 'eval', 'predict') shows.
+
+    1. The run this page trained last (``session['last_run_id']``, set by the Train tab), the
+       first time this view finds it listed: a page that has just trained shows its new run.
+    2. The run shown before, when the user picked it or the view followed it there: an explicit
+       pick of another run stays until this page trains again.
+    3. The run this page trained last (when the shown run is gone or was a default).
+    4. This browser's newest listed run (``own()``: the ids it owns), e.g. after a reload.
+    5. The newest run, someone else's: only until this browser has one (the page says whose).
+    ``session['followed_run'][view]`` is the run 1 or 4 followed; ``session['default_run'][view]``
+    the run 5 picked, which a later refresh may replace."""
     ids = [v for _, v in choices]
-    for candidate in (current, (session or {}).get("last_run_id")):
-        if candidate in ids:
-            return candidate
-    return ids[0] if ids else None
+    session = session if session is not None else {}
+    followed = session.setdefault("followed_run", {})
+    default = session.setdefault("default_run", {})
+    latest = session.get("last_run_id")
+    if latest in ids and followed.get(view) != latest:
+        followed[view], default[view] = latest, None
+        return latest
+    if current in ids and current != default.get(view):
+        return current
+    default[view] = None
+    if latest in ids:
+        return latest
+    mine = own() if own is not None else set()
+    for run_id in ids:   # newest first
+        if run_id in mine:
+            followed[view] = run_id   # the Train tab may name it last_run_id later: nothing new
+            return run_id
+    default[view] = ids[0] if ids else None
+    return default[view]
+
+
+def own_run_ids(history, who: identity.Who) -> set:
+    """The ids of the runs ``who`` started (their owner is ``who``)."""
+    df = history.list()
+    return set(df.loc[df["owner"] == who.owner, "run_id"])
+
+
+def whose_run(owner: str | None, who: identity.Who) -> str | None:
+    """Whose run this is, in words, when it is not ``who``'s own: a login name, or 'another
+    browser' (never the owner string, which holds a browser's id); None for one's own run."""
+    if owner is not None and owner == who.owner:
+        return None
+    if owner is None:
+        return "This run was started on the server (from the command line), not in this browser."
+    if owner.startswith("user:"):
+        name = re.sub(r"([\\`*_{}\[\]()<>#+!|~-])", r"\\\1", owner[len("user:"):])   # Markdown-safe
+        return f"This run was trained by {name}, not by you."
+    return "This run was trained by another browser, not this one."
 
 
 def on_load(ctx: AppContext, demo: gr.Blocks) -> None:

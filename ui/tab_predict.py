@@ -13,10 +13,11 @@ import pandas as pd
 from core import datasets
 from core.inference import TTA_CHOICES, Predictor, find_checkpoint
 from ui.common import ASSETS, AppContext, run_history, safe, who_is
-from ui.tab_evaluate import pick_value
+from ui.tab_evaluate import own_run_ids, pick_value, whose_run
 
 EXAMPLES = sorted(str(p) for p in (ASSETS / "examples").glob("*.jpg"))
 CACHE_SIZE = 4  # predictors kept in memory (one model each), shared by all browsers
+TABLE_COLUMNS = ["image", "prediction", "probability", "top_k", "error"]
 
 
 class PredictorCache:
@@ -116,8 +117,7 @@ def build(ctx: AppContext) -> None:
                             examples_per_page=10, elem_id="predict_examples")
     with gr.Accordion("Predict many images at once", open=False):
         many = gr.File(file_count="multiple", file_types=["image"], label="Images", elem_id="predict_many")
-        table = gr.Dataframe(pd.DataFrame(columns=["image", "prediction", "probability", "top_k", "error"]),
-                             interactive=False, elem_id="predict_table")
+        table = gr.Dataframe(pd.DataFrame(columns=TABLE_COLUMNS), interactive=False, elem_id="predict_table")
         download = gr.File(label="Predictions as CSV", interactive=False)
 
     def checkpoint_path(source_value: str, run_id: str | None, uploaded, browser_id, request) -> str:
@@ -137,9 +137,26 @@ def build(ctx: AppContext) -> None:
             return ""
         p = cache.get(checkpoint_path(source_value, run_id, uploaded, browser_id, request))
         c, h, w = p.input_shape
-        return (f"**{p.model_name}**, {len(p.classes)} classes ({', '.join(p.classes[:12])}"
+        whose = None
+        if source_value.startswith("A trained"):   # checked by checkpoint_path: a run this caller may see
+            whose = whose_run(run_history(ctx).owner(run_id)[1], who_is(ctx, request, browser_id))
+        return ((f"_{whose}_\n\n" if whose else "")
+                + f"**{p.model_name}**, {len(p.classes)} classes ({', '.join(p.classes[:12])}"
                 f"{'…' if len(p.classes) > 12 else ''}); input {w}×{h} {'grayscale' if c == 1 else 'RGB'}; "
                 f"{_trained_text(p)}. Images are resized and normalised as in training.")
+
+    @safe
+    def model_changed(source_value, run_id, uploaded, img, tta_value, browser_id, request: gr.Request):
+        """Another run, source or checkpoint file: its description, and the top-5 of the image
+        shown recomputed with it; the many-images table (the previous model's) is emptied. A model
+        that cannot be used says why in the description, and leaves no top-5 of the previous one."""
+        empty = (pd.DataFrame(columns=TABLE_COLUMNS), None)
+        try:
+            text = describe(source_value, run_id, uploaded, browser_id, request)
+            top5 = predict(img, source_value, run_id, uploaded, tta_value, browser_id, request) if text else None
+        except gr.Error as err:
+            return (f"⚠️ {err.message}", {}) + empty
+        return (text, top5 if top5 is not None else {}) + empty
 
     @safe
     def predict(img, source_value, run_id, uploaded, tta_value, browser_id, request: gr.Request):
@@ -151,19 +168,22 @@ def build(ctx: AppContext) -> None:
     @safe
     def predict_files(files, source_value, run_id, uploaded, tta_value, browser_id, request: gr.Request):
         if not files:
-            return pd.DataFrame(columns=["image", "prediction", "probability", "top_k", "error"]), None
+            return pd.DataFrame(columns=TABLE_COLUMNS), None
         p = cache.get(checkpoint_path(source_value, run_id, uploaded, browser_id, request))
         paths = [f if isinstance(f, str) else f.name for f in files]
         df = p.predict_many(paths, topk=5, tta=tta_value, names=[Path(x).name for x in paths])
         out = Path(tempfile.mkdtemp(prefix="lab-predictions-")) / "predictions.csv"
-        df.to_csv(out, index=False)
-        return df, str(out)
+        df.to_csv(out, index=False)   # the file keeps every digit; the page shows "36.3%"
+        shown = df.astype({"probability": float}).style.format({"probability": "{:.1%}"}, na_rep="")
+        return shown, str(out)
 
     @safe
     def refresh_runs(session: dict, current: str | None, browser_id, request: gr.Request):
         who = who_is(ctx, request, browser_id)
-        choices = run_history(ctx).choices(need="checkpoint", who=who, private=ctx.private_runs)
-        return gr.Dropdown(choices=choices, value=pick_value(choices, current, session))
+        history = run_history(ctx)
+        choices = history.choices(need="checkpoint", who=who, private=ctx.private_runs)
+        return gr.Dropdown(choices=choices, value=pick_value(choices, current, session, view="predict",
+                                                             own=lambda: own_run_ids(history, who)))
 
     def toggle(source_value):
         from_run = source_value.startswith("A trained")
@@ -173,9 +193,11 @@ def build(ctx: AppContext) -> None:
     source.change(toggle, source, [run, refresh, upload], api_visibility="private")
     list_inputs = [ctx.session, run, ctx.browser_id]
     refresh.click(refresh_runs, list_inputs, run, api_name="predict_runs", concurrency_limit=None)
-    for trigger in (run.change, upload.change):
-        trigger(describe, [*model_inputs, ctx.browser_id], info, api_visibility="private", concurrency_limit=None)
     predict_inputs = [image, *model_inputs, tta, ctx.browser_id]
+    # A change of model (the list following a new run included) leaves no output of the previous one.
+    for trigger in (source.change, run.change, upload.change):
+        trigger(model_changed, [*model_inputs, image, tta, ctx.browser_id], [info, label, table, download],
+                api_visibility="private", concurrency_limit=None, show_progress="hidden")
     # A refused image (or model) leaves no top-5 of the previous image beside it: {} is what the
     # Label gets for None from Python (null itself breaks the Label in the page).
     # (In the page itself: no round trip, and nothing an API caller could call.)
@@ -185,7 +207,8 @@ def build(ctx: AppContext) -> None:
     many.upload(predict_files, [many, *model_inputs, tta, ctx.browser_id], [table, download], api_name="predict_many",
                 concurrency_limit=None)
     ctx.shared["predict_refresh"] = (refresh_runs, list_inputs, run)
-    ctx.shared["predict_handlers"] = {"predict": predict, "refresh_runs": refresh_runs, "describe": describe}
+    ctx.shared["predict_handlers"] = {"predict": predict, "refresh_runs": refresh_runs, "describe": describe,
+                                      "model_changed": model_changed, "predict_files": predict_files}
 
 
 def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
