@@ -171,7 +171,7 @@ def test_browse_sample_split_augment_model_and_memory(lab):
     assert "batch 64, adam, fp32: training needs **" in summary and "Largest batch for 8 GB" in summary
     rows = {r[0]: r for r in table_rows(mem_table)}
     shown = {r[0]: r for r in mem_table["metadata"]["display_value"]}
-    assert rows["parameters"][1] == 248_024 and shown["parameters"][1:] == ["248,024", "0.24"]   # 62,006 fp32 weights
+    assert rows["parameters"][1] == 248_024 and shown["parameters"][1:] == ["248,024", "0.2"]   # 62,006 fp32 weights
     assert plot_json(breakdown)["data"] and plot_json(per_layer)["data"]
     # F.relu and view in Net.forward() save tensors outside any sub-module: the chart names them so
     assert "ops in forward()" in plot_json(per_layer)["data"][0]["y"]
