@@ -45,7 +45,31 @@ CSS = """
 #eval_errors .caption-label { white-space: normal; max-width: calc(100% - 8px); left: 4px; right: 4px;
   text-align: center; line-height: 1.25; }
 #predict_image img { min-width: 60%; max-height: 100%; object-fit: contain; image-rendering: pixelated; }
+#projector_toggle { max-width: 24em; margin: 0 auto 0 0 !important; }
+/* Projector mode (the header's toggle, remembered in this browser): the full width of a 1920-px
+   screen, larger type, help text as dark as the rest, labels that wrap instead of being clipped. */
+body.lab-projector, body.lab-projector .gradio-container {
+  --text-xxs: 13px !important; --text-xs: 15px !important; --text-sm: 17px !important;
+  --text-md: 20px !important; --text-lg: 22px !important; --text-xl: 26px !important; --text-xxl: 30px !important;
+  --checkbox-label-text-size: 18px !important; --body-text-size: 20px !important; --block-label-text-size: 18px !important;
+  --block-info-text-size: 17px !important; --block-title-text-size: 19px !important;
+  --input-text-size: 20px !important; --button-large-text-size: 20px !important;
+  --button-small-text-size: 18px !important; --section-header-text-size: 20px !important;
+  --body-text-color-subdued: var(--body-text-color) !important; --block-info-text-color: var(--body-text-color) !important;
+  --block-label-text-color: var(--body-text-color) !important;
+}
+body.lab-projector .gradio-container { max-width: 100% !important; }
+body.lab-projector label span, body.lab-projector .label-wrap span { white-space: normal !important;
+  overflow: visible !important; text-overflow: clip !important; }
+body.lab-projector .prose, body.lab-projector .prose * { font-size: 20px; }
+body.lab-projector .prose h1 { font-size: 34px; }
 """
+PROJECTOR_KEY = "classifier-lab-projector"
+# Client-side only (no server round trip): the toggle sets a class on <body> and remembers it.
+PROJECTOR_JS = ("(on) => { document.body.classList.toggle('lab-projector', !!on); "
+                f"try {{ localStorage.setItem('{PROJECTOR_KEY}', on ? '1' : '0'); }} catch (e) {{}} return on; }}")
+PROJECTOR_RESTORE_JS = (f"() => {{ let on = false; try {{ on = localStorage.getItem('{PROJECTOR_KEY}') === '1'; }} "
+                        "catch (e) {} document.body.classList.toggle('lab-projector', on); return on; }")
 
 TABS = [("Data", tab_data), ("Model", tab_model), ("Memory", tab_memory), ("Train", tab_train),
         ("Evaluate", tab_evaluate), ("Predict", tab_predict)]
@@ -89,6 +113,10 @@ def build_app(manager, data_dir: str | Path = "data", runs_dir: str | Path = "ru
                                          secret=identity.storage_key(ctx.secret))
         gr.Markdown(f"# {TITLE}\nTrain, inspect, compare and use image classifiers — "
                     "go through the tabs from left to right.", elem_id="lab-header")
+        projector = gr.Checkbox(False, label="Projector mode (large, high-contrast text, full width)",
+                                elem_id="projector_toggle", container=False)
+        projector.change(None, projector, None, js=PROJECTOR_JS, api_visibility="private")
+        demo.load(None, None, projector, js=PROJECTOR_RESTORE_JS, api_visibility="private")
         if teacher is not None and not login:
             _teacher_sign_in(ctx)
         ctx.shared["tab"] = {}
