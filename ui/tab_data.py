@@ -8,7 +8,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from core import datasets, transforms
+from core import builder, datasets, transforms
 from core.config import DataConfig
 from ui import plots
 from ui.common import AppContext, bind, safe
@@ -29,6 +29,7 @@ AUG_PREVIEW_N = 8
 # The sample a new page loads is cached in the engine and has its own event (see on_load).
 LOAD_SLOTS = 3
 STEP_COLUMNS = ["#", "step", "parameters"]
+BUILDER_COLUMNS = ["class", "images"]
 _DATA = DataConfig()
 
 
@@ -58,6 +59,22 @@ def build(ctx: AppContext) -> None:
                               placeholder="/data/my-images  or  /data/labels.csv")
             load = gr.Button("Load data", variant="primary", elem_id="data_load")
             info = gr.Markdown("Loading the embedded CIFAR-10 sample…", elem_id="data_info")
+            with gr.Accordion("Make your own dataset", open=False, elem_id="builder"):
+                with gr.Row():
+                    b_name = gr.Textbox(label="New class name", max_length=builder.MAX_CLASS_NAME,
+                                        placeholder="e.g. cat", elem_id="builder_name", scale=3)
+                    b_add = gr.Button("Add class", elem_id="builder_add", scale=1)
+                b_class = gr.Dropdown([], value=None, label="Class to add images to", elem_id="builder_class")
+                b_files = gr.File(label="Drop images for this class", file_count="multiple", file_types=["image"],
+                                  elem_id="builder_files")
+                b_shot = gr.Image(sources=["webcam"], type="filepath", label="Webcam shot", elem_id="builder_shot")
+                with gr.Row():
+                    b_add_shot = gr.Button("Add this shot", elem_id="builder_add_shot")
+                    b_remove = gr.Button("Remove class", elem_id="builder_remove")
+                b_counts = gr.Dataframe(pd.DataFrame(columns=BUILDER_COLUMNS), label="Your dataset",
+                                        interactive=False, elem_id="builder_counts")
+                b_note = gr.Markdown("", elem_id="builder_note")
+                b_use = gr.Button("Use this dataset", variant="primary", elem_id="builder_use")
         with gr.Column(scale=2):
             with gr.Row():
                 preview_mode = gr.Radio(["random", "per class"], value="per class", label="Preview",
@@ -149,11 +166,53 @@ def build(ctx: AppContext) -> None:
         if kind in ("folder", "index") and not location:
             raise gr.Error("Type the path of the folder or index file on the server.")
         progress(0.1, desc=f"Loading {label.lower()} (checking every image)…")
+        return _load_source(session, kind, location, mode, val, test, seed, progress)
+
+    def _load_source(session, kind, location, mode, val, test, seed, progress):
         # Page users reach only the data roots, and no listing runs unbounded (core/paths.py).
         ds = datasets.load_dataset(kind, location, data_dir=ctx.data_dir, roots=ctx.data_roots,
                                    limits=datasets.ScanLimits())
         progress(0.7, desc="Summarising…")
         return _loaded(session, ds, kind, location, mode, val, test, seed)
+
+    # ---- the dataset built in this browser (core/builder.py; kept in this session only) ----
+    def _builder(session) -> builder.Builder:
+        if session.get("builder") is None:
+            session["builder"] = builder.Builder()
+        return session["builder"]
+
+    def _builder_view(b: builder.Builder, chosen, note: str):
+        names = list(b.classes)
+        table = pd.DataFrame(b.counts(), columns=BUILDER_COLUMNS)
+        total = f"{len(names)} class(es), {b.n_images:,} image(s)."
+        return (gr.update(choices=names, value=chosen if chosen in names else (names[-1] if names else None)),
+                table, f"{note} {total}".strip())
+
+    @safe
+    def builder_add_class(session, name):
+        b = _builder(session)
+        added = b.add_class(name)
+        return ("",) + _builder_view(b, added, f"Added class **{added}**.")
+
+    @safe
+    def builder_add_files(session, chosen, files):
+        b = _builder(session)
+        values = files if isinstance(files, list) else ([files] if files else [])
+        paths = [str(f) if isinstance(f, str) else str(f.name) for f in values]
+        n = b.add_images(chosen, paths)  # Gradio's cache keeps each upload's own file name
+        return (None,) + _builder_view(b, chosen, f"Added {n} image(s) to **{chosen}**.")
+
+    @safe
+    def builder_remove(session, chosen):
+        b = _builder(session)
+        b.remove_class(chosen)
+        return _builder_view(b, None, f"Removed class **{chosen}**.")
+
+    @safe
+    def builder_use(session, mode, val, test, seed, progress=gr.Progress()):
+        progress(0.1, desc="Packing your images…")
+        location = str(_builder(session).write_zip())
+        return _load_source(session, "zip", location, mode, val, test, seed, progress)
 
     @safe
     def open_sample(session, mode, val, test, seed):
@@ -303,6 +362,19 @@ def build(ctx: AppContext) -> None:
                           concurrency_limit=LOAD_SLOTS, concurrency_id="data_load"))
     after_load(zip_file.upload(load_data, load_inputs, load_outputs, api_name="load_zip", show_progress_on=[info],
                                concurrency_limit=LOAD_SLOTS, concurrency_id="data_load"))
+    b_view = [b_class, b_counts, b_note]
+    b_name_add = dict(fn=builder_add_class, inputs=[ctx.session, b_name], outputs=[b_name] + b_view)
+    b_add.click(**b_name_add, api_name="builder_add_class", concurrency_limit=None)
+    b_name.submit(**b_name_add, api_visibility="private", concurrency_limit=None)
+    b_files.upload(builder_add_files, [ctx.session, b_class, b_files], [b_files] + b_view,
+                   api_name="builder_add_images", concurrency_limit=LOAD_SLOTS, concurrency_id="data_load")
+    b_add_shot.click(builder_add_files, [ctx.session, b_class, b_shot], [b_shot] + b_view,
+                     api_name="builder_add_shot", concurrency_limit=LOAD_SLOTS, concurrency_id="data_load")
+    b_remove.click(builder_remove, [ctx.session, b_class], b_view, api_name="builder_remove_class",
+                   concurrency_limit=None)
+    after_load(b_use.click(builder_use, [ctx.session, preview_mode, val_pct, test_pct, split_seed], load_outputs,
+                           api_name="builder_use", show_progress_on=[info, b_note], concurrency_limit=LOAD_SLOTS,
+                           concurrency_id="data_load"))
     reshuffle.click(reshuffle_preview, [ctx.session, preview_mode], gallery, api_name="reshuffle", concurrency_limit=None)
     preview_mode.change(safe(_preview), [ctx.session, preview_mode], gallery, api_visibility="private",
                         concurrency_limit=None)

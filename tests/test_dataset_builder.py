@@ -1,0 +1,193 @@
+"""Issue 12 item 6: a dataset built in the browser (core/builder.py and the Data tab's "Make your
+own dataset"): class names and file names made safe, refusals naming the file, the limits, a zip
+with one folder per class, and through the page's API: three classes of uploaded images, "Use this
+dataset" (loaded as an upload, source kind "zip") and a one-epoch training that finishes."""
+from __future__ import annotations
+
+import re
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from core import builder, datasets
+from core.errors import DataError
+from tests.test_app_client import lab  # noqa: F401  (the dashboard fixture, one per module)
+from tests.test_server_files import jpeg
+
+CLASSES = ("airplane", "cat", "ship")
+
+
+def image_files(folder: Path, cls: str, n: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for k in range(n):
+        path = folder / f"{cls}-{k}.jpg"
+        path.write_bytes(jpeg(cls, k))
+        out.append(path)
+    return out
+
+
+def filled(tmp_path, n: int = 3) -> builder.Builder:
+    b = builder.Builder()
+    for cls in CLASSES:
+        b.add_class(cls)
+        assert b.add_images(cls, image_files(tmp_path / "in" / cls, cls, n)) == n
+    return b
+
+
+def test_zip_has_one_folder_per_class_and_loads_as_an_upload(tmp_path):
+    b = filled(tmp_path)
+    try:
+        path = b.write_zip()
+        assert path.name == "my-dataset.zip" and b.root in path.parents
+        with zipfile.ZipFile(path) as zf:
+            names = sorted(zf.namelist())
+        assert names == sorted(f"my-dataset/{c}/{k:04d}_{c}-{k}.jpg" for c in CLASSES for k in range(3))
+        ds = datasets.load_dataset("zip", str(path), data_dir=tmp_path / "data")
+        assert ds.classes == list(CLASSES) and len(ds) == 9 and not ds.skipped
+        assert ds.source["kind"] == "zip"
+        assert b.write_zip() != path  # a new zip each time: an earlier run keeps its own
+    finally:
+        b.discard()
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("", "Type a class name"), ("  ", "Type a class name"), ("a/b", "may not contain"),
+    ("..\\x", "may not contain"), (".hidden", "hidden folder"), ("..", "hidden folder"),
+    ("__MACOSX", "hidden folder"), ("tab\there", "control characters"), ("x" * 65, "the limit is 64"),
+])
+def test_bad_class_names_are_refused(name, fragment):
+    with pytest.raises(DataError, match=re.escape(fragment)):
+        builder.clean_class_name(name)
+
+
+def test_class_names_are_nfc_and_unique():
+    b = builder.Builder()
+    assert b.add_class("  cafe\u0301 ") == "caf\u00e9"
+    assert len(b.add_class("x" * 64)) == 64
+    with pytest.raises(DataError, match="already a class"):
+        b.add_class("CAF\u00c9")
+
+
+@pytest.mark.parametrize("raw, clean", [
+    ("../../etc/passwd.jpg", "passwd.jpg"), ("a\\b\\c.png", "c.png"),
+    (".hidden.jpg", "hidden.jpg"), ("x..y.jpg", "x_y.jpg"), ("e\u0301.jpg", "\u00e9.jpg"),
+    ("", "image"), ("..", "image"), ("a\x00b.jpg", "ab.jpg"),
+])
+def test_file_names_are_made_safe(raw, clean):
+    assert builder.clean_file_name(raw) == clean
+
+
+def test_long_file_names_keep_their_extension():
+    name = builder.clean_file_name("n" * 300 + ".jpeg")
+    assert len(name) == builder.MAX_FILE_NAME and name.endswith(".jpeg")
+
+
+def test_a_non_image_is_refused_by_name_and_nothing_is_added(tmp_path):
+    b = builder.Builder()
+    b.add_class("cat")
+    good = image_files(tmp_path, "cat", 2)
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not a picture")
+    with pytest.raises(DataError, match=r"notes\.jpg is not an image"):
+        b.add_images("cat", good + [bad])
+    assert b.counts() == [("cat", 0)]
+
+
+def test_a_too_big_image_is_refused_by_name(tmp_path, monkeypatch):
+    b = builder.Builder()
+    b.add_class("cat")
+    big = tmp_path / "huge.png"
+    Image.new("RGB", (100, 100)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    with pytest.raises(DataError, match=r"huge\.png is too large"):
+        b.add_images("cat", [big])
+
+
+def test_a_name_without_extension_gets_the_image_format(tmp_path):
+    b = builder.Builder()
+    b.add_class("cat")
+    shot = tmp_path / "webcam"
+    Image.new("RGB", (8, 8)).save(shot, format="PNG")
+    b.add_images("cat", [shot])
+    assert b.classes["cat"][0][0] == "webcam.png"
+    b.discard()
+
+
+def test_limits(tmp_path, monkeypatch):
+    b = builder.Builder()
+    monkeypatch.setattr(builder, "MAX_CLASSES", 2)
+    b.add_class("a")
+    b.add_class("b")
+    with pytest.raises(DataError, match="at most 2 classes"):
+        b.add_class("c")
+    files = image_files(tmp_path, "cat", 3)
+    monkeypatch.setattr(builder, "MAX_IMAGES", 2)
+    with pytest.raises(DataError, match="at most 2 images"):
+        b.add_images("a", files)
+    monkeypatch.setattr(builder, "MAX_IMAGES", 100)
+    monkeypatch.setattr(builder, "MAX_TOTAL_BYTES", files[0].stat().st_size)
+    with pytest.raises(DataError, match="MB of images"):
+        b.add_images("a", files)
+    assert b.n_images == 0
+
+
+def test_too_few_classes_or_an_empty_class_is_refused(tmp_path):
+    b = builder.Builder()
+    b.add_class("cat")
+    b.add_images("cat", image_files(tmp_path, "cat", 1))
+    with pytest.raises(DataError, match="at least 2 classes"):
+        b.write_zip()
+    b.add_class("dog")
+    with pytest.raises(DataError, match="without images: dog"):
+        b.write_zip()
+    with pytest.raises(DataError, match="no class 'cow'"):
+        b.add_images("cow", image_files(tmp_path, "cat", 1))
+    b.remove_class("cat")
+    assert b.counts() == [("dog", 0)] and not list((b.root / "images").iterdir())
+    b.discard()
+
+
+# ---- through the page's API ----------------------------------------------------------------
+def test_build_use_and_train_through_the_api(lab, tmp_path):
+    from gradio_client import handle_file
+
+    from tests.test_app_client import new_client, poll_until_done, start
+
+    c = new_client(lab)
+    with pytest.raises(Exception, match="at least 2 classes"):
+        c.predict("per class", 10, 10, 0, api_name="/builder_use")
+    for cls in CLASSES:
+        name, chosen, counts, note = c.predict(cls, api_name="/builder_add_class")
+        assert name == "" and f"Added class **{cls}**" in note
+        assert chosen["value"] == cls and [c_[0] for c_ in chosen["choices"]][-1] == cls
+        chosen = chosen["value"]
+        files = [handle_file(str(p)) for p in image_files(tmp_path / cls, cls, 12)]
+        _, chosen, counts, note = c.predict(chosen, files, api_name="/builder_add_images")
+        assert f"Added 12 image(s) to **{cls}**" in note
+    assert counts["data"] == [[cls, 12] for cls in CLASSES]
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not a picture")
+    with pytest.raises(Exception, match=r"notes\.jpg is not an image"):
+        c.predict("cat", [handle_file(str(bad))], api_name="/builder_add_images")
+    # A webcam shot goes to the chosen class; a class removed is gone from the table and the zip.
+    chosen = c.predict("extra", api_name="/builder_add_class")[1]["value"]
+    shot = tmp_path / "shot.png"
+    Image.open(image_files(tmp_path / "shot", "cat", 1)[0]).save(shot)
+    _, _, counts, note = c.predict(chosen, handle_file(str(shot)), api_name="/builder_add_shot")
+    assert "Added 1 image(s) to **extra**" in note and counts["data"][-1] == ["extra", 1]
+    _, counts, note = c.predict("extra", api_name="/builder_remove_class")
+    assert "Removed class **extra**" in note and counts["data"] == [[cls, 12] for cls in CLASSES]
+    info = c.predict("per class", 10, 10, 0, api_name="/builder_use")[0]
+    assert "**my-dataset** — 36 images, 3 classes" in info
+
+    status = start(c, **{"Epochs": 1, "Batch size": 8, "Device": "cpu"})[0]
+    assert status.startswith(("Starting", "Training", "Queued")), status
+    status = poll_until_done(c)[0][0]
+    assert status.startswith("Finished — tutorial_net — run "), status
+    run_id = re.search(r"run (\S+):", status).group(1)
+    config = (lab["runs_dir"] / run_id / "config.json").read_text()
+    assert '"source": "zip"' in config and "my-dataset.zip" in config
