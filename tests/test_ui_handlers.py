@@ -702,3 +702,22 @@ def test_after_a_restart_the_train_tab_offers_the_interrupted_run(finished_job, 
         assert not isinstance(forged, str)
     finally:
         manager.shutdown(timeout=10)
+
+
+def test_a_refusal_toast_closes_by_itself():
+    """Issue 12: toasts left open covered Stop, Resume and Compute; a refusal or an internal error
+    is shown for common.TOAST_S seconds (the Train tab's Status keeps its refusals)."""
+    from ui import common
+
+    @common.safe
+    def refuses():
+        raise ConfigError("Batch size must be a whole number such as 64, got 'abc'.")
+
+    @common.safe
+    def breaks():
+        raise RuntimeError("boom")
+
+    for handler in (refuses, breaks):
+        with pytest.raises(gr.Error) as err:
+            handler()
+        assert err.value.duration == common.TOAST_S and 0 < common.TOAST_S <= 15

@@ -124,6 +124,9 @@ def none_if_empty(value):
     return None if value in ("", None, 0, 0.0) else value
 
 
+TOAST_S = 12   # a refusal's toast closes by itself: one left open covered Stop, Resume and Compute
+
+
 def safe(fn: Callable) -> Callable:
     """Wrap a handler: LabError → gr.Error with its message; anything else → a short
     'internal error' message and a log entry with the trace (never a stack trace in the page)."""
@@ -137,10 +140,10 @@ def safe(fn: Callable) -> Callable:
             return err
         if isinstance(err, LabError):
             log.info("%s: %s", fn.__name__, err)
-            return gr.Error(str(err), duration=None, print_exception=False)
+            return gr.Error(str(err), duration=TOAST_S, print_exception=False)
         log.exception("internal error in %s", fn.__name__)
         return gr.Error(f"Internal error in {fn.__name__}: {type(err).__name__}: {err}. "
-                        "The server log has the details; nothing you saved was lost.", duration=None,
+                        "The server log has the details; nothing you saved was lost.", duration=TOAST_S,
                         print_exception=False)
 
     if inspect.isgeneratorfunction(fn):

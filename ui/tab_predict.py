@@ -12,7 +12,7 @@ import pandas as pd
 
 from core import datasets
 from core.inference import TTA_CHOICES, Predictor, find_checkpoint
-from ui.common import ASSETS, AppContext, run_history, safe, who_is
+from ui.common import ASSETS, TOAST_S, AppContext, run_history, safe, who_is
 from ui.tab_evaluate import own_run_ids, pick_value, whose_run
 
 EXAMPLES = sorted(str(p) for p in (ASSETS / "examples").glob("*.jpg"))
@@ -69,10 +69,10 @@ def friendly_image_errors(component: gr.Image) -> gr.Image:
             except gr.Error:
                 raise
             except datasets.TooManyPixels as err:
-                raise gr.Error(f"{name} has {err}: shrink it and try again.", duration=None) from None
+                raise gr.Error(f"{name} has {err}: shrink it and try again.", duration=TOAST_S) from None
             except Exception as err:
                 raise gr.Error(f"{name} cannot be read as an image ({type(err).__name__}). "
-                               "Use a JPEG, PNG, BMP, GIF, WebP or TIFF file.", duration=None) from None
+                               "Use a JPEG, PNG, BMP, GIF, WebP or TIFF file.", duration=TOAST_S) from None
 
         preprocess._lab_friendly = True
         gr.Image.preprocess = preprocess
