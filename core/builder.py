@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import unicodedata
 import uuid
+import weakref
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +93,15 @@ class Builder:
     def _folder(self) -> Path:
         if self.root is None:
             self.root = Path(tempfile.mkdtemp(prefix="lab-builder-"))
+            # When the session is dropped, its collected images go too; the zips stay (a run that
+            # trained on one is evaluated from it later, like an upload in Gradio's cache).
+            weakref.finalize(self, shutil.rmtree, self.root / "images", True)
         return self.root
+
+    def __deepcopy__(self, memo):
+        """A handle on files, like an open file: a copy of the session shares it (two owners of
+        one folder would let the first to go delete the other's images)."""
+        return self
 
     @property
     def n_images(self) -> int:

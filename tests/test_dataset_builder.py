@@ -4,7 +4,9 @@ with one folder per class, and through the page's API: three classes of uploaded
 dataset" (loaded as an upload, source kind "zip") and a one-epoch training that finishes."""
 from __future__ import annotations
 
+import copy
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -115,6 +117,19 @@ def test_a_name_without_extension_gets_the_image_format(tmp_path):
     b.add_images("cat", [shot])
     assert b.classes["cat"][0][0] == "webcam.png"
     b.discard()
+
+
+def test_a_dropped_session_takes_its_images_but_leaves_its_zips(tmp_path):
+    import gc
+
+    b = filled(tmp_path, n=1)
+    images, zipped = b.root / "images", b.write_zip()
+    assert copy.deepcopy({"builder": b})["builder"] is b
+    assert len(list(images.iterdir())) == 3
+    del b
+    gc.collect()
+    assert not images.exists() and zipped.is_file()
+    shutil.rmtree(zipped.parents[2])
 
 
 def test_limits(tmp_path, monkeypatch):
