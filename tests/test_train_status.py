@@ -129,7 +129,7 @@ def test_a_finished_run_says_what_to_do_next_and_shows_the_buttons(tmp_path):
         status, *_ = poll(session, token, None)
         first, then = status.split("\n")
         assert first.startswith(f"Finished — tutorial_net — run {job.job_id}: finished 1 epoch(s)")
-        assert then == "Next: see the results on Evaluate, try it on Predict, export it from Compare → Run history."
+        assert then == "Next: see the results on Evaluate, try it on Predict, export it below (or later from Compare → Run history)."
         assert next_steps(session)["visible"] is True
     finally:
         job_fits.release(tmp_path / "runs")

@@ -721,3 +721,28 @@ def test_a_refusal_toast_closes_by_itself():
         with pytest.raises(gr.Error) as err:
             handler()
         assert err.value.duration == common.TOAST_S and 0 < common.TOAST_S <= 15
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_a_finished_run_exports_from_the_train_tab_for_its_owner_only(finished_job, monkeypatch):
+    """Issue 12: export from the finish state, not only from Compare → Run history."""
+    from core import identity
+    done, job = finished_job
+    monkeypatch.setattr(job, "owner", "browser:7e57")   # a browser id a signed token can carry
+    from core.runs import RunHistory
+    ctx = AppContext(manager=done.manager, data_dir=done.data_dir, runs_dir=done.runs_dir, secret="k" * 32)
+    ctx.history = RunHistory(ctx.runs_dir).attach(done.manager)   # as build_app does: it knows the owner
+    with gr.Blocks():
+        ctx.session = gr.State({})
+        ctx.browser_id = gr.BrowserState(None)
+        tab_train.build(ctx)
+    export = ctx.shared["train_export"]
+    mine, session = identity.sign(ctx.secret, "7e57"), {"job_id": job.job_id}
+    (pth,) = map(Path, export("checkpoint", session, mine, None))
+    assert pth.name == f"{job.job_id}-best.pth" and pth.is_file()
+    assert [Path(f).name for f in export("torchscript", session, mine, None)] == [f"{job.job_id}.pt",
+                                                                                   f"{job.job_id}.pt.json"]
+    with pytest.raises(gr.Error, match="only its owner or the teacher can export it"):
+        export("checkpoint", session, identity.sign(ctx.secret, "beef"), None)
+    with pytest.raises(gr.Error, match="Export needs a finished run on this tab"):
+        export("checkpoint", {}, mine, None)
