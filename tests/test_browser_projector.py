@@ -8,25 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_browser import ARGS, ARTIFACTS, CHROMIUM, _free_port, _require_browser
+from tests.test_browser import ARGS, ARTIFACTS, CHROMIUM, _require_browser, lab_url  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")]
-
-
-@pytest.fixture(scope="module")
-def lab_url(tmp_path_factory, session_data_dir):
-    _require_browser()
-    from core.jobs import JobManager
-    from ui.app import build_app, launch_kwargs
-
-    runs_dir = tmp_path_factory.mktemp("projector-runs")
-    manager = JobManager(runs_dir=runs_dir, data_dir=session_data_dir, max_jobs=1)
-    demo = build_app(manager, data_dir=session_data_dir, runs_dir=runs_dir)
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1",
-                            server_port=_free_port(), **launch_kwargs(session_data_dir, runs_dir))
-    yield url
-    demo.close()
-    manager.shutdown(timeout=20)
 
 
 def _measure(pg) -> dict:
@@ -45,7 +29,7 @@ def _toggle(pg):
     return pg.locator("#projector_toggle input[type=checkbox]")
 
 
-def test_projector_mode_fills_a_1920_screen_with_larger_text_and_is_remembered(lab_url):
+def test_projector_mode_fills_a_1920_screen_with_larger_text_and_is_remembered(lab_url):  # noqa: F811
     sync_api = _require_browser()
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as p:
