@@ -167,7 +167,7 @@ def test_too_few_classes_or_an_empty_class_is_refused(tmp_path):
 
 
 # ---- through the page's API ----------------------------------------------------------------
-def test_build_use_and_train_through_the_api(lab, tmp_path):
+def test_build_use_and_train_through_the_api(lab, tmp_path):  # noqa: F811 (the imported fixture)
     from gradio_client import handle_file
 
     from tests.test_app_client import new_client, poll_until_done, start
