@@ -38,13 +38,7 @@ def build(ctx: AppContext) -> None:
     errors = gr.Gallery(label="Most confident mistakes (true class → predicted class, confidence)", columns=6,
                         height=560, elem_id="eval_errors", object_fit="contain", format="png")
 
-    @safe
-    def refresh_runs(session: dict, current: str | None, browser_id, request: gr.Request):
-        who = who_is(ctx, request, browser_id)
-        history = run_history(ctx)
-        choices = history.choices(need="eval", who=who, private=ctx.private_runs)
-        return gr.Dropdown(choices=choices, value=pick_value(choices, current, session, view="eval",
-                                                             own=lambda: own_run_ids(history, who)))
+    refresh_runs = run_list_refresher(ctx, need="eval", view="eval")
 
     @safe
     def show(run_id: str | None, normalize_rows: bool, browser_id, request: gr.Request):
@@ -147,10 +141,28 @@ def whose_run(owner: str | None, who: identity.Who) -> str | None:
     return "This run was trained by another browser, not this one."
 
 
-def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
-    refresh_runs, inputs, run = ctx.shared["eval_refresh"]
+def run_list_refresher(ctx: AppContext, need: str, view: str) -> Callable:
+    """The handler that refreshes a tab's run list (Evaluate: need='eval', Predict: 'checkpoint'):
+    the runs this caller may see, showing the one ``pick_value`` picks for ``view``."""
+    @safe
+    def refresh_runs(session: dict, current: str | None, browser_id, request: gr.Request):
+        who = who_is(ctx, request, browser_id)
+        history = run_history(ctx)
+        choices = history.choices(need=need, who=who, private=ctx.private_runs)
+        return gr.Dropdown(choices=choices, value=pick_value(choices, current, session, view=view,
+                                                             own=lambda: own_run_ids(history, who)))
+    return refresh_runs
+
+
+def follow_runs(ctx: AppContext, demo: gr.Blocks, shared_key: str, tab_label: str) -> None:
+    """Keep a tab's run list (``ctx.shared[shared_key]``) current: when the page loads, whenever the
+    tab is opened (a run that just finished appears), and once the page has its browser token (the
+    list can depend on who asks: --private-runs)."""
+    refresh_runs, inputs, run = ctx.shared[shared_key]
     demo.load(refresh_runs, inputs, run, api_visibility="private")
-    # The list is refreshed whenever the Evaluate tab is opened, so a run that just finished appears.
-    ctx.shared["tab"]["Evaluate"].select(refresh_runs, inputs, run, api_visibility="private")
-    # ...and once the page has its browser token (the list can depend on who asks: --private-runs).
+    ctx.shared["tab"][tab_label].select(refresh_runs, inputs, run, api_visibility="private")
     ctx.browser_id.change(refresh_runs, inputs, run, api_visibility="private", show_progress="hidden")
+
+
+def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
+    follow_runs(ctx, demo, "eval_refresh", "Evaluate")

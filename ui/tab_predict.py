@@ -13,7 +13,7 @@ import pandas as pd
 from core import datasets
 from core.inference import TTA_CHOICES, Predictor, find_checkpoint
 from ui.common import ASSETS, TOAST_S, AppContext, run_history, safe, who_is
-from ui.tab_evaluate import own_run_ids, pick_value, whose_run
+from ui.tab_evaluate import follow_runs, run_list_refresher, whose_run
 
 EXAMPLES = sorted(str(p) for p in (ASSETS / "examples").glob("*.jpg"))
 CACHE_SIZE = 4  # predictors kept in memory (one model each), shared by all browsers
@@ -177,13 +177,7 @@ def build(ctx: AppContext) -> None:
         shown = df.astype({"probability": float}).style.format({"probability": "{:.1%}"}, na_rep="")
         return shown, str(out)
 
-    @safe
-    def refresh_runs(session: dict, current: str | None, browser_id, request: gr.Request):
-        who = who_is(ctx, request, browser_id)
-        history = run_history(ctx)
-        choices = history.choices(need="checkpoint", who=who, private=ctx.private_runs)
-        return gr.Dropdown(choices=choices, value=pick_value(choices, current, session, view="predict",
-                                                             own=lambda: own_run_ids(history, who)))
+    refresh_runs = run_list_refresher(ctx, need="checkpoint", view="predict")
 
     def toggle(source_value):
         from_run = source_value.startswith("A trained")
@@ -212,8 +206,5 @@ def build(ctx: AppContext) -> None:
 
 
 def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
-    refresh_runs, inputs, run = ctx.shared["predict_refresh"]
-    demo.load(refresh_runs, inputs, run, api_visibility="private")
-    ctx.shared["tab"]["Predict"].select(refresh_runs, inputs, run, api_visibility="private")
-    ctx.browser_id.change(refresh_runs, inputs, run, api_visibility="private", show_progress="hidden")
+    follow_runs(ctx, demo, "predict_refresh", "Predict")
 
