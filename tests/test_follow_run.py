@@ -5,7 +5,8 @@ A page shows its own newest run rather than whatever was newest when it opened; 
 switches the view to the new run; an explicit pick of another run stays until the page trains
 again; someone else's run says so in words (never with an id or a token); a change of run or
 checkpoint in Predict leaves no description or top-5 of the previous model; the many-images
-table shows rounded probabilities.
+table shows rounded probabilities. Compare's Run A, Run B and history pick follow the same rule,
+and its lists show a run's new name after a rename.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from core.config import RunConfig
 from core.inference import Predictor
 from core.jobs import JobManager
 from core.runs import RunHistory
-from ui import tab_evaluate, tab_predict, tab_train
+from ui import tab_compare, tab_evaluate, tab_predict, tab_train
 from ui.common import AppContext
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +62,7 @@ def lab(tmp_path_factory):
         ctx.browser_id = gr.BrowserState(None)
         tab_evaluate.build(ctx)
         tab_predict.build(ctx)
+        tab_compare.build(ctx)
     yield ctx, demo
     manager.shutdown(timeout=10)
 
@@ -221,3 +223,55 @@ def test_many_images_table_shows_rounded_probabilities(runs):
     assert all(len(d) <= 6 and d.endswith("%") for d in display), display     # "36.3%", not 0.3625945…
     assert display == [f"{p:.1%}" for p in probabilities]
     assert Path(csv).read_text().count(".") > 4                                # the CSV keeps every digit
+
+
+def compare_picks(ctx, page: Page, a=None, b=None, hist=None) -> tuple:
+    """Open the Compare tab: (Run A, Run B, the history's selected run) after its lists refresh."""
+    _, ua, ub, uh = ctx.shared["compare"]["handlers"]["refresh_choices"]([], a, b, hist, page.session, page.token,
+                                                                         page.request)
+    return ua["value"], ub["value"], uh["value"]
+
+
+def test_compare_defaults_follow_this_browsers_runs(runs):
+    ctx, a, b = runs["ctx"], runs["a"], runs["b"]
+    # B has one run: A is it, B stays empty (never someone else's run by default)
+    assert compare_picks(ctx, b) == (runs["b1"], None, runs["b1"])
+    # A has trained twice: its newest run against the one before
+    newest = runs.get("a2", runs["a1"])
+    picks = compare_picks(ctx, a)
+    assert picks[0] == newest and picks[2] == newest
+    assert picks[1] == (runs["a1"] if "a2" in runs else None)
+    # a pick of someone else's run stays, and the pair's summary says whose it is
+    assert compare_picks(ctx, a, a=newest, b=runs["b1"])[:2] == (newest, runs["b1"])
+    text = ctx.shared["compare"]["handlers"]["show_pair"](newest, runs["b1"], True, a.token, a.request)[2]
+    assert "Run B: This run was trained by another browser" in text and "Run A:" not in text
+    for secret in (b.token, b.owner):
+        assert secret not in text
+    # a made-up id is not kept: the pick falls back to this browser's run
+    assert compare_picks(ctx, a, a="no-such-run")[0] == newest
+
+
+def test_a_renamed_run_shows_its_new_name_in_the_lists(runs):
+    ctx, a = runs["ctx"], runs["a"]
+    h = ctx.shared["compare"]["handlers"]
+    h["rename"](runs["a1"], "my first cat model", "", "(all)", a.token, a.request)
+    try:
+        lists = h["refresh_choices"]([runs["a1"]], runs["a1"], None, runs["a1"], a.session, a.token, a.request)
+        for update in lists:
+            labels = dict((v, k) for k, v in update["choices"])
+            assert "my first cat model" in labels[runs["a1"]], labels
+        refreshed = ctx.shared["eval_handlers"]["refresh_runs"](a.session, runs["a1"], a.token, a.request)
+        assert "my first cat model" in dict((v, k) for k, v in refreshed.choices)[runs["a1"]]
+        assert "my first cat model" in summary(ctx, a, runs["a1"])   # the Evaluate summary too
+    finally:
+        h["rename"](runs["a1"], "", "", "(all)", a.token, a.request)
+
+
+def test_rename_is_followed_by_a_refresh_of_the_run_lists(lab):
+    _, demo = lab
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    lists = {by_id[e]._id for e in ("cmp_runs", "cmp_run_a", "cmp_run_b", "cmp_hist_run")}
+    rename = [fn for fn in demo.fns.values() if (by_id["cmp_rename"]._id, "click") in [tuple(t) for t in fn.targets]]
+    assert len(rename) == 1
+    chained = [fn for fn in demo.fns.values() if fn.trigger_after == rename[0]._id and fn.trigger_only_on_success]
+    assert any(lists <= {o._id for o in fn.outputs} for fn in chained)

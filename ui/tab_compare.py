@@ -21,7 +21,7 @@ import pandas as pd
 from core import compare, events as ev, export, identity, runs
 from core.errors import ConfigError, LabError
 from core.models import list_models
-from ui import plots
+from ui import plots, tab_evaluate
 from ui.common import AppContext, config_from_widgets, run_history, safe, who_is
 
 POLL_S = 1.0
@@ -310,10 +310,12 @@ def pair_view(ctx: AppContext, run_a: str | None, run_b: str | None, normalize: 
               who: identity.Who | None = None):
     """(heatmap A, heatmap B, summary markdown, difference table) for two runs (that ``who`` may see)."""
     h = _history(ctx)
-    figs, reports, labels = [], [], []
+    figs, reports, labels, notes = [], [], [], []
     for which, run_id in (("A", run_a), ("B", run_b)):
         if run_id and who is not None:
-            h.check_access(run_id, who, private=ctx.private_runs)
+            whose = tab_evaluate.whose_run(h.check_access(run_id, who, private=ctx.private_runs), who)
+            if whose:   # someone else's run says so (in words, never with its owner's token)
+                notes.append(f"_Run {which}: {whose}_")
         if not run_id:
             figs.append(plots.empty_figure(f"Pick run {which}", f"Run {which}"))
             reports.append(None)
@@ -331,14 +333,15 @@ def pair_view(ctx: AppContext, run_a: str | None, run_b: str | None, normalize: 
                                                 title=f"{which}: {label} — accuracy {report.accuracy:.1%}",
                                                 compact=True))
     empty = pd.DataFrame(columns=DIFF_DISPLAY)
+    whose = "".join(f"{n}\n\n" for n in notes)
     if reports[0] is None or reports[1] is None:
-        return figs[0], figs[1], "Pick two evaluated runs to see where they differ.", empty
+        return figs[0], figs[1], whose + "Pick two evaluated runs to see where they differ.", empty
     try:
         diff = compare.confusion_difference(reports[0], reports[1], top_pairs=10, labels=("A", "B"))
     except LabError as err:
-        return figs[0], figs[1], f"**Cannot compare:** {err}", empty
+        return figs[0], figs[1], f"{whose}**Cannot compare:** {err}", empty
     a, b = reports
-    text = (f"**A** = {labels[0]} (accuracy {a.accuracy:.1%}, macro F1 {a.macro_f1:.3f}) · "
+    text = (f"{whose}**A** = {labels[0]} (accuracy {a.accuracy:.1%}, macro F1 {a.macro_f1:.3f}) · "
             f"**B** = {labels[1]} (accuracy {b.accuracy:.1%}, macro F1 {b.macro_f1:.3f}). "
             "Rows: per-class recall, then the confusions that changed most (share of the true class, %).")
     table = pd.DataFrame({"kind": diff["kind"], "true class": diff["true class"],
@@ -346,6 +349,25 @@ def pair_view(ctx: AppContext, run_a: str | None, run_b: str | None, normalize: 
                           "B (%)": (diff["B"] * 100).round(1),
                           "B − A (points)": (diff["difference"] * 100).round(1)}, columns=DIFF_DISPLAY)
     return figs[0], figs[1], text, _for_display(table)
+
+
+def default_picks(ctx: AppContext, who: identity.Who, session: dict | None, choices, evaluated,
+                  a: str | None, b: str | None, hist_value: str | None) -> tuple:
+    """(Run A, Run B, the history's selected run) after a refresh of the lists.
+
+    Run A and the history's run follow this browser's latest run as Evaluate does
+    (``tab_evaluate.pick_value``: a run this page has just trained, else a pick the user made,
+    else this browser's newest run). Run B keeps a pick other than A, else takes this browser's
+    next newest evaluated run (after training again, A is the new run and B the one before);
+    it is never filled with someone else's run by default."""
+    own = lambda: tab_evaluate.own_run_ids(_history(ctx), who)   # noqa: E731 (read only when needed)
+    a = tab_evaluate.pick_value(evaluated, _keep(a, evaluated), session, view="compare_a", own=own)
+    b = _keep(b, evaluated)
+    if b is None or b == a:
+        mine = own()
+        b = next((r for _, r in evaluated if r in mine and r != a), None)
+    hist_value = tab_evaluate.pick_value(choices, _keep(hist_value, choices), session, view="history", own=own)
+    return a, b, hist_value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,14 +604,16 @@ def build(ctx: AppContext) -> None:
         return text + "\n" + queue_text(ctx, visible(ctx, who, run_ids))
 
     @safe
-    def refresh_choices(run_ids, a, b, hist_value, browser_id=None, request: gr.Request = None):
+    def refresh_choices(run_ids, a, b, hist_value, session=None, browser_id=None, request: gr.Request = None):
+        """The run lists, newest first; Run A, Run B and the history's run follow this browser's
+        latest run (``default_picks``)."""
         who = _who(browser_id, request)
         choices = run_choices(ctx, who=who)
         evaluated = run_choices(ctx, need="eval", who=who)
+        a, b, hist_value = default_picks(ctx, who, session, choices, evaluated, a, b, hist_value)
         return (gr.update(choices=choices, value=_keep(list(run_ids or []), choices)),
-                gr.update(choices=evaluated, value=_keep(a, evaluated)),
-                gr.update(choices=evaluated, value=_keep(b, evaluated)),
-                gr.update(choices=choices, value=_keep(hist_value, choices)))
+                gr.update(choices=evaluated, value=a), gr.update(choices=evaluated, value=b),
+                gr.update(choices=choices, value=hist_value))
 
     @safe
     def leaderboard_csv(run_ids, browser_id=None, request: gr.Request = None):
@@ -708,7 +732,8 @@ def build(ctx: AppContext) -> None:
     group_pick.input(pick_group, [group_pick, ctx.session, me], [selected] + show_outputs,
                      api_name="compare_group", concurrency_limit=None)
     lists = [selected, run_a, run_b, hist_run]
-    refresh.click(refresh_choices, lists + [me], lists, api_name="compare_runs", concurrency_limit=None)
+    list_inputs = lists + [ctx.session, me]
+    refresh.click(refresh_choices, list_inputs, lists, api_name="compare_runs", concurrency_limit=None)
     csv_btn.click(leaderboard_csv, [selected, me], csv_file, api_name="compare_csv", concurrency_limit=None)
     pair_inputs, pair_outputs = [run_a, run_b, normalize, me], [cm_a, cm_b, pair_md, pair_table]
     for w in (run_a, run_b, normalize):
@@ -721,7 +746,8 @@ def build(ctx: AppContext) -> None:
     hist_run.change(fill_fields, [hist_run, me], [name, tags, confirm], api_visibility="private",
                     concurrency_limit=None)
     rename_btn.click(rename, [hist_run, name, filt, status_f, me], [hist_msg, table], api_name="rename_run",
-                     concurrency_limit=None)
+                     concurrency_limit=None).success(   # the lists show the new name at once
+        refresh_choices, list_inputs, lists, api_visibility="private", show_progress="hidden", concurrency_limit=None)
     tags_btn.click(save_tags, [hist_run, tags, filt, status_f, me], [hist_msg, table], api_name="tag_run",
                    concurrency_limit=None)
     delete_btn.click(delete, [hist_run, confirm, filt, status_f, selected, me],
@@ -749,7 +775,7 @@ def build(ctx: AppContext) -> None:
                      "add_to_comparison": add_to_comparison, "pick_group": pick_group,
                      "refresh_groups": refresh_groups, "fill_fields": fill_fields,
                      "export": {k: make_export(k) for k in EXPORT_KINDS}},
-        "reload": (refresh_choices, lists + [me], lists, refresh_history, hist_inputs, table),
+        "reload": (refresh_choices, list_inputs, lists, refresh_history, hist_inputs, table),
         "groups": (refresh_groups, pick_group, [selected] + show_outputs),
     }
 
@@ -762,6 +788,9 @@ def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
     w = shared["widgets"]
     demo.load(refresh_choices, list_inputs, lists, api_visibility="private")
     demo.load(refresh_history, hist_inputs, table, api_visibility="private")
+    # The page-load refresh runs before the browser token is restored: once it is, the picks
+    # follow this browser's runs (as Evaluate and Predict do).
+    ctx.browser_id.change(refresh_choices, list_inputs, lists, api_visibility="private", show_progress="hidden")
     tab = ctx.shared.get("tab", {}).get("Compare")
     if tab is not None:
         tab.select(refresh_choices, list_inputs, lists, api_visibility="private")
