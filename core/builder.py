@@ -4,6 +4,8 @@ shots), written as a .zip with one folder per class so it loads exactly like an 
 copied into that session's own temporary folder, never shared with another user."""
 from __future__ import annotations
 
+import hashlib
+import logging
 import re
 import shutil
 import tempfile
@@ -11,6 +13,7 @@ import unicodedata
 import uuid
 import weakref
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +29,7 @@ MAX_CLASS_NAME = 64
 MAX_FILE_NAME = 100
 DATASET_NAME = "my-dataset"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+log = logging.getLogger(__name__)
 
 
 def clean_class_name(name: str | None) -> str:
@@ -89,6 +93,7 @@ class Builder:
     classes: dict[str, list[tuple[str, Path]]] = field(default_factory=dict)  # class -> [(shown name, copy)]
     root: Path | None = None
     total_bytes: int = 0
+    zips: list[Path] = field(default_factory=list)   # written by write_zip, oldest first
 
     def _folder(self) -> Path:
         if self.root is None:
@@ -165,19 +170,50 @@ class Builder:
         if empty:
             raise DataError(f"Class(es) without images: {', '.join(empty)}. Add images to each class, or remove it.")
 
+    def _members(self) -> list[tuple[Path, str]]:
+        return [(copy, f"{DATASET_NAME}/{cls}/{k:04d}_{label}")
+                for cls, items in self.classes.items() for k, (label, copy) in enumerate(items)]
+
     def write_zip(self) -> Path:
-        """A new .zip ``my-dataset/<class>/<nnnn>_<file>`` in the session folder (a new one each time:
-        a run that trained on an earlier version still finds its own)."""
+        """The .zip ``my-dataset/<class>/<nnnn>_<file>`` of the classes as they are now, in the session
+        folder. Each version of the dataset gets its own zip (a run that trained on an earlier version
+        still finds its own); pressing Use again without a change reuses the last one."""
         self.check_ready()
-        out = self._folder() / "zips" / uuid.uuid4().hex[:12] / f"{DATASET_NAME}.zip"
-        out.parent.mkdir(parents=True)
+        members = self._members()
+        version = hashlib.sha256(repr([(c.name, m) for c, m in members]).encode()).hexdigest()[:12]
+        out = self._folder() / "zips" / version / f"{DATASET_NAME}.zip"
+        if out in self.zips and out.is_file():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
-            for cls, items in self.classes.items():
-                for k, (label, copy) in enumerate(items):
-                    zf.write(copy, f"{DATASET_NAME}/{cls}/{k:04d}_{label}")
+            for copy, member in members:
+                zf.write(copy, member)
+        self.zips.append(out)
         return out
+
+    def close(self, in_use: Callable[[Path], bool]) -> list[Path]:
+        """The session has ended: remove its collected images and every zip no run trained on
+        (``in_use(zip)``, asked of the run history); returns the zips kept. A zip whose use cannot be
+        told is kept (a run's evaluation and resume read it)."""
+        kept = []
+        for path in self.zips:
+            try:
+                used = in_use(path)
+            except Exception:   # the history could not be read: keep the file rather than lose a run's data
+                log.exception("could not tell whether a run uses %s; kept", path)
+                used = True
+            if used:
+                kept.append(path)
+            else:
+                shutil.rmtree(path.parent, ignore_errors=True)
+        if self.root is not None:
+            shutil.rmtree(self.root / "images", ignore_errors=True)
+            if not kept:
+                shutil.rmtree(self.root, ignore_errors=True)
+        self.classes, self.total_bytes, self.zips = {}, 0, kept
+        return kept
 
     def discard(self) -> None:
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
-        self.root, self.classes, self.total_bytes = None, {}, 0
+        self.root, self.classes, self.total_bytes, self.zips = None, {}, 0, []

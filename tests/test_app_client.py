@@ -51,7 +51,7 @@ def lab(tmp_path_factory, session_data_dir, tiny_folder):
     demo = build_app(manager, data_dir=session_data_dir, runs_dir=runs_dir, data_roots=[session_data_dir, tiny_folder])
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1",
                             server_port=_free_port(), **launch_kwargs(session_data_dir, runs_dir))
-    yield {"url": url, "manager": manager, "runs_dir": runs_dir}
+    yield {"url": url, "manager": manager, "runs_dir": runs_dir, "demo": demo}
     demo.close()
     manager.shutdown(timeout=20)
 

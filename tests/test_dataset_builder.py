@@ -5,6 +5,7 @@ dataset" (loaded as an upload, source kind "zip") and a one-epoch training that 
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shutil
 import zipfile
@@ -50,7 +51,7 @@ def test_zip_has_one_folder_per_class_and_loads_as_an_upload(tmp_path):
         ds = datasets.load_dataset("zip", str(path), data_dir=tmp_path / "data")
         assert ds.classes == list(CLASSES) and len(ds) == 9 and not ds.skipped
         assert ds.source["kind"] == "zip"
-        assert b.write_zip() != path  # a new zip each time: an earlier run keeps its own
+        assert b.write_zip() == path  # the same classes and images: the same zip (a change makes a new one)
     finally:
         b.discard()
     assert not path.exists()
@@ -206,3 +207,42 @@ def test_build_use_and_train_through_the_api(lab, tmp_path):  # noqa: F811 (the 
     run_id = re.search(r"run (\S+):", status).group(1)
     config = (lab["runs_dir"] / run_id / "config.json").read_text()
     assert '"source": "zip"' in config and "my-dataset.zip" in config
+    # The zip it trained on stays when the page's session ends; a later version no run used, and
+    # the collected images, go (gr.State's delete_callback: tab_data.close_session).
+    trained_on = Path(json.loads(config)["data"]["location"])
+    c.predict("frog", api_name="/builder_add_class")
+    c.predict("frog", [handle_file(str(p)) for p in image_files(tmp_path / "frog", "frog", 2)],
+              api_name="/builder_add_images")
+    c.predict("per class", 10, 10, 0, api_name="/builder_use")
+    holder = lab["demo"].state_holder
+    b = next(v["builder"] for v in holder[c.session_hash].state_data.values()
+             if isinstance(v, dict) and v.get("builder") is not None)
+    assert b.zips[0] == trained_on and len(b.zips) == 2 and all(z.is_file() for z in b.zips)
+    unused, images = b.zips[1], b.root / "images"
+    holder.delete_state(c.session_hash)
+    assert trained_on.is_file() and not unused.exists() and not images.exists()
+
+
+def test_use_again_without_a_change_reuses_the_zip_and_close_keeps_only_used_ones(tmp_path):
+    b = filled(tmp_path, n=1)
+    first = b.write_zip()
+    assert b.write_zip() == first and b.zips == [first]          # nothing changed: the same file
+    b.add_images("cat", image_files(tmp_path / "more", "cat", 1))
+    second = b.write_zip()
+    assert second != first and b.zips == [first, second]
+    images = b.root / "images"
+    assert b.close(lambda path: path == first) == [first]
+    assert first.is_file() and not second.exists() and not images.exists()
+    shutil.rmtree(b.root)
+
+
+def test_close_keeps_a_zip_when_the_history_cannot_be_read_and_removes_all_when_none_is_used(tmp_path):
+    b = filled(tmp_path, n=1)
+    zipped = b.write_zip()
+
+    def broken(path):
+        raise OSError("index locked")
+
+    assert b.close(broken) == [zipped] and zipped.is_file()
+    root = b.root
+    assert b.close(lambda path: False) == [] and not root.exists()

@@ -5,6 +5,7 @@ JobManager and polls them with a gr.Timer (see core/jobs.py for why).
 """
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import tempfile
@@ -41,6 +42,12 @@ CSS = """
    would also lay an "Error" badge over every output (over a JSON the user typed, over the dataset
    line), which hides what is still valid. */
 [data-testid="status-tracker"]:has(> span.error) { display: none !important; }
+/* Toasts sit at the bottom right, and clicks go through them (only their × takes one): at the top
+   right a refusal's toast covered Stop and Resume. They close by themselves (ui.common.TOAST_S),
+   and the Status line of the tab keeps a refusal. */
+.toast-wrap { top: auto !important; bottom: 12px; }
+.toast-body { pointer-events: none !important; }
+.toast-body .toast-close { pointer-events: auto !important; }
 /* Mistake captions ("automobile → truck 51%") wrap inside the thumbnail instead of ending in "…". */
 #eval_errors .caption-label { white-space: normal; max-width: calc(100% - 8px); left: 4px; right: 4px;
   text-align: center; line-height: 1.25; }
@@ -104,7 +111,8 @@ def build_app(manager, data_dir: str | Path = "data", runs_dir: str | Path = "ru
         # A plain {} (deep-copied for each new session), not gr.State(dict): a callable value adds a
         # page-load event (and a public "/dict" endpoint) that resets the state to a fresh dict; it
         # raced the Data tab's load and sometimes wiped the dataset a page had just loaded.
-        ctx.session = gr.State({})
+        # When Gradio drops a page's state (tab closed), the dataset built in it cleans up.
+        ctx.session = gr.State({}, delete_callback=functools.partial(tab_data.close_session, ctx))
         # The browser token (core.identity) is kept in localStorage. Gradio puts a BrowserState's
         # secret in the page config, so it gets a key derived from the signing secret, never the
         # secret itself; both last across restarts, so a browser keeps its runs (Resume, the
@@ -129,6 +137,10 @@ def build_app(manager, data_dir: str | Path = "data", runs_dir: str | Path = "ru
         # its jobs again. A missing, legacy (unsigned) or forged token is replaced by a new one.
         demo.load(lambda token: identity.ensure_token(ctx.secret, token), ctx.browser_id, ctx.browser_id,
                   api_visibility="private")
+        # Gradio drops a page's session state an hour after the page closes, but only a State that
+        # an event has set: this one is changed in place, so the page load sets it (to itself) once.
+        # Without it every closed page's dataset stayed in memory for the life of the server.
+        demo.load(_same_session, ctx.session, ctx.session, api_visibility="private", queue=False)
         for module in [m for _, m in tabs]:
             on_load = getattr(module, "on_load", None)
             if on_load is not None:
@@ -156,6 +168,10 @@ def browser_secret(runs_dir: Path) -> str:
     except OSError:   # a read-only runs folder: ids then last until the server stops
         pass
     return value
+
+
+def _same_session(session: dict) -> dict:
+    return session
 
 
 def _teacher_sign_in(ctx: AppContext) -> None:

@@ -3,15 +3,16 @@ augmentation pipeline with a live preview on a real image. Everything is per bro
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from core import builder, datasets, transforms
+from core import builder, datasets, runs, transforms
 from core.config import DataConfig
 from ui import plots
-from ui.common import AppContext, bind, safe
+from ui.common import AppContext, bind, run_history, safe
 
 SOURCES = {  # label → core.datasets source kind
     "Embedded CIFAR-10 sample": "sample",
@@ -44,6 +45,28 @@ def _thumb(img: Image.Image) -> Image.Image:
 def _steps_table(spec: list[dict] | None) -> pd.DataFrame:
     rows = [(i + 1, s["name"], json.dumps(s.get("params", {}), ensure_ascii=False)) for i, s in enumerate(spec or [])]
     return pd.DataFrame(rows, columns=STEP_COLUMNS)
+
+
+def zip_in_use(ctx: AppContext, path: Path) -> bool:
+    """Whether a job or a run of the history trained (or will train) on the zip at ``path``."""
+    same = lambda location: location is not None and Path(str(location)) == path   # noqa: E731
+    if ctx.manager is not None and any(same(job.config.data.location) for job in ctx.manager.jobs()):
+        return True
+    history = run_history(ctx)
+    df = history.list()
+    for run_id in df.loc[df["dataset"] == path.name, "run_id"]:
+        record = runs.load_run(history.run_dir(run_id))
+        if record.config is not None and same(record.config.data.location):
+            return True
+    return False
+
+
+def close_session(ctx: AppContext, session) -> None:
+    """Gradio drops a page's session state (the tab was closed, an hour before): the dataset built
+    in it removes its images, and the zips of it that no run trained on (``gr.State(delete_callback=)``)."""
+    b = session.get("builder") if isinstance(session, dict) else None
+    if b is not None:
+        b.close(lambda path: zip_in_use(ctx, path))
 
 
 def build(ctx: AppContext) -> None:
@@ -192,7 +215,7 @@ def build(ctx: AppContext) -> None:
     def builder_add_class(session, name):
         b = _builder(session)
         added = b.add_class(name)
-        return ("",) + _builder_view(b, added, f"Added class **{added}**.")
+        return ("",) + _builder_view(b, added, f"Added class **{added}**.") + (session,)
 
     @safe
     def builder_add_files(session, chosen, files):
@@ -200,7 +223,7 @@ def build(ctx: AppContext) -> None:
         values = files if isinstance(files, list) else ([files] if files else [])
         paths = [str(f) if isinstance(f, str) else str(f.name) for f in values]
         n = b.add_images(chosen, paths)  # Gradio's cache keeps each upload's own file name
-        return (None,) + _builder_view(b, chosen, f"Added {n} image(s) to **{chosen}**.")
+        return (None,) + _builder_view(b, chosen, f"Added {n} image(s) to **{chosen}**.") + (session,)
 
     @safe
     def builder_remove(session, chosen):
@@ -363,12 +386,14 @@ def build(ctx: AppContext) -> None:
     after_load(zip_file.upload(load_data, load_inputs, load_outputs, api_name="load_zip", show_progress_on=[info],
                                concurrency_limit=LOAD_SLOTS, concurrency_id="data_load"))
     b_view = [b_class, b_counts, b_note]
-    b_name_add = dict(fn=builder_add_class, inputs=[ctx.session, b_name], outputs=[b_name] + b_view)
+    # The session is an output too: Gradio drops a State (calling close_session) only once an event
+    # has set it, so a session that holds builder files is registered for that here.
+    b_name_add = dict(fn=builder_add_class, inputs=[ctx.session, b_name], outputs=[b_name] + b_view + [ctx.session])
     b_add.click(**b_name_add, api_name="builder_add_class", concurrency_limit=None)
     b_name.submit(**b_name_add, api_visibility="private", concurrency_limit=None)
-    b_files.upload(builder_add_files, [ctx.session, b_class, b_files], [b_files] + b_view,
+    b_files.upload(builder_add_files, [ctx.session, b_class, b_files], [b_files] + b_view + [ctx.session],
                    api_name="builder_add_images", concurrency_limit=LOAD_SLOTS, concurrency_id="data_load")
-    b_add_shot.click(builder_add_files, [ctx.session, b_class, b_shot], [b_shot] + b_view,
+    b_add_shot.click(builder_add_files, [ctx.session, b_class, b_shot], [b_shot] + b_view + [ctx.session],
                      api_name="builder_add_shot", concurrency_limit=LOAD_SLOTS, concurrency_id="data_load")
     b_remove.click(builder_remove, [ctx.session, b_class], b_view, api_name="builder_remove_class",
                    concurrency_limit=None)
