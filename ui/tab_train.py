@@ -99,7 +99,7 @@ def build(ctx: AppContext) -> None:
                                           elem_id="finish_export_kind")
                 export_btn = gr.Button("Export", size="sm", elem_id="finish_export_btn")
                 export_out = gr.File(label="Exported files", file_count="multiple", interactive=False,
-                                     elem_id="finish_export_files", height=90)
+                                     elem_id="finish_export_files", height=140)   # a model and its .json
             progress = gr.HTML(_progress_html(None), elem_id="train_progress")
             curves = gr.Plot(None, label="Loss and accuracy",
                              elem_id="train_curves")
@@ -275,16 +275,25 @@ def _wire_next_steps(ctx: AppContext) -> None:
         return
     _, see_results, try_it = ctx.shared["train_next"]
     for button, tab_id, refresh in ((see_results, "evaluate", "eval_refresh"), (try_it, "predict", "predict_refresh")):
-        event = button.click(_open_tab(tab_id), None, tabs, api_visibility="private", show_progress="hidden",
-                             queue=False)
         if refresh in ctx.shared:
             fn, inputs, run = ctx.shared[refresh]
-            event.then(fn, inputs, run, api_visibility="private", show_progress="hidden")
+            # One event selects the tab and sets its run list: a list refreshed by a second event
+            # while the tab was being shown kept the value it had before (seen in Chromium).
+            button.click(_open_tab(tab_id, fn), inputs, [tabs, run], api_visibility="private",
+                         show_progress="hidden")
+        else:
+            button.click(_open_tab(tab_id), None, tabs, api_visibility="private", show_progress="hidden", queue=False)
 
 
-def _open_tab(tab_id: str):
-    def open_tab():
-        return gr.Tabs(selected=tab_id)
+def _open_tab(tab_id: str, refresh_runs=None):
+    """The handler that selects the tab ``tab_id``; with ``refresh_runs`` (a tab's run-list
+    refresher), it also returns that tab's refreshed run list."""
+    if refresh_runs is None:
+        def open_tab():
+            return gr.Tabs(selected=tab_id)
+    else:
+        def open_tab(session, current, browser_id, request: gr.Request):
+            return gr.Tabs(selected=tab_id), refresh_runs(session, current, browser_id, request)
     open_tab.__name__ = f"open_{tab_id}"
     return open_tab
 
