@@ -307,7 +307,9 @@ def normalize_tags(tags: str | Sequence[str] | None) -> list[str]:
     items = tags.split(",") if isinstance(tags, str) else [str(t) for t in tags]
     out: dict[str, None] = {}   # ordered and de-duplicated in one pass
     for t in items:
-        t = " ".join(t.split())[:50]
+        # Cut first, then compared: a cut just after a word leaves a space that would make
+        # "word " a second "word".
+        t = " ".join(t.split())[:50].rstrip()
         if t:
             out.setdefault(t)
         if len(out) > MAX_TAGS:

@@ -424,3 +424,15 @@ def test_a_flood_of_tags_is_refused_at_once_and_duplicates_go_in_one_pass():
         normalize_tags(",".join(f"t{i}" for i in range(200_000)))
     with pytest.raises(ConfigError, match=f"At most {MAX_TAGS} tags"):
         normalize_tags([f"t{i}" for i in range(MAX_TAGS + 1)])
+
+
+def test_tags_that_read_the_same_once_cut_to_length_are_one_tag(runs_copy):
+    """A tag is cut to 50 characters; one cut just after a word ends in a space, which the
+    duplicate check must not tell apart from the same word without it."""
+    from core.runs import normalize_tags
+    runs_dir, managed, _ = runs_copy
+    word = "x" * 49
+    assert normalize_tags([f"{word} first", word, f"{word} second"]) == [word]
+    RunHistory(runs_dir).set_tags(managed, f"{word} first, {word}")
+    assert read_meta(runs_dir / managed)["tags"] == [word]
+
