@@ -50,11 +50,12 @@ class RunRecord:
     eval: dict[str, Any] | None = None        # eval.json
     seconds: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)   # meta.json: the run history's name, tags, owner
 
     @property
     def label(self) -> str:
-        name = (self.config.name if self.config and self.config.name else None) or self.run_id
-        return name
+        """The run's name: the one it was renamed to, else its config's, else its id."""
+        return (self.meta.get("name") or (self.config.name if self.config else None) or self.run_id)
 
     @property
     def checkpoint(self) -> Path | None:
@@ -189,7 +190,8 @@ def load_run(run_dir: str | Path, live_ids: set[str] | frozenset = frozenset()) 
             eval_data = json.loads((run_dir / EVAL_FILE).read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             eval_data = None
-    return RunRecord(run_dir.name, run_dir, config, status, message, epoch_df, step_df, started, eval_data, seconds)
+    return RunRecord(run_dir.name, run_dir, config, status, message, epoch_df, step_df, started, eval_data, seconds,
+                     meta=read_meta(run_dir))
 
 
 def list_run_dirs(runs_dir: str | Path) -> list[Path]:

@@ -436,3 +436,11 @@ def test_tags_that_read_the_same_once_cut_to_length_are_one_tag(runs_copy):
     RunHistory(runs_dir).set_tags(managed, f"{word} first, {word}")
     assert read_meta(runs_dir / managed)["tags"] == [word]
 
+
+def test_a_renamed_run_reads_back_with_its_new_name(runs_copy):
+    """Evaluate and Compare name a run by its record: a rename (kept in meta.json) shows there."""
+    from core.runs import load_run
+    runs_dir, managed, _ = runs_copy
+    assert load_run(runs_dir / managed).label == "first"
+    RunHistory(runs_dir).rename(managed, "renamed since")
+    assert load_run(runs_dir / managed).label == "renamed since"
