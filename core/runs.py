@@ -30,9 +30,6 @@ from core.trainer import BEST_CKPT, CONFIG_FILE, EVAL_FILE, EVENTS_FILE, LAST_CK
 
 log = logging.getLogger(__name__)
 
-# A run whose status.json still says "running" but whose writer is gone, or that has not been
-# touched for this long while "running", is shown as interrupted (the server died during it).
-STALE_AFTER_S = 15 * 60
 UNREADABLE_STATUS = ("status unknown: the status file (status.json) is unreadable; the run may have failed. "
                      "Its checkpoints, if any, are intact")
 
@@ -982,11 +979,6 @@ class RunHistory:
         tags = normalize_tags(tags)
         self._update_meta(run_id, tags=tags)
         return self._refresh(run_id) or self._touch(run_id, tags=", ".join(tags))
-
-    def set_group(self, run_id: str, group_id: str | None) -> None:
-        self._update_meta(run_id, group_id=group_id)
-        if self._refresh(run_id) is None:
-            self._touch(run_id, group_id=group_id)
 
     def set_predicted_memory(self, run_id: str, n_bytes: int | None, key: str | None) -> None:
         """Cache a training-memory estimate (index + meta.json, valid while ``key`` matches)."""
