@@ -1,16 +1,13 @@
 """Reading runs back: the run folders under ``runs/`` are the source of truth.
 
-Each run folder holds ``config.json``, ``events.jsonl``, ``status.json``, ``eval.json`` and the
-checkpoints (see core/trainer.py). This module turns a folder into a ``RunRecord`` (curves,
+The run folder's layout and its files' writers are core.rundir's. This module turns a folder into a ``RunRecord`` (curves,
 final metrics, status) and lists the runs of a runs directory.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
-import os
 import shutil
 import sqlite3
 import threading
@@ -22,16 +19,15 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from core import events as ev, identity, storage
+from core import events as ev, identity, rundir, storage
 from core.config import RunConfig
 from core.errors import ConfigError, DataError
 from core.metrics import EvalReport
-from core.trainer import BEST_CKPT, CONFIG_FILE, EVAL_FILE, EVENTS_FILE, LAST_CKPT, STATUS_FILE
+from core.rundir import (BEST_CKPT, CARD_FILE, CONFIG_FILE, EVAL_FILE, EVENTS_FILE, INDEX_FILE,  # noqa: F401
+                         LAST_CKPT, META_FILE, STATUS_FILE, UNREADABLE_STATUS, dataset_label, library_versions,
+                         list_run_dirs, read_json as _read_json, read_meta, read_status, write_card, write_meta)
 
 log = logging.getLogger(__name__)
-
-UNREADABLE_STATUS = ("status unknown: the status file (status.json) is unreadable; the run may have failed. "
-                     "Its checkpoints, if any, are intact")
 
 
 @dataclass
@@ -56,58 +52,10 @@ class RunRecord:
 
     @property
     def checkpoint(self) -> Path | None:
-        for name in (BEST_CKPT, LAST_CKPT):
-            if (self.run_dir / name).is_file():
-                return self.run_dir / name
-        return None
+        return rundir.checkpoint(self.run_dir)
 
     def report(self) -> EvalReport | None:
         return EvalReport.from_dict(self.eval) if self.eval else None
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A process that has died but whose parent has not collected it yet (a training child between
-    # its death and the fork server's wait) still answers kill(pid, 0): a zombie is not alive.
-    return _process_state(pid) not in ("Z", "X")
-
-
-def _process_state(pid: int) -> str | None:
-    """The state letter of process ``pid`` (R, S, D, Z = zombie, X = dead...) from /proc; else None."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]   # field 3
-    except (OSError, IndexError):
-        return None
-
-
-def _process_start_time(pid: int) -> float | None:
-    """When process ``pid`` started (seconds since the epoch), from /proc on Linux; else None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        ticks = int(stat.rsplit(")", 1)[1].split()[19])          # field 22: starttime
-        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                     if line.startswith("btime "))
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-
-
-def _writer_alive(data: dict) -> bool:
-    """Whether the process that wrote this status file is still there: its pid is alive and (where
-    the start time can be read) started before the file was written, so not a reused pid."""
-    pid = data.get("pid")
-    if not _pid_alive(pid):
-        return False
-    started = _process_start_time(pid)
-    updated = data.get("updated")
-    return started is None or not isinstance(updated, (int, float)) or started <= updated + 2
 
 
 def resumed_epochs(done: int, planned: int, finished: bool, wanted: int | None) -> int | None:
@@ -117,30 +65,6 @@ def resumed_epochs(done: int, planned: int, finished: bool, wanted: int | None) 
     if finished:
         return int(wanted) if wanted and int(wanted) > done else None
     return max(int(wanted or planned), done + 1)
-
-
-def read_status(run_dir: Path, live_ids: set[str] | frozenset = frozenset()) -> tuple[str, str]:
-    """(status, message) of a run folder; a 'running' run that no live job owns is 'interrupted',
-    unless another process that is still alive (the command line, a second server) trains it."""
-    path = run_dir / STATUS_FILE
-    if not path.exists():
-        return (ev.INTERRUPTED, "no status file: the run did not get past its start") if (run_dir / CONFIG_FILE).exists() \
-            else ("unknown", "not a run folder")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):   # JSONDecodeError, UnicodeDecodeError
-        data = None
-    # The trainer replaces the file atomically, so a damaged one is not a write in progress. Its
-    # outcome is unknown: calling it "interrupted" would hide that a run may have failed.
-    if not isinstance(data, dict) or not isinstance(data.get("status"), str):
-        return ev.FAILED, UNREADABLE_STATUS
-    status, message = data["status"], str(data.get("message", ""))
-    if status in (ev.RUNNING, ev.STOPPING, ev.QUEUED) and run_dir.name not in live_ids:
-        if not _writer_alive(data):
-            return ev.INTERRUPTED, "the server stopped while this run was training; resume it from its last checkpoint"
-        if data.get("pid") != os.getpid():
-            return status, f"{message or status} (in another process, pid {data.get('pid')})"
-    return status, message
 
 
 def load_run(run_dir: str | Path, live_ids: set[str] | frozenset = frozenset()) -> RunRecord:
@@ -181,23 +105,9 @@ def load_run(run_dir: str | Path, live_ids: set[str] | frozenset = frozenset()) 
     if not step_df.empty:
         step_df = step_df.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
     status, message = read_status(run_dir, live_ids)
-    eval_data = None
-    if (run_dir / EVAL_FILE).exists():
-        try:
-            eval_data = json.loads((run_dir / EVAL_FILE).read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            eval_data = None
+    eval_data = rundir.read_eval(run_dir)
     return RunRecord(run_dir.name, run_dir, config, status, message, epoch_df, step_df, started, eval_data, seconds,
                      meta=read_meta(run_dir))
-
-
-def list_run_dirs(runs_dir: str | Path) -> list[Path]:
-    """Run folders, newest first."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        return []
-    dirs = [p for p in runs_dir.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file()]
-    return sorted(dirs, key=lambda p: p.name, reverse=True)
 
 
 def misclassified_images(record: RunRecord, limit: int = 24, data_dir: str | Path | None = None):
@@ -253,7 +163,6 @@ def _read_image(path: str):
 # the index holds that cannot be recomputed from config/events/status/eval is also written to
 # ``meta.json`` in the run folder, so ``rebuild()`` loses nothing.
 SCHEMA_VERSION = 1
-INDEX_FILE, META_FILE, CARD_FILE = "index.sqlite", "meta.json", "card.json"
 RESUMABLE_STATUSES = (ev.STOPPED, ev.FAILED, ev.INTERRUPTED)
 LIVE_STATUSES = (ev.QUEUED, ev.RUNNING, ev.STOPPING)
 MAX_NAME_CHARS, MAX_TAGS = 200, 20
@@ -274,27 +183,10 @@ COLUMN_NAMES = [c for c, _ in INDEX_COLUMNS]
 SORT_COLUMNS = tuple(c for c in COLUMN_NAMES if c not in ("run_dir", "status_mtime"))
 
 
-# One atomic JSON write for the whole engine (the trainer's status.json uses it too).
-_atomic_write_json = storage.atomic_write_json
-
-
 def _index_trouble(err: Exception) -> bool:
     """An error of the index file itself (disk full, I/O error, locked too long, damaged), which
     the history works around, as opposed to a mistake in the SQL (a bug, raised)."""
     return isinstance(err, sqlite3.OperationalError) or type(err) is sqlite3.DatabaseError
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):   # JSONDecodeError and UnicodeDecodeError (a damaged file) alike
-        return {}
-
-
-def read_meta(run_dir: str | Path) -> dict:
-    """The run's ``meta.json`` (name, tags, owner, group_id, cached memory estimate), or {}."""
-    return _read_json(Path(run_dir) / META_FILE)
 
 
 def normalize_tags(tags: str | Sequence[str] | None) -> list[str]:
@@ -314,18 +206,6 @@ def normalize_tags(tags: str | Sequence[str] | None) -> list[str]:
         if len(out) > MAX_TAGS:
             raise ConfigError(f"At most {MAX_TAGS} tags per run; got more. Remove some.")
     return list(out)
-
-
-def dataset_label(data: dict | Any) -> str:
-    """A readable dataset name from a DataConfig (or its dict): 'CIFAR-10 sample', 'CIFAR10',
-    the folder's or file's name."""
-    d = data if isinstance(data, dict) else dataclasses.asdict(data)
-    source, location = d.get("source", "sample"), d.get("location")
-    if source == "sample" or not location:
-        return "CIFAR-10 sample" if source == "sample" else source
-    if source == "torchvision":
-        return str(location)
-    return Path(str(location)).name or str(location)
 
 
 def _created_time(run_dir: Path) -> float:
@@ -458,93 +338,6 @@ def memory_key(config: RunConfig | None, num_classes: int, input_shape) -> str |
     return json.dumps([m.name, int(num_classes), [int(v) for v in input_shape], config.data.batch_size,
                        o.optimizer, o.momentum, config.precision, m.freeze, m.freeze_stages,
                        m.small_input_stem])
-
-
-def library_versions() -> dict[str, str]:
-    """Versions that matter to reproduce a run (for card.json)."""
-    import platform
-
-    import numpy
-    import torch
-    out = {"python": platform.python_version(), "platform": platform.platform(),
-           "torch": torch.__version__, "numpy": numpy.__version__}
-    try:
-        import torchvision
-        out["torchvision"] = torchvision.__version__
-    except ImportError:  # the zoo needs it, but a card must never fail
-        pass
-    try:
-        import PIL
-        out["pillow"] = PIL.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        out["cuda"] = str(torch.version.cuda)
-        out["cudnn"] = str(torch.backends.cudnn.version())
-    return out
-
-
-def write_card(run_dir: str | Path, config: RunConfig, started: ev.RunStarted | None = None,
-               finished: ev.RunFinished | None = None, owner: str | None = None) -> Path:
-    """Write (or complete) ``card.json``: what was trained on what, where, with which libraries.
-
-    The trainer calls it for every run (core.trainer), at RunStarted (model, data, split sizes,
-    seed, device, versions) and again at RunFinished (status, duration). A resumed run keeps its
-    first start time and adds up the durations of its sessions. Without an event it only
-    refreshes the configuration's part (and sets ``owner``): the run history does that to record
-    who started a run, without counting a session twice."""
-    run_dir = Path(run_dir)
-    card = _read_json(run_dir / CARD_FILE)
-    d, m = config.data, config.model
-    fresh = {
-        "run_id": run_dir.name,
-        "name": config.name,
-        "model": {"name": m.name, "pretrained": m.pretrained, "weights_path": m.weights_path,
-                  "small_input_stem": m.small_input_stem, "freeze": m.freeze,
-                  "freeze_stages": m.freeze_stages, "init": m.init},
-        "dataset": {"name": dataset_label(d), "source": d.source, "location": d.location,
-                    "val_fraction": d.val_fraction, "test_fraction": d.test_fraction,
-                    "split_seed": d.split_seed, "normalize": d.normalize,
-                    "augmentation": "custom" if d.train_augment is not None else "default"},
-        "training": {"epochs": config.epochs, "batch_size": d.batch_size, "optimizer": config.optim.optimizer,
-                     "lr": config.optim.lr, "scheduler": config.optim.scheduler,
-                     "precision": config.precision, "deterministic": config.deterministic},
-        "seed": config.seed,
-        "versions": library_versions(),
-    }
-    for key, value in fresh.items():  # nested sections are merged: RunStarted's details stay
-        if isinstance(value, dict) and isinstance(card.get(key), dict):
-            card[key].update(value)
-        else:
-            card[key] = value
-    if owner:
-        card["owner"] = owner
-    if started is not None:
-        card.setdefault("started", started.time)
-        card["sessions"] = card.get("sessions", 0) + 1
-        card["device"] = started.device
-        if started.device.startswith("cuda"):
-            try:
-                import torch
-                card["device_name"] = torch.cuda.get_device_name(torch.device(started.device))
-            except Exception:  # a name is a nicety
-                pass
-        card["dataset"].update({"classes": list(started.classes), "num_classes": len(started.classes),
-                                "split_sizes": dict(started.split_sizes)})
-        card["model"].update({"input_shape": list(started.input_shape), "params": started.params_total,
-                              "trainable_params": started.params_trainable})
-        card["notes"] = list(started.notes)
-        card["status"] = ev.RUNNING
-    if finished is not None:
-        card["finished"] = finished.time
-        card["status"] = finished.status
-        card["message"] = finished.message
-        durations = card.setdefault("session_seconds", [])
-        durations.append(round(float(finished.seconds), 3))
-        card["duration_s"] = round(sum(durations), 3)
-        card["best_epoch"] = finished.best_epoch
-    _atomic_write_json(run_dir / CARD_FILE, card)
-    return run_dir / CARD_FILE
 
 
 class RunHistory:
@@ -714,7 +507,7 @@ class RunHistory:
             meta.update({k: v for k, v in changes.items()})
             if run_dir.is_dir():
                 try:
-                    _atomic_write_json(run_dir / META_FILE, meta)
+                    write_meta(run_dir, meta)
                 except OSError as err:   # the old meta.json stays whole (atomic write)
                     raise storage.storage_error(err, self.runs_dir,
                                                 f"saving the name and tags of run {run_id} ({META_FILE})") from err
@@ -743,7 +536,7 @@ class RunHistory:
                 meta.update(self._pending.pop(run_id, {}))
                 meta.setdefault("owner", job.owner)
                 try:
-                    _atomic_write_json(run_dir / META_FILE, meta)
+                    write_meta(run_dir, meta)
                 except OSError as err:   # disk full: the run's own files say how it went; index it anyway
                     log.warning("meta.json of run %s not written: %s", run_id, err)
             if isinstance(event, ev.RunStarted):

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from core import events as ev, runs, storage, trainer
+from core import events as ev, storage, trainer
 from core.config import RunConfig
 from core.errors import StorageError
 from core.runs import INDEX_FILE, RunHistory, read_meta
@@ -306,7 +306,7 @@ def test_a_rename_on_a_full_disk_says_so_and_keeps_the_old_name(tmp_path, tiny_c
     def no_room(path, data, indent=2):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(runs, "_atomic_write_json", no_room)
+    monkeypatch.setattr(storage, "atomic_write_json", no_room)   # the one atomic JSON write
     with pytest.raises(StorageError, match=r"^The disk holding runs/ is full \(.+\) while saving the name and tags"):
         history.set_tags(run.run_id, "a, b")
     assert read_meta(run.run_dir)["name"] == "first name" and not read_meta(run.run_dir).get("tags")
