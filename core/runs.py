@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from core import events as ev, identity, rundir, storage
+from core import events as ev, identity, resume, rundir, storage
 from core.config import RunConfig
 from core.errors import ConfigError, DataError
 from core.metrics import EvalReport
@@ -56,15 +56,6 @@ class RunRecord:
 
     def report(self) -> EvalReport | None:
         return EvalReport.from_dict(self.eval) if self.eval else None
-
-
-def resumed_epochs(done: int, planned: int, finished: bool, wanted: int | None) -> int | None:
-    """Epochs in all for a run resumed after ``done`` epochs (``planned`` in its config) when
-    ``wanted`` are asked for (None: as planned). A stopped run trains at least one more epoch; a
-    finished one goes on only when asked for more than it has done (else None)."""
-    if finished:
-        return int(wanted) if wanted and int(wanted) > done else None
-    return max(int(wanted or planned), done + 1)
 
 
 def load_run(run_dir: str | Path, live_ids: set[str] | frozenset = frozenset()) -> RunRecord:
@@ -163,7 +154,6 @@ def _read_image(path: str):
 # the index holds that cannot be recomputed from config/events/status/eval is also written to
 # ``meta.json`` in the run folder, so ``rebuild()`` loses nothing.
 SCHEMA_VERSION = 1
-RESUMABLE_STATUSES = (ev.STOPPED, ev.FAILED, ev.INTERRUPTED)
 LIVE_STATUSES = (ev.QUEUED, ev.RUNNING, ev.STOPPING)
 MAX_NAME_CHARS, MAX_TAGS = 200, 20
 
@@ -841,8 +831,8 @@ class RunHistory:
 
     def resume(self, run_id: str, owner: str | None = None, epochs: int | None = None,
                who: identity.Who | None = None):
-        """Continue a stopped, failed or interrupted run from its last.pth (same folder) through
-        the attached JobManager; returns the Job. ``who`` as for ``rename``; the job keeps the
+        """Continue a run through the attached JobManager as core.resume.plan_resume decides (from
+        its last.pth, in its folder); returns the Job. ``who`` as for ``rename``; the job keeps the
         run's owner (``owner`` overrides it; a command-line run becomes the resumer's)."""
         if who is not None:
             self.check_access(run_id, who, "resume")
@@ -850,22 +840,6 @@ class RunHistory:
             raise ConfigError("Resuming needs the training queue: this history is not attached to a JobManager.")
         run_dir = self._require_run(run_id)
         row = self.get(run_id)
-        finished = row["status"] == ev.FINISHED
-        if row["status"] not in RESUMABLE_STATUSES and not finished:
-            raise ConfigError(f"Run {run_id} is {row['status']}; only stopped, failed or interrupted runs "
-                              "can be resumed (and finished ones trained for more epochs).")
-        last = run_dir / LAST_CKPT
-        if not last.is_file():
-            raise ConfigError(f"Run {run_id} has no last.pth: it stopped before its first "
-                              "checkpoint, so it cannot be resumed. Start it again instead.")
-        from core.checkpoints import load_checkpoint
-        ckpt = load_checkpoint(last)
-        config = RunConfig.from_dict(ckpt["config"])
-        done = int(ckpt.get("epoch", 0))
-        total = resumed_epochs(done, config.epochs, finished, epochs)
-        if total is None:
-            raise ConfigError(f"Run {run_id} finished all its {done} epoch{'s' * (done != 1)}. To train it further, ask "
-                              f"for more epochs in all than {done}; or start a new run.")
-        config.epochs = total
-        owner = owner or _text(row.get("owner")) or (who.owner if who is not None else "local")
-        return self.manager.submit(config, owner=owner, resume_from=last)
+        plan = resume.plan_resume(run_dir, status=row["status"], epochs=epochs, who=who,
+                                  run_owner=_text(row.get("owner")), owner=owner)
+        return self.manager.submit(plan.config, owner=plan.owner, resume_from=plan.checkpoint)

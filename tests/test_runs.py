@@ -341,7 +341,7 @@ def test_many_threads_can_use_the_index_at_once(runs_copy):
 
 
 def test_resumed_epochs_rule():
-    from core.runs import resumed_epochs
+    from core.resume import resumed_epochs
     assert resumed_epochs(3, 10, False, None) == 10      # stopped: as planned
     assert resumed_epochs(3, 10, False, 2) == 4          # ...and at least one more epoch
     assert resumed_epochs(10, 10, True, None) is None    # finished: only when asked for more
