@@ -239,7 +239,7 @@ def export_metrics_csv(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
     images/s), and when the run was evaluated ``<run>-per-class.csv`` (precision, recall, F1,
     support per class, then the macro and weighted averages) and ``<run>-confusion.csv``
     (counts; rows = true class, columns = predicted class)."""
-    from core.runs import load_run
+    from core.runrecord import load_run
 
     record = load_run(run_dir)
     out_dir = Path(out_dir)

@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from core import events as ev, rundir, runs
+from core import events as ev, rundir, runrecord
 from core.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, OptimConfig, RunConfig
 from core.errors import ConfigError, LabError
 from core.resume import Wording, plan_resume
@@ -367,7 +367,7 @@ def _last_run(ctx: AppContext, session: dict, owner: str) -> tuple[Path, str, st
         run_dir = Path(row["run_dir"])
     else:
         return None
-    status = runs.read_status(run_dir)[0] if run_dir.is_dir() else job.status
+    status = rundir.read_status(run_dir)[0] if run_dir.is_dir() else job.status
     name = job.config.name if job is not None else None
     label = f"{name}, {run_dir.name}" if name else run_dir.name
     return run_dir, status, label, (job.owner if job is not None else row.get("owner"))
@@ -384,7 +384,7 @@ def _earlier_history(ctx: AppContext, job, session: dict, started) -> tuple[pd.D
     if cached and cached[0] == job.job_id:
         return cached[1], cached[2]
     try:
-        record = runs.load_run(ctx.runs_dir / job.job_id)
+        record = runrecord.load_run(ctx.runs_dir / job.job_id)
         epochs = record.epochs.reindex(columns=EPOCH_COLUMNS)
         epochs = epochs[epochs["epoch"] <= started.start_epoch]
         last_step = started.start_epoch * started.batches_per_epoch + started.start_batch
