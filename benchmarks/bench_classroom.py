@@ -43,6 +43,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))   # core.rundir names the run folder's files
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -195,12 +196,13 @@ def training_rate(runs_dir: Path, t0: float, t1: float) -> tuple[float, int]:
     """Images/s trained between wall times t0 and t1, from the BatchEnded events of every run
     (a run that ends inside the window is followed by the next): the steps each run advanced
     inside the window times its batch size, over the window's length."""
+    from core.rundir import CONFIG_FILE, EVENTS_FILE
     images, events = 0, 0
     for run in runs_dir.iterdir():
-        if not (run / "events.jsonl").exists():
+        if not (run / EVENTS_FILE).exists():
             continue
-        batch = json.loads((run / "config.json").read_text())["data"]["batch_size"]
-        steps = [e["step"] for e in map(json.loads, (run / "events.jsonl").read_text().splitlines())
+        batch = json.loads((run / CONFIG_FILE).read_text())["data"]["batch_size"]
+        steps = [e["step"] for e in map(json.loads, (run / EVENTS_FILE).read_text().splitlines())
                  if e.get("kind") == "BatchEnded" and t0 <= e["time"] <= t1]
         events += len(steps)
         if len(steps) >= 2:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core import storage
+from core import rundir, storage
 from core.errors import DataError
 
 FORMAT = "classifier-lab/1"
@@ -92,7 +92,7 @@ def _unreadable_reason(path: Path, err: Exception) -> str:
         head = b""
     if not head.startswith(_ZIP_MAGIC) and not head.startswith(_PICKLE_PROTO):
         return (f"{path.name} is not a PyTorch file (not a zip archive or pickle). Upload a .pth "
-                "checkpoint saved by the lab (best.pth or last.pth of a run).")
+                f"checkpoint saved by the lab ({rundir.BEST_CKPT} or {rundir.LAST_CKPT} of a run).")
     if "weights only load failed" in str(err).lower():
         return (f"{path.name} contains code objects that a safe load refuses (weights_only), so it "
                 "was not loaded; only load checkpoints saved by the lab.")

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from core import resources
+from core import resources, rundir
 from core.config import FREEZE_CHOICES, RunConfig
 from core.errors import ConfigError, DataError, LabError
 from core.metrics import EvalReport
@@ -161,7 +161,7 @@ def submit_comparison(manager, configs: Sequence[RunConfig], owner: str = "local
     The group id is recorded in the run history (``history``: a core.runs.RunHistory) before each
     job is submitted, so even a run that starts at once is indexed with its group. Returns the
     group id, whose ``run_ids`` lists the queued runs in order."""
-    from core.trainer import new_run_id
+    from core.rundir import new_run_id
 
     configs = list(configs)
     if not configs:
@@ -227,7 +227,7 @@ def predicted_training_memory(config: RunConfig, num_classes: int, input_shape: 
 
 
 def _record_memory(record) -> tuple[int | None, str | None]:
-    from core.runs import memory_key
+    from core.runrecord import memory_key
 
     started = record.started or {}
     classes, shape = started.get("classes") or [], started.get("input_shape")
@@ -256,11 +256,12 @@ def leaderboard(history_or_records, run_ids: Sequence[str] | None = None, sort_b
 
     ``history_or_records``: a core.runs.RunHistory (then ``run_ids`` picks the runs, in any
     order; the memory estimate is cached in the index and the run's meta.json) or a list of
-    core.runs.RunRecord. Accuracies are fractions 0..1. Sorted by ``sort_by`` (best first for
+    core.runrecord.RunRecord. Accuracies are fractions 0..1. Sorted by ``sort_by`` (best first for
     accuracies, F1 and speed, smallest first otherwise; ties broken by best val accuracy);
     missing values last. ``memory=False`` skips estimating memory that is not cached yet;
     ``refresh=False`` takes the history's rows as indexed (cheap, for polling live runs)."""
-    from core.runs import RunHistory, RunRecord, load_run, summarize_record
+    from core.runrecord import RunRecord, load_run, summarize_record
+    from core.runs import RunHistory
 
     if sort_by not in LEADERBOARD_COLUMNS:
         raise ConfigError(f"Cannot sort the leaderboard by {sort_by!r}; choose one of {', '.join(LEADERBOARD_COLUMNS)}.")
@@ -338,7 +339,8 @@ def _as_report(report) -> EvalReport:
         return report
     if isinstance(report, dict):
         return EvalReport.from_dict(report)
-    raise DataError(f"Expected an evaluation report (EvalReport or eval.json dict), got {type(report).__name__}.")
+    raise DataError(f"Expected an evaluation report (EvalReport or {rundir.EVAL_FILE} dict), got "
+                    f"{type(report).__name__}.")
 
 
 def confusion_difference(report_a, report_b, top_classes: int | None = None, top_pairs: int = 10,

@@ -96,13 +96,3 @@ class RunFinished(Event):
     best_metric: float | None
     seconds: float
 
-
-EVENT_TYPES = {cls.__name__: cls for cls in (StatusChanged, RunStarted, BatchEnded, EpochEnded,
-                                             Evaluated, RunFinished)}
-
-
-def event_from_dict(raw: dict[str, Any]) -> Event:
-    """Inverse of ``Event.to_dict`` (used to read ``events.jsonl`` back)."""
-    raw = dict(raw)
-    cls = EVENT_TYPES[raw.pop("kind")]
-    return cls(**raw)

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from core import storage
 from core.errors import ConfigError, DataError, ModelError
 
 EXPORTERS = ("auto", "dynamo", "legacy")
@@ -105,9 +106,7 @@ def _example(input_shape, n: int, seed: int = 0) -> torch.Tensor:
 
 def _write_info(out_path: Path, info: dict) -> Path:
     side = sidecar_path(out_path)
-    tmp = side.with_name(side.name + ".tmp")
-    tmp.write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
-    os.replace(tmp, side)
+    storage.atomic_write_json(side, info)
     return side
 
 
@@ -240,7 +239,7 @@ def export_metrics_csv(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
     images/s), and when the run was evaluated ``<run>-per-class.csv`` (precision, recall, F1,
     support per class, then the macro and weighted averages) and ``<run>-confusion.csv``
     (counts; rows = true class, columns = predicted class)."""
-    from core.runs import load_run
+    from core.runrecord import load_run
 
     record = load_run(run_dir)
     out_dir = Path(out_dir)

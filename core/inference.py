@@ -18,23 +18,22 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
-from core import datasets, models, transforms
+from core import datasets, models, rundir, transforms
 from core.checkpoints import load_checkpoint
 from core.errors import DataError
 
 TTA_CHOICES = ("none", "five", "ten")
-CHECKPOINT_NAMES = ("best.pth", "last.pth")
 
 
 def find_checkpoint(run_dir: str | Path) -> Path:
     """The run's best checkpoint, else its last one; DataError naming the run (its folder's name,
     not where the server keeps it) when neither exists."""
     run_dir = Path(run_dir)
-    for name in CHECKPOINT_NAMES:
-        if (run_dir / name).is_file():
-            return run_dir / name
-    raise DataError(f"Run {run_dir.name} has no checkpoint (best.pth or last.pth) yet: train it for "
-                    "at least one epoch, or pick another run.")
+    found = rundir.checkpoint(run_dir)
+    if found is None:
+        raise DataError(f"Run {run_dir.name} has no checkpoint ({rundir.BEST_CKPT} or {rundir.LAST_CKPT}) yet: "
+                        "train it for at least one epoch, or pick another run.")
+    return found
 
 
 def open_image(image, mode: str) -> Image.Image:

@@ -3,7 +3,7 @@
     python -m core.train                                   # tutorial net on the embedded sample
     python -m core.train --model resnet18 --epochs 10 --lr 0.05 --scheduler cosine
     python -m core.train --config my_run.json --set optim.lr=0.001 --set data.batch_size=32
-    python -m core.train --resume runs/<run-id>/last.pth --epochs 20
+    python -m core.train --resume runs/<run-id> --epochs 20 # on from its last checkpoint
     python -m core.train --print-config > my_run.json      # the full default configuration
 
 Exit status: 0 finished, 1 failed, 130 stopped (Ctrl-C stops after the current batch and leaves
@@ -17,11 +17,11 @@ import sys
 import threading
 from pathlib import Path
 
-from core import events as ev
-from core.checkpoints import load_checkpoint
+from core import events as ev, rundir
 from core.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, SOURCES, RunConfig
 from core.datasets import DEFAULT_DATA_DIR
 from core.errors import LabError
+from core.resume import ResumePlan, plan_resume
 from core.trainer import DEFAULT_RUNS_DIR, fit
 
 # flag → dotted config field (one table, so a new flag is one line)
@@ -50,14 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m core.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--config", help="a JSON run configuration (as saved in runs/<id>/config.json)")
+    p.add_argument("--config", help=f"a JSON run configuration (as saved in runs/<id>/{rundir.CONFIG_FILE})")
     for flag, (_, typ, help_) in FLAGS.items():
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, help=help_)
     p.add_argument("--pretrained", action="store_true", default=None, help="start from ImageNet weights")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="set any field, e.g. optim.momentum=0.8 (value parsed as JSON when it can be)")
-    p.add_argument("--resume", help="continue a run from its last.pth; with --epochs N a different length, "
-                                    "cosine and onecycle schedules are re-planned over the epochs that remain")
+    p.add_argument("--resume", help=f"continue a run (its folder, or its {rundir.LAST_CKPT}) from its last checkpoint; "
+                                    "with --epochs N a different length, cosine and onecycle schedules are "
+                                    "re-planned over the epochs that remain (a finished run: N above its epochs)")
     p.add_argument("--runs-dir", default=str(DEFAULT_RUNS_DIR), help="where run folders go (default runs/)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="dataset cache folder (default data/)")
     p.add_argument("--print-config", action="store_true", help="print the resulting configuration and exit")
@@ -69,10 +70,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Merge: defaults < --config file (or the resumed checkpoint's config) < flags < --set."""
-    if args.resume:
-        raw = load_checkpoint(args.resume)["config"]
+def resume_plan(args: argparse.Namespace) -> ResumePlan | None:
+    """--resume: what core.resume decides for the run (None without --resume). A run goes on from
+    its last checkpoint, so the flag takes the run folder or that file."""
+    if not args.resume:
+        return None
+    path = Path(args.resume)
+    run_dir = path if path.is_dir() else path.parent
+    if path.is_file() and path.name != rundir.LAST_CKPT:
+        raise LabError(f"--resume takes a run folder or its {rundir.LAST_CKPT}, not {path.name}: a run goes on "
+                       "from its last checkpoint.")
+    if not rundir.is_run_dir(run_dir):
+        raise LabError(f"--resume: {args.resume} is not a run folder or its {rundir.LAST_CKPT} "
+                       f"(no {rundir.CONFIG_FILE} there).")
+    return plan_resume(run_dir, epochs=_asked_epochs(args))
+
+
+def _asked_epochs(args: argparse.Namespace) -> int | None:
+    """The epochs asked for on the command line: --epochs, or a --set epochs=N (which wins)."""
+    epochs = args.epochs
+    for item in args.set:
+        key, _, text = item.partition("=")
+        if key.strip() == "epochs":
+            try:
+                epochs = int(json.loads(text))
+            except (ValueError, TypeError):
+                raise LabError(f"--set epochs needs a whole number, got {text!r}.") from None
+    return epochs
+
+
+def config_from_args(args: argparse.Namespace, plan: ResumePlan | None = None) -> RunConfig:
+    """Merge: defaults < --config file (or the resumed run's configuration) < flags < --set. A
+    resumed run trains up to the epochs its ``plan`` says."""
+    if plan is not None:
+        raw = plan.config.to_dict()
     elif args.config:
         raw = RunConfig.load(args.config).to_dict()
     else:
@@ -94,6 +125,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         except json.JSONDecodeError:
             value = text
         _assign(raw, key.strip(), value)
+    if plan is not None:
+        raw["epochs"] = plan.config.epochs
     return RunConfig.from_dict(raw)
 
 
@@ -146,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             for spec in list_models():
                 print(f"{spec.name:22s} {spec.family:14s} {spec.description}")
             return 0
-        config = config_from_args(args)
+        plan = resume_plan(args)
+        config = config_from_args(args, plan)
         if args.print_config:
             print(config.to_json())
             return 0
@@ -165,10 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     box: dict = {}
     # fit runs in a worker thread so Ctrl-C (delivered to the main thread) becomes a clean stop
-    # request: the run ends after the current batch and writes last.pth to resume from.
+    # request: the run ends after the current batch and writes its last checkpoint to resume from.
     worker = threading.Thread(target=lambda: box.update(result=fit(
-        config, on_event=on_event, should_stop=stop.is_set,
-        runs_dir=args.runs_dir, data_dir=args.data_dir, resume_from=args.resume)), daemon=True)
+        config, on_event=on_event, should_stop=stop.is_set, runs_dir=args.runs_dir, data_dir=args.data_dir,
+        resume_from=plan.checkpoint if plan is not None else None)), daemon=True)
     worker.start()
     try:
         while worker.is_alive():

@@ -17,7 +17,6 @@ there; the in-memory path and num_workers=0 resume exactly.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -26,8 +25,6 @@ import re
 import threading
 import time
 import traceback
-import uuid
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,12 +38,13 @@ from core import datasets, events as ev, loaders, metrics, models, resources, st
 from core.checkpoints import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from core.config import RunConfig
 from core.errors import ConfigError, LabError, StorageError
+# The run folder's layout and writers live in core.rundir; these names stay importable from here.
+from core.rundir import (BEST_CKPT, CONFIG_FILE, EVAL_FILE, EVENTS_FILE, LAST_CKPT,  # noqa: F401
+                         STATUS_FILE, RunLog as _RunLog, new_run_id, record_lost_run, write_eval, write_status)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RUNS_DIR = Path("runs")
-LAST_CKPT, BEST_CKPT = "last.pth", "best.pth"
-EVENTS_FILE, CONFIG_FILE, EVAL_FILE, STATUS_FILE = "events.jsonl", "config.json", "eval.json", "status.json"
 REPORT_EVERY_S = 0.25   # BatchEnded at most ~4 per second (the dashboard redraws at 2-4 Hz)
 # Models trained in channels_last memory format: measured 2.9x faster for MobileNet-V3 on the CPU
 # (depthwise convolutions) and no gain for ResNet-18 or the tutorial Net
@@ -495,10 +493,6 @@ def evaluate(model, loader, loss_fn, device, precision="fp32", class_names=None,
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-def new_run_id(config: RunConfig) -> str:
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{config.model.name}-{uuid.uuid4().hex[:6]}"
-
-
 @dataclass
 class FitResult:
     run_id: str
@@ -512,94 +506,11 @@ class FitResult:
     eval_report: Any = None
 
 
-class _RunLog:
-    """Appends events to events.jsonl in the run folder, keeps its card.json up to date, feeds
-    the run's own TensorBoard log when there is one, and forwards the events to the caller.
-
-    The card is written here, at RunStarted and RunFinished, so that every run folder has one,
-    whoever started the run (the dashboard's job manager, ``python -m core.train`` or a plain
-    ``fit()`` call). It is written before the caller sees the event, so a listener (the run
-    history) finds it current."""
-
-    def __init__(self, run_dir: Path, sink: EventSink | None, config: RunConfig):
-        self.run_dir = run_dir
-        self.path = run_dir / EVENTS_FILE
-        self.sink = sink
-        self.config = config
-        self.tensorboard: EventSink | None = None
-
-    def __call__(self, event: ev.Event) -> None:
-        try:
-            self._append(event)
-        except OSError as err:
-            if not isinstance(event, ev.RunFinished):
-                # The run cannot keep its record (disk full...): end it now with the reason,
-                # rather than train on with curves that will never be seen.
-                raise storage.storage_error(err, self.run_dir.parent,
-                                            f"writing the run's events ({EVENTS_FILE})") from err
-            # The run is ending with its reason anyway: the caller must still hear of it.
-            log.warning("the final event of %s was not written to %s: %s", self.run_dir.name, EVENTS_FILE, err)
-        if isinstance(event, (ev.RunStarted, ev.RunFinished)):
-            self._card(event)
-        if self.tensorboard is not None:
-            try:
-                self.tensorboard(event)
-            except Exception:  # a logging problem (disk full...) must never stop training
-                pass
-        if self.sink is not None:
-            self.sink(event)
-
-    def _append(self, event: ev.Event) -> None:
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(event.to_dict(), ensure_ascii=False) + "\n")
-
-    def _card(self, event: ev.Event) -> None:
-        # Imported here: core.runs imports this module (file names), so a top-level import
-        # would be circular.
-        from core.runs import write_card
-        try:
-            write_card(self.run_dir, self.config, started=event if isinstance(event, ev.RunStarted) else None,
-                       finished=event if isinstance(event, ev.RunFinished) else None)
-        except Exception as err:  # the card describes the run; it must never fail it
-            warnings.warn(f"card.json not written in {self.run_dir}: {type(err).__name__}: {err}")
-
-
 def _tensorboard_sink(config: RunConfig, data_dir) -> EventSink:
     """config.tensorboard: the run's own TensorBoard log in its folder, whoever started it.
     ConfigError (with the install command) when the tensorboard package is missing."""
     from core import tb
     return tb.TensorBoardLogger(data_dir=data_dir).sink(config)
-
-
-def write_status(run_dir: Path, status: str, message: str = "", *, final: bool = False, **extra) -> None:
-    """Replace status.json atomically: if the write fails, the previous status stays whole.
-
-    final: the run's last status (finished, stopped, failed). On a disk so full that even the
-    temporary copy finds no room, the previous status ("running", by this live process) would say
-    forever that the run trains and block its deletion; so, only then, the file is rewritten in
-    place (``_rewrite_in_place``). Raises the OSError when both fail."""
-    data = {"status": status, "message": message, "updated": time.time(), "pid": os.getpid(), **extra}
-    try:
-        storage.atomic_write_json(run_dir / STATUS_FILE, data, indent=None)
-    except OSError:
-        if not final:
-            raise
-        _rewrite_in_place(run_dir / STATUS_FILE, json.dumps(data, ensure_ascii=False))
-
-
-def _rewrite_in_place(path: Path, text: str) -> None:
-    """Overwrite an existing small file's bytes without a new file: padded with spaces to its old
-    length (JSON allows them) and written in one call, it stays within the blocks the file already
-    has, so it needs no free space. Not atomic; a torn file reads as "no status" (interrupted,
-    resumable), never as a wrong epoch count."""
-    data = text.encode("utf-8")
-    data += b" " * max(0, path.stat().st_size - len(data))
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -630,15 +541,6 @@ def _saved_note(epochs_done: int) -> str:
     if epochs_done <= 0:
         return "start the run again: no epoch is saved yet"
     return "Resume: epoch 1 is saved" if epochs_done == 1 else f"Resume: epochs 1–{epochs_done} are saved"
-
-
-def record_lost_run(run_dir: Path, config: RunConfig, finished: ev.RunFinished, epochs_completed: int) -> None:
-    """Write the end of a run whose process died before ``fit`` could (the job manager calls it
-    with the reason): status.json as ``_finish`` writes it, and ``finished`` in events.jsonl and
-    card.json, so the run history shows the reason after a restart too."""
-    write_status(run_dir, finished.status, finished.message, final=True, seconds=finished.seconds,
-                 epochs_completed=epochs_completed)
-    _RunLog(run_dir, None, config)(finished)
 
 
 # torch's deterministic-algorithms switch, cudnn's flags and CUBLAS_WORKSPACE_CONFIG are
@@ -914,7 +816,7 @@ def _final_evaluation(run_dir, prep, model, core_model, loss_fn, device, config,
     data.update({"split": split_name, "loss": result["loss"],
                  "files": {str(i): prep.dataset.describe(i) for i in indices}})
     with _writing(run_dir, f"saving the test results ({EVAL_FILE})"):
-        storage.atomic_write_json(run_dir / EVAL_FILE, data, indent=None)
+        write_eval(run_dir, data)
     emit(ev.Evaluated(split=split_name, accuracy=report.accuracy, top5_accuracy=report.topk.get(5),
                       macro_f1=report.macro_f1, report_path=str(run_dir / EVAL_FILE)))
     return report

@@ -70,3 +70,21 @@ def test_cli_tensorboard_writes_an_event_file(tmp_path, tiny_folder):
     assert len(list(run_dir.rglob("events.out.tfevents.*"))) == 1, list(run_dir.iterdir())
     # --tensorboard is the configuration's field, so the run folder says it was logged.
     assert json.loads((run_dir / "config.json").read_text())["tensorboard"] is True
+
+
+def test_cli_resume_follows_the_same_rule_as_the_dashboard(tmp_path, tiny_folder):
+    """--resume asks core.resume: a finished run goes on only for more epochs in all, from its last
+    checkpoint (the folder or its last.pth), and never from another file."""
+    common = ("--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"), "--quiet")
+    proc = run("--source", "folder", "--location", str(tiny_folder), "--epochs", "1", "--batch-size", "16", *common)
+    assert proc.returncode == 0, proc.stderr
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    refused = run("--resume", str(run_dir), *common)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"Run {run_dir.name} finished all its 1 epoch. To train it further, ask for more epochs" in refused.stderr
+    refused = run("--resume", str(run_dir / "best.pth"), "--epochs", "2", *common)
+    assert refused.returncode == 2 and "--resume takes a run folder or its last.pth, not best.pth" in refused.stderr
+    proc = run("--resume", str(run_dir / "last.pth"), "--epochs", "2", *common)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip().splitlines()[-1]) == run_dir
+    assert "epoch 2/2" in proc.stderr and "epoch 1/2" not in proc.stderr

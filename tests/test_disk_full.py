@@ -23,9 +23,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from core import events as ev, runs, storage, trainer
+from core import events as ev, storage, trainer
 from core.config import RunConfig
 from core.errors import StorageError
+from core.runindex import IndexFile
 from core.runs import INDEX_FILE, RunHistory, read_meta
 from core.trainer import fit
 
@@ -114,7 +115,7 @@ def test_a_disk_full_in_epoch_2_fails_plainly_the_history_still_works_and_resume
     # The disk now full to the last byte: the history lists (from the folders), says why once...
     _fill(runs_dir, leave=0, name="ballast2")
     assert shutil.disk_usage(runs_dir).free == 0
-    with caplog.at_level(logging.WARNING, logger="core.runs"):
+    with caplog.at_level(logging.WARNING, logger="core.runindex"):
         for _ in range(2):
             rows = history.list().set_index("run_id")
             assert set(rows.index) == {other.run_id, result.run_id}
@@ -287,8 +288,8 @@ def test_the_history_lists_and_deletes_from_the_folders_when_its_index_cannot_be
     def broken(self):
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(RunHistory, "_connect", broken)
-    with caplog.at_level(logging.WARNING, logger="core.runs"):
+    monkeypatch.setattr(IndexFile, "_connect", broken)
+    with caplog.at_level(logging.WARNING, logger="core.runindex"):
         assert set(history.list()["run_id"]) == {kept.run_id, gone.run_id}
         assert history.delete(gone.run_id, confirm=gone.run_id).startswith(f"Deleted run {gone.run_id}")
         assert list(history.list()["run_id"]) == [kept.run_id]
@@ -306,7 +307,7 @@ def test_a_rename_on_a_full_disk_says_so_and_keeps_the_old_name(tmp_path, tiny_c
     def no_room(path, data, indent=2):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(runs, "_atomic_write_json", no_room)
+    monkeypatch.setattr(storage, "atomic_write_json", no_room)   # the one atomic JSON write
     with pytest.raises(StorageError, match=r"^The disk holding runs/ is full \(.+\) while saving the name and tags"):
         history.set_tags(run.run_id, "a, b")
     assert read_meta(run.run_dir)["name"] == "first name" and not read_meta(run.run_dir).get("tags")

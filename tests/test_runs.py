@@ -202,8 +202,10 @@ def test_the_last_run_is_the_one_last_active_not_the_one_created_last(runs_copy)
     now = time.time()
     for run_id, t in ((managed, now + 200), (cli, now + 100)):
         os.utime(runs_dir / run_id / "status.json", (t, t))
+    history.rescan()   # changed in place by someone else: seen at the next full look
     assert history.last_run("alice")["run_id"] == managed
     os.utime(runs_dir / cli / "status.json", (now + 300, now + 300))   # e.g. resumed and stopped since
+    history.rescan()
     assert history.last_run("alice")["run_id"] == cli
 
 
@@ -242,7 +244,7 @@ def test_interrupted_runs_are_detected_and_the_latest_one_is_resumable(runs_copy
     assert last["run_id"] == managed and last["status"] == ev.FINISHED   # finished: only more epochs
     assert history.last_run("bob") is None
     _pretend_it_was_running(runs_dir / managed)
-    rows = history.list().set_index("run_id")
+    rows = history.list(rescan=True).set_index("run_id")   # as a restarted server's first look
     assert rows.loc[managed, "status"] == ev.INTERRUPTED
     assert history.interrupted() == [runs_dir / managed]
     last = history.last_run("alice")
@@ -250,6 +252,7 @@ def test_interrupted_runs_are_detected_and_the_latest_one_is_resumable(runs_copy
     assert history.last_run("bob") is None
     # The command-line run has no owner: nobody's run, even once interrupted.
     _pretend_it_was_running(runs_dir / cli)
+    history.rescan()
     assert history.last_run("alice")["run_id"] == managed
 
 
@@ -341,7 +344,7 @@ def test_many_threads_can_use_the_index_at_once(runs_copy):
 
 
 def test_resumed_epochs_rule():
-    from core.runs import resumed_epochs
+    from core.resume import resumed_epochs
     assert resumed_epochs(3, 10, False, None) == 10      # stopped: as planned
     assert resumed_epochs(3, 10, False, 2) == 4          # ...and at least one more epoch
     assert resumed_epochs(10, 10, True, None) is None    # finished: only when asked for more
@@ -424,3 +427,119 @@ def test_a_flood_of_tags_is_refused_at_once_and_duplicates_go_in_one_pass():
         normalize_tags(",".join(f"t{i}" for i in range(200_000)))
     with pytest.raises(ConfigError, match=f"At most {MAX_TAGS} tags"):
         normalize_tags([f"t{i}" for i in range(MAX_TAGS + 1)])
+
+
+def test_tags_that_read_the_same_once_cut_to_length_are_one_tag(runs_copy):
+    """A tag is cut to 50 characters; one cut just after a word ends in a space, which the
+    duplicate check must not tell apart from the same word without it."""
+    from core.runs import normalize_tags
+    runs_dir, managed, _ = runs_copy
+    word = "x" * 49
+    assert normalize_tags([f"{word} first", word, f"{word} second"]) == [word]
+    RunHistory(runs_dir).set_tags(managed, f"{word} first, {word}")
+    assert read_meta(runs_dir / managed)["tags"] == [word]
+
+
+def test_a_renamed_run_reads_back_with_its_new_name(runs_copy):
+    """Evaluate and Compare name a run by its record: a rename (kept in meta.json) shows there."""
+    from core.runs import load_run
+    runs_dir, managed, _ = runs_copy
+    assert load_run(runs_dir / managed).label == "first"
+    RunHistory(runs_dir).rename(managed, "renamed since")
+    assert load_run(runs_dir / managed).label == "renamed since"
+
+
+# ---- what a listing and the listener read ------------------------------------------------------
+def test_a_listing_looks_into_the_folders_only_when_their_set_changed_or_when_asked(runs_copy, monkeypatch):
+    from core import rundir, runindex
+    runs_dir, managed, cli = runs_copy
+    history = RunHistory(runs_dir)
+    assert len(history.list()) == 2
+    looks, reads = [], []
+    list_run_dirs, read_row = rundir.list_run_dirs, runindex.read_row
+    monkeypatch.setattr(rundir, "list_run_dirs", lambda d: looks.append(1) or list_run_dirs(d))
+    monkeypatch.setattr(runindex, "read_row", lambda d, *a, **k: reads.append(Path(d).name) or read_row(d, *a, **k))
+    for _ in range(3):
+        assert set(history.list()["run_id"]) == {managed, cli}
+        history.choices(need="eval")
+    assert looks == [] and reads == []                   # nothing changed: no folder looked into
+    later = time.time() + 60
+    import os
+    os.utime(runs_dir / managed / "status.json", (later, later))   # changed in place by someone else
+    history.list()
+    assert looks == [] and reads == []
+    history.list(rescan=True)                            # asked: a full look, only the changed run re-read
+    assert looks == [1] and reads == [managed]
+    looks.clear(), reads.clear()
+    shutil.copytree(runs_dir / cli, runs_dir / "20990101-000000-tutorial_net-abcdef")
+    assert "20990101-000000-tutorial_net-abcdef" in set(history.list()["run_id"])   # a new folder: looked
+    assert looks == [1] and reads == ["20990101-000000-tutorial_net-abcdef"]
+    shutil.rmtree(runs_dir / "20990101-000000-tutorial_net-abcdef")
+    assert set(history.list()["run_id"]) == {managed, cli}
+    monkeypatch.setattr(runindex, "RESCAN_EVERY_S", 0.0)   # and at least every RESCAN_EVERY_S
+    looks.clear()
+    history.list()
+    assert looks == [1]
+
+
+class _Manager:
+    """What the history's listener needs of a JobManager: its jobs and a listener slot."""
+
+    def __init__(self, *jobs):
+        self.listeners, self._jobs = [], {j.job_id: j for j in jobs}
+
+    def add_listener(self, fn):
+        self.listeners.append(fn)
+
+    def jobs(self, owner=None):
+        return list(self._jobs.values())
+
+    def find(self, job_id):
+        return self._jobs.get(job_id)
+
+
+def test_the_listener_follows_a_live_run_by_the_new_lines_of_its_events(runs_copy, monkeypatch):
+    """The listener runs on the job's thread at every epoch: it must read what was appended since,
+    not the whole events.jsonl again (batch reports make it long)."""
+    from types import SimpleNamespace
+
+    from core.runrecord import RunEvents
+    runs_dir, managed, _ = runs_copy
+    run_dir = runs_dir / managed
+    job = SimpleNamespace(job_id=managed, owner="alice", config=RunConfig.load(run_dir / "config.json"),
+                          status=ev.RUNNING, message="", done=False)
+    manager = _Manager(job)
+    history = RunHistory(runs_dir).attach(manager)
+    taken = []
+    real = RunEvents._take_lines
+    monkeypatch.setattr(RunEvents, "_take_lines", lambda self, data: taken.append(len(data)) or real(self, data))
+    events = run_dir / "events.jsonl"
+
+    def deliver(*appended):
+        with events.open("a", encoding="utf-8") as fh:
+            for e in appended:
+                fh.write(json.dumps(e.to_dict()) + "\n")
+        taken.clear()
+        for fn in manager.listeners:
+            fn(job, appended[-1])
+
+    deliver(ev.RunStarted(run_id=managed, run_dir=str(run_dir), device="cpu", classes=["a", "b", "c"],
+                          split_sizes={"train": 105, "val": 15, "test": 30}, input_shape=[3, 32, 32],
+                          params_total=1, params_trainable=1, batches_per_epoch=7, start_epoch=1, epochs=3))
+    assert taken == [events.stat().st_size]              # the first look reads the file once
+    for epoch in (2, 3):
+        before = events.stat().st_size
+        batches = [ev.BatchEnded(epoch=epoch, batch=b, batches=7, step=7 * (epoch - 1) + b, loss=1.0, lr=0.01,
+                                 images_per_sec=100.0) for b in range(1, 8)]
+        deliver(*batches, ev.EpochEnded(epoch=epoch, epochs=3, train_loss=1.0, train_accuracy=0.5, val_loss=1.0,
+                                        val_accuracy=0.5, lr=0.01, seconds=1.0, eta_seconds=1.0,
+                                        images_per_sec=100.0, is_best=False))
+        assert taken == [events.stat().st_size - before]  # only the lines appended since
+        assert history.get(managed, refresh=False)["epochs_done"] == epoch
+    job.done = True
+    deliver(ev.RunFinished(status=ev.FINISHED, message="finished 3 epoch(s)", best_epoch=1, best_metric=0.5,
+                           seconds=2.0))
+    assert len(taken) == 1 and taken[0] < events.stat().st_size
+    taken.clear()
+    history.get(managed)                                  # no longer followed: read afresh
+    assert taken == [events.stat().st_size]

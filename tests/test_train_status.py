@@ -90,6 +90,42 @@ def test_a_refused_resume_says_why_in_the_status(tmp_path):
         manager.shutdown(timeout=10)
 
 
+def test_resume_refuses_a_run_that_trains_elsewhere_as_the_run_history_does(tmp_path):
+    """The tab's last run is done here, but another process (the command line) trains its folder
+    now: Resume must not start a second training of it. It refuses as Compare → Run history does."""
+    import json
+    import subprocess
+    import sys
+
+    from core import identity
+    from core.checkpoints import save_checkpoint
+    from core.runs import RunHistory
+    manager, ctx, _ = _train_tab(tmp_path, fit=job_fits.raising_fit)
+    ctx.history = RunHistory(ctx.runs_dir).attach(manager)
+    elsewhere = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        job = manager.wait(manager.submit(RunConfig(), owner="browser:b1").job_id, timeout=60)
+        run_dir = ctx.runs_dir / job.job_id
+        run_dir.mkdir(parents=True)
+        RunConfig().save(run_dir / "config.json")
+        save_checkpoint(run_dir / "last.pth", {"config": RunConfig().to_dict(), "epoch": 1})
+        time.sleep(0.2)   # the process started before the status it writes
+        (run_dir / "status.json").write_text(json.dumps(
+            {"status": "running", "message": "training", "updated": time.time(), "pid": elsewhere.pid}))
+        values = _values(ctx, {"job_id": job.job_id})
+        values[ctx.browser_id] = identity.sign(ctx.secret, "b1")
+        err, status = _refused(ctx, "resume", values)
+        assert status.startswith(f"Not resumed: Your last run ({job.job_id}) is running; "), status
+        assert len(manager.jobs()) == 1   # nothing was submitted
+        with pytest.raises(ConfigError) as refused:
+            ctx.history.resume(job.job_id, who=identity.Who("browser:b1"))
+        assert str(refused.value) == f"Run {job.job_id} is running; " + status.split(" is running; ", 1)[1]
+    finally:
+        elsewhere.kill()
+        elsewhere.wait()
+        manager.shutdown(timeout=10)
+
+
 def test_start_and_resume_failures_write_the_status_line(tmp_path):
     """The page runs the refusal handler after a failed Start or Resume, into the Status textbox
     (checked in Chromium too: Resume on a new page shows "Not resumed: Nothing to resume ...")."""

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import gradio as gr
 import pandas as pd
 
-from core import identity, runs
+from core import identity, runrecord
 from ui import plots
 from ui.common import AppContext, run_history, safe, who_is
 
@@ -50,7 +50,7 @@ def build(ctx: AppContext) -> None:
         owner = history.check_access(run_id, who, private=ctx.private_runs)
         whose = whose_run(owner, who)   # someone else's run says so, before anything else
         whose = f"_{whose}_\n\n" if whose else ""
-        record = runs.load_run(history.run_dir(run_id), live_ids=set(ctx.manager.running()))
+        record = runrecord.load_run(history.run_dir(run_id), live_ids=set(ctx.manager.running()))
         report = record.report()
         if report is None:
             return (f"{whose}Run {history.label(run_id)} has no test evaluation yet ({record.status}).",
@@ -75,7 +75,7 @@ def build(ctx: AppContext) -> None:
             # Someone's upload is theirs: its images reach only them (and the teacher).
             text += "\n\nThe mistakes are shown only to the run's owner: its images come from their upload."
             return text, fig, table, []
-        gallery = runs.misclassified_images(record, limit=GALLERY_LIMIT, data_dir=ctx.data_dir)
+        gallery = runrecord.misclassified_images(record, limit=GALLERY_LIMIT, data_dir=ctx.data_dir)
         return text, fig, table, gallery
 
     outputs = [summary, matrix, per_class, errors]

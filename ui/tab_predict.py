@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from core import datasets
+from core import datasets, rundir
 from core.inference import TTA_CHOICES, Predictor, find_checkpoint
 from ui.common import ASSETS, TOAST_S, AppContext, run_history, safe, who_is
 from ui.tab_evaluate import follow_runs, run_list_refresher, whose_run
@@ -83,11 +83,11 @@ def friendly_image_errors(component: gr.Image) -> gr.Image:
 
 
 def _trained_text(p: Predictor) -> str:
-    """Which weights these are: a run's best.pth is the best epoch, not its last."""
+    """Which weights these are: a run's best checkpoint is the best epoch, not its last."""
     where = f" of {p.planned_epochs}" if p.planned_epochs else ""
-    if p.path.name == "best.pth":
+    if p.path.name == rundir.BEST_CKPT:
         return f"the run's best weights, after epoch {p.epoch}{where} (best validation score)"
-    if p.path.name == "last.pth":
+    if p.path.name == rundir.LAST_CKPT:
         return f"the run's latest weights, after epoch {p.epoch}{where}"
     return f"trained {p.epoch} epoch(s)"
 
@@ -123,7 +123,8 @@ def build(ctx: AppContext) -> None:
     def checkpoint_path(source_value: str, run_id: str | None, uploaded, browser_id, request) -> str:
         if source_value.startswith("A checkpoint"):
             if not uploaded:
-                raise gr.Error("Upload a .pth checkpoint first (a best.pth or last.pth from a run folder).")
+                raise gr.Error(f"Upload a .pth checkpoint first (a {rundir.BEST_CKPT} or {rundir.LAST_CKPT} from a "
+                               "run folder).")
             return uploaded if isinstance(uploaded, str) else uploaded.name
         if not run_id:
             raise gr.Error("No trained run yet: train one on the Train tab, or upload a checkpoint.")

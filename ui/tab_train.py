@@ -15,9 +15,10 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from core import events as ev, runs
+from core import events as ev, rundir, runrecord
 from core.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, OptimConfig, RunConfig
 from core.errors import ConfigError, LabError
+from core.resume import Wording, plan_resume
 from ui import plots
 from core.identity import can_view, require_change
 from ui.common import (AppContext, bind, config_from_widgets, fmt_seconds, none_if_empty, safe, who_is,
@@ -142,22 +143,10 @@ def build(ctx: AppContext) -> None:
         if last is None:
             raise gr.Error("Nothing to resume: this browser has no run yet. Press Start to train one.")
         run_dir, status, label, run_owner = last
-        require_change(run_owner, who, "resume")
-        if not (run_dir / "last.pth").is_file():
-            raise gr.Error(f"Your last run ({label}) ended ({status}) before its first checkpoint: "
-                           "there is nothing to resume. Press Start to train it again.")
-        from core.checkpoints import load_checkpoint
-        ckpt = load_checkpoint(run_dir / "last.pth")
-        config = RunConfig.from_dict(ckpt["config"])
         wanted = config_from_widgets(ctx, values, session).epochs
-        done = int(ckpt["epoch"])
-        total = runs.resumed_epochs(done, config.epochs, status == ev.FINISHED, wanted)
-        if total is None:
-            raise gr.Error(f"Your last run ({label}) finished all its {done} epoch{'s' * (done != 1)}. "
-                           f"To train it further, set Epochs above {done} and press Resume again; "
-                           "or press Start for a new run.")
-        config.epochs = total
-        job = ctx.manager.submit(config, owner=run_owner or who.owner, resume_from=run_dir / "last.pth")
+        plan = plan_resume(run_dir, status=status, epochs=wanted, who=who, run_owner=run_owner,
+                           wording=_resume_wording(label))
+        job = ctx.manager.submit(plan.config, owner=plan.owner, resume_from=plan.checkpoint)
         session["job_id"] = job.job_id
         session["seen"] = -1
         return _render(ctx, job, session) + (gr.Timer(active=True),)
@@ -359,10 +348,16 @@ def _resumable_note(ctx: AppContext, session: dict, owner: str) -> str | None:
     run_dir, status, label, _ = last
     how = {ev.INTERRUPTED: "was interrupted (the server stopped while it was training)",
            ev.STOPPED: "was stopped"}.get(status)
-    if how is None or not (run_dir / "last.pth").is_file():
+    if how is None or not (run_dir / rundir.LAST_CKPT).is_file():
         return None
     return (f"Your last run ({label}) {how}. Press Resume last run to continue it from its last "
             "checkpoint, or Start for a new run.")
+
+
+def _resume_wording(label: str) -> Wording:
+    """The refusals of Resume last run, in this tab's words (its buttons, its Epochs slider)."""
+    return Wording(subject=f"Your last run ({label})", restart="Press Start to train it again.",
+                   more_epochs="set Epochs above {done} and press Resume again; or press Start for a new run.")
 
 
 def _last_run(ctx: AppContext, session: dict, owner: str) -> tuple[Path, str, str, str | None] | None:
@@ -381,7 +376,7 @@ def _last_run(ctx: AppContext, session: dict, owner: str) -> tuple[Path, str, st
         run_dir = Path(row["run_dir"])
     else:
         return None
-    status = runs.read_status(run_dir)[0] if run_dir.is_dir() else job.status
+    status = rundir.read_status(run_dir)[0] if run_dir.is_dir() else job.status
     name = job.config.name if job is not None else None
     label = f"{name}, {run_dir.name}" if name else run_dir.name
     return run_dir, status, label, (job.owner if job is not None else row.get("owner"))
@@ -398,7 +393,7 @@ def _earlier_history(ctx: AppContext, job, session: dict, started) -> tuple[pd.D
     if cached and cached[0] == job.job_id:
         return cached[1], cached[2]
     try:
-        record = runs.load_run(ctx.runs_dir / job.job_id)
+        record = runrecord.load_run(ctx.runs_dir / job.job_id)
         epochs = record.epochs.reindex(columns=EPOCH_COLUMNS)
         epochs = epochs[epochs["epoch"] <= started.start_epoch]
         last_step = started.start_epoch * started.batches_per_epoch + started.start_batch
