@@ -13,25 +13,24 @@ import numbers
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
+from core.choices import OPTIMIZERS, PRECISIONS   # the one list of each (also read by core.train)
+from core.datasets import SOURCES
 from core.errors import ConfigError
 from core.storage import atomic_write_text
 
-SOURCES = ("sample", "torchvision", "folder", "zip", "index")
 NORMALIZE_CHOICES = ("auto", "tutorial", "imagenet", "dataset", "none")
 IN_MEMORY_CHOICES = ("auto", "on", "off")
 FREEZE_CHOICES = ("none", "features", "stages")
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("none", "step", "multistep", "exponential", "cosine", "onecycle", "plateau")
-PRECISIONS = ("fp32", "bf16", "fp16")
 MONITORS = ("val_accuracy", "val_loss")
 DEVICES_HINT = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
 
 @dataclass
 class DataConfig:
-    source: str = "sample"            # sample | torchvision | folder | zip | index
+    source: str = "sample"            # a core.datasets.SOURCES name: sample, folder, torchvision...
     location: str | None = None       # torchvision set name, or a folder / .zip / index-file path
     val_fraction: float = 0.1         # of the whole dataset (ignored where the source has a val split)
     test_fraction: float = 0.1        # of the whole dataset (ignored where the source has a test split)
@@ -57,7 +56,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "sgd"            # sgd | adam | adamw | rmsprop
+    optimizer: str = "sgd"            # a core.choices.OPTIMIZERS name: sgd, adam, adamw...
     lr: float = 0.02                  # backbone (and head, unless head_lr is set) learning rate
     head_lr: float | None = None      # a separate learning rate for the classifier head
     momentum: float = 0.9             # SGD / RMSprop momentum (the tutorials use 0.9)
@@ -81,7 +80,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     epochs: int = 20                  # the tutorial net takes ~0.3 s an epoch on the sample (2 CPU cores)
     device: str = "auto"              # auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps
-    precision: str = "fp32"           # fp32 | bf16 | fp16 (mixed precision; fp16 needs CUDA)
+    precision: str = "fp32"           # a core.choices.PRECISIONS name: fp32, or bf16/fp16 mixed
     seed: int = 0                     # Python, NumPy and torch seeds
     deterministic: bool = False       # torch.use_deterministic_algorithms + cudnn.deterministic
     early_stopping_patience: int | None = None  # epochs without improvement before stopping
@@ -307,7 +306,7 @@ def _check_class_weights(cw: Any) -> None:
             raise ConfigError(f"optim.class_weights must be {allowed}; got {cw!r} ({w!r} is not a number >= 0).")
 
 
-def _choice(label: str, value: Any, choices: tuple[str, ...]) -> None:
+def _choice(label: str, value: Any, choices: Iterable[str]) -> None:
     if value not in choices:
         raise ConfigError(f"{label} must be one of {', '.join(choices)}; got {value!r}.")
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core import datasets, events as ev, loaders, metrics, models, resources, storage, tensorloader, transforms
+from core import choices, datasets, events as ev, loaders, metrics, models, resources, storage, tensorloader, transforms
 from core.checkpoints import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from core.config import RunConfig
 from core.errors import ConfigError, LabError, StorageError
@@ -153,8 +153,8 @@ def prepare(config: RunConfig, data_dir: str | Path = datasets.DEFAULT_DATA_DIR,
     d, m = config.data, config.model
     notes: list[str] = []
     device = resolve_device(config.device)
-    if config.precision == "fp16" and device.type != "cuda":
-        raise ConfigError("fp16 mixed precision needs a CUDA GPU; use bf16 or fp32 on this device.")
+    if choices.PRECISIONS.get(config.precision).cuda_only and device.type != "cuda":
+        raise ConfigError(f"{config.precision} mixed precision needs a CUDA GPU; use bf16 or fp32 on this device.")
 
     ds = dataset if dataset is not None else datasets.load_dataset(d.source, d.location, data_dir=data_dir)
     split = datasets.split_dataset(ds, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
@@ -230,18 +230,15 @@ def prepare(config: RunConfig, data_dir: str | Path = datasets.DEFAULT_DATA_DIR,
 
 
 def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    """The run's optimiser, from the one registry (core.choices.OPTIMIZERS); an unknown name is a
+    ConfigError listing the valid ones."""
     o = config.optim
+    spec = choices.OPTIMIZERS.get(o.optimizer)   # before the groups: a wrong name is the first thing said
     groups = models.param_groups(model, config.model.name, o.lr, head_lr=o.head_lr,
                                  weight_decay=o.weight_decay)
     if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ConfigError("No parameter is trainable with this freezing choice; unfreeze something.")
-    if o.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
-    if o.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=o.lr)
-    if o.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr)
-    return torch.optim.RMSprop(groups, lr=o.lr, momentum=o.momentum)
+    return spec.for_run(groups, o)
 
 
 def build_scheduler(optimizer, config: RunConfig, steps_per_epoch: int):
@@ -364,9 +361,9 @@ class _StopRequested(Exception):
 
 
 def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
+    dtype = choices.PRECISIONS.get(precision).dtype
+    if dtype is None:
         return torch.autocast(device_type=device.type, enabled=False)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -734,7 +731,7 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
             g["base_lr"] = g["lr"]
         batches = len(prep.train_loader)
         scheduler, per_batch = build_scheduler(optimizer, config, batches)
-        scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+        scaler = torch.amp.GradScaler(device.type) if choices.PRECISIONS.get(config.precision).grad_scaler else None
         weights = class_weights_for(config, [prep.dataset.targets[i] for i in prep.split.train], len(prep.classes))
         loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
                                       label_smoothing=config.optim.label_smoothing)

@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from core import events as ev
-from core import resources, trainer
+from core import choices, models, resources, trainer
 from core.checkpoints import load_checkpoint
 from core.config import RunConfig
 from core.errors import ConfigError
@@ -251,7 +251,7 @@ def test_warmup_ramps_the_learning_rate(tmp_path, tiny_config, monkeypatch):
     assert later and all(lr == pytest.approx(tiny_config.optim.lr) for lr in later)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop"])
+@pytest.mark.parametrize("optimizer", choices.OPTIMIZERS.names())   # every optimiser the lab offers trains
 def test_optimizers_accumulation_clipping_smoothing_and_class_weights(tmp_path, tiny_config, optimizer):
     tiny_config.optim.optimizer = optimizer
     tiny_config.optim.lr = 0.001
@@ -263,6 +263,14 @@ def test_optimizers_accumulation_clipping_smoothing_and_class_weights(tmp_path, 
     result = fit(tiny_config, runs_dir=tmp_path)
     assert result.status == ev.FINISHED, result.message
     assert 0.0 < result.history[0]["train_loss"] < 10
+
+
+def test_an_unknown_optimizer_is_a_config_error_naming_the_valid_ones(tiny_config):
+    """It used to become RMSprop without a word."""
+    tiny_config.optim.optimizer = "lamb"   # set after validation, as a caller may
+    model = models.create_model("tutorial_net", num_classes=3).model
+    with pytest.raises(ConfigError, match="Unknown optimizer 'lamb'. Choose one of: sgd, adam, adamw, rmsprop, adagrad"):
+        trainer.build_optimizer(model, tiny_config)
 
 
 @pytest.fixture

@@ -62,6 +62,31 @@ def test_every_config_widget_is_bound_once(widget_ctx):
         assert needed in fields
 
 
+def _choice_values(widget) -> list:
+    return [value for _, value in widget.choices]
+
+
+def test_the_choice_lists_are_the_engines_registries(tmp_path):
+    """Optimizers, precisions and sources are listed from core's one registry of each, so a
+    name the engine gains shows up on every tab that offers it (adagrad: Memory had it, Train not)."""
+    from core import choices, datasets
+    from ui import tab_memory
+
+    ctx = AppContext(manager=None, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs")
+    with gr.Blocks() as demo:
+        ctx.session = gr.State(dict)
+        ctx.browser_id = gr.BrowserState(None)
+        tab_model.build(ctx)
+        tab_train.build(ctx)
+        tab_memory.build(ctx)
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    assert _choice_values(_widget(ctx, "optim.optimizer")) == choices.OPTIMIZERS.names()
+    assert _choice_values(_widget(ctx, "precision")) == choices.PRECISIONS.names()
+    assert _choice_values(by_id["mem_optimizer"]) == choices.OPTIMIZERS.names()
+    assert _choice_values(by_id["mem_precision"]) == choices.PRECISIONS.names()
+    assert sorted(tab_data.SOURCES.values()) == sorted(datasets.SOURCES.names())   # labels for every source
+
+
 def test_widget_defaults_give_the_default_run_config(widget_ctx):
     """What a user gets by pressing Start without touching anything equals RunConfig()'s defaults."""
     cfg = common.config_from_widgets(widget_ctx, _defaults(widget_ctx), session={})

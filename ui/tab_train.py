@@ -16,7 +16,8 @@ import gradio as gr
 import pandas as pd
 
 from core import events as ev, runs
-from core.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, OptimConfig, RunConfig
+from core.choices import OPTIMIZERS, PRECISIONS
+from core.config import SCHEDULERS, OptimConfig, RunConfig
 from core.errors import ConfigError, LabError
 from ui import plots
 from core.identity import can_view, require_change
@@ -46,7 +47,7 @@ def build(ctx: AppContext) -> None:
                                       label="Batch size", allow_custom_value=True, elem_id="batch_size"),
                      "data.batch_size", _whole_batch_size)
             with gr.Row():
-                bind(ctx, gr.Dropdown(list(OPTIMIZERS), value=_O.optimizer, label="Optimizer",
+                bind(ctx, gr.Dropdown(OPTIMIZERS.names(), value=_O.optimizer, label="Optimizer",
                                       elem_id="optimizer"), "optim.optimizer")
                 bind(ctx, gr.Number(_O.lr, label="Learning rate", minimum=0, elem_id="lr"), "optim.lr")
             with gr.Row():
@@ -76,7 +77,7 @@ def build(ctx: AppContext) -> None:
                 with gr.Row():
                     bind(ctx, gr.Dropdown(["auto", "cpu", "cuda", "mps"], value=_D.device, label="Device",
                                           allow_custom_value=True, elem_id="device"), "device")
-                    bind(ctx, gr.Dropdown(list(PRECISIONS), value=_D.precision, label="Precision"), "precision")
+                    bind(ctx, gr.Dropdown(PRECISIONS.names(), value=_D.precision, label="Precision"), "precision")
                 with gr.Row():
                     bind(ctx, gr.Number(_D.seed, label="Seed", precision=0), "seed", int)
                     bind(ctx, gr.Checkbox(_D.deterministic, label="Deterministic"), "deterministic")
