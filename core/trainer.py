@@ -28,7 +28,6 @@ import time
 import traceback
 import uuid
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -121,13 +120,11 @@ class Prepared:
         return list(self.dataset.classes)
 
 
-def _native_size(ds, indices: Sequence[int]) -> tuple[int, int] | None:
-    """(h, w) when the images all share one size (checked on up to 200 of them), else None."""
-    sizes = Counter(ds.image_size(i) for i in list(indices)[:200])
-    if len(sizes) == 1:
-        w, h = next(iter(sizes))
-        return (h, w)
-    return None
+def _native_size(ds) -> tuple[int, int] | None:
+    """(h, w) when every image of ``ds``, all splits, has one size (the in-memory path takes one
+    size only), else None. ``datasets.common_image_size`` checks them all from the load-time scan."""
+    size = datasets.common_image_size(ds)
+    return (size[1], size[0]) if size else None
 
 
 def input_size_for(config: RunConfig, native: tuple[int, int] | None) -> tuple[int, int]:
@@ -143,7 +140,7 @@ def planned_input(config: RunConfig, data_dir: str | Path = datasets.DEFAULT_DAT
     list without preparing loaders or a model (the job manager's memory check uses it). Nothing is
     downloaded: a dataset that is not here yet raises MissingFileError."""
     ds = datasets.load_dataset(config.data.source, config.data.location, data_dir=data_dir, download=False)
-    h, w = input_size_for(config, _native_size(ds, range(len(ds))))
+    h, w = input_size_for(config, _native_size(ds))
     return len(ds.classes), [1 if ds.mode == "L" else 3, h, w]
 
 
@@ -162,7 +159,7 @@ def prepare(config: RunConfig, data_dir: str | Path = datasets.DEFAULT_DATA_DIR,
     notes.extend(split.warnings)
     in_channels = 1 if ds.mode == "L" else 3
 
-    native = _native_size(ds, split.train)
+    native = _native_size(ds)
     input_size = input_size_for(config, native)
     created = models.create_model(m.name, num_classes=len(ds.classes), in_channels=in_channels,
                                   input_size=input_size, pretrained=m.pretrained,

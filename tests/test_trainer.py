@@ -1,12 +1,15 @@
 """The trainer on real images: learning, exact resume, stop, divergence, schedulers, run folder."""
+import inspect
 import json
 import os
 import shutil
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 from core import events as ev
 from core import choices, models, resources, trainer
@@ -574,3 +577,25 @@ def test_an_internal_error_names_no_server_path_and_keeps_the_trace(tmp_path, ti
     assert result.message.startswith("internal error: OSError: [Errno 5] Input/output error: 'cache.bin'")
     assert str(tmp_path) not in result.message and "error.log" in result.message
     assert f"{tmp_path}/secret/cache.bin" in (result.run_dir / "error.log").read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Defects of issue 13, each first seen failing
+# ---------------------------------------------------------------------------------------------
+def test_mixed_sizes_past_the_first_200_training_images_take_the_resizing_path(tmp_path, tiny_config):
+    """The native size used to be judged from the first 200 training images, all of class 'a'
+    here, so the 36×36 images of class 'b' reached the in-memory path, which takes one size only."""
+    rng = np.random.default_rng(0)
+    for cls, n, size in (("a", 260, 32), ("b", 30, 36)):
+        folder = tmp_path / "mixed" / cls
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    tiny_config.data.location = str(tmp_path / "mixed")
+    tiny_config.epochs = 1
+    seen, sink = _collect()
+    result = fit(tiny_config, runs_dir=tmp_path / "runs", on_event=sink)
+    assert result.status == ev.FINISHED, result.message
+    started = _of(ev.RunStarted, seen)[0]
+    assert any(note.startswith("data: DataLoader") for note in started.notes)
+    assert trainer.planned_input(tiny_config) == (2, started.input_shape)   # what the memory check sizes
