@@ -66,6 +66,7 @@ class OptimConfig:
     step_size: int = 10               # StepLR: epochs between decays
     milestones: list[int] = field(default_factory=lambda: [30, 60])  # MultiStepLR epochs
     gamma: float = 0.1                # decay factor (Step, MultiStep, Exponential, Plateau)
+    plateau_patience: int = 2         # Plateau: epochs without improvement before the rate is cut
     warmup_epochs: int = 0            # linear warm-up from lr/warmup_steps to lr (not with onecycle)
     label_smoothing: float = 0.0
     class_weights: str | list[float] | None = None  # None | "balanced" (inverse frequency) | list
@@ -182,6 +183,9 @@ class RunConfig:
         if not 0.0 < o.gamma <= 1.0:
             raise ConfigError(f"optim.gamma must be in (0, 1], got {o.gamma}.")
         _positive_int("optim.step_size", o.step_size)
+        if o.plateau_patience < 0:
+            raise ConfigError(f"optim.plateau_patience must be a whole number >= 0 (epochs without improvement "
+                              f"before the plateau schedule cuts the rate), got {o.plateau_patience}.")
         if not isinstance(o.milestones, list) or any(isinstance(e, bool) or not isinstance(e, int) or e < 1
                                                      for e in o.milestones):
             raise ConfigError(f"optim.milestones must be a list of epoch numbers (whole numbers >= 1), "

@@ -254,7 +254,8 @@ def build_scheduler(optimizer, config: RunConfig, steps_per_epoch: int):
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_epochs), False
     if o.scheduler == "plateau":
         mode = "max" if config.monitor == "val_accuracy" else "min"
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=o.gamma, patience=2), False
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=o.gamma,
+                                                          patience=o.plateau_patience), False
     # OneCycle has its own warm-up (pct_start) and is stepped per optimiser step.
     steps = math.ceil(steps_per_epoch / o.accumulation_steps) * epochs
     max_lrs = [g["lr"] for g in optimizer.param_groups]

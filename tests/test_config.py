@@ -164,3 +164,11 @@ def test_an_unknown_choice_names_it_and_what_is_allowed(raw, message):
     with pytest.raises(ConfigError) as err:
         RunConfig.from_dict(raw)
     assert str(err.value) == message
+
+
+def test_the_plateau_patience_is_a_validated_setting():
+    assert RunConfig().optim.plateau_patience == 2   # what ReduceLROnPlateau was always given
+    assert RunConfig.from_dict({"optim": {"plateau_patience": 0}}).optim.plateau_patience == 0
+    for bad in (-1, 1.5, "two"):
+        with pytest.raises(ConfigError, match="optim.plateau_patience"):
+            RunConfig.from_dict({"optim": {"plateau_patience": bad}})

@@ -599,3 +599,15 @@ def test_mixed_sizes_past_the_first_200_training_images_take_the_resizing_path(t
     started = _of(ev.RunStarted, seen)[0]
     assert any(note.startswith("data: DataLoader") for note in started.notes)
     assert trainer.planned_input(tiny_config) == (2, started.input_shape)   # what the memory check sizes
+
+
+def test_the_plateau_schedulers_patience_is_a_setting(tmp_path, tiny_config, monkeypatch):
+    tiny_config.optim.scheduler = "plateau"
+    tiny_config.optim.plateau_patience = 0   # decay after the first epoch that does not improve
+    tiny_config.optim.gamma = 0.5
+    tiny_config.epochs = 3
+    _script_val_accuracy(monkeypatch, [0.5] * 3)
+    result = fit(tiny_config, runs_dir=tmp_path)
+    assert result.status == ev.FINISHED, result.message
+    lr = tiny_config.optim.lr
+    assert [row["lr"] for row in result.history] == pytest.approx([lr, lr, lr * 0.5])

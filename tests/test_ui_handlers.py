@@ -87,6 +87,17 @@ def test_the_choice_lists_are_the_engines_registries(tmp_path):
     assert sorted(tab_data.SOURCES.values()) == sorted(datasets.SOURCES.names())   # labels for every source
 
 
+def test_the_plateau_patience_shows_beside_the_schedule_when_it_is_plateau(widget_ctx):
+    patience = _widget(widget_ctx, "optim.plateau_patience")
+    assert patience.value == RunConfig().optim.plateau_patience and not patience.visible   # cosine by default
+    assert tab_train._plateau_only("plateau")["visible"] is True
+    assert tab_train._plateau_only("cosine")["visible"] is False
+    values = _defaults(widget_ctx)
+    values[_widget(widget_ctx, "optim.scheduler")] = "plateau"
+    values[patience] = 4.0
+    assert common.config_from_widgets(widget_ctx, values, session={}).optim.plateau_patience == 4
+
+
 def test_widget_defaults_give_the_default_run_config(widget_ctx):
     """What a user gets by pressing Start without touching anything equals RunConfig()'s defaults."""
     cfg = common.config_from_widgets(widget_ctx, _defaults(widget_ctx), session={})
