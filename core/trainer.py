@@ -365,6 +365,13 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _channels_last(model: nn.Module) -> bool:
+    """Whether the model takes its input in channels_last (CHANNELS_LAST_MODELS). Looks through
+    DataParallel: the wrapper does not carry the attributes of the model inside it."""
+    inner = model.module if isinstance(model, nn.DataParallel) else model
+    return getattr(inner, "_lab_channels_last", False)
+
+
 def _num_samples(loader) -> int:
     if isinstance(loader, tensorloader.TensorLoader):
         return loader.num_samples()
@@ -423,7 +430,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, epoch: int, ep
                 g["lr"] = g["base_lr"] * step / warmup_steps
         x = x.to(device, non_blocking=non_blocking)
         y = y.to(device, non_blocking=non_blocking)
-        if getattr(model, "_lab_channels_last", False):
+        if _channels_last(model):
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, config.precision):
             out = model(x)
@@ -475,7 +482,7 @@ def evaluate(model, loader, loss_fn, device, precision="fp32", class_names=None,
     with torch.inference_mode():
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            if getattr(model, "_lab_channels_last", False):
+            if _channels_last(model):
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device, precision):
                 out = model(x)

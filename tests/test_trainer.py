@@ -601,6 +601,24 @@ def test_mixed_sizes_past_the_first_200_training_images_take_the_resizing_path(t
     assert trainer.planned_input(tiny_config) == (2, started.input_shape)   # what the memory check sizes
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="DataParallel without GPUs calls the model itself")
+def test_inputs_stay_channels_last_under_data_parallel(tiny_config):
+    prep = trainer.prepare(tiny_config)
+    model = prep.model.to(memory_format=torch.channels_last)
+    model._lab_channels_last = True
+    formats = []
+    model.register_forward_pre_hook(
+        lambda module, args: formats.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    wrapped = torch.nn.DataParallel(model)
+    optimizer = trainer.build_optimizer(model, tiny_config)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    trainer.train_one_epoch(wrapped, prep.train_loader, optimizer, loss_fn, prep.device, epoch=1,
+                            **({"epochs": 1} if "epochs" in inspect.signature(trainer.train_one_epoch).parameters
+                               else {}), config=tiny_config)
+    trainer.evaluate(wrapped, prep.val_loader, loss_fn, prep.device)
+    assert formats and all(formats), formats
+
+
 def test_the_plateau_schedulers_patience_is_a_setting(tmp_path, tiny_config, monkeypatch):
     tiny_config.optim.scheduler = "plateau"
     tiny_config.optim.plateau_patience = 0   # decay after the first epoch that does not improve
