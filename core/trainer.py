@@ -771,7 +771,9 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
         with _writing(run_dir, f"writing {STATUS_FILE}"):
             write_status(run_dir, ev.RUNNING, "training", pid=os.getpid())
         monitor_max = config.monitor == "val_accuracy"
-        bad_epochs = 0
+        # Epochs since the best one (or since the start): what the checkpoint's epoch and best_epoch
+        # say, so a resumed run stops early exactly where an uninterrupted one does.
+        bad_epochs = epochs_done - (best_epoch or 0)
         epoch_times: list[float] = []
 
         def checkpoint_state(epoch_count: int, batches_done: int = 0, partial: dict | None = None) -> dict:

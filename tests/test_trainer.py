@@ -601,6 +601,28 @@ def test_mixed_sizes_past_the_first_200_training_images_take_the_resizing_path(t
     assert trainer.planned_input(tiny_config) == (2, started.input_shape)   # what the memory check sizes
 
 
+def test_a_resumed_run_stops_early_where_an_uninterrupted_one_does(tmp_path, tiny_config, monkeypatch):
+    """The epochs without improvement before a stop count after the resume too."""
+    tiny_config.epochs = 6
+    tiny_config.early_stopping_patience = 2
+    accuracies = [0.5, 0.4, 0.3, 0.2, 0.1, 0.05]   # only epoch 1 is ever the best
+    _script_val_accuracy(monkeypatch, accuracies)
+    one_go = fit(tiny_config, runs_dir=tmp_path / "a")
+    assert (one_go.status, one_go.epochs_completed) == (ev.FINISHED, 3)
+
+    monkeypatch.undo()
+    _script_val_accuracy(monkeypatch, accuracies)
+    epochs_seen = []
+    stopped = fit(tiny_config, runs_dir=tmp_path / "b",
+                  on_event=lambda e: epochs_seen.append(e) if isinstance(e, ev.EpochEnded) else None,
+                  should_stop=lambda: len(epochs_seen) >= 2)
+    assert (stopped.status, stopped.epochs_completed) == (ev.STOPPED, 2)
+    monkeypatch.undo()
+    _script_val_accuracy(monkeypatch, accuracies[2:])
+    resumed = fit(tiny_config, resume_from=stopped.run_dir / "last.pth")
+    assert (resumed.status, resumed.epochs_completed) == (ev.FINISHED, 3), resumed.message
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="DataParallel without GPUs calls the model itself")
 def test_inputs_stay_channels_last_under_data_parallel(tiny_config):
     prep = trainer.prepare(tiny_config)
