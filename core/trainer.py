@@ -696,13 +696,8 @@ def fit(config: RunConfig, on_event: EventSink | None = None, should_stop: StopF
 def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | None, *, runs_dir, data_dir,
          run_id, resume_from, dataset) -> FitResult:
     should_stop = should_stop or (lambda: False)
-    ckpt = load_checkpoint(resume_from) if resume_from else None
-    if ckpt is not None:
-        run_dir = Path(resume_from).parent
-        run_id = run_dir.name
-    else:
-        run_id = run_id or new_run_id(config)
-        run_dir = Path(runs_dir) / run_id
+    run_dir = Path(resume_from).parent if resume_from else Path(runs_dir) / (run_id or new_run_id(config))
+    run_id = run_dir.name
     emit = _RunLog(run_dir, on_event, config)
     t_start = time.time()
     history: list[dict] = []
@@ -710,6 +705,8 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
     epochs_done = 0
     prep = None
     try:
+        # In here: a missing or damaged checkpoint fails the run with the reason, as fit promises.
+        ckpt = load_checkpoint(resume_from) if resume_from else None
         with _writing(run_dir, "creating the run folder"):
             run_dir.mkdir(parents=True, exist_ok=True)
             config.save(run_dir / CONFIG_FILE)

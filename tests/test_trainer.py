@@ -641,6 +641,20 @@ def test_inputs_stay_channels_last_under_data_parallel(tiny_config):
     assert formats and all(formats), formats
 
 
+@pytest.mark.parametrize("damage", ["missing", "not a checkpoint"])
+def test_a_resume_from_a_bad_checkpoint_ends_as_a_failed_run_instead_of_raising(tmp_path, tiny_config, damage):
+    """fit's promise: errors never escape; the run ends failed with the reason."""
+    run = tmp_path / "20250101-000000-tutorial_net-abcdef"
+    run.mkdir()
+    if damage != "missing":
+        (run / "last.pth").write_bytes(b"not a checkpoint")
+    seen, sink = _collect()
+    result = fit(tiny_config, on_event=sink, resume_from=run / "last.pth")
+    assert result.status == ev.FAILED and "last.pth" in result.message, result.message
+    assert isinstance(seen[-1], ev.RunFinished) and seen[-1].status == ev.FAILED
+    assert json.loads((run / "status.json").read_text())["status"] == ev.FAILED
+
+
 def test_the_plateau_schedulers_patience_is_a_setting(tmp_path, tiny_config, monkeypatch):
     tiny_config.optim.scheduler = "plateau"
     tiny_config.optim.plateau_patience = 0   # decay after the first epoch that does not improve
