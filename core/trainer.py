@@ -544,12 +544,21 @@ class _RunLog:
         if isinstance(event, (ev.RunStarted, ev.RunFinished)):
             self._card(event)
         if self.tensorboard is not None:
-            try:
-                self.tensorboard(event)
-            except Exception:  # a logging problem (disk full...) must never stop training
-                pass
+            self._to_tensorboard(event)
         if self.sink is not None:
             self.sink(event)
+
+    def _to_tensorboard(self, event: ev.Event) -> None:
+        """A TensorBoard problem never stops training: the run goes on without that log, and the
+        server log says why (a full disk in a line, anything else with its traceback)."""
+        try:
+            self.tensorboard(event)
+        except OSError as err:
+            log.warning("TensorBoard log of run %s stopped: %s", self.run_dir.name, err)
+            self.tensorboard = None
+        except Exception:
+            log.exception("TensorBoard log of run %s failed; the run goes on without it", self.run_dir.name)
+            self.tensorboard = None
 
     def _append(self, event: ev.Event) -> None:
         with self.path.open("a", encoding="utf-8") as fh:
@@ -953,6 +962,8 @@ def _oom_message(config: RunConfig, input_shape: Sequence[int] | None, num_class
             total = torch.cuda.get_device_properties(index).total_memory
             fit_bs = resources.largest_fitting_batch(config, num_classes, input_shape, total * 0.9)
             msg += f" The memory calculator says batch size {fit_bs} fits in 90 % of this GPU's memory."
-        except Exception:  # the hint is best effort; the out-of-memory itself is the message
-            pass
+        except (LabError, RuntimeError) as err:   # the calculator cannot size it, or CUDA will not say
+            log.info("no batch suggestion for the out-of-memory message: %s", err)
+        except Exception:   # a bug: in the log with its trace; the out-of-memory itself is the message
+            log.exception("no batch suggestion for the out-of-memory message")
     return msg + " Lower the batch size, or use bf16/fp16 mixed precision or gradient accumulation."

@@ -1,6 +1,7 @@
 """The trainer on real images: learning, exact resume, stop, divergence, schedulers, run folder."""
 import inspect
 import json
+import logging
 import os
 import shutil
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ from core import events as ev
 from core import choices, models, resources, trainer
 from core.checkpoints import load_checkpoint
 from core.config import RunConfig
-from core.errors import ConfigError
+from core.errors import ConfigError, ModelError
 from core.trainer import fit
 
 
@@ -452,6 +453,48 @@ def test_out_of_memory_on_a_gpu_names_the_batch_the_calculator_says_fits(tiny_co
     fits = resources.largest_fitting_batch(tiny_config, 3, (3, 32, 32), 0.9 * gpu_bytes)
     assert fits > 16
     assert "batch size 16" in msg and f"says batch size {fits} fits" in msg, msg
+
+
+@pytest.mark.parametrize("error, logged_with_trace", [(ModelError("cannot size this model"), False),
+                                                      (TypeError("a bug in the calculator"), True)])
+def test_a_failing_out_of_memory_hint_is_logged_and_the_advice_stays(tiny_config, monkeypatch, caplog, error,
+                                                                     logged_with_trace):
+    """The calculator's batch is best effort: an expected refusal is logged in a line, anything
+    else (a bug) with its traceback; the message keeps the advice either way."""
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=2**30))
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(resources, "largest_fitting_batch", fail)
+    with caplog.at_level(logging.INFO, logger="core.trainer"):
+        msg = trainer._oom_message(tiny_config, (3, 32, 32), 3, torch.device("cuda", 0))
+    assert msg.startswith("Out of GPU memory at batch size 16.") and "Lower the batch size" in msg, msg
+    records = [r for r in caplog.records if "batch suggestion" in r.getMessage()]
+    assert len(records) == 1 and str(error) in records[0].getMessage() + str(records[0].exc_info)
+    assert (records[0].exc_info is not None) == logged_with_trace
+
+
+def test_a_failing_tensorboard_log_is_logged_with_its_trace_and_the_run_goes_on(tmp_path, tiny_config, monkeypatch,
+                                                                              caplog):
+    calls = []
+
+    def broken_sink(config, data_dir):
+        def sink(event):
+            calls.append(event)
+            raise ZeroDivisionError("a bug in the TensorBoard sink")
+        return sink
+
+    monkeypatch.setattr(trainer, "_tensorboard_sink", broken_sink)
+    tiny_config.tensorboard = True
+    tiny_config.epochs = 1
+    with caplog.at_level(logging.WARNING, logger="core.trainer"):
+        result = fit(tiny_config, runs_dir=tmp_path)
+    assert result.status == ev.FINISHED, result.message
+    records = [r for r in caplog.records if "TensorBoard" in r.getMessage()]
+    assert len(records) == 1 and records[0].exc_info[0] is ZeroDivisionError
+    assert len(calls) == 1   # the run went on without it, not failing on every event
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
