@@ -1,5 +1,4 @@
 """The trainer on real images: learning, exact resume, stop, divergence, schedulers, run folder."""
-import inspect
 import json
 import logging
 import os
@@ -677,9 +676,7 @@ def test_inputs_stay_channels_last_under_data_parallel(tiny_config):
     wrapped = torch.nn.DataParallel(model)
     optimizer = trainer.build_optimizer(model, tiny_config)
     loss_fn = torch.nn.CrossEntropyLoss()
-    trainer.train_one_epoch(wrapped, prep.train_loader, optimizer, loss_fn, prep.device, epoch=1,
-                            **({"epochs": 1} if "epochs" in inspect.signature(trainer.train_one_epoch).parameters
-                               else {}), config=tiny_config)
+    trainer.train_one_epoch(wrapped, prep.train_loader, optimizer, loss_fn, prep.device, epoch=1, config=tiny_config)
     trainer.evaluate(wrapped, prep.val_loader, loss_fn, prep.device)
     assert formats and all(formats), formats
 
