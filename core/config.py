@@ -147,55 +147,14 @@ class RunConfig:
         for section, prefix in ((d, "data."), (m, "model."), (o, "optim."), (self, "")):
             for f in dataclasses.fields(section):
                 _coerce(prefix + f.name, f, getattr(section, f.name))
-        _choice("data.source", d.source, SOURCES)
-        if d.source != "sample" and not d.location:
-            raise ConfigError(f"data.location is needed for the {d.source!r} source "
-                              "(a torchvision set name, or a folder, .zip or index-file path).")
-        for name in ("val_fraction", "test_fraction"):
-            value = getattr(d, name)
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"data.{name} must be in [0, 1), got {value}.")
-        if d.val_fraction + d.test_fraction >= 1.0:
-            raise ConfigError("data.val_fraction + data.test_fraction must leave images to train on "
-                              f"(sum < 1), got {d.val_fraction + d.test_fraction:.2f}.")
-        if d.image_size is not None and d.image_size < 8:
-            raise ConfigError(f"data.image_size must be empty (the model's own size) or a whole number "
-                              f"of at least 8 pixels, got {d.image_size}.")
-        _check_augment(d.train_augment)
-        _positive_int("data.batch_size", d.batch_size)
-        if not (d.num_workers == "auto" or (isinstance(d.num_workers, int) and not isinstance(d.num_workers, bool)
-                                            and d.num_workers >= 0)):
-            raise ConfigError(f"data.num_workers must be 'auto' or an integer >= 0, got {d.num_workers!r}.")
-        _choice("data.normalize", d.normalize, NORMALIZE_CHOICES)
-        _choice("data.in_memory", d.in_memory, IN_MEMORY_CHOICES)
+        _check_data(d)
         _choice("model.freeze", m.freeze, FREEZE_CHOICES)
         if m.freeze == "stages" and m.freeze_stages < 1:
             raise ConfigError("model.freeze_stages must be at least 1 with model.freeze='stages'.")
         _choice("optim.optimizer", o.optimizer, OPTIMIZERS)
         _choice("optim.scheduler", o.scheduler, SCHEDULERS)
         _check_rates_and_seeds(self)
-        if not 0.0 <= o.momentum < 1.0:
-            raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}.")
-        if o.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay}.")
-        if not 0.0 <= o.label_smoothing < 1.0:
-            raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}.")
-        if not 0.0 < o.gamma <= 1.0:
-            raise ConfigError(f"optim.gamma must be in (0, 1], got {o.gamma}.")
-        _positive_int("optim.step_size", o.step_size)
-        if o.plateau_patience < 0:
-            raise ConfigError(f"optim.plateau_patience must be a whole number >= 0 (epochs without improvement "
-                              f"before the plateau schedule cuts the rate), got {o.plateau_patience}.")
-        if not isinstance(o.milestones, list) or any(isinstance(e, bool) or not isinstance(e, int) or e < 1
-                                                     for e in o.milestones):
-            raise ConfigError(f"optim.milestones must be a list of epoch numbers (whole numbers >= 1), "
-                              f"e.g. [30, 60]; got {o.milestones!r}.")
-        _positive_int("optim.accumulation_steps", o.accumulation_steps)
-        if o.warmup_epochs < 0:
-            raise ConfigError(f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}.")
-        if o.grad_clip is not None and not o.grad_clip > 0:
-            raise ConfigError(f"optim.grad_clip must be > 0 or empty, got {o.grad_clip}.")
-        _check_class_weights(o.class_weights)
+        _check_optim(o)
         _positive_int("epochs", self.epochs)
         if o.warmup_epochs >= self.epochs:
             # the warm-up would take the whole run: the schedule would never start
@@ -208,6 +167,56 @@ class RunConfig:
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise ConfigError(f"device must be {DEVICES_HINT}, got {self.device!r}.")
         return self
+
+
+def _check_data(d: DataConfig) -> None:
+    _choice("data.source", d.source, SOURCES)
+    if d.source != "sample" and not d.location:
+        raise ConfigError(f"data.location is needed for the {d.source!r} source "
+                          "(a torchvision set name, or a folder, .zip or index-file path).")
+    for name in ("val_fraction", "test_fraction"):
+        value = getattr(d, name)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"data.{name} must be in [0, 1), got {value}.")
+    if d.val_fraction + d.test_fraction >= 1.0:
+        raise ConfigError("data.val_fraction + data.test_fraction must leave images to train on "
+                          f"(sum < 1), got {d.val_fraction + d.test_fraction:.2f}.")
+    if d.image_size is not None and d.image_size < 8:
+        raise ConfigError(f"data.image_size must be empty (the model's own size) or a whole number "
+                          f"of at least 8 pixels, got {d.image_size}.")
+    _check_augment(d.train_augment)
+    _positive_int("data.batch_size", d.batch_size)
+    if not (d.num_workers == "auto" or (isinstance(d.num_workers, int) and not isinstance(d.num_workers, bool)
+                                        and d.num_workers >= 0)):
+        raise ConfigError(f"data.num_workers must be 'auto' or an integer >= 0, got {d.num_workers!r}.")
+    _choice("data.normalize", d.normalize, NORMALIZE_CHOICES)
+    _choice("data.in_memory", d.in_memory, IN_MEMORY_CHOICES)
+
+
+def _check_optim(o: OptimConfig) -> None:
+    """Ranges of the optimiser and schedule fields (names and rates are checked before)."""
+    if not 0.0 <= o.momentum < 1.0:
+        raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}.")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay}.")
+    if not 0.0 <= o.label_smoothing < 1.0:
+        raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}.")
+    if not 0.0 < o.gamma <= 1.0:
+        raise ConfigError(f"optim.gamma must be in (0, 1], got {o.gamma}.")
+    _positive_int("optim.step_size", o.step_size)
+    if o.plateau_patience < 0:
+        raise ConfigError(f"optim.plateau_patience must be a whole number >= 0 (epochs without improvement "
+                          f"before the plateau schedule cuts the rate), got {o.plateau_patience}.")
+    if not isinstance(o.milestones, list) or any(isinstance(e, bool) or not isinstance(e, int) or e < 1
+                                                 for e in o.milestones):
+        raise ConfigError(f"optim.milestones must be a list of epoch numbers (whole numbers >= 1), "
+                          f"e.g. [30, 60]; got {o.milestones!r}.")
+    _positive_int("optim.accumulation_steps", o.accumulation_steps)
+    if o.warmup_epochs < 0:
+        raise ConfigError(f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}.")
+    if o.grad_clip is not None and not o.grad_clip > 0:
+        raise ConfigError(f"optim.grad_clip must be > 0 or empty, got {o.grad_clip}.")
+    _check_class_weights(o.class_weights)
 
 
 MAX_LR = 100.0        # far above any useful rate: a typo (1e308) is told so, not trained into NaN
