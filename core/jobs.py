@@ -210,7 +210,9 @@ def _child_main(fit_fn: Callable, config: RunConfig, fit_kwargs: dict, events, c
         nonlocal stopped
         try:
             events.send(event)
-        except OSError:   # the server has gone: nobody to report to, so stop (with a checkpoint)
+        except OSError as err:   # the server has gone: nobody to report to, so stop (with a checkpoint)
+            if not stopped:
+                log.warning("the server no longer reads this run's events (%s); stopping after this batch", err)
             stopped = True
 
     try:
