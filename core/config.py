@@ -13,25 +13,24 @@ import numbers
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
+from core.choices import OPTIMIZERS, PRECISIONS   # the one list of each (also read by core.train)
+from core.datasets import SOURCES
 from core.errors import ConfigError
 from core.storage import atomic_write_text
 
-SOURCES = ("sample", "torchvision", "folder", "zip", "index")
 NORMALIZE_CHOICES = ("auto", "tutorial", "imagenet", "dataset", "none")
 IN_MEMORY_CHOICES = ("auto", "on", "off")
 FREEZE_CHOICES = ("none", "features", "stages")
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("none", "step", "multistep", "exponential", "cosine", "onecycle", "plateau")
-PRECISIONS = ("fp32", "bf16", "fp16")
 MONITORS = ("val_accuracy", "val_loss")
 DEVICES_HINT = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
 
 @dataclass
 class DataConfig:
-    source: str = "sample"            # sample | torchvision | folder | zip | index
+    source: str = "sample"            # a core.datasets.SOURCES name: sample, folder, torchvision...
     location: str | None = None       # torchvision set name, or a folder / .zip / index-file path
     val_fraction: float = 0.1         # of the whole dataset (ignored where the source has a val split)
     test_fraction: float = 0.1        # of the whole dataset (ignored where the source has a test split)
@@ -57,7 +56,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "sgd"            # sgd | adam | adamw | rmsprop
+    optimizer: str = "sgd"            # a core.choices.OPTIMIZERS name: sgd, adam, adamw...
     lr: float = 0.02                  # backbone (and head, unless head_lr is set) learning rate
     head_lr: float | None = None      # a separate learning rate for the classifier head
     momentum: float = 0.9             # SGD / RMSprop momentum (the tutorials use 0.9)
@@ -67,6 +66,7 @@ class OptimConfig:
     step_size: int = 10               # StepLR: epochs between decays
     milestones: list[int] = field(default_factory=lambda: [30, 60])  # MultiStepLR epochs
     gamma: float = 0.1                # decay factor (Step, MultiStep, Exponential, Plateau)
+    plateau_patience: int = 2         # Plateau: epochs without improvement before the rate is cut
     warmup_epochs: int = 0            # linear warm-up from lr/warmup_steps to lr (not with onecycle)
     label_smoothing: float = 0.0
     class_weights: str | list[float] | None = None  # None | "balanced" (inverse frequency) | list
@@ -81,7 +81,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     epochs: int = 20                  # the tutorial net takes ~0.3 s an epoch on the sample (2 CPU cores)
     device: str = "auto"              # auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps
-    precision: str = "fp32"           # fp32 | bf16 | fp16 (mixed precision; fp16 needs CUDA)
+    precision: str = "fp32"           # a core.choices.PRECISIONS name: fp32, or bf16/fp16 mixed
     seed: int = 0                     # Python, NumPy and torch seeds
     deterministic: bool = False       # torch.use_deterministic_algorithms + cudnn.deterministic
     early_stopping_patience: int | None = None  # epochs without improvement before stopping
@@ -147,52 +147,14 @@ class RunConfig:
         for section, prefix in ((d, "data."), (m, "model."), (o, "optim."), (self, "")):
             for f in dataclasses.fields(section):
                 _coerce(prefix + f.name, f, getattr(section, f.name))
-        _choice("data.source", d.source, SOURCES)
-        if d.source != "sample" and not d.location:
-            raise ConfigError(f"data.location is needed for the {d.source!r} source "
-                              "(a torchvision set name, or a folder, .zip or index-file path).")
-        for name in ("val_fraction", "test_fraction"):
-            value = getattr(d, name)
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"data.{name} must be in [0, 1), got {value}.")
-        if d.val_fraction + d.test_fraction >= 1.0:
-            raise ConfigError("data.val_fraction + data.test_fraction must leave images to train on "
-                              f"(sum < 1), got {d.val_fraction + d.test_fraction:.2f}.")
-        if d.image_size is not None and d.image_size < 8:
-            raise ConfigError(f"data.image_size must be empty (the model's own size) or a whole number "
-                              f"of at least 8 pixels, got {d.image_size}.")
-        _check_augment(d.train_augment)
-        _positive_int("data.batch_size", d.batch_size)
-        if not (d.num_workers == "auto" or (isinstance(d.num_workers, int) and not isinstance(d.num_workers, bool)
-                                            and d.num_workers >= 0)):
-            raise ConfigError(f"data.num_workers must be 'auto' or an integer >= 0, got {d.num_workers!r}.")
-        _choice("data.normalize", d.normalize, NORMALIZE_CHOICES)
-        _choice("data.in_memory", d.in_memory, IN_MEMORY_CHOICES)
+        _check_data(d)
         _choice("model.freeze", m.freeze, FREEZE_CHOICES)
         if m.freeze == "stages" and m.freeze_stages < 1:
             raise ConfigError("model.freeze_stages must be at least 1 with model.freeze='stages'.")
         _choice("optim.optimizer", o.optimizer, OPTIMIZERS)
         _choice("optim.scheduler", o.scheduler, SCHEDULERS)
         _check_rates_and_seeds(self)
-        if not 0.0 <= o.momentum < 1.0:
-            raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}.")
-        if o.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay}.")
-        if not 0.0 <= o.label_smoothing < 1.0:
-            raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}.")
-        if not 0.0 < o.gamma <= 1.0:
-            raise ConfigError(f"optim.gamma must be in (0, 1], got {o.gamma}.")
-        _positive_int("optim.step_size", o.step_size)
-        if not isinstance(o.milestones, list) or any(isinstance(e, bool) or not isinstance(e, int) or e < 1
-                                                     for e in o.milestones):
-            raise ConfigError(f"optim.milestones must be a list of epoch numbers (whole numbers >= 1), "
-                              f"e.g. [30, 60]; got {o.milestones!r}.")
-        _positive_int("optim.accumulation_steps", o.accumulation_steps)
-        if o.warmup_epochs < 0:
-            raise ConfigError(f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}.")
-        if o.grad_clip is not None and not o.grad_clip > 0:
-            raise ConfigError(f"optim.grad_clip must be > 0 or empty, got {o.grad_clip}.")
-        _check_class_weights(o.class_weights)
+        _check_optim(o)
         _positive_int("epochs", self.epochs)
         if o.warmup_epochs >= self.epochs:
             # the warm-up would take the whole run: the schedule would never start
@@ -205,6 +167,56 @@ class RunConfig:
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise ConfigError(f"device must be {DEVICES_HINT}, got {self.device!r}.")
         return self
+
+
+def _check_data(d: DataConfig) -> None:
+    _choice("data.source", d.source, SOURCES)
+    if d.source != "sample" and not d.location:
+        raise ConfigError(f"data.location is needed for the {d.source!r} source "
+                          "(a torchvision set name, or a folder, .zip or index-file path).")
+    for name in ("val_fraction", "test_fraction"):
+        value = getattr(d, name)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"data.{name} must be in [0, 1), got {value}.")
+    if d.val_fraction + d.test_fraction >= 1.0:
+        raise ConfigError("data.val_fraction + data.test_fraction must leave images to train on "
+                          f"(sum < 1), got {d.val_fraction + d.test_fraction:.2f}.")
+    if d.image_size is not None and d.image_size < 8:
+        raise ConfigError(f"data.image_size must be empty (the model's own size) or a whole number "
+                          f"of at least 8 pixels, got {d.image_size}.")
+    _check_augment(d.train_augment)
+    _positive_int("data.batch_size", d.batch_size)
+    if not (d.num_workers == "auto" or (isinstance(d.num_workers, int) and not isinstance(d.num_workers, bool)
+                                        and d.num_workers >= 0)):
+        raise ConfigError(f"data.num_workers must be 'auto' or an integer >= 0, got {d.num_workers!r}.")
+    _choice("data.normalize", d.normalize, NORMALIZE_CHOICES)
+    _choice("data.in_memory", d.in_memory, IN_MEMORY_CHOICES)
+
+
+def _check_optim(o: OptimConfig) -> None:
+    """Ranges of the optimiser and schedule fields (names and rates are checked before)."""
+    if not 0.0 <= o.momentum < 1.0:
+        raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}.")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay}.")
+    if not 0.0 <= o.label_smoothing < 1.0:
+        raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}.")
+    if not 0.0 < o.gamma <= 1.0:
+        raise ConfigError(f"optim.gamma must be in (0, 1], got {o.gamma}.")
+    _positive_int("optim.step_size", o.step_size)
+    if o.plateau_patience < 0:
+        raise ConfigError(f"optim.plateau_patience must be a whole number >= 0 (epochs without improvement "
+                          f"before the plateau schedule cuts the rate), got {o.plateau_patience}.")
+    if not isinstance(o.milestones, list) or any(isinstance(e, bool) or not isinstance(e, int) or e < 1
+                                                 for e in o.milestones):
+        raise ConfigError(f"optim.milestones must be a list of epoch numbers (whole numbers >= 1), "
+                          f"e.g. [30, 60]; got {o.milestones!r}.")
+    _positive_int("optim.accumulation_steps", o.accumulation_steps)
+    if o.warmup_epochs < 0:
+        raise ConfigError(f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}.")
+    if o.grad_clip is not None and not o.grad_clip > 0:
+        raise ConfigError(f"optim.grad_clip must be > 0 or empty, got {o.grad_clip}.")
+    _check_class_weights(o.class_weights)
 
 
 MAX_LR = 100.0        # far above any useful rate: a typo (1e308) is told so, not trained into NaN
@@ -307,7 +319,7 @@ def _check_class_weights(cw: Any) -> None:
             raise ConfigError(f"optim.class_weights must be {allowed}; got {cw!r} ({w!r} is not a number >= 0).")
 
 
-def _choice(label: str, value: Any, choices: tuple[str, ...]) -> None:
+def _choice(label: str, value: Any, choices: Iterable[str]) -> None:
     if value not in choices:
         raise ConfigError(f"{label} must be one of {', '.join(choices)}; got {value!r}.")
 

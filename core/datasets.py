@@ -4,7 +4,8 @@ Sources (``load_dataset(kind, ...)``, dispatched through ``SOURCES``):
 
 * ``"sample"``      the embedded CIFAR-10 sample (assets/cifar10-sample.zip), extracted and checked once;
 * ``"torchvision"`` CIFAR10, CIFAR100, MNIST, FashionMNIST through ``torchvision.datasets``
-                    (downloaded when possible, else read from files placed by hand);
+                    (downloaded when possible and the offline switch is off, else read from files
+                    placed by hand);
 * ``"folder"``      an ImageFolder tree (one sub-folder per class, optionally inside train/ val/ test/);
 * ``"zip"``         an uploaded .zip of such a tree (or of images with an index .csv), safely extracted
                     under ``<data_dir>/uploads/``;
@@ -1154,6 +1155,17 @@ def _md5_ok(path: Path, md5: str) -> bool:
     return check_integrity(str(path), md5)
 
 
+def downloads_off() -> str | None:
+    """Why nothing may be downloaded ("downloads are off: CLASSIFIER_LAB_OFFLINE is set"), or None.
+    The lab's one offline switch, core.models.OFFLINE_ENV, which also keeps ImageNet weights from
+    downloading: an air-gapped machine must never wait on, or half-fetch, a dataset either."""
+    from core.models import OFFLINE_ENV   # here: core.models imports torch
+
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        return f"downloads are off: {OFFLINE_ENV} is set"
+    return None
+
+
 def probe_network(url: str, timeout: float = DOWNLOAD_PROBE_TIMEOUT_S) -> str | None:
     """None when the download host answers within ``timeout``, else the reason.
 
@@ -1181,7 +1193,7 @@ def _load_torchvision(location: str | None, data_dir: Path, download: bool, root
     if missing:
         reason = "download is turned off"
         if download:
-            reason = probe_network(url)
+            reason = downloads_off() or probe_network(url)
             if reason is None:
                 reason = _tv_download(s, tv_root)
         missing = [f for f in files if not (folder / f).is_file()]

@@ -210,7 +210,9 @@ def _child_main(fit_fn: Callable, config: RunConfig, fit_kwargs: dict, events, c
         nonlocal stopped
         try:
             events.send(event)
-        except OSError:   # the server has gone: nobody to report to, so stop (with a checkpoint)
+        except OSError as err:   # the server has gone: nobody to report to, so stop (with a checkpoint)
+            if not stopped:
+                log.warning("the server no longer reads this run's events (%s); stopping after this batch", err)
             stopped = True
 
     try:
@@ -285,17 +287,26 @@ class JobManager:
             tb.require()
         if resume_from is not None:
             job_id = Path(resume_from).parent.name
-            if job_id in self._jobs and not self._jobs[job_id].done:
-                raise ConfigError(f"Run {job_id} is already running or queued.")
+            with self._lock:   # said at once, before the memory check; checked again when queueing
+                self._refuse_active(job_id)
         self.check_fits(config)
         job = Job(job_id=job_id or new_run_id(config), config=config, owner=owner,
                   resume_from=str(resume_from) if resume_from else None)
-        with self._lock:
+        with self._lock:   # check and queue in one step: two Resume clicks at once queue the run once
+            if self._closed:
+                raise ConfigError("The training queue has shut down with the server; start the server again.")
+            self._refuse_active(job.job_id)
             self._jobs[job.job_id] = job
             self._queue.append(job.job_id)
         job._record(ev.StatusChanged(status=ev.QUEUED, message="waiting for a free training slot"))
         self._start_next()
         return job
+
+    def _refuse_active(self, job_id: str) -> None:
+        """ConfigError when ``job_id`` is queued or running (the caller holds ``_lock``)."""
+        job = self._jobs.get(job_id)
+        if job is not None and not job.done:
+            raise ConfigError(f"Run {job_id} is already running or queued.")
 
     def stop(self, job_id: str) -> Job:
         job = self.get(job_id)

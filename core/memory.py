@@ -5,9 +5,9 @@ No gradient, activation or optimiser buffer is modelled by a formula where it ca
 * **Weights, gradients, optimiser state** come from the model itself: every parameter (once,
   even when tied), gradients only for parameters with ``requires_grad`` (freezing done by the
   factory is reflected), optimiser state as ``multiplier × trainable bytes`` from the small
-  registry :data:`OPTIMIZERS` (SGD with momentum 1×, without 0; Adam/AdamW 2×, 3× with amsgrad;
-  RMSprop 1× + 1 with momentum + 1 when centered; Adagrad 1×) plus the 4-byte ``step`` counter
-  some keep per parameter tensor. The tests check these against real optimisers.
+  registry :data:`OPTIMIZERS` (``core.choices``, shared with the trainer: SGD with momentum 1×,
+  without 0; Adam/AdamW 2×, 3× with amsgrad; RMSprop 1× + 1 with momentum + 1 when centered;
+  Adagrad 1×) plus the 4-byte ``step`` counter some keep per parameter tensor. The tests check these against real optimisers.
 * **Saved activations** are counted: the model is built by the factory with
   ``torch.device("meta")`` as default device (shapes only, no memory), re-bound to *fake* CPU
   tensors (``torch._subclasses.FakeTensorMode``: meta storage underneath, but the tensors say
@@ -81,9 +81,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from core import models
+from core import choices, models
+from core.choices import OPTIMIZERS, OptimizerSpec
 from core.errors import ConfigError, LabError, ModelError
-from core.registry import Registry
 
 __all__ = [
     "MEMORY_BUDGETS_GB",
@@ -108,12 +108,9 @@ GiB = 1 << 30
 #: Memory budgets (GB of accelerator memory) offered by the UI.
 MEMORY_BUDGETS_GB: tuple[int, ...] = (4, 8, 16, 24, 80)
 
-#: precision name → autocast dtype (``None``: plain fp32 training).
-PRECISIONS: dict[str, torch.dtype | None] = {
-    "fp32": None,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
-}
+#: precision name → autocast dtype (``None``: plain fp32 training), from the one registry
+#: (core.choices.PRECISIONS), in its order.
+PRECISIONS: dict[str, torch.dtype | None] = {name: choices.PRECISIONS.get(name).dtype for name in choices.PRECISIONS}
 
 
 def mib(n_bytes: float) -> float:
@@ -125,54 +122,10 @@ def gib(n_bytes: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# Optimisers: name → class and how much state each keeps per trainable parameter
+# Optimisers: how much state each keeps per trainable parameter. The registry (name → torch class,
+# state size, what a run passes it) is core.choices.OPTIMIZERS, shared with the trainer and the run
+# configuration; OPTIMIZERS and OptimizerSpec are re-exported here.
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    """An optimiser the lab can estimate: its class, options and state size.
-
-    ``state_multiplier(momentum, options)`` is the number of parameter-sized fp32 buffers the
-    optimiser keeps per trainable parameter; ``step_counter`` says whether it also keeps a 0-dim
-    fp32 ``step`` tensor per parameter (4 bytes each).
-    """
-
-    name: str
-    cls: type[torch.optim.Optimizer]
-    state_multiplier: Callable[[float, dict], int]
-    step_counter: bool
-    uses_momentum: bool
-    description: str
-
-    def build(self, params: Iterable[torch.Tensor], momentum: float, options: dict) -> torch.optim.Optimizer:
-        kwargs = dict(options)
-        kwargs.setdefault("lr", 1e-3)
-        if self.uses_momentum:
-            kwargs.setdefault("momentum", momentum)
-        try:
-            return self.cls(params, **kwargs)
-        except TypeError as err:
-            raise ConfigError(f"Optimiser {self.name!r} does not accept these options {options}: {err}") from None
-
-
-OPTIMIZERS: Registry[OptimizerSpec] = Registry("optimizer", ConfigError)
-OPTIMIZERS.add("sgd", OptimizerSpec(
-    "sgd", torch.optim.SGD, lambda m, o: 1 if m > 0 else 0, False, True,
-    "SGD: one momentum buffer when momentum > 0, no state without momentum"))
-OPTIMIZERS.add("adam", OptimizerSpec(
-    "adam", torch.optim.Adam, lambda m, o: 3 if o.get("amsgrad") else 2, True, False,
-    "Adam: exp_avg and exp_avg_sq (+ max_exp_avg_sq with amsgrad)"))
-OPTIMIZERS.add("adamw", OptimizerSpec(
-    "adamw", torch.optim.AdamW, lambda m, o: 3 if o.get("amsgrad") else 2, True, False,
-    "AdamW: exp_avg and exp_avg_sq (+ max_exp_avg_sq with amsgrad)"))
-OPTIMIZERS.add("rmsprop", OptimizerSpec(
-    "rmsprop", torch.optim.RMSprop,
-    lambda m, o: 1 + (1 if m > 0 else 0) + (1 if o.get("centered") else 0), True, True,
-    "RMSprop: square_avg, + momentum_buffer when momentum > 0, + grad_avg when centered"))
-OPTIMIZERS.add("adagrad", OptimizerSpec(
-    "adagrad", torch.optim.Adagrad, lambda m, o: 1, True, False, "Adagrad: one running sum"))
-
 
 def optimizer_state_multiplier(optimizer: str = "sgd", momentum: float = 0.9, **options: Any) -> int:
     """Parameter-sized state buffers per trainable parameter, e.g. 2 for Adam."""

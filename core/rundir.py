@@ -351,12 +351,21 @@ class RunLog:
         if isinstance(event, (ev.RunStarted, ev.RunFinished)):
             self._card(event)
         if self.tensorboard is not None:
-            try:
-                self.tensorboard(event)
-            except Exception:  # a logging problem (disk full...) must never stop training
-                pass
+            self._to_tensorboard(event)
         if self.sink is not None:
             self.sink(event)
+
+    def _to_tensorboard(self, event: ev.Event) -> None:
+        """A TensorBoard problem never stops training: the run goes on without that log, and the
+        server log says why (a full disk in a line, anything else with its traceback)."""
+        try:
+            self.tensorboard(event)
+        except OSError as err:
+            log.warning("TensorBoard log of run %s stopped: %s", self.run_dir.name, err)
+            self.tensorboard = None
+        except Exception:
+            log.exception("TensorBoard log of run %s failed; the run goes on without it", self.run_dir.name)
+            self.tensorboard = None
 
     def _append(self, event: ev.Event) -> None:
         with self.path.open("a", encoding="utf-8") as fh:

@@ -1,9 +1,13 @@
 """The training loop: ``fit(config, on_event, should_stop)``.
 
-Reads top to bottom: ``prepare`` turns a RunConfig into data, model and loaders; ``fit`` runs
-``train_one_epoch`` and ``evaluate`` per epoch, writes checkpoints (last and best) and events to the
-run folder, then evaluates the best weights on the test split. It runs in the calling thread; the
-job manager (core.jobs) runs it in a child process of its own.
+Reads top to bottom as torchvision's classification reference script does: ``prepare`` turns a
+RunConfig into data, model and loaders; ``_fit`` sets up the optimiser and scheduler (``_setup``),
+restores a checkpoint when resuming (``_restore``), then ``_train_epochs`` runs each epoch:
+``train_one_epoch``, ``evaluate`` on the val split, and the end-of-epoch step (``_end_epoch``:
+scheduler, best epoch, checkpoints last and best, EpochEnded, early stopping) over one explicit
+``TrainState``. At the end the best weights are evaluated on the test split. Events and files go
+to the run folder. It runs in the calling thread; the job manager (core.jobs) runs it in a child
+process of its own.
 
 Reproducibility: each epoch's order and augmentation depend only on (seed, epoch), and RNG states
 are checkpointed, so "2 epochs in one go" and "1 epoch, stop, resume 1 epoch" give the same weights
@@ -34,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core import datasets, events as ev, loaders, metrics, models, resources, storage, tensorloader, transforms
+from core import choices, datasets, events as ev, loaders, metrics, models, resources, storage, tensorloader, transforms
 from core.checkpoints import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from core.config import RunConfig
 from core.errors import ConfigError, LabError, StorageError
@@ -119,13 +123,11 @@ class Prepared:
         return list(self.dataset.classes)
 
 
-def _native_size(ds, indices: Sequence[int]) -> tuple[int, int] | None:
-    """(h, w) when the images all share one size (checked on up to 200 of them), else None."""
-    sizes = Counter(ds.image_size(i) for i in list(indices)[:200])
-    if len(sizes) == 1:
-        w, h = next(iter(sizes))
-        return (h, w)
-    return None
+def _native_size(ds) -> tuple[int, int] | None:
+    """(h, w) when every image of ``ds``, all splits, has one size (the in-memory path takes one
+    size only), else None. ``datasets.common_image_size`` checks them all from the load-time scan."""
+    size = datasets.common_image_size(ds)
+    return (size[1], size[0]) if size else None
 
 
 def input_size_for(config: RunConfig, native: tuple[int, int] | None) -> tuple[int, int]:
@@ -141,39 +143,55 @@ def planned_input(config: RunConfig, data_dir: str | Path = datasets.DEFAULT_DAT
     list without preparing loaders or a model (the job manager's memory check uses it). Nothing is
     downloaded: a dataset that is not here yet raises MissingFileError."""
     ds = datasets.load_dataset(config.data.source, config.data.location, data_dir=data_dir, download=False)
-    h, w = input_size_for(config, _native_size(ds, range(len(ds))))
+    h, w = input_size_for(config, _native_size(ds))
     return len(ds.classes), [1 if ds.mode == "L" else 3, h, w]
 
 
 def prepare(config: RunConfig, data_dir: str | Path = datasets.DEFAULT_DATA_DIR, dataset=None) -> Prepared:
     """Load data, split it, build the model and the loaders for ``config`` (no training)."""
     config.validate()
-    d, m = config.data, config.model
-    notes: list[str] = []
+    d = config.data
     device = resolve_device(config.device)
-    if config.precision == "fp16" and device.type != "cuda":
-        raise ConfigError("fp16 mixed precision needs a CUDA GPU; use bf16 or fp32 on this device.")
-
+    if choices.PRECISIONS.get(config.precision).cuda_only and device.type != "cuda":
+        raise ConfigError(f"{config.precision} mixed precision needs a CUDA GPU; use bf16 or fp32 on this device.")
     ds = dataset if dataset is not None else datasets.load_dataset(d.source, d.location, data_dir=data_dir)
     split = datasets.split_dataset(ds, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
                                    seed=d.split_seed)
-    notes.extend(split.warnings)
+    notes = list(split.warnings)
     in_channels = 1 if ds.mode == "L" else 3
+    native = _native_size(ds)
+    created = _build_model(config, ds, in_channels, native, notes)
+    input_size = tuple(created.input_size)  # the model may round it (ViT: a multiple of its patch)
+    normalization, train_spec, eval_spec = _pipeline_specs(config, ds, split, native, input_size)
+    make = _loader_maker(config, ds, device, native, input_size, normalization, train_spec, eval_spec, notes)
+    train_loader = make(split.train, True)
+    if train_loader is None:
+        raise ConfigError("The training split is empty: lower the val/test fractions or add images.")
+    t_state = transforms.transform_state(eval_spec, normalization, ds.mode, list(input_size))
+    return Prepared(config, ds, split, device, created.model, created, input_size, in_channels,
+                    normalization, train_spec, eval_spec, t_state, train_loader,
+                    make(split.val, False), make(split.test, False), notes)
 
-    native = _native_size(ds, split.train)
-    input_size = input_size_for(config, native)
+
+def _build_model(config: RunConfig, ds, in_channels: int, native: tuple[int, int] | None, notes: list[str]):
+    """The model for ``ds`` (CreatedModel), frozen as asked; what it says goes to ``notes``."""
+    m = config.model
     created = models.create_model(m.name, num_classes=len(ds.classes), in_channels=in_channels,
-                                  input_size=input_size, pretrained=m.pretrained,
+                                  input_size=input_size_for(config, native), pretrained=m.pretrained,
                                   weights_path=m.weights_path, small_input_stem=m.small_input_stem,
                                   init=m.init, weights_dir=None)
-    model = created.model
     notes.extend(created.notes)
-    input_size = tuple(created.input_size)  # the model may round it (ViT: a multiple of its patch)
-    if native and tuple(native) != tuple(input_size):
-        notes.append(f"images are resized from {native[1]}×{native[0]} to {input_size[1]}×{input_size[0]} "
-                     f"for {m.name}")
-    models.apply_freeze(model, m.name, m.freeze, m.freeze_stages)
+    size = tuple(created.input_size)
+    if native and tuple(native) != size:
+        notes.append(f"images are resized from {native[1]}×{native[0]} to {size[1]}×{size[0]} for {m.name}")
+    models.apply_freeze(created.model, m.name, m.freeze, m.freeze_stages)
+    return created
 
+
+def _pipeline_specs(config: RunConfig, ds, split, native, input_size) -> tuple[Any, list[dict], list[dict]]:
+    """(normalization, train spec, eval spec): the user's augmentation (with a Resize in front when
+    the images need one and it has none) or the tutorials' default, and the matching eval steps."""
+    d, m = config.data, config.model
     preset = d.normalize
     if preset == "auto":
         preset = "imagenet" if (m.pretrained or m.weights_path) else "tutorial"
@@ -188,20 +206,27 @@ def prepare(config: RunConfig, data_dir: str | Path = datasets.DEFAULT_DATA_DIR,
             train_spec = [{"name": "Resize", "params": {"size": list(input_size)}}] + train_spec
     else:
         train_spec = transforms.default_train_spec(input_size, native_size=native_wh, hflip=hflip)
-    eval_spec = transforms.default_eval_spec(input_size, native_size=native_wh)
-    t_state = transforms.transform_state(eval_spec, normalization, ds.mode, list(input_size))
+    return normalization, train_spec, transforms.default_eval_spec(input_size, native_size=native_wh)
+
+
+def _loader_maker(config: RunConfig, ds, device, native, input_size, normalization, train_spec, eval_spec,
+                  notes: list[str]) -> Callable[[Sequence[int], bool], Any]:
+    """``make(indices, train)`` → a loader of those images (None when there are none): the
+    in-memory tensor loader when every image has one size, the augmentation is crop and flip only
+    and the set is small enough (or in_memory="on"), else a DataLoader. Says which in ``notes``."""
+    d = config.data
     train_tf = transforms.build_transform(train_spec, normalization, ds.mode)
     eval_tf = transforms.build_transform(eval_spec, normalization, ds.mode)
-
-    # In-memory path: all images one size, a supported augmentation, and small enough.
     batched = tensorloader.batched_augment_params(train_spec, input_size) if native else None
-    n_bytes = len(ds) * in_channels * input_size[0] * input_size[1]
+    n_bytes = len(ds) * (1 if ds.mode == "L" else 3) * input_size[0] * input_size[1]
     use_memory = {"on": True, "off": False}.get(d.in_memory, n_bytes <= tensorloader.AUTO_MAX_BYTES)
     if use_memory and batched is None:
         if d.in_memory == "on":
             notes.append("in-memory loading was asked for, but the images differ in size or the "
                          "augmentation uses steps other than crop and flip: using the DataLoader")
         use_memory = False
+    notes.append("data: in-memory uint8 tensor, batched crop/flip" if use_memory
+                 else f"data: DataLoader with {loaders.resolve_num_workers(d.num_workers, d.batch_size)} worker(s)")
 
     def make(indices, train):
         if not len(indices):
@@ -216,30 +241,19 @@ def prepare(config: RunConfig, data_dir: str | Path = datasets.DEFAULT_DATA_DIR,
         return loaders.make_loader(ds, list(indices), train_tf if train else eval_tf, d.batch_size,
                                    train=train, num_workers=d.num_workers, device=str(device),
                                    seed=config.seed)
-
-    train_loader = make(split.train, True)
-    if train_loader is None:
-        raise ConfigError("The training split is empty: lower the val/test fractions or add images.")
-    notes.append("data: in-memory uint8 tensor, batched crop/flip" if use_memory
-                 else f"data: DataLoader with {loaders.resolve_num_workers(d.num_workers, d.batch_size)} worker(s)")
-    return Prepared(config, ds, split, device, model, created, tuple(input_size), in_channels,
-                    normalization, train_spec, eval_spec, t_state, train_loader,
-                    make(split.val, False), make(split.test, False), notes)
+    return make
 
 
 def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    """The run's optimiser, from the one registry (core.choices.OPTIMIZERS); an unknown name is a
+    ConfigError listing the valid ones."""
     o = config.optim
+    spec = choices.OPTIMIZERS.get(o.optimizer)   # before the groups: a wrong name is the first thing said
     groups = models.param_groups(model, config.model.name, o.lr, head_lr=o.head_lr,
                                  weight_decay=o.weight_decay)
     if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ConfigError("No parameter is trainable with this freezing choice; unfreeze something.")
-    if o.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
-    if o.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=o.lr)
-    if o.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr)
-    return torch.optim.RMSprop(groups, lr=o.lr, momentum=o.momentum)
+    return spec.for_run(groups, o)
 
 
 def build_scheduler(optimizer, config: RunConfig, steps_per_epoch: int):
@@ -258,7 +272,8 @@ def build_scheduler(optimizer, config: RunConfig, steps_per_epoch: int):
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_epochs), False
     if o.scheduler == "plateau":
         mode = "max" if config.monitor == "val_accuracy" else "min"
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=o.gamma, patience=2), False
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=o.gamma,
+                                                          patience=o.plateau_patience), False
     # OneCycle has its own warm-up (pct_start) and is stepped per optimiser step.
     steps = math.ceil(steps_per_epoch / o.accumulation_steps) * epochs
     max_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -362,10 +377,17 @@ class _StopRequested(Exception):
 
 
 def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
+    dtype = choices.PRECISIONS.get(precision).dtype
+    if dtype is None:
         return torch.autocast(device_type=device.type, enabled=False)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _channels_last(model: nn.Module) -> bool:
+    """Whether the model takes its input in channels_last (CHANNELS_LAST_MODELS). Looks through
+    DataParallel: the wrapper does not carry the attributes of the model inside it."""
+    inner = model.module if isinstance(model, nn.DataParallel) else model
+    return getattr(inner, "_lab_channels_last", False)
 
 
 def _num_samples(loader) -> int:
@@ -374,11 +396,10 @@ def _num_samples(loader) -> int:
     return len(loader.dataset)
 
 
-def train_one_epoch(model, loader, optimizer, loss_fn, device, *, epoch: int, epochs: int, config: RunConfig,
+def train_one_epoch(model, loader, optimizer, loss_fn, device, *, epoch: int, config: RunConfig,
                     scaler=None, scheduler=None, per_batch_scheduler=False, warmup_steps=0,
                     step_offset=0, skip_batches=0, resume_partial: dict | None = None,
-                    emit: EventSink = lambda e: None, should_stop: StopFlag = lambda: False,
-                    model_name: str = "") -> dict:
+                    emit: EventSink = lambda e: None, should_stop: StopFlag = lambda: False) -> dict:
     """Train for one epoch; return {'loss', 'accuracy', 'images', 'seconds', 'stopped_at', 'partial'}.
 
     A stop request is checked before each batch is fetched, not after: on the DataLoader path the
@@ -391,51 +412,30 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, epoch: int, ep
 
     Warm-up scales the learning rate linearly over the first ``warmup_steps`` batches.
     """
-    o = config.optim
     models.set_train_mode(model, True)
-    non_blocking = device.type == "cuda"
-    batches = len(loader)
-    bs = config.data.batch_size
-    # A last batch of one image (when the batch size is larger) is left out: BatchNorm cannot take
-    # statistics of a single value per channel (1×1 feature maps fail outright).
-    used = batches - 1 if batches > 1 and bs > 1 and _num_samples(loader) % bs == 1 else batches
-    accumulation = o.accumulation_steps
+    used = _batches_used(loader, config.data.batch_size)
+    accumulation = config.optim.accumulation_steps
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    partial = resume_partial or {}
-    total_loss, correct, seen = partial.get("loss_sum", 0.0), partial.get("correct", 0), partial.get("seen", 0)
     optimizer.zero_grad(set_to_none=True)
-    for p, grad in zip(params, partial.get("grads") or ()):
+    for p, grad in zip(params, (resume_partial or {}).get("grads") or ()):
         if grad is not None:   # the first half of an accumulation group, from before the stop
             p.grad = grad.to(p.device)
-    t0 = last_report = time.perf_counter()
-    rate_images, rate_t0 = 0, t0
+    tally, report = _EpochTally(resume_partial), _BatchReports(emit, epoch, len(loader), used)
     step = step_offset
     batch_iter = iter(loader)
     for b in range(skip_batches + 1, used + 1):
         if should_stop():
-            done = b - 1
-            grads = [p.grad for p in params] if done % accumulation else None
-            return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
-                    "images": seen, "seconds": time.perf_counter() - t0, "stopped_at": done,
-                    "partial": {"loss_sum": total_loss, "correct": correct, "seen": seen,
-                                "grads": grads, "rng": capture_rng_state()}}
+            grads = [p.grad for p in params] if (b - 1) % accumulation else None
+            return tally.result(stopped_at=b - 1, grads=grads)
         x, y = next(batch_iter)
         step += 1
         if warmup_steps and step <= warmup_steps:
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * step / warmup_steps
-        x = x.to(device, non_blocking=non_blocking)
-        y = y.to(device, non_blocking=non_blocking)
-        if getattr(model, "_lab_channels_last", False):
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, config.precision):
-            out = model(x)
-            loss = loss_fn(out, y)
+        out, y, loss = _forward(model, x, y, loss_fn, device, config.precision)
         loss_value = loss.item()   # one device sync a step, for the divergence check and the tallies
         if not math.isfinite(loss_value):
-            raise Diverged(f"The loss became {loss_value} at epoch {epoch}, batch {b}. The learning rate "
-                           f"({optimizer.param_groups[0]['lr']:.3g}) is probably too high: try "
-                           f"{optimizer.param_groups[0]['lr'] / 10:.3g}, or turn on gradient clipping.")
+            raise _diverged(loss_value, epoch, b, optimizer)
         # Average over the batches of this accumulation group; the last group of an epoch may be
         # shorter, and dividing by the full group size would give its batches less weight.
         group_start = (b - 1) // accumulation * accumulation + 1
@@ -444,30 +444,96 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, epoch: int, ep
         (scaler.scale(scaled) if scaler else scaled).backward()
         lr = optimizer.param_groups[0]["lr"]   # reported: the rate this batch trained at, not the next one's
         if b - group_start + 1 == group_size:
-            if o.grad_clip:
-                if scaler:
-                    scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if per_batch_scheduler and scheduler is not None:
-                scheduler.step()
+            _optimizer_step(model, optimizer, scaler, config.optim.grad_clip,
+                            scheduler if per_batch_scheduler else None)
+        tally.add(out, y, loss_value)
+        report(b, step, loss_value, lr, y.shape[0])
+    return tally.result()
+
+
+def _batches_used(loader, batch_size: int) -> int:
+    """The epoch's batches, less a last batch of one image when the batch size is larger: BatchNorm
+    cannot take statistics of a single value per channel (1×1 feature maps fail outright)."""
+    batches = len(loader)
+    return batches - 1 if batches > 1 and batch_size > 1 and _num_samples(loader) % batch_size == 1 else batches
+
+
+def _forward(model, x, y, loss_fn, device: torch.device, precision: str):
+    """(logits, targets on the device, loss) of one batch, in the run's precision."""
+    non_blocking = device.type == "cuda"
+    x = x.to(device, non_blocking=non_blocking)
+    y = y.to(device, non_blocking=non_blocking)
+    if _channels_last(model):
+        x = x.contiguous(memory_format=torch.channels_last)
+    with _autocast(device, precision):
+        out = model(x)
+        loss = loss_fn(out, y)
+    return out, y, loss
+
+
+def _diverged(loss_value: float, epoch: int, batch: int, optimizer) -> Diverged:
+    lr = optimizer.param_groups[0]["lr"]
+    return Diverged(f"The loss became {loss_value} at epoch {epoch}, batch {batch}. The learning rate "
+                    f"({lr:.3g}) is probably too high: try {lr / 10:.3g}, or turn on gradient clipping.")
+
+
+def _optimizer_step(model, optimizer, scaler, grad_clip: float | None, scheduler=None) -> None:
+    """The end of an accumulation group: clip, step (through the fp16 scaler), clear the
+    gradients, and step a per-batch scheduler (OneCycle)."""
+    if grad_clip:
+        if scaler:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+
+
+class _EpochTally:
+    """An epoch's running loss and accuracy sums (continued from a stop's record) and its result."""
+
+    def __init__(self, partial: dict | None):
+        partial = partial or {}
+        self.loss_sum = partial.get("loss_sum", 0.0)
+        self.correct, self.seen = partial.get("correct", 0), partial.get("seen", 0)
+        self.t0 = time.perf_counter()
+
+    def add(self, out: torch.Tensor, y: torch.Tensor, loss_value: float) -> None:
         n = y.shape[0]
-        total_loss += loss_value * n
-        correct += (out.argmax(1) == y).sum().item()
-        seen += n
-        rate_images += n
+        self.loss_sum += loss_value * n
+        self.correct += (out.argmax(1) == y).sum().item()
+        self.seen += n
+
+    def result(self, stopped_at: int | None = None, grads: list | None = None) -> dict:
+        """train_one_epoch's answer; after a stop, ``partial`` is what continuing needs (see there)."""
+        partial = None if stopped_at is None else {"loss_sum": self.loss_sum, "correct": self.correct,
+                                                   "seen": self.seen, "grads": grads, "rng": capture_rng_state()}
+        return {"loss": self.loss_sum / max(self.seen, 1), "accuracy": self.correct / max(self.seen, 1),
+                "images": self.seen, "seconds": time.perf_counter() - self.t0, "stopped_at": stopped_at,
+                "partial": partial}
+
+
+class _BatchReports:
+    """BatchEnded at most every REPORT_EVERY_S seconds and for the epoch's last batch, with the
+    speed since the previous report."""
+
+    def __init__(self, emit: EventSink, epoch: int, batches: int, last: int):
+        self.emit, self.epoch, self.batches, self.last = emit, epoch, batches, last
+        self.since = time.perf_counter()
+        self.images = 0
+
+    def __call__(self, batch: int, step: int, loss: float, lr: float, n: int) -> None:
+        self.images += n
         now = time.perf_counter()
-        if now - last_report >= REPORT_EVERY_S or b == used:
-            emit(ev.BatchEnded(epoch=epoch, batch=b, batches=batches, step=step, loss=loss_value, lr=lr,
-                               images_per_sec=rate_images / max(now - rate_t0, 1e-9)))
-            last_report, rate_images, rate_t0 = now, 0, now
-    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images": seen,
-            "seconds": time.perf_counter() - t0, "stopped_at": None, "partial": None}
+        if now - self.since >= REPORT_EVERY_S or batch == self.last:
+            self.emit(ev.BatchEnded(epoch=self.epoch, batch=batch, batches=self.batches, step=step, loss=loss,
+                                    lr=lr, images_per_sec=self.images / max(now - self.since, 1e-9)))
+            self.since, self.images = now, 0
 
 
 def evaluate(model, loader, loss_fn, device, precision="fp32", class_names=None, sample_ids=None):
@@ -478,7 +544,7 @@ def evaluate(model, loader, loss_fn, device, precision="fp32", class_names=None,
     with torch.inference_mode():
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            if getattr(model, "_lab_channels_last", False):
+            if _channels_last(model):
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device, precision):
                 out = model(x)
@@ -596,190 +662,290 @@ def fit(config: RunConfig, on_event: EventSink | None = None, should_stop: StopF
 def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | None, *, runs_dir, data_dir,
          run_id, resume_from, dataset) -> FitResult:
     should_stop = should_stop or (lambda: False)
-    ckpt = load_checkpoint(resume_from) if resume_from else None
-    if ckpt is not None:
-        run_dir = Path(resume_from).parent
-        run_id = run_dir.name
-    else:
-        run_id = run_id or new_run_id(config)
-        run_dir = Path(runs_dir) / run_id
+    run_dir = Path(resume_from).parent if resume_from else Path(runs_dir) / (run_id or new_run_id(config))
+    run_id = run_dir.name
     emit = _RunLog(run_dir, on_event, config)
     t_start = time.time()
-    history: list[dict] = []
-    best_epoch, best_metric = None, None
-    epochs_done = 0
+    state = TrainState()
     prep = None
     try:
-        with _writing(run_dir, "creating the run folder"):
-            run_dir.mkdir(parents=True, exist_ok=True)
-            config.save(run_dir / CONFIG_FILE)
-        if config.tensorboard:   # before the first event: the log opens at RunStarted
-            emit.tensorboard = _tensorboard_sink(config, data_dir)
-        emit(ev.StatusChanged(status=ev.RUNNING, message="preparing data and model"))
-        with _writing(run_dir, f"writing {STATUS_FILE}"):
-            write_status(run_dir, ev.RUNNING, "preparing")
+        # In here: a missing or damaged checkpoint fails the run with the reason, as fit promises.
+        ckpt = load_checkpoint(resume_from) if resume_from else None
+        _open_run_folder(run_dir, config, emit, data_dir)
         seed_everything(config.seed, config.deterministic)
         prep = prepare(config, data_dir=data_dir, dataset=dataset)
-        device, model = prep.device, prep.model
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = not config.deterministic
-        if config.model.name in CHANNELS_LAST_MODELS:
-            model = model.to(memory_format=torch.channels_last)
-            model._lab_channels_last = True
-        model.to(device)
-        if config.multi_gpu and device.type == "cuda" and torch.cuda.device_count() > 1:
-            model = nn.DataParallel(model)
-            prep.notes.append(f"DataParallel over {torch.cuda.device_count()} GPUs")
-        core_model = model.module if isinstance(model, nn.DataParallel) else model
-        optimizer = build_optimizer(core_model, config)
-        for g in optimizer.param_groups:
-            g["base_lr"] = g["lr"]
-        batches = len(prep.train_loader)
-        scheduler, per_batch = build_scheduler(optimizer, config, batches)
-        scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
-        weights = class_weights_for(config, [prep.dataset.targets[i] for i in prep.split.train], len(prep.classes))
-        loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
-                                      label_smoothing=config.optim.label_smoothing)
-        eval_loss_fn = nn.CrossEntropyLoss()
-        warmup_steps = 0 if config.optim.scheduler == "onecycle" else config.optim.warmup_epochs * batches
-        skip_batches, partial, resume_note = 0, None, []
-        if ckpt is not None:
-            core_model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            epochs_done = ckpt["epoch"]
-            skip_batches = ckpt.get("batches_done", 0)
-            partial = ckpt.get("partial_epoch")
-            scheduler = resume_scheduler(scheduler, optimizer, config, ckpt.get("scheduler"),
-                                         saved_kind=ckpt["config"]["optim"]["scheduler"],
-                                         saved_epochs=ckpt["config"]["epochs"], epochs_done=epochs_done,
-                                         batches_done=skip_batches, steps_per_epoch=batches)
-            if scaler is not None and ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            history = list(ckpt.get("history", []))
-            best_epoch, best_metric = ckpt.get("best_epoch"), ckpt.get("best_metric")
-            resume_note = [f"resumed from {Path(resume_from).name}: {epochs_done} epoch(s) done"
-                           + (f" and {skip_batches} batch(es) of epoch {epochs_done + 1}" if skip_batches else "")]
-        trainable = sum(p.numel() for p in core_model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in core_model.parameters())
-        emit(ev.RunStarted(run_id=run_id, run_dir=str(run_dir), device=str(device), classes=prep.classes,
-                           split_sizes={"train": len(prep.split.train), "val": len(prep.split.val),
-                                        "test": len(prep.split.test)},
-                           input_shape=[prep.in_channels, *prep.input_size], params_total=total,
-                           params_trainable=trainable, batches_per_epoch=batches,
-                           start_epoch=epochs_done, epochs=config.epochs, notes=prep.notes + resume_note,
-                           start_batch=skip_batches))
-        with _writing(run_dir, f"writing {STATUS_FILE}"):
-            write_status(run_dir, ev.RUNNING, "training", pid=os.getpid())
-        monitor_max = config.monitor == "val_accuracy"
-        bad_epochs = 0
-        epoch_times: list[float] = []
-
-        def checkpoint_state(epoch_count: int, batches_done: int = 0, partial: dict | None = None) -> dict:
-            """partial: train_one_epoch's record of a stopped epoch (RNG state from before the next
-            batch, running sums, unfinished accumulation gradients), kept so resuming is exact."""
-            rest = {k: v for k, v in partial.items() if k != "rng"} if partial else None
-            return {"model": core_model.state_dict(), "model_name": config.model.name,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "epoch": epoch_count, "batches_done": batches_done, "partial_epoch": rest,
-                    "config": config.to_dict(), "classes": prep.classes, "transform": prep.transform_state,
-                    "input_shape": [prep.in_channels, *prep.input_size],
-                    "rng": partial["rng"] if partial else capture_rng_state(),
-                    "history": history, "best_epoch": best_epoch, "best_metric": best_metric}
-
-        for epoch in range(epochs_done + 1, config.epochs + 1):
-            if should_stop():
-                raise _StopRequested
-            seed = _epoch_seed(config.seed, epoch)
-            torch.manual_seed(seed)
-            _set_loader_epoch(prep.train_loader, seed, epoch, skip_batches)
-            if skip_batches and ckpt is not None and ckpt.get("rng"):
-                # continue mid-epoch with the RNG as it was before the first batch not yet trained
-                restore_rng_state(ckpt["rng"])
-            stats = train_one_epoch(model, prep.train_loader, optimizer, loss_fn, device, epoch=epoch,
-                                    epochs=config.epochs, config=config, scaler=scaler,
-                                    scheduler=scheduler, per_batch_scheduler=per_batch,
-                                    warmup_steps=warmup_steps, step_offset=(epoch - 1) * batches + skip_batches,
-                                    skip_batches=skip_batches, resume_partial=partial if skip_batches else None,
-                                    emit=emit, should_stop=should_stop)
-            if stats["stopped_at"] is not None:
-                _save_checkpoints(run_dir, checkpoint_state(epoch - 1, stats["stopped_at"], stats["partial"]),
-                                  best=False, doing=f"saving the checkpoint of the stop in epoch {epoch}")
-                raise _StopRequested
-            skip_batches, partial = 0, None
-            lr_used = optimizer.param_groups[0]["lr"]   # the epoch's rate, before the scheduler moves it
-            val = evaluate(model, prep.val_loader, eval_loss_fn, device, config.precision) if prep.val_loader else None
-            if scheduler is not None and not per_batch:
-                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                    if val is not None:
-                        scheduler.step(val["accuracy"] if monitor_max else val["loss"])
-                elif epoch > config.optim.warmup_epochs:
-                    scheduler.step()
-            metric = None if val is None else (val["accuracy"] if monitor_max else val["loss"])
-            improved = metric is not None and (best_metric is None or
-                                               (metric > best_metric if monitor_max else metric < best_metric))
-            saved_best = best_epoch, best_metric   # what the checkpoints on disk say, until this epoch's are
-            if improved:
-                best_epoch, best_metric, bad_epochs = epoch, metric, 0
-            else:
-                bad_epochs += 1
-            epoch_times.append(stats["seconds"])
-            row = {"epoch": epoch, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
-                   "val_loss": val["loss"] if val else None, "val_accuracy": val["accuracy"] if val else None,
-                   "lr": lr_used, "seconds": stats["seconds"],
-                   "images_per_sec": stats["images"] / max(stats["seconds"], 1e-9)}
-            history.append(row)
-            try:
-                _save_checkpoints(run_dir, checkpoint_state(epoch), doing=f"saving the checkpoint of epoch {epoch}",
-                                  best=improved or (val is None and epoch == config.epochs))
-            except StorageError:   # the run ends with what its checkpoints hold, not this epoch
-                history.pop()
-                best_epoch, best_metric = saved_best
-                raise
-            # Only now: the status written at the end counts the epochs last.pth holds.
-            epochs_done = epoch
-            emit(ev.EpochEnded(epoch=epoch, epochs=config.epochs, train_loss=row["train_loss"],
-                               train_accuracy=row["train_accuracy"], val_loss=row["val_loss"],
-                               val_accuracy=row["val_accuracy"], lr=row["lr"], seconds=row["seconds"],
-                               eta_seconds=float(np.mean(epoch_times)) * (config.epochs - epoch),
-                               images_per_sec=row["images_per_sec"], is_best=improved))
-            patience = config.early_stopping_patience
-            if patience and val is not None and bad_epochs >= patience:
-                emit(ev.StatusChanged(status=ev.RUNNING, message=f"early stopping: no improvement in "
-                                      f"{config.monitor} for {patience} epoch(s)"))
-                break
-
-        report = _final_evaluation(run_dir, prep, model, core_model, eval_loss_fn, device, config, emit)
-        message = f"finished {epochs_done} epoch(s)"
+        run = _setup(config, prep)
+        notes = _restore(run, state, ckpt, Path(resume_from).name) if ckpt is not None else []
+        _announce(run, state, run_dir, emit, notes)
+        _train_epochs(run, state, run_dir, emit, should_stop)
+        report = _final_evaluation(run_dir, prep, run.model, run.core_model, run.eval_loss_fn, prep.device,
+                                   config, emit)
+        status = ev.FINISHED
+        message = f"finished {state.epochs_done} epoch(s)"
         if report is not None:
             message += f"; test accuracy {report.accuracy:.1%}"
-        return _finish(run_dir, run_id, emit, ev.FINISHED, message, best_epoch, best_metric,
-                       epochs_done, history, t_start, report)
-    except _StopRequested:
-        return _finish(run_dir, run_id, emit, ev.STOPPED,
-                       f"stopped by request after {epochs_done} complete epoch(s); resume from last.pth",
-                       best_epoch, best_metric, epochs_done, history, t_start)
-    except StorageError as err:   # disk full, read-only, failing: say so, and what Resume has
-        return _finish(run_dir, run_id, emit, ev.FAILED, err.sentence(then=_saved_note(epochs_done)),
-                       best_epoch, best_metric, epochs_done, history, t_start)
-    except LabError as err:
-        return _finish(run_dir, run_id, emit, ev.FAILED, str(err), best_epoch, best_metric,
-                       epochs_done, history, t_start)
-    except torch.cuda.OutOfMemoryError:
+    except Exception as err:   # every way a run ends early, bugs included: ended with its reason (fit's promise)
+        status, message = _how_it_ended(err, config, prep, state, run_dir, run_id)
+        report = None
+    return _finish(run_dir, run_id, emit, status, message, state.best_epoch, state.best_metric,
+                   state.epochs_done, state.history, t_start, report)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's parts and state, and the epoch loop
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """Where a run stands: what it carries from epoch to epoch, and what last.pth keeps of it besides
+    the weights, optimiser and scheduler (``_Run.checkpoint``)."""
+    epochs_done: int = 0              # complete epochs, all in last.pth
+    history: list[dict] = field(default_factory=list)   # one row per epoch (EpochEnded's numbers)
+    best_epoch: int | None = None
+    best_metric: float | None = None
+    skip_batches: int = 0             # batches of the next epoch trained before a stop (resume mid-epoch)
+    partial: dict | None = None       # that epoch's record from train_one_epoch (sums, cut accumulation group)
+    rng: dict | None = None           # the RNG state to continue that epoch with
+    epoch_times: list[float] = field(default_factory=list)   # this session's, for the ETA
+
+    @property
+    def bad_epochs(self) -> int:
+        """Epochs without improvement: those since the best one (or since the start). Derived from
+        what the checkpoint holds, so early stopping counts the same across a resume."""
+        return self.epochs_done - (self.best_epoch or 0)
+
+
+@dataclass
+class _Run:
+    """What a run trains with, built once from its Prepared (``_setup``)."""
+    config: RunConfig
+    prep: Prepared
+    model: nn.Module                  # what runs the batches: the model, or DataParallel around it
+    core_model: nn.Module             # the model itself: what checkpoints hold
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    per_batch: bool                   # the scheduler steps per optimiser step (OneCycle), not per epoch
+    scaler: Any                       # fp16's GradScaler, else None
+    loss_fn: nn.Module
+    eval_loss_fn: nn.Module
+    warmup_steps: int
+
+    @property
+    def batches(self) -> int:
+        return len(self.prep.train_loader)
+
+    def checkpoint(self, state: TrainState, epoch_count: int, batches_done: int = 0,
+                   partial: dict | None = None) -> dict:
+        """last.pth's content. partial: train_one_epoch's record of a stopped epoch (RNG state from
+        before the next batch, running sums, unfinished accumulation gradients), kept so resuming is exact."""
+        rest = {k: v for k, v in partial.items() if k != "rng"} if partial else None
+        prep, config = self.prep, self.config
+        return {"model": self.core_model.state_dict(), "model_name": config.model.name,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "epoch": epoch_count, "batches_done": batches_done, "partial_epoch": rest,
+                "config": config.to_dict(), "classes": prep.classes, "transform": prep.transform_state,
+                "input_shape": [prep.in_channels, *prep.input_size],
+                "rng": partial["rng"] if partial else capture_rng_state(),
+                "history": state.history, "best_epoch": state.best_epoch, "best_metric": state.best_metric}
+
+
+def _open_run_folder(run_dir: Path, config: RunConfig, emit: _RunLog, data_dir) -> None:
+    """The run folder with config.json, the TensorBoard log when asked, and status "preparing"."""
+    with _writing(run_dir, "creating the run folder"):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / CONFIG_FILE)
+    if config.tensorboard:   # before the first event: the log opens at RunStarted
+        emit.tensorboard = _tensorboard_sink(config, data_dir)
+    emit(ev.StatusChanged(status=ev.RUNNING, message="preparing data and model"))
+    with _writing(run_dir, f"writing {STATUS_FILE}"):
+        write_status(run_dir, ev.RUNNING, "preparing")
+
+
+def _setup(config: RunConfig, prep: Prepared) -> _Run:
+    """The model on its device (channels_last, DataParallel as configured), the optimiser,
+    scheduler, fp16 scaler and losses."""
+    device, model = prep.device, prep.model
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not config.deterministic
+    if config.model.name in CHANNELS_LAST_MODELS:
+        model = model.to(memory_format=torch.channels_last)
+        model._lab_channels_last = True
+    model.to(device)
+    if config.multi_gpu and device.type == "cuda" and torch.cuda.device_count() > 1:
+        model = nn.DataParallel(model)
+        prep.notes.append(f"DataParallel over {torch.cuda.device_count()} GPUs")
+    core_model = model.module if isinstance(model, nn.DataParallel) else model
+    optimizer = build_optimizer(core_model, config)
+    for g in optimizer.param_groups:
+        g["base_lr"] = g["lr"]
+    batches = len(prep.train_loader)
+    scheduler, per_batch = build_scheduler(optimizer, config, batches)
+    scaler = torch.amp.GradScaler(device.type) if choices.PRECISIONS.get(config.precision).grad_scaler else None
+    weights = class_weights_for(config, [prep.dataset.targets[i] for i in prep.split.train], len(prep.classes))
+    loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
+                                  label_smoothing=config.optim.label_smoothing)
+    warmup_steps = 0 if config.optim.scheduler == "onecycle" else config.optim.warmup_epochs * batches
+    return _Run(config, prep, model, core_model, optimizer, scheduler, per_batch, scaler, loss_fn,
+                nn.CrossEntropyLoss(), warmup_steps)
+
+
+def _restore(run: _Run, state: TrainState, ckpt: dict, name: str) -> list[str]:
+    """Continue from a checkpoint: weights, optimiser, scheduler, scaler and the state; returns the
+    note RunStarted carries."""
+    run.core_model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    state.epochs_done = ckpt["epoch"]
+    state.skip_batches = ckpt.get("batches_done", 0)
+    state.partial, state.rng = ckpt.get("partial_epoch"), ckpt.get("rng")
+    run.scheduler = resume_scheduler(run.scheduler, run.optimizer, run.config, ckpt.get("scheduler"),
+                                     saved_kind=ckpt["config"]["optim"]["scheduler"],
+                                     saved_epochs=ckpt["config"]["epochs"], epochs_done=state.epochs_done,
+                                     batches_done=state.skip_batches, steps_per_epoch=run.batches)
+    if run.scaler is not None and ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    state.history = list(ckpt.get("history", []))
+    state.best_epoch, state.best_metric = ckpt.get("best_epoch"), ckpt.get("best_metric")
+    batches = state.skip_batches
+    return [f"resumed from {name}: {state.epochs_done} epoch(s) done"
+            + (f" and {batches} batch(es) of epoch {state.epochs_done + 1}" if batches else "")]
+
+
+def _announce(run: _Run, state: TrainState, run_dir: Path, emit: _RunLog, notes: list[str]) -> None:
+    """RunStarted (data, model size, where training starts) and status "training"."""
+    prep, config = run.prep, run.config
+    params = list(run.core_model.parameters())
+    emit(ev.RunStarted(run_id=run_dir.name, run_dir=str(run_dir), device=str(prep.device), classes=prep.classes,
+                       split_sizes={"train": len(prep.split.train), "val": len(prep.split.val),
+                                    "test": len(prep.split.test)},
+                       input_shape=[prep.in_channels, *prep.input_size],
+                       params_total=sum(p.numel() for p in params),
+                       params_trainable=sum(p.numel() for p in params if p.requires_grad),
+                       batches_per_epoch=run.batches, start_epoch=state.epochs_done, epochs=config.epochs,
+                       notes=prep.notes + notes, start_batch=state.skip_batches))
+    with _writing(run_dir, f"writing {STATUS_FILE}"):
+        write_status(run_dir, ev.RUNNING, "training", pid=os.getpid())
+
+
+def _train_epochs(run: _Run, state: TrainState, run_dir: Path, emit: _RunLog, should_stop: StopFlag) -> None:
+    """The epoch loop, as torchvision's classification reference reads: train one epoch, evaluate,
+    then the end-of-epoch step (scheduler, best, checkpoint, early stopping). A stop request
+    between batches saves the unfinished epoch and raises _StopRequested."""
+    config, prep = run.config, run.prep
+    for epoch in range(state.epochs_done + 1, config.epochs + 1):
+        if should_stop():
+            raise _StopRequested
+        _start_epoch(run, state, epoch)
+        stats = train_one_epoch(run.model, prep.train_loader, run.optimizer, run.loss_fn, prep.device, epoch=epoch,
+                                config=config, scaler=run.scaler, scheduler=run.scheduler,
+                                per_batch_scheduler=run.per_batch, warmup_steps=run.warmup_steps,
+                                step_offset=(epoch - 1) * run.batches + state.skip_batches,
+                                skip_batches=state.skip_batches,
+                                resume_partial=state.partial if state.skip_batches else None,
+                                emit=emit, should_stop=should_stop)
+        if stats["stopped_at"] is not None:
+            _save_checkpoints(run_dir, run.checkpoint(state, epoch - 1, stats["stopped_at"], stats["partial"]),
+                              best=False, doing=f"saving the checkpoint of the stop in epoch {epoch}")
+            raise _StopRequested
+        state.skip_batches, state.partial, state.rng = 0, None, None
+        lr_used = run.optimizer.param_groups[0]["lr"]   # the epoch's rate, before the scheduler moves it
+        val = None
+        if prep.val_loader is not None:
+            val = evaluate(run.model, prep.val_loader, run.eval_loss_fn, prep.device, config.precision)
+        if _end_epoch(run, state, epoch, stats, val, lr_used, run_dir, emit):
+            break
+
+
+def _start_epoch(run: _Run, state: TrainState, epoch: int) -> None:
+    """The epoch's order and augmentation depend only on (seed, epoch); a resume in the middle of
+    the epoch continues with the RNG as it was before the first batch not yet trained."""
+    seed = _epoch_seed(run.config.seed, epoch)
+    torch.manual_seed(seed)
+    _set_loader_epoch(run.prep.train_loader, seed, epoch, state.skip_batches)
+    if state.skip_batches and state.rng:
+        restore_rng_state(state.rng)
+
+
+def _set_loader_epoch(loader, seed: int, epoch: int, skip_batches: int) -> None:
+    """Make the epoch's order (and, for the tensor loader, augmentation) depend on (seed, epoch)."""
+    if isinstance(loader, tensorloader.TensorLoader):
+        loader.set_epoch(epoch, skip_batches)
+    else:
+        loaders.set_epoch(loader, seed, skip_batches)
+
+
+def _end_epoch(run: _Run, state: TrainState, epoch: int, stats: dict, val: dict | None, lr_used: float,
+               run_dir: Path, emit: _RunLog) -> bool:
+    """Step the scheduler, keep the best, save the checkpoints, report EpochEnded; True when early
+    stopping ends the run here."""
+    config = run.config
+    monitor_max = config.monitor == "val_accuracy"
+    metric = None if val is None else (val["accuracy"] if monitor_max else val["loss"])
+    _step_scheduler(run, epoch, metric)
+    improved = metric is not None and (state.best_metric is None or
+                                       (metric > state.best_metric if monitor_max else metric < state.best_metric))
+    saved_best = state.best_epoch, state.best_metric   # what the checkpoints on disk say, until this epoch's are
+    if improved:
+        state.best_epoch, state.best_metric = epoch, metric
+    state.epoch_times.append(stats["seconds"])
+    row = {"epoch": epoch, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
+           "val_loss": val["loss"] if val else None, "val_accuracy": val["accuracy"] if val else None,
+           "lr": lr_used, "seconds": stats["seconds"], "images_per_sec": stats["images"] / max(stats["seconds"], 1e-9)}
+    state.history.append(row)
+    try:
+        _save_checkpoints(run_dir, run.checkpoint(state, epoch), doing=f"saving the checkpoint of epoch {epoch}",
+                          best=improved or (val is None and epoch == config.epochs))
+    except StorageError:   # the run ends with what its checkpoints hold, not this epoch
+        state.history.pop()
+        state.best_epoch, state.best_metric = saved_best
+        raise
+    state.epochs_done = epoch   # only now: the status written at the end counts the epochs last.pth holds
+    emit(ev.EpochEnded(epoch=epoch, epochs=config.epochs, train_loss=row["train_loss"],
+                       train_accuracy=row["train_accuracy"], val_loss=row["val_loss"],
+                       val_accuracy=row["val_accuracy"], lr=lr_used, seconds=row["seconds"],
+                       eta_seconds=float(np.mean(state.epoch_times)) * (config.epochs - epoch),
+                       images_per_sec=row["images_per_sec"], is_best=improved))
+    patience = config.early_stopping_patience
+    if patience and val is not None and state.bad_epochs >= patience:
+        emit(ev.StatusChanged(status=ev.RUNNING, message=f"early stopping: no improvement in "
+                              f"{config.monitor} for {patience} epoch(s)"))
+        return True
+    return False
+
+
+def _step_scheduler(run: _Run, epoch: int, metric: float | None) -> None:
+    """The per-epoch scheduler step: plateau on the monitored metric (when there is a val split),
+    the others once the warm-up is over. OneCycle steps per batch, in train_one_epoch."""
+    if run.scheduler is None or run.per_batch:
+        return
+    if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        if metric is not None:
+            run.scheduler.step(metric)
+    elif epoch > run.config.optim.warmup_epochs:
+        run.scheduler.step()
+
+
+def _how_it_ended(err: Exception, config: RunConfig, prep: Prepared | None, state: TrainState, run_dir: Path,
+                  run_id: str) -> tuple[str, str]:
+    """(status, message) of a run that ended early: a stop request, a full disk (and what Resume
+    has), a user error, out of memory (with the batch that fits), or a bug (its trace kept in the
+    run's error.log and the server log). Called inside the ``except``, so the trace is the error's."""
+    if isinstance(err, _StopRequested):
+        return ev.STOPPED, (f"stopped by request after {state.epochs_done} complete epoch(s); "
+                            "resume from last.pth")
+    if isinstance(err, StorageError):   # disk full, read-only, failing: say so, and what Resume has
+        return ev.FAILED, err.sentence(then=_saved_note(state.epochs_done))
+    if isinstance(err, LabError):
+        return ev.FAILED, str(err)
+    if isinstance(err, torch.cuda.OutOfMemoryError):
         shape = [prep.in_channels, *prep.input_size] if prep is not None else None
-        classes = len(prep.classes) if prep is not None else None
-        device = prep.device if prep is not None else None
-        return _finish(run_dir, run_id, emit, ev.FAILED, _oom_message(config, shape, classes, device),
-                       best_epoch, best_metric, epochs_done, history, t_start)
-    except Exception as err:  # a bug or an unexpected library error: keep the trace in the run folder
-        log.exception("run %s failed", run_id)   # and in the server log, where it cannot be lost
-        with contextlib.suppress(OSError):
-            (run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
-        return _finish(run_dir, run_id, emit, ev.FAILED,
-                       f"internal error: {type(err).__name__}: {without_paths(str(err))} (details in the run's "
-                       "error.log and the server's console)",
-                       best_epoch, best_metric, epochs_done, history, t_start)
+        return ev.FAILED, _oom_message(config, shape, len(prep.classes) if prep is not None else None,
+                                       prep.device if prep is not None else None)
+    log.exception("run %s failed", run_id)   # a bug or an unexpected library error: in the server log,
+    with contextlib.suppress(OSError):       # where it cannot be lost, and in the run folder
+        (run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
+    return ev.FAILED, (f"internal error: {type(err).__name__}: {without_paths(str(err))} (details in the run's "
+                       "error.log and the server's console)")
 
 
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\":,()]+/)*[^\s'\":,()]*")
@@ -790,14 +956,6 @@ def without_paths(text: str, limit: int = 300) -> str:
     replaced by its last part, at most ``limit`` characters."""
     text = _ABSOLUTE_PATH.sub(lambda m: Path(m.group()).name or "/", text)
     return text if len(text) <= limit else text[:limit] + "…"
-
-
-def _set_loader_epoch(loader, seed: int, epoch: int, skip_batches: int) -> None:
-    """Make the epoch's order (and, for the tensor loader, augmentation) depend on (seed, epoch)."""
-    if isinstance(loader, tensorloader.TensorLoader):
-        loader.set_epoch(epoch, skip_batches)
-    else:
-        loaders.set_epoch(loader, seed, skip_batches)
 
 
 def _final_evaluation(run_dir, prep, model, core_model, loss_fn, device, config, emit):
@@ -854,6 +1012,8 @@ def _oom_message(config: RunConfig, input_shape: Sequence[int] | None, num_class
             total = torch.cuda.get_device_properties(index).total_memory
             fit_bs = resources.largest_fitting_batch(config, num_classes, input_shape, total * 0.9)
             msg += f" The memory calculator says batch size {fit_bs} fits in 90 % of this GPU's memory."
-        except Exception:  # the hint is best effort; the out-of-memory itself is the message
-            pass
+        except (LabError, RuntimeError) as err:   # the calculator cannot size it, or CUDA will not say
+            log.info("no batch suggestion for the out-of-memory message: %s", err)
+        except Exception:   # a bug: in the log with its trace; the out-of-memory itself is the message
+            log.exception("no batch suggestion for the out-of-memory message")
     return msg + " Lower the batch size, or use bf16/fp16 mixed precision or gradient accumulation."

@@ -140,3 +140,35 @@ def test_an_augmentation_that_would_blow_up_images_is_refused_with_the_config():
     raw["data"]["train_augment"] = deep
     with pytest.raises(ConfigError):
         RunConfig.from_dict(raw)
+
+
+def test_optimizers_sources_and_precisions_have_one_home():
+    """One registry each, read by config validation, the trainer and the memory calculator alike."""
+    from core import choices, config, datasets, memory
+
+    assert config.OPTIMIZERS is choices.OPTIMIZERS is memory.OPTIMIZERS
+    assert config.PRECISIONS is choices.PRECISIONS and list(memory.PRECISIONS) == choices.PRECISIONS.names()
+    assert config.SOURCES is datasets.SOURCES
+    for name in choices.OPTIMIZERS.names():   # adagrad included: the memory calculator had it, the trainer not
+        RunConfig.from_dict({"optim": {"optimizer": name}})
+    for name in choices.PRECISIONS.names():
+        RunConfig.from_dict({"precision": name})
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"optim": {"optimizer": "lamb"}}, "optim.optimizer must be one of sgd, adam, adamw, rmsprop, adagrad; got 'lamb'."),
+    ({"precision": "fp8"}, "precision must be one of fp32, bf16, fp16; got 'fp8'."),
+    ({"data": {"source": "s3"}}, "data.source must be one of sample, folder, zip, index, torchvision; got 's3'."),
+])
+def test_an_unknown_choice_names_it_and_what_is_allowed(raw, message):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict(raw)
+    assert str(err.value) == message
+
+
+def test_the_plateau_patience_is_a_validated_setting():
+    assert RunConfig().optim.plateau_patience == 2   # what ReduceLROnPlateau was always given
+    assert RunConfig.from_dict({"optim": {"plateau_patience": 0}}).optim.plateau_patience == 0
+    for bad in (-1, 1.5, "two"):
+        with pytest.raises(ConfigError, match="optim.plateau_patience"):
+            RunConfig.from_dict({"optim": {"plateau_patience": bad}})

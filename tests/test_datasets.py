@@ -610,3 +610,19 @@ def test_unknown_torchvision_set():
 def test_source_is_json(sample, tmp_path):
     assert json.loads(json.dumps(sample.source)) == sample.source
     assert len(D.load_from_source(sample.source, data_dir=Path(sample.root).parent)) == len(sample)
+
+
+def test_the_offline_switch_stops_dataset_downloads_too(tmp_path, monkeypatch):
+    """CLASSIFIER_LAB_OFFLINE kept ImageNet weights from downloading but not torchvision sets."""
+    from core.models import OFFLINE_ENV
+
+    monkeypatch.setenv(OFFLINE_ENV, "1")
+    monkeypatch.setattr(D, "probe_network", lambda url, timeout=1.0: None)   # as if the host answered
+    monkeypatch.setattr(D, "_tv_download", lambda *a, **k: pytest.fail("downloaded although offline"))
+    with pytest.raises(MissingFileError) as e:
+        D.load_dataset("torchvision", "CIFAR10", data_dir=tmp_path, download=True)
+    folder = tmp_path / "CIFAR10"
+    assert f"downloads are off: {OFFLINE_ENV} is set" in str(e.value)
+    assert f"Place cifar-10-python.tar.gz (from https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) in {folder}" \
+        in str(e.value)
+    assert e.value.folder == str(folder) and "cifar-10-python.tar.gz" in e.value.files

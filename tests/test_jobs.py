@@ -254,3 +254,36 @@ def test_each_child_trains_with_the_threads_it_is_given(tmp_path, tiny_config):
         manager.shutdown(timeout=10)
     with pytest.raises(ConfigError, match="train_threads must be at least 1"):
         JobManager(runs_dir=tmp_path, train_threads=0)
+
+
+def test_two_resumes_of_one_run_at_the_same_moment_queue_it_once(tmp_path, monkeypatch):
+    """The "already running or queued" check and the queueing are one step: two Resume clicks
+    that both pass a slow memory check must not queue the run twice."""
+    import threading
+
+    from core.jobs import Job
+
+    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", fit=job_fits.fit_until_released)
+    monkeypatch.setattr(manager, "check_fits", lambda config: time.sleep(0.3))
+    last = tmp_path / "runs" / "20250101-000000-tutorial_net-abcdef" / "last.pth"
+    results = []
+
+    def resume():
+        try:
+            results.append(manager.submit(RunConfig(), owner="alice", resume_from=last))
+        except ConfigError as err:
+            results.append(err)
+
+    threads = [threading.Thread(target=resume) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    job_fits.release(tmp_path / "runs")
+    jobs = [r for r in results if isinstance(r, Job)]
+    refused = [r for r in results if isinstance(r, ConfigError)]
+    assert len(jobs) == 1 and len(refused) == 1, results
+    assert "already running or queued" in str(refused[0])
+    manager.wait(jobs[0].job_id, timeout=60)
+    assert jobs[0].status == ev.FINISHED
+    assert manager.jobs() == jobs

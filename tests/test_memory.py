@@ -491,7 +491,7 @@ def test_zoo_factory_results_are_cached():
     ({"batch_size": 2.5}, ["Batch size"]),
     ({"batch_size": True}, ["Batch size"]),
     ({"optimizer": "lamb"}, ["Unknown optimizer 'lamb'", "sgd", "adam", "adamw", "rmsprop"]),
-    ({"precision": "fp8"}, ["Unknown precision 'fp8'", "fp32, fp16, bf16"]),
+    ({"precision": "fp8"}, ["Unknown precision 'fp8'", "fp32, bf16, fp16"]),
     ({"input_shape": (32, 32)}, ["Input shape", "(channels, height, width)"]),
     ({"input_shape": (3, 0, 32)}, ["Input shape"]),
     ({"momentum": -0.1}, ["Momentum"]),

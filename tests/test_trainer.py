@@ -1,18 +1,21 @@
 """The trainer on real images: learning, exact resume, stop, divergence, schedulers, run folder."""
 import json
+import logging
 import os
 import shutil
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 from core import events as ev
-from core import resources, trainer
+from core import choices, models, resources, trainer
 from core.checkpoints import load_checkpoint
 from core.config import RunConfig
-from core.errors import ConfigError
+from core.errors import ConfigError, ModelError
 from core.trainer import fit
 
 
@@ -251,7 +254,7 @@ def test_warmup_ramps_the_learning_rate(tmp_path, tiny_config, monkeypatch):
     assert later and all(lr == pytest.approx(tiny_config.optim.lr) for lr in later)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop"])
+@pytest.mark.parametrize("optimizer", choices.OPTIMIZERS.names())   # every optimiser the lab offers trains
 def test_optimizers_accumulation_clipping_smoothing_and_class_weights(tmp_path, tiny_config, optimizer):
     tiny_config.optim.optimizer = optimizer
     tiny_config.optim.lr = 0.001
@@ -263,6 +266,14 @@ def test_optimizers_accumulation_clipping_smoothing_and_class_weights(tmp_path, 
     result = fit(tiny_config, runs_dir=tmp_path)
     assert result.status == ev.FINISHED, result.message
     assert 0.0 < result.history[0]["train_loss"] < 10
+
+
+def test_an_unknown_optimizer_is_a_config_error_naming_the_valid_ones(tiny_config):
+    """It used to become RMSprop without a word."""
+    tiny_config.optim.optimizer = "lamb"   # set after validation, as a caller may
+    model = models.create_model("tutorial_net", num_classes=3).model
+    with pytest.raises(ConfigError, match="Unknown optimizer 'lamb'. Choose one of: sgd, adam, adamw, rmsprop, adagrad"):
+        trainer.build_optimizer(model, tiny_config)
 
 
 @pytest.fixture
@@ -443,6 +454,48 @@ def test_out_of_memory_on_a_gpu_names_the_batch_the_calculator_says_fits(tiny_co
     assert "batch size 16" in msg and f"says batch size {fits} fits" in msg, msg
 
 
+@pytest.mark.parametrize("error, logged_with_trace", [(ModelError("cannot size this model"), False),
+                                                      (TypeError("a bug in the calculator"), True)])
+def test_a_failing_out_of_memory_hint_is_logged_and_the_advice_stays(tiny_config, monkeypatch, caplog, error,
+                                                                     logged_with_trace):
+    """The calculator's batch is best effort: an expected refusal is logged in a line, anything
+    else (a bug) with its traceback; the message keeps the advice either way."""
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=2**30))
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(resources, "largest_fitting_batch", fail)
+    with caplog.at_level(logging.INFO, logger="core.trainer"):
+        msg = trainer._oom_message(tiny_config, (3, 32, 32), 3, torch.device("cuda", 0))
+    assert msg.startswith("Out of GPU memory at batch size 16.") and "Lower the batch size" in msg, msg
+    records = [r for r in caplog.records if "batch suggestion" in r.getMessage()]
+    assert len(records) == 1 and str(error) in records[0].getMessage() + str(records[0].exc_info)
+    assert (records[0].exc_info is not None) == logged_with_trace
+
+
+def test_a_failing_tensorboard_log_is_logged_with_its_trace_and_the_run_goes_on(tmp_path, tiny_config, monkeypatch,
+                                                                              caplog):
+    calls = []
+
+    def broken_sink(config, data_dir):
+        def sink(event):
+            calls.append(event)
+            raise ZeroDivisionError("a bug in the TensorBoard sink")
+        return sink
+
+    monkeypatch.setattr(trainer, "_tensorboard_sink", broken_sink)
+    tiny_config.tensorboard = True
+    tiny_config.epochs = 1
+    with caplog.at_level(logging.WARNING, logger="core.rundir"):   # the run's event log feeds TensorBoard
+        result = fit(tiny_config, runs_dir=tmp_path)
+    assert result.status == ev.FINISHED, result.message
+    records = [r for r in caplog.records if "TensorBoard" in r.getMessage()]
+    assert len(records) == 1 and records[0].exc_info[0] is ZeroDivisionError
+    assert len(calls) == 1   # the run went on without it, not failing on every event
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_out_of_memory_on_the_gpu_fails_the_run_with_the_calculators_batch(tmp_path, tiny_config, monkeypatch):
     tiny_config.device = "cuda"
@@ -566,3 +619,89 @@ def test_an_internal_error_names_no_server_path_and_keeps_the_trace(tmp_path, ti
     assert result.message.startswith("internal error: OSError: [Errno 5] Input/output error: 'cache.bin'")
     assert str(tmp_path) not in result.message and "error.log" in result.message
     assert f"{tmp_path}/secret/cache.bin" in (result.run_dir / "error.log").read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Defects of issue 13, each first seen failing
+# ---------------------------------------------------------------------------------------------
+def test_mixed_sizes_past_the_first_200_training_images_take_the_resizing_path(tmp_path, tiny_config):
+    """The native size used to be judged from the first 200 training images, all of class 'a'
+    here, so the 36×36 images of class 'b' reached the in-memory path, which takes one size only."""
+    rng = np.random.default_rng(0)
+    for cls, n, size in (("a", 260, 32), ("b", 30, 36)):
+        folder = tmp_path / "mixed" / cls
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    tiny_config.data.location = str(tmp_path / "mixed")
+    tiny_config.epochs = 1
+    seen, sink = _collect()
+    result = fit(tiny_config, runs_dir=tmp_path / "runs", on_event=sink)
+    assert result.status == ev.FINISHED, result.message
+    started = _of(ev.RunStarted, seen)[0]
+    assert any(note.startswith("data: DataLoader") for note in started.notes)
+    assert trainer.planned_input(tiny_config) == (2, started.input_shape)   # what the memory check sizes
+
+
+def test_a_resumed_run_stops_early_where_an_uninterrupted_one_does(tmp_path, tiny_config, monkeypatch):
+    """The epochs without improvement before a stop count after the resume too."""
+    tiny_config.epochs = 6
+    tiny_config.early_stopping_patience = 2
+    accuracies = [0.5, 0.4, 0.3, 0.2, 0.1, 0.05]   # only epoch 1 is ever the best
+    _script_val_accuracy(monkeypatch, accuracies)
+    one_go = fit(tiny_config, runs_dir=tmp_path / "a")
+    assert (one_go.status, one_go.epochs_completed) == (ev.FINISHED, 3)
+
+    monkeypatch.undo()
+    _script_val_accuracy(monkeypatch, accuracies)
+    epochs_seen = []
+    stopped = fit(tiny_config, runs_dir=tmp_path / "b",
+                  on_event=lambda e: epochs_seen.append(e) if isinstance(e, ev.EpochEnded) else None,
+                  should_stop=lambda: len(epochs_seen) >= 2)
+    assert (stopped.status, stopped.epochs_completed) == (ev.STOPPED, 2)
+    monkeypatch.undo()
+    _script_val_accuracy(monkeypatch, accuracies[2:])
+    resumed = fit(tiny_config, resume_from=stopped.run_dir / "last.pth")
+    assert (resumed.status, resumed.epochs_completed) == (ev.FINISHED, 3), resumed.message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="DataParallel without GPUs calls the model itself")
+def test_inputs_stay_channels_last_under_data_parallel(tiny_config):
+    prep = trainer.prepare(tiny_config)
+    model = prep.model.to(memory_format=torch.channels_last)
+    model._lab_channels_last = True
+    formats = []
+    model.register_forward_pre_hook(
+        lambda module, args: formats.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    wrapped = torch.nn.DataParallel(model)
+    optimizer = trainer.build_optimizer(model, tiny_config)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    trainer.train_one_epoch(wrapped, prep.train_loader, optimizer, loss_fn, prep.device, epoch=1, config=tiny_config)
+    trainer.evaluate(wrapped, prep.val_loader, loss_fn, prep.device)
+    assert formats and all(formats), formats
+
+
+@pytest.mark.parametrize("damage", ["missing", "not a checkpoint"])
+def test_a_resume_from_a_bad_checkpoint_ends_as_a_failed_run_instead_of_raising(tmp_path, tiny_config, damage):
+    """fit's promise: errors never escape; the run ends failed with the reason."""
+    run = tmp_path / "20250101-000000-tutorial_net-abcdef"
+    run.mkdir()
+    if damage != "missing":
+        (run / "last.pth").write_bytes(b"not a checkpoint")
+    seen, sink = _collect()
+    result = fit(tiny_config, on_event=sink, resume_from=run / "last.pth")
+    assert result.status == ev.FAILED and "last.pth" in result.message, result.message
+    assert isinstance(seen[-1], ev.RunFinished) and seen[-1].status == ev.FAILED
+    assert json.loads((run / "status.json").read_text())["status"] == ev.FAILED
+
+
+def test_the_plateau_schedulers_patience_is_a_setting(tmp_path, tiny_config, monkeypatch):
+    tiny_config.optim.scheduler = "plateau"
+    tiny_config.optim.plateau_patience = 0   # decay after the first epoch that does not improve
+    tiny_config.optim.gamma = 0.5
+    tiny_config.epochs = 3
+    _script_val_accuracy(monkeypatch, [0.5] * 3)
+    result = fit(tiny_config, runs_dir=tmp_path)
+    assert result.status == ev.FINISHED, result.message
+    lr = tiny_config.optim.lr
+    assert [row["lr"] for row in result.history] == pytest.approx([lr, lr, lr * 0.5])

@@ -62,6 +62,42 @@ def test_every_config_widget_is_bound_once(widget_ctx):
         assert needed in fields
 
 
+def _choice_values(widget) -> list:
+    return [value for _, value in widget.choices]
+
+
+def test_the_choice_lists_are_the_engines_registries(tmp_path):
+    """Optimizers, precisions and sources are listed from core's one registry of each, so a
+    name the engine gains shows up on every tab that offers it (adagrad: Memory had it, Train not)."""
+    from core import choices, datasets
+    from ui import tab_memory
+
+    ctx = AppContext(manager=None, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs")
+    with gr.Blocks() as demo:
+        ctx.session = gr.State(dict)
+        ctx.browser_id = gr.BrowserState(None)
+        tab_model.build(ctx)
+        tab_train.build(ctx)
+        tab_memory.build(ctx)
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    assert _choice_values(_widget(ctx, "optim.optimizer")) == choices.OPTIMIZERS.names()
+    assert _choice_values(_widget(ctx, "precision")) == choices.PRECISIONS.names()
+    assert _choice_values(by_id["mem_optimizer"]) == choices.OPTIMIZERS.names()
+    assert _choice_values(by_id["mem_precision"]) == choices.PRECISIONS.names()
+    assert sorted(tab_data.SOURCES.values()) == sorted(datasets.SOURCES.names())   # labels for every source
+
+
+def test_the_plateau_patience_shows_beside_the_schedule_when_it_is_plateau(widget_ctx):
+    patience = _widget(widget_ctx, "optim.plateau_patience")
+    assert patience.value == RunConfig().optim.plateau_patience and not patience.visible   # cosine by default
+    assert tab_train._plateau_only("plateau")["visible"] is True
+    assert tab_train._plateau_only("cosine")["visible"] is False
+    values = _defaults(widget_ctx)
+    values[_widget(widget_ctx, "optim.scheduler")] = "plateau"
+    values[patience] = 4.0
+    assert common.config_from_widgets(widget_ctx, values, session={}).optim.plateau_patience == 4
+
+
 def test_widget_defaults_give_the_default_run_config(widget_ctx):
     """What a user gets by pressing Start without touching anything equals RunConfig()'s defaults."""
     cfg = common.config_from_widgets(widget_ctx, _defaults(widget_ctx), session={})
@@ -631,7 +667,9 @@ def test_browser_ids_outlive_a_server_restart_and_page_loads_run_side_by_side(tm
     secret = secret_file.read_text()
     assert len(secret) >= 16 and secret_file.stat().st_mode & 0o077 == 0  # owner only
     assert keys[0] == identity.storage_key(secret) and secret not in keys[0]
-    assert secret not in str(apps[0].get_config_file())                 # the page never sees the signing key
+    config = str(apps[0].get_config_file())
+    assert secret not in config                                           # the page never sees the signing key
+    assert "AppContext(" not in config and "RunHistory" not in config     # nor the server's objects
     other = ui_app.build_app(JobManager(runs_dir=tmp_path / "other", max_jobs=1), runs_dir=tmp_path / "other")
     assert other.blocks is not None and (tmp_path / "other" / ui_app.SECRET_FILE).read_text() != secret
     assert apps[0]._queue.default_concurrency_limit == ui_app.DEFAULT_CONCURRENCY > 1

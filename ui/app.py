@@ -5,7 +5,6 @@ JobManager and polls them with a gr.Timer (see core/jobs.py for why).
 """
 from __future__ import annotations
 
-import functools
 import os
 import secrets
 import tempfile
@@ -111,8 +110,11 @@ def build_app(manager, data_dir: str | Path = "data", runs_dir: str | Path = "ru
         # A plain {} (deep-copied for each new session), not gr.State(dict): a callable value adds a
         # page-load event (and a public "/dict" endpoint) that resets the state to a fresh dict; it
         # raced the Data tab's load and sometimes wiped the dataset a page had just loaded.
-        # When Gradio drops a page's state (tab closed), the dataset built in it cleans up.
-        ctx.session = gr.State({}, delete_callback=functools.partial(tab_data.close_session, ctx))
+        # When Gradio drops a page's state (tab closed), the dataset built in it cleans up. A plain
+        # function: Gradio puts the callback's repr in the page config (a partial showed ctx).
+        def close_session(session):
+            tab_data.close_session(ctx, session)
+        ctx.session = gr.State({}, delete_callback=close_session)
         # The browser token (core.identity) is kept in localStorage. Gradio puts a BrowserState's
         # secret in the page config, so it gets a key derived from the signing secret, never the
         # secret itself; both last across restarts, so a browser keeps its runs (Resume, the

@@ -33,7 +33,9 @@ class AppContext:
     config_fields: dict = field(default_factory=dict)  # widget → dotted RunConfig field
     shared: dict = field(default_factory=dict)         # components one tab exposes to another
     history: Any = None             # core.runs.RunHistory, when the history index is available
-    secret: str | None = None       # signs browser tokens; None: every caller is only its session
+    # signs browser tokens; None: every caller is only its session. Never in a repr (a repr can
+    # end up in the page's config, as a gr.State's delete_callback did).
+    secret: str | None = field(default=None, repr=False)
     teacher: tuple[str, str] | None = None   # --teacher (login name, password)
     login: bool = False             # --auth: the login name is the identity
     private_runs: bool = False      # --private-runs: nobody sees others' runs but the teacher

@@ -7,12 +7,11 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from core import memory
+from core import choices, memory
 from ui import plots
 from ui.common import AppContext, safe
 from ui.tab_model import model_shape
 
-OPTIMIZERS = ["sgd", "adam", "adamw", "rmsprop"]
 MiB = 2**20
 # The training bar's segments: the table's component rows (core.memory.MemoryEstimate fields) they
 # add up, so the bar's total is the table's "training total (sum of the above)".
@@ -73,8 +72,8 @@ def build(ctx: AppContext) -> None:
                 "step, not a rule of thumb; nothing is allocated.")
     with gr.Row():
         batch = gr.Slider(1, 1024, value=64, step=1, label="Batch size", elem_id="mem_batch")
-        optimizer = gr.Dropdown(OPTIMIZERS, value="sgd", label="Optimizer", info="SGD with momentum 0.9 keeps 1 extra copy of the weights, Adam/AdamW 2", elem_id="mem_optimizer")
-        precision = gr.Radio(["fp32", "bf16", "fp16"], value="fp32", label="Precision (mixed for bf16/fp16)",
+        optimizer = gr.Dropdown(choices.OPTIMIZERS.names(), value="sgd", label="Optimizer", info="SGD with momentum 0.9 keeps 1 extra copy of the weights, Adam/AdamW 2", elem_id="mem_optimizer")
+        precision = gr.Radio(choices.PRECISIONS.names(), value="fp32", label="Precision (mixed for bf16/fp16)",
                              elem_id="mem_precision")
         budget = gr.Dropdown([f"{g} GB" for g in memory.MEMORY_BUDGETS_GB], value="8 GB",
                              label="Memory budget", elem_id="mem_budget")

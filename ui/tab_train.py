@@ -16,7 +16,8 @@ import gradio as gr
 import pandas as pd
 
 from core import events as ev, rundir, runrecord
-from core.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, OptimConfig, RunConfig
+from core.choices import OPTIMIZERS, PRECISIONS
+from core.config import SCHEDULERS, OptimConfig, RunConfig
 from core.errors import ConfigError, LabError
 from core.resume import Wording, plan_resume
 from ui import plots
@@ -47,14 +48,19 @@ def build(ctx: AppContext) -> None:
                                       label="Batch size", allow_custom_value=True, elem_id="batch_size"),
                      "data.batch_size", _whole_batch_size)
             with gr.Row():
-                bind(ctx, gr.Dropdown(list(OPTIMIZERS), value=_O.optimizer, label="Optimizer",
+                bind(ctx, gr.Dropdown(OPTIMIZERS.names(), value=_O.optimizer, label="Optimizer",
                                       elem_id="optimizer"), "optim.optimizer")
                 bind(ctx, gr.Number(_O.lr, label="Learning rate", minimum=0, elem_id="lr"), "optim.lr")
             with gr.Row():
-                bind(ctx, gr.Dropdown(list(SCHEDULERS), value=_O.scheduler, label="LR schedule",
-                                      elem_id="scheduler"), "optim.scheduler")
+                scheduler = bind(ctx, gr.Dropdown(list(SCHEDULERS), value=_O.scheduler, label="LR schedule",
+                                                  elem_id="scheduler"), "optim.scheduler")
                 bind(ctx, gr.Number(_O.warmup_epochs, label="Warm-up epochs", precision=0, minimum=0),
                      "optim.warmup_epochs", int)
+                patience = bind(ctx, gr.Number(_O.plateau_patience, label="Plateau patience (epochs)", precision=0,
+                                               minimum=0, visible=_O.scheduler == "plateau",
+                                               elem_id="plateau_patience"), "optim.plateau_patience", int)
+            scheduler.change(_plateau_only, scheduler, patience, queue=False, show_progress="hidden",
+                             api_visibility="private")
             with gr.Accordion("More settings", open=False):
                 with gr.Row():
                     bind(ctx, gr.Number(_O.momentum, label="Momentum", minimum=0, maximum=0.999), "optim.momentum")
@@ -77,7 +83,7 @@ def build(ctx: AppContext) -> None:
                 with gr.Row():
                     bind(ctx, gr.Dropdown(["auto", "cpu", "cuda", "mps"], value=_D.device, label="Device",
                                           allow_custom_value=True, elem_id="device"), "device")
-                    bind(ctx, gr.Dropdown(list(PRECISIONS), value=_D.precision, label="Precision"), "precision")
+                    bind(ctx, gr.Dropdown(PRECISIONS.names(), value=_D.precision, label="Precision"), "precision")
                 with gr.Row():
                     bind(ctx, gr.Number(_D.seed, label="Seed", precision=0), "seed", int)
                     bind(ctx, gr.Checkbox(_D.deterministic, label="Deterministic"), "deterministic")
@@ -217,6 +223,11 @@ def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
     ctx.browser_id.change(reconnect, [ctx.session, ctx.browser_id], outputs + widgets, api_visibility="private",
                           show_progress="hidden")
     _wire_next_steps(ctx)
+
+
+def _plateau_only(scheduler: str):
+    """The plateau schedule's patience is shown with that schedule only."""
+    return gr.update(visible=scheduler == "plateau")
 
 
 def _wire_status_line(ctx: AppContext, presses: list, status, next_row) -> dict:
