@@ -257,3 +257,33 @@ def test_a_dataset_made_in_the_browser_trains(server, browser, size, tmp_path):
     shot(pg, f"first-time-builder-evaluate-{size}")
     assert pg.lab["page_errors"] == []
     pg.context.close()
+
+
+def test_a_webcam_shot_goes_into_the_chosen_class(server):
+    """Chromium's fake camera (a test pattern) stands in for the webcam: the shot is taken in the
+    page, added to the chosen class, and counted."""
+    sync_api = _require_browser()
+    from playwright.sync_api import expect
+
+    with sync_api.sync_playwright() as p:
+        cam = p.chromium.launch(executable_path=str(CHROMIUM),
+                                args=ARGS + ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+        context = cam.new_context(viewport=SIZES["1280x800"], permissions=["camera"])
+        pg = context.new_page()
+        pg.goto(server["url"])
+        expect(pg.locator("#data_info")).to_contain_text("2,500 images", timeout=60_000)
+        pg.locator("#builder").get_by_text("Make your own dataset").click()
+        for cls in ("me", "not me"):
+            pg.locator("#builder_name").locator("input, textarea").fill(cls)
+            pg.locator("#builder_add").click()
+            expect(pg.locator("#builder_note")).to_contain_text(f"Added class {cls}", timeout=30_000)
+        expect(pg.locator("#builder_class input")).to_have_value("not me")
+        webcam = pg.locator("#builder_shot")
+        webcam.locator("[title='grant webcam access'] button").click()
+        webcam.locator("button[aria-label='capture photo']").click(timeout=30_000)
+        pg.locator("#builder_add_shot").click()
+        expect(pg.locator("#builder_note")).to_contain_text("Added 1 image(s) to not me", timeout=60_000)
+        expect(pg.locator("#builder_counts")).to_contain_text(re.compile(r"not me\s+1\b"))
+        shot(pg, "first-time-webcam-1280x800")
+        context.close()
+        cam.close()
