@@ -28,7 +28,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import tarfile
 import tempfile
 import threading
@@ -38,7 +37,6 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
-from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
@@ -46,6 +44,7 @@ from PIL import Image, UnidentifiedImageError
 
 from core import paths
 from core.errors import ConfigError, DataError, MissingFileError
+from core.offline import DOWNLOAD_PROBE_TIMEOUT_S, downloads_off, probe_network  # noqa: F401 (re-exported)
 from core.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,7 +99,6 @@ MAX_GZ_UNPACKED_BYTES = 256 << 20
 # Torchvision sets: checked against the official MD5 sums unless turned off (custom subsets saved in
 # the official on-disk format, and the test suite, use the unverified path).
 VERIFY_CHECKSUMS = True
-DOWNLOAD_PROBE_TIMEOUT_S = 3.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1153,30 +1151,6 @@ def _md5_ok(path: Path, md5: str) -> bool:
     from torchvision.datasets.utils import check_integrity
 
     return check_integrity(str(path), md5)
-
-
-def downloads_off() -> str | None:
-    """Why nothing may be downloaded ("downloads are off: CLASSIFIER_LAB_OFFLINE is set"), or None.
-    The lab's one offline switch, core.models.OFFLINE_ENV, which also keeps ImageNet weights from
-    downloading: an air-gapped machine must never wait on, or half-fetch, a dataset either."""
-    from core.models import OFFLINE_ENV   # here: core.models imports torch
-
-    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
-        return f"downloads are off: {OFFLINE_ENV} is set"
-    return None
-
-
-def probe_network(url: str, timeout: float = DOWNLOAD_PROBE_TIMEOUT_S) -> str | None:
-    """None when the download host answers within ``timeout``, else the reason.
-
-    torchvision's downloader has no timeout; probing first keeps an offline machine from hanging.
-    """
-    u = urlparse(url)
-    try:
-        with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout):
-            return None
-    except OSError as e:
-        return f"cannot reach {u.hostname}: {e}"
 
 
 @SOURCES.register("torchvision")

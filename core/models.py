@@ -48,6 +48,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torchvision.models.vision_transformer import VisionTransformer
 
+from core import offline
 from core.errors import MissingFileError, ModelError
 from core.registry import Registry
 
@@ -60,7 +61,7 @@ __all__ = [
 ]
 
 # Set to "1" to never try to download ImageNet weights (tests, air-gapped machines).
-OFFLINE_ENV = "CLASSIFIER_LAB_OFFLINE"
+OFFLINE_ENV = offline.OFFLINE_ENV   # the one switch (core.offline); kept here for callers
 DOWNLOAD_TIMEOUT_S = 15.0
 # A weights file must fill at least this share of the model's tensors, otherwise it is taken to
 # belong to another architecture (a new head or stem alone never comes close to half).
@@ -997,11 +998,10 @@ def _missing_message(name: str, file_name: str, folder: Path, url: str, why: str
 def _download_blocked(url: str) -> str | None:
     """Why ``url`` cannot be downloaded now, as the end of a sentence (" (downloads are off: ...)",
     " and cannot be downloaded (...)"), or None when a download may start."""
-    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
-        return f" (downloads are off: {OFFLINE_ENV} is set)"
-    from core.datasets import probe_network   # here: core.datasets is heavier to import
-
-    reason = probe_network(url)   # a short probe: urllib alone may hang offline
+    off = offline.downloads_off()
+    if off:
+        return f" ({off})"
+    reason = offline.probe_network(url)   # a short probe: urllib alone may hang offline
     return None if reason is None else f" and cannot be downloaded ({reason})"
 
 

@@ -297,7 +297,7 @@ def test_missing_imagenet_file_names_file_and_folder(tmp_path):
 
 def test_download_when_network_allows(tmp_path, monkeypatch):
     monkeypatch.delenv(M.OFFLINE_ENV)
-    monkeypatch.setattr("core.datasets.probe_network", lambda url, timeout=3.0: None)   # the host answers
+    monkeypatch.setattr("core.offline.probe_network", lambda url, timeout=3.0: None)   # the host answers
     sd = get_model("squeezenet1_1", weights=None).state_dict()
     calls = []
 
@@ -316,7 +316,7 @@ def test_failed_download_is_a_missing_file(tmp_path, monkeypatch):
     import urllib.error
 
     monkeypatch.delenv(M.OFFLINE_ENV)
-    monkeypatch.setattr("core.datasets.probe_network", lambda url, timeout=3.0: None)
+    monkeypatch.setattr("core.offline.probe_network", lambda url, timeout=3.0: None)
 
     def cut(url, dst, timeout=M.DOWNLOAD_TIMEOUT_S):
         raise urllib.error.URLError("connection reset by peer")
@@ -334,7 +334,7 @@ def test_offline_pretrained_is_refused_before_a_run_is_queued(tmp_path, monkeypa
 
     monkeypatch.delenv(M.OFFLINE_ENV)
     monkeypatch.setattr(M, "_hub_folder", lambda weights_dir=None: tmp_path)
-    monkeypatch.setattr("core.datasets.probe_network",
+    monkeypatch.setattr("core.offline.probe_network",
                         lambda url, timeout=3.0: "cannot reach download.pytorch.org: [Errno -2] Name or service not known")
     monkeypatch.setattr(M, "_download", lambda *a, **k: pytest.fail("no download without a network"))
     name = _file_name("squeezenet1_1")
