@@ -67,7 +67,7 @@ def test_training_curves_two_panels_same_colour_per_split():
     for t in fig.data:
         by_split.setdefault(t.name, []).append(t)
     assert set(by_split) == {"train", "val"}
-    for split, traces in by_split.items():
+    for traces in by_split.values():
         assert {t.xaxis for t in traces} == {"x", "x2"}                 # one per panel
         assert len({t.line.color for t in traces}) == 1                  # same colour in both
         assert sum(bool(t.showlegend) for t in traces) == 1              # one legend entry
