@@ -1178,8 +1178,8 @@ def max_batch_size(model_factory: Callable[[], nn.Module], input_shape: tuple[in
     :class:`MaxBatch` that also carries ``reason``, ``estimate``, ``per_sample_bytes``, ``fixed_bytes``).
 
     ``total`` is what must fit: ``"required"`` (default; same as ``"step_peak"``: the simulated
-    peak of a training step), ``"training"`` (the sum of components; no step simulation, about
-    2× faster) or ``"inference"``. Activations and the input grow linearly with the batch,
+    peak of a training step), ``"training"`` (the sum of components; faster, as no step is
+    simulated) or ``"inference"``. Activations and the input grow linearly with the batch,
     so each total is affine in the batch (the sum of components exactly) or the maximum of a
     few affine pieces (the step peak: where in the backward pass the peak falls moves with the
     batch). The line through batches 2 and 4 is solved for the budget and the answer verified by
