@@ -72,7 +72,7 @@ def _checkpoint(run_or_ckpt) -> Path:
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit")
-@pytest.mark.parametrize("which", ["tutorial_net", "mobilenet_v3_small"])
+@pytest.mark.parametrize("which", ["tutorial_net", pytest.param("mobilenet_v3_small", marks=pytest.mark.slow)])
 def test_torchscript_and_onnx_match_pytorch_on_real_images(which, trained_run, mobilenet_checkpoint,
                                                           tiny_folder, tmp_path):
     ort = pytest.importorskip("onnxruntime")
@@ -107,7 +107,7 @@ def test_torchscript_and_onnx_match_pytorch_on_real_images(which, trained_run, m
     assert side["transform"] == predictor.transform_state
 
 
-@pytest.mark.parametrize("which", ["tutorial_net", "mobilenet_v3_small"])
+@pytest.mark.parametrize("which", ["tutorial_net", pytest.param("mobilenet_v3_small", marks=pytest.mark.slow)])
 def test_onnx_with_the_torch_export_based_exporter(which, trained_run, mobilenet_checkpoint, tiny_folder, tmp_path):
     """The path the dashboard takes: export_onnx with its default exporter ("auto"), which with
     onnxscript installed is the torch.export-based one."""
