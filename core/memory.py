@@ -703,8 +703,27 @@ def _trace_saved(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: 
     param_keys = {_skey(p) for p in model.parameters()}
     buffer_keys = {_skey(b) for b in model.buffers()}
     input_keys = {_skey(x), _skey(y)}
-    saved: dict[int, tuple[int, str]] = {}  # storage → (bytes, layer that saved it first)
     stack = _ModuleStack(model)
+    try:
+        saved, first_save, casts, loss, logits = _forward_saving(model, x, y, precision, device_type, fake,
+                                                                 param_keys, stack)
+    finally:
+        stack.remove()
+    output_keys = {_skey(logits), _skey(loss)}
+    (act, wcopy, psaved, isaved), per_layer = _sort_saved(saved, casts, param_keys | buffer_keys, input_keys,
+                                                          output_keys)
+    out_bytes = _snbytes(logits) + _snbytes(loss)
+    layers = _saved_by_layer(stack, per_layer, first_save, tuple(loss.shape))
+    trace = _SavedTrace(act, wcopy, psaved, isaved, out_bytes, tuple(logits.shape), layers)
+    return trace, loss, logits
+
+
+def _forward_saving(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str, device_type: str,
+                    fake: bool, param_keys: set[int], stack: _ModuleStack):
+    """The forward + loss of :func:`_trace_saved` under autocast. Returns ``saved`` (storage →
+    (bytes, layer that saved it first)), ``first_save`` (layer → when it first saved, on the
+    ``stack``'s clock), the weight casts alive at the end of the region, the loss and the logits."""
+    saved: dict[int, tuple[int, str]] = {}
     in_loss = [False]
     first_save: dict[str, float] = {}
 
@@ -717,23 +736,26 @@ def _trace_saved(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: 
         return t
 
     recorder = _CastRecorder(param_keys, fix_norm_stats=fake)
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
-            with _autocast_ctx(precision, device_type):
-                out = model(x)
-                logits = _logits_of(out)
-                in_loss[0] = True
-                loss = _loss_of(logits, y)
-                del out
-                # still inside autocast: its cache of weight copies is alive
-                casts = recorder.alive()
-    finally:
-        stack.remove()
-    output_keys = {_skey(logits), _skey(loss)}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
+        with _autocast_ctx(precision, device_type):
+            out = model(x)
+            logits = _logits_of(out)
+            in_loss[0] = True
+            loss = _loss_of(logits, y)
+            del out
+            # still inside autocast: its cache of weight copies is alive
+            casts = recorder.alive()
+    return saved, first_save, casts, loss, logits
+
+
+def _sort_saved(saved: dict[int, tuple[int, str]], casts: dict[int, tuple[int, bool]], weight_keys: set[int],
+                input_keys: set[int], output_keys: set[int]) -> tuple[tuple[int, int, int, int], dict[str, int]]:
+    """What autograd saved, by kind: (activations, half-precision weight copies, saved weights and
+    buffers, saved input) in bytes, and the activation bytes of each layer."""
     act = wcopy = psaved = isaved = 0
     per_layer: dict[str, int] = {}
     for key, (n, layer) in saved.items():
-        if key in param_keys or key in buffer_keys:
+        if key in weight_keys:
             psaved += n
         elif key in input_keys:
             isaved += n
@@ -749,22 +771,28 @@ def _trace_saved(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: 
     for key, (n, trainable) in casts.items():
         if key in saved or trainable:
             wcopy += n
-    out_bytes = _snbytes(logits) + _snbytes(loss)
-    rows = []  # leaf modules in call order; a container where its own forward saved something
+    return (act, wcopy, psaved, isaved), per_layer
+
+
+def _saved_by_layer(stack: _ModuleStack, per_layer: dict[str, int], first_save: dict[str, float],
+                    loss_shape: tuple[int, ...]) -> pd.DataFrame:
+    """The trace's layer table: leaf modules in call order, and a container where its own forward
+    saved something (at its first save), then the loss when it saved something."""
+    rows = []
     for name in stack.order:
         info = stack.info[name]
         if info["leaf"]:
-            rows.append((info["first"], name, info["type"], per_layer.get(name, 0), info["output_shape"], info["calls"]))
+            rows.append((info["first"], name, info["type"], per_layer.get(name, 0), info["output_shape"],
+                         info["calls"]))
         elif per_layer.get(name, 0) > 0:
             rows.append((first_save.get(name, info["first"]), name, info["type"], per_layer[name],
                          info["output_shape"], info["calls"]))
     if per_layer.get("(loss)", 0):
-        rows.append((float("inf"), "(loss)", "CrossEntropyLoss", per_layer["(loss)"], tuple(loss.shape), 1))
+        rows.append((float("inf"), "(loss)", "CrossEntropyLoss", per_layer["(loss)"], loss_shape, 1))
     rows.sort(key=lambda r: r[0])
     layers = pd.DataFrame([r[1:] for r in rows], columns=["layer", "type", "saved_bytes", "output_shape", "calls"])
     layers["saved_bytes"] = layers["saved_bytes"].astype("int64")
-    trace = _SavedTrace(act, wcopy, psaved, isaved, out_bytes, tuple(logits.shape), layers)
-    return trace, loss, logits
+    return layers
 
 
 def _unique_bytes(tensors: Iterable[torch.Tensor]) -> tuple[int, set[int]]:
@@ -1103,8 +1131,8 @@ def max_batch_size(model_factory: Callable[[], nn.Module], input_shape: tuple[in
     :class:`MaxBatch` that also carries ``reason``, ``estimate``, ``per_sample_bytes``, ``fixed_bytes``).
 
     ``total`` is what must fit: ``"required"`` (default; same as ``"step_peak"``: the simulated
-    peak of a training step), ``"training"`` (the sum of components; no step simulation, about
-    2× faster) or ``"inference"``. Activations and the input grow linearly with the batch,
+    peak of a training step), ``"training"`` (the sum of components; faster, as no step is
+    simulated) or ``"inference"``. Activations and the input grow linearly with the batch,
     so each total is affine in the batch (the sum of components exactly) or the maximum of a
     few affine pieces (the step peak: where in the backward pass the peak falls moves with the
     batch). The line through batches 2 and 4 is solved for the budget and the answer verified by
@@ -1126,45 +1154,71 @@ def max_batch_size(model_factory: Callable[[], nn.Module], input_shape: tuple[in
     simulate = total in ("required", "step_peak")
     inference = total == "inference"
     prep: _Prepared | None = None
-    memo: dict[int, MemoryEstimate] = {}
 
-    def est_at(b: int) -> MemoryEstimate:
+    def estimate_at(b: int) -> MemoryEstimate:
         nonlocal prep
-        if b not in memo:
-            memo[b], prep = _estimate(prep, model_factory, shape, b, spec, momentum, precision, overhead,
-                                      options, simulate, inference, target_device, key)
-        return memo[b]
+        est, prep = _estimate(prep, model_factory, shape, b, spec, momentum, precision, overhead,
+                              options, simulate, inference, target_device, key)
+        return est
 
-    def value(b: int) -> int:
-        return _pick_total(est_at(b), total)
-
-    def fits(b: int) -> bool:
-        return value(b) <= budget
-
+    curve = _BatchCurve(estimate_at, total, budget)
     # Batch 1 cannot train models whose BatchNorm sees a 1x1 feature map, so the search starts
     # at 2; batch 1 is looked at only when 2 does not fit.
-    if not fits(2):
-        try:
-            e1 = est_at(1)
-        except ModelError as err:
-            return MaxBatch(0, f"Batch 1 cannot train this model ({err}); batch 2 needs "
-                               f"{mib(value(2)):,.1f} MiB, more than the budget of {mib(budget):,.1f} MiB.",
-                            est_at(2))
-        if not fits(1):
-            return MaxBatch(0, (
-                f"Even batch 1 needs {mib(value(1)):,.1f} MiB ({total}), more than the budget of "
-                f"{mib(budget):,.1f} MiB: weights, gradients and optimiser state alone take "
-                f"{mib(e1.param_bytes + e1.buffer_bytes + e1.gradient_bytes + e1.optimizer_bytes):,.1f} MiB. "
-                f"Use a smaller model, freeze layers, a lighter optimiser, mixed precision or a smaller "
-                f"input size."), e1)
-        return MaxBatch(1, f"batch 1 needs {mib(value(1)):,.1f} MiB of the {mib(budget):,.1f} MiB budget; "
-                           f"batch 2 would need {mib(value(2)):,.1f} MiB", e1,
-                        per_sample_bytes=value(2) - value(1), fixed_bytes=2 * value(1) - value(2))
+    if not curve.fits(2):
+        return _below_two(curve)
+    return _answer(curve, _largest_fitting(curve, limit), limit)
 
-    # Each total is the maximum of a few affine functions of the batch (convex, increasing), so
-    # the secant through the last two fitting batches never stops short of the answer and the
-    # chord between a fitting and a non-fitting batch never overshoots it: alternating the two
-    # brackets the answer within a few estimates (exact on the last affine piece).
+
+class _BatchCurve:
+    """The chosen ``total`` of the estimate as a function of the batch, each batch estimated once."""
+
+    def __init__(self, estimate_at: Callable[[int], MemoryEstimate], total: str, budget: int):
+        self._estimate_at = estimate_at
+        self._memo: dict[int, MemoryEstimate] = {}
+        self.total = total
+        self.budget = budget
+
+    def est(self, b: int) -> MemoryEstimate:
+        if b not in self._memo:
+            self._memo[b] = self._estimate_at(b)
+        return self._memo[b]
+
+    def value(self, b: int) -> int:
+        return _pick_total(self.est(b), self.total)
+
+    def fits(self, b: int) -> bool:
+        return self.value(b) <= self.budget
+
+
+def _below_two(curve: _BatchCurve) -> MaxBatch:
+    """The answer when batch 2 does not fit: 1, or 0 with the reason."""
+    value, budget, total = curve.value, curve.budget, curve.total
+    try:
+        e1 = curve.est(1)
+    except ModelError as err:
+        return MaxBatch(0, f"Batch 1 cannot train this model ({err}); batch 2 needs "
+                           f"{mib(value(2)):,.1f} MiB, more than the budget of {mib(budget):,.1f} MiB.",
+                        curve.est(2))
+    if not curve.fits(1):
+        return MaxBatch(0, (
+            f"Even batch 1 needs {mib(value(1)):,.1f} MiB ({total}), more than the budget of "
+            f"{mib(budget):,.1f} MiB: weights, gradients and optimiser state alone take "
+            f"{mib(e1.param_bytes + e1.buffer_bytes + e1.gradient_bytes + e1.optimizer_bytes):,.1f} MiB. "
+            f"Use a smaller model, freeze layers, a lighter optimiser, mixed precision or a smaller "
+            f"input size."), e1)
+    return MaxBatch(1, f"batch 1 needs {mib(value(1)):,.1f} MiB of the {mib(budget):,.1f} MiB budget; "
+                       f"batch 2 would need {mib(value(2)):,.1f} MiB", e1,
+                    per_sample_bytes=value(2) - value(1), fixed_bytes=2 * value(1) - value(2))
+
+
+def _largest_fitting(curve: _BatchCurve, limit: int) -> int:
+    """The largest batch from 2 to ``limit`` that fits (batch 2 does).
+
+    Each total is the maximum of a few affine functions of the batch (convex, increasing), so
+    the secant through the last two fitting batches never stops short of the answer and the
+    chord between a fitting and a non-fitting batch never overshoots it: alternating the two
+    brackets the answer within a few estimates (exact on the last affine piece)."""
+    value, fits, budget = curve.value, curve.fits, curve.budget
     lo_prev, lo, hi = 2, 4, None
     if not fits(4):
         lo, hi = 2, 4
@@ -1197,8 +1251,13 @@ def max_batch_size(model_factory: Callable[[], nn.Module], input_shape: tuple[in
         while hi is not None and hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    answer = min(lo, limit)
-    e = est_at(answer)
+    return min(lo, limit)
+
+
+def _answer(curve: _BatchCurve, answer: int, limit: int) -> MaxBatch:
+    """``answer`` (at least 2) with its reason and the affine fit through batch 2."""
+    value, budget, total = curve.value, curve.budget, curve.total
+    e = curve.est(answer)
     slope = (value(answer) - value(2)) / (answer - 2) if answer > 2 else value(4) - value(2)
     fixed = int(value(answer) - slope * answer)
     per = f"about {mib(slope):,.3f} MiB per image"
@@ -1269,67 +1328,83 @@ def measure_training_step_memory(model: nn.Module, input_shape: tuple[int, int, 
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' was asked for but no CUDA GPU is available.")
     g = torch.Generator().manual_seed(seed)
-    cuda = device.type == "cuda"
     model = model.to(device)
     x = torch.randn((batch, *shape), generator=g).to(device)
     opt = spec.build([p for p in model.parameters() if p.requires_grad], momentum, options)
+    y = _random_labels(model, x, g, device)
     ac_device = device.type if device.type in ("cuda", "cpu") else "cpu"
 
-    def _step(trace: bool):
-        opt.zero_grad(set_to_none=True)
-        if trace:
-            tr, loss, logits = _trace_saved(model, x, y, precision, ac_device)
-        else:
-            with _autocast_ctx(precision, ac_device):
-                logits = _logits_of(model(x))  # held through the step, like `outputs = net(inputs)`
-                loss = _loss_of(logits, y)
-            tr = None
-        loss.backward()
-        opt.step()
-        return tr
+    def step(trace: bool) -> _SavedTrace | None:
+        return _training_step(model, opt, x, y, precision, ac_device, trace)
 
-    _set_train(model, False)  # eval: a batch of 1 must not trip BatchNorm's batch-size check
+    with _onednn(onednn):
+        used_onednn = bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+                           and device.type != "cuda")
+        report, method = _measured_steps(step, model, opt, x, y, device, measure_peak)
+    return {**report, "device": str(device), "precision": precision, "threads": torch.get_num_threads(),
+            "onednn": used_onednn, "method": method}
+
+
+def _random_labels(model: nn.Module, x: torch.Tensor, g: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Labels drawn from ``g`` for the classes the model outputs (counted on one image in eval mode:
+    a batch of 1 must not trip BatchNorm's batch-size check); the model is left in train mode."""
+    _set_train(model, False)
     with torch.no_grad():
         num_out = _logits_of(model(x[:1])).shape[-1]
     _set_train(model, True)
-    y = torch.randint(0, int(num_out), (batch,), generator=g).to(device)
-    flags = torch.backends.mkldnn.flags(enabled=onednn) if onednn is not None else contextlib.nullcontext()
+    return torch.randint(0, int(num_out), (x.shape[0],), generator=g).to(device)
+
+
+def _training_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, precision: str,
+                   ac_device: str, trace: bool) -> _SavedTrace | None:
+    """One real step (forward, cross-entropy, backward, ``opt.step()``); with ``trace`` it records
+    what autograd saves, as the estimate does, and returns that trace."""
+    opt.zero_grad(set_to_none=True)
+    if trace:
+        tr, loss, logits = _trace_saved(model, x, y, precision, ac_device)
+    else:
+        with _autocast_ctx(precision, ac_device):
+            logits = _logits_of(model(x))  # held through the step, like `outputs = net(inputs)`
+            loss = _loss_of(logits, y)
+        tr = None
+    loss.backward()
+    opt.step()
+    return tr
+
+
+_ONEDNN_TF32_WARNING = ".*TF32 acceleration on top of oneDNN.*"
+
+
+@contextlib.contextmanager
+def _onednn(enabled: bool | None):
+    """``torch.backends.mkldnn.flags(enabled=...)`` around the block (nothing when None), without
+    the warning about Intel-GPU TF32 that those flags give on every call."""
+    flags = torch.backends.mkldnn.flags(enabled=enabled) if enabled is not None else contextlib.nullcontext()
     with warnings.catch_warnings():
-        # torch.backends.mkldnn.flags() warns about Intel-GPU TF32 on every call
-        warnings.filterwarnings("ignore", message=".*TF32 acceleration on top of oneDNN.*")
+        warnings.filterwarnings("ignore", message=_ONEDNN_TF32_WARNING)
         flags.__enter__()
     try:
-        used_onednn = bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and not cuda)
-        trace = _step(trace=True)
-        grad_bytes, _ = _unique_bytes([p.grad for p in model.parameters() if p.grad is not None])
-        opt.zero_grad(set_to_none=True)
-        param_bytes, _ = _unique_bytes(model.parameters())
-        buffer_bytes, _ = _unique_bytes(model.buffers())
-        state_bytes, _ = _unique_bytes(_optimizer_state_tensors(opt))
-        input_bytes, _ = _unique_bytes([x, y])
-        baseline, _ = _unique_bytes([*model.parameters(), *model.buffers(), *_optimizer_state_tensors(opt), x, y])
-        if not measure_peak:
-            peak = delta = net = None
-            method = "first step only (no peak measured)"
-        elif cuda:
-            torch.cuda.synchronize(device)
-            at_start = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            _step(trace=False)
-            torch.cuda.synchronize(device)
-            peak_abs = torch.cuda.max_memory_allocated(device)
-            delta, net = peak_abs - at_start, torch.cuda.memory_allocated(device) - at_start
-            peak = baseline + delta
-            method = ("steady-state baseline + torch.cuda.max_memory_allocated() - memory_allocated() "
-                      "around one step (after reset_peak_memory_stats())")
-        else:
-            delta, net = _profiler_peak(lambda: _step(trace=False))
-            peak = baseline + delta
-            method = "torch.profiler(profile_memory=True) allocator peak + steady-state baseline"
+        yield
     finally:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*TF32 acceleration on top of oneDNN.*")
+            warnings.filterwarnings("ignore", message=_ONEDNN_TF32_WARNING)
             flags.__exit__(None, None, None)
+
+
+def _measured_steps(step: Callable[[bool], _SavedTrace | None], model: nn.Module, opt: torch.optim.Optimizer,
+                    x: torch.Tensor, y: torch.Tensor, device: torch.device, measure_peak: bool) -> tuple[dict, str]:
+    """The two steps of :func:`measure_training_step_memory`: the first traced (saved activations,
+    gradients, optimiser state), the second measured. Returns the report's byte counts and layers,
+    and how the peak was measured."""
+    trace = step(True)
+    grad_bytes, _ = _unique_bytes([p.grad for p in model.parameters() if p.grad is not None])
+    opt.zero_grad(set_to_none=True)
+    param_bytes, _ = _unique_bytes(model.parameters())
+    buffer_bytes, _ = _unique_bytes(model.buffers())
+    state_bytes, _ = _unique_bytes(_optimizer_state_tensors(opt))
+    input_bytes, _ = _unique_bytes([x, y])
+    baseline, _ = _unique_bytes([*model.parameters(), *model.buffers(), *_optimizer_state_tensors(opt), x, y])
+    peak, delta, net, method = _step_peak(lambda: step(False), baseline, device, measure_peak)
     return {
         "peak_bytes": None if peak is None else int(peak),
         "baseline_bytes": int(baseline),
@@ -1344,9 +1419,23 @@ def measure_training_step_memory(model: nn.Module, input_shape: tuple[int, int, 
         "weight_copy_bytes": int(trace.weight_copy_bytes),
         "output_bytes": int(trace.output_bytes),
         "layers": trace.layers,
-        "device": str(device),
-        "precision": precision,
-        "threads": torch.get_num_threads(),
-        "onednn": used_onednn,
-        "method": method,
-    }
+    }, method
+
+
+def _step_peak(step: Callable[[], Any], baseline: int, device: torch.device, measure_peak: bool):
+    """(peak, delta, net, method) of one ``step()`` above the steady-state ``baseline``: the CUDA
+    allocator's peak around it, or the CPU allocator's from the profiler; all None without ``measure_peak``."""
+    if not measure_peak:
+        return None, None, None, "first step only (no peak measured)"
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        at_start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        peak_abs = torch.cuda.max_memory_allocated(device)
+        delta, net = peak_abs - at_start, torch.cuda.memory_allocated(device) - at_start
+        return baseline + delta, delta, net, ("steady-state baseline + torch.cuda.max_memory_allocated() - "
+                                              "memory_allocated() around one step (after reset_peak_memory_stats())")
+    delta, net = _profiler_peak(step)
+    return baseline + delta, delta, net, "torch.profiler(profile_memory=True) allocator peak + steady-state baseline"

@@ -1247,14 +1247,33 @@ def layer_table(model: nn.Module, input_shape: Iterable[int]) -> pd.DataFrame:
     shape = tuple(int(s) for s in input_shape)
     if len(shape) != 3:
         raise ModelError(f"input_shape must be (channels, height, width), got {shape}.")
+    rows = _layer_rows(model)
+    order, shapes = _output_shapes(model, shape, list(rows))
+    names = order + [n for n in rows if n not in shapes]  # never-called modules last
+    for n in names:
+        rows[n]["output_shape"] = "; ".join(shapes.get(n, [])) or "(not called)"
+    return pd.DataFrame([rows[n] for n in names], columns=["layer", "type", "output_shape", "params", "trainable"])
+
+
+def _layer_rows(model: nn.Module) -> dict[str, dict]:
+    """The rows of :func:`layer_table` by module name, output shapes not yet filled in: every leaf
+    module and every module that owns parameters directly (the model itself as "(model)")."""
     rows: dict[str, dict] = {}
-    shapes: dict[str, list[str]] = {}
     for n, m in model.named_modules():
         own = list(m.parameters(recurse=False))
         if own or (n and not any(True for _ in m.children())):
             rows[n] = {"layer": n or "(model)", "type": type(m).__name__, "output_shape": "",
                        "params": sum(p.numel() for p in own),
                        "trainable": sum(p.numel() for p in own if p.requires_grad)}
+    return rows
+
+
+def _output_shapes(model: nn.Module, shape: tuple[int, ...],
+                   names: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Run a batch of 1 through ``model`` in eval mode, on the meta device or (an op without a
+    meta kernel) on the CPU, and return the ``names`` of the modules in the order they were first
+    called, and the distinct output shapes of each. The model's training flags are restored."""
+    shapes: dict[str, list[str]] = {}
     order: list[str] = []
 
     def hook_for(n: str) -> Callable:
@@ -1277,7 +1296,7 @@ def layer_table(model: nn.Module, input_shape: Iterable[int]) -> pd.DataFrame:
         else:
             model(x.to(next(model.parameters()).device))
 
-    handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in rows]
+    handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
     modes = {m: m.training for m in model.modules()}
     model.eval()  # no dropout, no BatchNorm statistics update
     try:
@@ -1297,7 +1316,4 @@ def layer_table(model: nn.Module, input_shape: Iterable[int]) -> pd.DataFrame:
             h.remove()
         for m, t in modes.items():
             m.training = t
-    names = order + [n for n in rows if n not in shapes]  # never-called modules last
-    for n in names:
-        rows[n]["output_shape"] = "; ".join(shapes.get(n, [])) or "(not called)"
-    return pd.DataFrame([rows[n] for n in names], columns=["layer", "type", "output_shape", "params", "trainable"])
+    return order, shapes

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,9 @@ from typing import Any, Callable
 import numpy as np
 
 from core import events as ev
-from core.errors import ConfigError
+from core.errors import ConfigError, LabError
+
+_log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install tensorboard"
 IMAGES = 16
@@ -156,26 +159,33 @@ class TensorBoardLogger:
             run.image_thread.start()
 
     def _input_images(self, run: _RunLog, config, event: ev.RunStarted) -> None:
+        """The images thread: they are a nicety, so nothing here fails the run. Data that cannot be
+        read again is noted in TensorBoard; anything else is a bug, logged with its traceback."""
         try:
-            from core import datasets
+            self._write_input_images(run, config, event)
+        except (LabError, OSError, ValueError) as err:   # data moved, deleted, unreadable
+            _log.warning("input images of run %s not logged: %s: %s", event.run_id, type(err).__name__, err)
+            _note(run, f"input images not logged: {type(err).__name__}: {err}")
+        except Exception as err:
+            _log.exception("input images of run %s not logged", event.run_id)
+            _note(run, f"input images not logged: {type(err).__name__}: {err} (a bug: the server log has "
+                       f"its traceback)")
 
-            ds = datasets.load_dataset(config.data.source, config.data.location,
-                                       data_dir=self.data_dir or datasets.DEFAULT_DATA_DIR, download=False)
-            c, h, w = event.input_shape
-            samples = datasets.preview_samples(ds, n=self.images, seed=config.seed)
-            arrays = []
-            for image, _ in samples:
-                image = image.convert("L" if c == 1 else "RGB").resize((w, h))
-                a = np.asarray(image, dtype=np.uint8)
-                arrays.append(a[:, :, None] if a.ndim == 2 else a)
-            if arrays:
-                run.writer.add_images("inputs", np.stack(arrays), event.start_epoch, dataformats="NHWC")
-                run.writer.add_text("inputs", ", ".join(caption for _, caption in samples), event.start_epoch)
-        except Exception as err:  # images are a nicety: never fail a run for them
-            try:
-                run.writer.add_text("inputs", f"input images not logged: {type(err).__name__}: {err}")
-            except Exception:
-                pass
+    def _write_input_images(self, run: _RunLog, config, event: ev.RunStarted) -> None:
+        from core import datasets
+
+        ds = datasets.load_dataset(config.data.source, config.data.location,
+                                   data_dir=self.data_dir or datasets.DEFAULT_DATA_DIR, download=False)
+        c, h, w = event.input_shape
+        samples = datasets.preview_samples(ds, n=self.images, seed=config.seed)
+        arrays = []
+        for image, _ in samples:
+            image = image.convert("L" if c == 1 else "RGB").resize((w, h))
+            a = np.asarray(image, dtype=np.uint8)
+            arrays.append(a[:, :, None] if a.ndim == 2 else a)
+        if arrays:
+            run.writer.add_images("inputs", np.stack(arrays), event.start_epoch, dataformats="NHWC")
+            run.writer.add_text("inputs", ", ".join(caption for _, caption in samples), event.start_epoch)
 
     def _confusion(self, run: _RunLog, event: ev.Evaluated) -> None:
         try:
@@ -187,6 +197,15 @@ class TensorBoardLogger:
         run.writer.add_image(f"{event.split}/confusion_matrix", confusion_image(cm, names).pixels,
                              run.epoch, dataformats="HWC")
         run.writer.add_text(f"{event.split}/confusion_matrix", confusion_text(cm, names), run.epoch)
+
+
+def _note(run: _RunLog, text: str) -> None:
+    """``text`` under the run's "inputs" tag; when even that cannot be written (the folder is gone,
+    the disk full), the server log says so."""
+    try:
+        run.writer.add_text("inputs", text)
+    except OSError as err:
+        _log.warning("%s (not written to TensorBoard either: %s)", text, err)
 
 
 def confusion_text(cm: Any, names: list[str]) -> str:
@@ -250,71 +269,110 @@ def confusion_image(cm: Any, names: list[str]) -> ConfusionImage:
     Each cell's colour follows its count (relative to the largest count); when the cells are big
     enough they also show the count and, below it, the share of the true class (row percent).
     Class names label both axes when a line of text fits a cell. Needs only numpy and PIL."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     cm = np.asarray(cm, dtype=np.int64)
-    k = cm.shape[0]
     names = [_short(n) for n in names]
-    font = ImageFont.load_default()
-    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    pen = _Pen()
+    lay = _layout(pen, names, cm.shape[0])
+    x0, y0, grid = lay.x0, lay.y0, lay.grid
+    pixels = np.full((lay.height, lay.width, 3), 255, dtype=np.uint8)
+    peak = cm.max() if cm.size and cm.max() > 0 else 1
+    colours = _colours(cm / peak)
+    # each count becomes a cell×cell block
+    pixels[y0:y0 + grid, x0:x0 + grid] = np.round(colours).astype(np.uint8).repeat(lay.cell, 0).repeat(lay.cell, 1)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([x0 - 1, y0 - 1, x0 + grid, y0 + grid], outline=(160, 160, 160))
+    draw.text((PAD, PAD), _TITLE, fill=(0, 0, 0), font=pen.font)
+    _write_counts(draw, pen, cm, colours, lay)
+    _label_axes(image, draw, pen, names, lay)
+    return ConfusionImage(np.asarray(image, dtype=np.uint8).copy(), x0, y0, lay.cell)
 
-    def size(text: str) -> tuple[int, int]:
-        left, top, right, bottom = measure.textbbox((0, 0), text, font=font)
+
+_TITLE = "confusion matrix: rows true class, columns predicted; count and row %"
+
+
+class _Pen:
+    """PIL's default font, and the size of a text written with it."""
+
+    def __init__(self):
+        from PIL import Image, ImageDraw, ImageFont
+
+        self.font = ImageFont.load_default()
+        self._measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+        self.line = self.size("Ag")[1]
+
+    def size(self, text: str) -> tuple[int, int]:
+        left, top, right, bottom = self._measure.textbbox((0, 0), text, font=self.font)
         return right, bottom   # from the origin, so text drawn at (x, y) stays inside the box
 
-    line = size("Ag")[1]
+
+@dataclass
+class _Layout:
+    """Where things go: the grid of ``cell``-pixel cells starts at (x0, y0) and is ``grid`` wide."""
+    cell: int
+    x0: int
+    y0: int
+    grid: int
+    width: int
+    height: int
+    show_names: bool
+    axis_h: int   # height of the rotated "true" and of the "predicted" line
+
+
+def _layout(pen: _Pen, names: list[str], k: int) -> _Layout:
     cell = _cell_size(k)
-    show_names = cell >= line
-    name_w = max((size(n)[0] for n in names), default=0) if show_names else 0
-    title = "confusion matrix: rows true class, columns predicted; count and row %"
-    title_w, title_h = size(title)
-    axis_h = line   # height of the rotated "true" and of the "predicted" line
+    show_names = cell >= pen.line
+    name_w = max((pen.size(n)[0] for n in names), default=0) if show_names else 0
+    title_w, title_h = pen.size(_TITLE)
+    axis_h = pen.line
     x0 = PAD + axis_h + PAD + name_w + PAD
     y0 = PAD + title_h + PAD
     grid = k * cell
     width = max(x0 + grid + PAD, PAD + title_w + PAD)
     height = y0 + grid + PAD + name_w + PAD + axis_h + PAD
+    return _Layout(cell, x0, y0, grid, width, height, show_names, axis_h)
 
-    pixels = np.full((height, width, 3), 255, dtype=np.uint8)
-    peak = cm.max() if cm.size and cm.max() > 0 else 1
-    colours = _colours(cm / peak)
-    # each count becomes a cell×cell block
-    pixels[y0:y0 + grid, x0:x0 + grid] = np.round(colours).astype(np.uint8).repeat(cell, 0).repeat(cell, 1)
-    image = Image.fromarray(pixels)
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([x0 - 1, y0 - 1, x0 + grid, y0 + grid], outline=(160, 160, 160))
-    draw.text((PAD, PAD), title, fill=(0, 0, 0), font=font)
 
+def _write_counts(draw, pen: _Pen, cm: np.ndarray, colours: np.ndarray, lay: _Layout) -> None:
+    """Each cell's count (and row percent, when two lines fit), centred, where the text fits."""
+    cell, line = lay.cell, pen.line
     row_sums = cm.sum(axis=1)
     two_lines = cell >= 2 * line + 4
-    for i in range(k):
-        for j in range(k):
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[0]):
             texts = [str(int(cm[i, j]))]
             if two_lines:
                 share = cm[i, j] / row_sums[i] if row_sums[i] else 0.0
                 texts.append(f"{share:.0%}")
-            if not (cell >= line + 2 and all(size(t)[0] <= cell - 2 for t in texts)):
+            if not (cell >= line + 2 and all(pen.size(t)[0] <= cell - 2 for t in texts)):
                 continue   # too small to write in: the colour alone tells
             dark = colours[i, j].mean() < 140   # white text on dark cells, black on light ones
             ink = (255, 255, 255) if dark else (0, 0, 0)
-            left, top = x0 + j * cell, y0 + i * cell
+            left, top = lay.x0 + j * cell, lay.y0 + i * cell
             y = top + (cell - line * len(texts)) // 2
             for t in texts:
-                draw.text((left + (cell - size(t)[0]) // 2, y), t, fill=ink, font=font)
+                draw.text((left + (cell - pen.size(t)[0]) // 2, y), t, fill=ink, font=pen.font)
                 y += line
 
-    if show_names:
+
+def _label_axes(image, draw, pen: _Pen, names: list[str], lay: _Layout) -> None:
+    """Class names left of the rows and under the columns (when they fit), "predicted" under the
+    grid and "true" beside it."""
+    x0, y0, cell, grid = lay.x0, lay.y0, lay.cell, lay.grid
+    if lay.show_names:
         for i, n in enumerate(names):   # true classes, right-aligned left of their row
-            w, _ = size(n)
-            draw.text((x0 - PAD - w, y0 + i * cell + (cell - line) // 2), n, fill=(0, 0, 0), font=font)
+            w, _ = pen.size(n)
+            draw.text((x0 - PAD - w, y0 + i * cell + (cell - pen.line) // 2), n, fill=(0, 0, 0), font=pen.font)
         for j, n in enumerate(names):   # predicted classes, written upwards, ending under their column
-            label = _rotated(n, size(n), font)
+            label = _rotated(n, pen.size(n), pen.font)
             image.paste((0, 0, 0), (x0 + j * cell + (cell - label.width) // 2, y0 + grid + PAD), label)
-    predicted_w = size("predicted")[0]
-    draw.text((x0 + max(0, (grid - predicted_w) // 2), height - PAD - axis_h), "predicted", fill=(0, 0, 0), font=font)
-    true_label = _rotated("true", size("true"), font)
+    predicted_w = pen.size("predicted")[0]
+    draw.text((x0 + max(0, (grid - predicted_w) // 2), lay.height - PAD - lay.axis_h), "predicted",
+              fill=(0, 0, 0), font=pen.font)
+    true_label = _rotated("true", pen.size("true"), pen.font)
     image.paste((0, 0, 0), (PAD, y0 + max(0, (grid - true_label.height) // 2)), true_label)
-    return ConfusionImage(np.asarray(image, dtype=np.uint8).copy(), x0, y0, cell)
 
 
 def _rotated(text: str, wh: tuple[int, int], font):

@@ -22,6 +22,9 @@ fi
 echo "== installing requirements-dev.txt"
 "$VENV/bin/pip" install -q -r requirements-dev.txt
 
+echo "== ruff check (pyproject.toml [tool.ruff])"
+"$VENV/bin/ruff" check .
+
 export GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1
 echo "== running tests"
 set +e

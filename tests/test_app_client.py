@@ -337,6 +337,7 @@ def test_second_user_is_queued_while_the_only_slot_trains(lab):
     assert top5[0]["label"] == label["label"]
 
 
+@pytest.mark.slow   # several runs trained through the server at once
 def test_stop_a_running_run_resume_it_while_others_keep_working(lab, tiny_zip):
     """A student stops a run mid-way and resumes it; meanwhile another browser computes memory,
     browses and reads the model table without waiting for the training slot."""
@@ -457,6 +458,7 @@ def test_tensorboard_log_for_one_run_from_the_train_tab(lab, tiny_zip):
     assert list(run_dir.glob("events.out.tfevents.*"))   # the event file sits in the run folder
 
 
+@pytest.mark.slow   # the refusal itself is in the fast tier: test_jobs
 def test_a_run_too_big_for_its_memory_is_refused_before_it_starts(lab):
     """Issue 11's server killer: ResNet-50 without the small-input stem, batch 4096, on a server
     whose runs may use 3 GiB (the limit the issue saw the kernel kill the server under). The memory

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["tutorial_net", "lenet5", "squeezenet1_1"]
 EPOCHS = 2
 
-pytestmark = [pytest.mark.browser, pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")]
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")]
 
 
 class Lab:

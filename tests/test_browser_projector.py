@@ -10,7 +10,7 @@ import pytest
 
 from tests.test_browser import ARGS, ARTIFACTS, CHROMIUM, _require_browser, lab_url  # noqa: F401 (a fixture)
 
-pytestmark = [pytest.mark.browser, pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")]
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")]
 
 
 def _measure(pg) -> dict:

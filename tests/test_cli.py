@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -34,6 +36,7 @@ def test_cli_trains_and_writes_a_run_folder(tmp_path, tiny_folder):
     assert {"python", "torch", "torchvision", "numpy"} <= set(card["versions"])
 
 
+@pytest.mark.slow   # a Python of its own per call
 def test_cli_config_file_and_print_config(tmp_path):
     proc = run("--print-config", "--model", "resnet18", "--lr", "0.1")
     assert proc.returncode == 0, proc.stderr
@@ -45,6 +48,7 @@ def test_cli_config_file_and_print_config(tmp_path):
     assert json.loads(again.stdout)["epochs"] == 7 and json.loads(again.stdout)["model"]["name"] == "resnet18"
 
 
+@pytest.mark.slow   # a Python of its own per call; core's checks are in test_bad_input
 def test_cli_rejects_bad_input_with_a_message_not_a_traceback(tmp_path):
     proc = run("--print-config", "--set", "optim.learning_rate=1")
     assert proc.returncode == 2
@@ -55,11 +59,13 @@ def test_cli_rejects_bad_input_with_a_message_not_a_traceback(tmp_path):
     assert proc.returncode == 2 and "not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow   # a Python of its own
 def test_cli_lists_models():
     proc = run("--list-models")
     assert proc.returncode == 0 and "tutorial_net" in proc.stdout and "resnet18" in proc.stdout
 
 
+@pytest.mark.slow   # a Python of its own, and a run
 def test_cli_tensorboard_writes_an_event_file(tmp_path, tiny_folder):
     import pytest
     pytest.importorskip("tensorboard")

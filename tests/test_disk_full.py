@@ -95,6 +95,7 @@ def _one_epoch(config):
 # ---------------------------------------------------------------------------------------------
 # On a real full disk (a tmpfs)
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow   # trains into epoch 2, then resumes to the end
 def test_a_disk_full_in_epoch_2_fails_plainly_the_history_still_works_and_resume_finishes(
         small_disk, tiny_config, tiny_folder, caplog):
     runs_dir = small_disk
@@ -141,6 +142,7 @@ def test_a_disk_full_in_epoch_2_fails_plainly_the_history_still_works_and_resume
     assert status["epochs_completed"] == saved == 2
 
 
+@pytest.mark.slow   # trains until a small disk is full
 def test_a_disk_filled_to_the_last_byte_mid_run_still_ends_failed_with_agreeing_status(small_disk, tiny_config):
     """No room even for the events or a new status file: the run still ends failed, with the
     reason, and status.json (rewritten in place) says failed after the 1 epoch last.pth holds."""
@@ -179,8 +181,9 @@ def _fail_saving_epoch_2(monkeypatch, make_error):
 
 @pytest.mark.parametrize("code, problem", [
     (errno.ENOSPC, r"The disk holding runs/ is full \([\d.]+ \w+ free of [\d.]+ \w+\)"),
-    (errno.EIO, r"The disk holding runs/ reported an input/output error \(EIO\)"),
-    (errno.EROFS, r"The disk holding runs/ is read-only \(EROFS\)"),
+    # the same path with other codes: only their words differ
+    pytest.param(errno.EIO, r"The disk holding runs/ reported an input/output error \(EIO\)", marks=pytest.mark.slow),
+    pytest.param(errno.EROFS, r"The disk holding runs/ is read-only \(EROFS\)", marks=pytest.mark.slow),
     (errno.EACCES, r"No permission to write in runs/"),
 ])
 def test_a_failed_checkpoint_write_ends_the_run_with_a_plain_reason_and_keeps_epoch_1(

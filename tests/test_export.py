@@ -72,7 +72,7 @@ def _checkpoint(run_or_ckpt) -> Path:
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit")
-@pytest.mark.parametrize("which", ["tutorial_net", "mobilenet_v3_small"])
+@pytest.mark.parametrize("which", ["tutorial_net", pytest.param("mobilenet_v3_small", marks=pytest.mark.slow)])
 def test_torchscript_and_onnx_match_pytorch_on_real_images(which, trained_run, mobilenet_checkpoint,
                                                           tiny_folder, tmp_path):
     ort = pytest.importorskip("onnxruntime")
@@ -107,7 +107,7 @@ def test_torchscript_and_onnx_match_pytorch_on_real_images(which, trained_run, m
     assert side["transform"] == predictor.transform_state
 
 
-@pytest.mark.parametrize("which", ["tutorial_net", "mobilenet_v3_small"])
+@pytest.mark.parametrize("which", ["tutorial_net", pytest.param("mobilenet_v3_small", marks=pytest.mark.slow)])
 def test_onnx_with_the_torch_export_based_exporter(which, trained_run, mobilenet_checkpoint, tiny_folder, tmp_path):
     """The path the dashboard takes: export_onnx with its default exporter ("auto"), which with
     onnxscript installed is the torch.export-based one."""
@@ -273,8 +273,8 @@ def test_confusion_image_colours_follow_the_counts_and_names_label_the_axes():
     assert [dark[ij] for ij in by_count] == sorted(dark.values())      # more counts, darker cell
     assert max(dark, key=dark.get) == (0, 0) and dark[(0, 2)] == dark[(2, 0)] < 10   # zero: near white
     # Counts are written in the cells (pixels of another colour than the cell's own) ...
-    l, t, r, b = image.cell_box(0, 0)
-    assert (np.abs(px[t:b, l:r].astype(int) - px[t + 2, l + 2]).sum(axis=2) > 100).any()
+    x0, y0, x1, y1 = image.cell_box(0, 0)
+    assert (np.abs(px[y0:y1, x0:x1].astype(int) - px[y0 + 2, x0 + 2]).sum(axis=2) > 100).any()
     # ... and the class names left of the grid and under it (ink outside the grid and title).
     assert (px[top:bottom, :left - 8] < 128).any() and (px[bottom + 4:, left:right] < 128).any()
     # Many classes: smaller cells without text, still one colour per count, still an image.

@@ -56,23 +56,25 @@ def real_model(name: str, **kw) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 # (name, size, batch, freeze, small-input stem). Every family of the zoo; the extra families at
-# 32x32 with the small-input stem (the CIFAR path) or at 64x64 without it, batch 2, so that each
-# case takes about a second or two on two cores (DenseNet and ViT trace thousands of ops).
+# 32x32 with the small-input stem (the CIFAR path) or at 64x64 without it, batch 2, to keep each
+# case small. The fast tier keeps a residual net with BatchNorm (trained and frozen), the tutorial
+# net and LeNet-5; the other families trace many more ops (DenseNet and ViT thousands): slow.
+_slow = pytest.mark.slow
 SAVED_CASES = [
     ("resnet18", 32, 2, "none", False),
-    ("resnet18", 224, 1, "none", False),
-    ("vgg11", 32, 2, "none", False),
-    ("vgg11", 224, 1, "none", False),
+    pytest.param("resnet18", 224, 1, "none", False, marks=_slow),
+    pytest.param("vgg11", 32, 2, "none", False, marks=_slow),
+    pytest.param("vgg11", 224, 1, "none", False, marks=_slow),
     ("tutorial_net", 32, 4, "none", False),
     ("resnet18", 32, 4, "features", False),
-    ("densenet121", 64, 2, "none", False),            # concatenations: many views of one storage
-    ("mobilenet_v3_small", 32, 2, "none", True),      # hardswish, squeeze-excitation, dropout
-    ("efficientnet_b0", 64, 2, "none", False),        # SiLU, stochastic depth
-    ("convnext_tiny", 64, 2, "none", False),          # LayerNorm, GELU, layer scale, permutes
-    ("shufflenet_v2_x1_0", 32, 2, "none", True),      # channel shuffle (reshape/transpose copies)
-    ("squeezenet1_1", 64, 2, "none", False),          # fire modules, ceil-mode pooling
-    ("vit_b_16", 32, 2, "none", True),                # attention (fused CPU kernel), 64 tokens
-    ("alexnet", 32, 2, "none", True),                 # dropout in the classifier
+    pytest.param("densenet121", 64, 2, "none", False, marks=_slow),  # concatenations: many views of one storage
+    pytest.param("mobilenet_v3_small", 32, 2, "none", True, marks=_slow),  # hardswish, squeeze-excitation, dropout
+    pytest.param("efficientnet_b0", 64, 2, "none", False, marks=_slow),  # SiLU, stochastic depth
+    pytest.param("convnext_tiny", 64, 2, "none", False, marks=_slow),  # LayerNorm, GELU, layer scale, permutes
+    pytest.param("shufflenet_v2_x1_0", 32, 2, "none", True, marks=_slow),  # channel shuffle (reshape/transpose)
+    pytest.param("squeezenet1_1", 64, 2, "none", False, marks=_slow),  # fire modules, ceil-mode pooling
+    pytest.param("vit_b_16", 32, 2, "none", True, marks=_slow),  # attention (fused CPU kernel), 64 tokens
+    pytest.param("alexnet", 32, 2, "none", True, marks=_slow),  # dropout in the classifier
     ("lenet5", 32, 4, "none", False),                 # tanh, average pooling
 ]
 
@@ -149,8 +151,8 @@ def _forward_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
 @pytest.mark.parametrize("name,size,batch", [
     ("resnet18", 32, 2),
     ("vgg11", 32, 2),
-    ("mobilenet_v3_small", 64, 2),
-    ("densenet121", 64, 2),
+    pytest.param("mobilenet_v3_small", 64, 2, marks=_slow),
+    pytest.param("densenet121", 64, 2, marks=_slow),
 ])
 def test_saved_activations_match_what_the_allocator_holds(name, size, batch):
     est = estimate_memory(factory(name, input_size=size), (3, size, size), batch,
@@ -341,6 +343,7 @@ def test_mixed_precision_matches_a_real_bf16_step():
 # Totals against the allocator peak of a real step
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow   # a benchmark-sized step: the cases above check the same accounting
 def test_training_total_matches_the_profiler_peak_resnet18_batch32(capsys):
     f = factory("resnet18")
     est = estimate_memory(f, (3, 32, 32), 32, target_device="cpu")
@@ -432,6 +435,7 @@ def test_max_batch_size_zero_when_nothing_fits():
     assert r == 0 and "value per channel" in r.reason
 
 
+@pytest.mark.slow   # a dozen searches at batches of 10^4-10^5; the boundary tests above cover the search
 def test_every_ui_budget_gives_the_largest_batch_that_fits():
     # The budgets the UI offers (decimal GB, as its labels say) give batches of 10^4-10^5, far
     # beyond the MiB budgets above: each answer must still be the exact boundary of the simulated

@@ -54,6 +54,7 @@ def test_the_size_box_sets_data_image_size(ctx):
     assert common.widget_updates(ctx, [box], RunConfig())[0]["value"] == 0
 
 
+@pytest.mark.slow   # estimates a training step at 224×224
 def test_the_memory_tab_estimates_for_the_size_set_on_the_model_tab(ctx):
     small, *_, small_table = _memory(ctx, size=0)
     large, *_, large_table = _memory(ctx, size=224)

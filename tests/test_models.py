@@ -79,7 +79,18 @@ def _created(cache: dict, name: str, c: int, size, stem: bool, classes: int) -> 
     return cache[key]
 
 
-@pytest.mark.parametrize("name,kind", [(n, k) for n in NAMES for k in KINDS])
+def _every_entry_and_kind():
+    """Every entry at every input kind. Building a model takes most of a case's time, so the fast
+    tier keeps the lab's default path (rgb32: 32×32 RGB, small-input stem) for the lab's own nets,
+    ResNet-18 and every entry of at most 4M parameters (MobileNet-V2/V3-small, ShuffleNet,
+    SqueezeNet); the larger models (DenseNet, VGG, ViT, ...) and the other kinds are slow."""
+    def small(name):
+        return name == "resnet18" or (M.get_model_spec(name).imagenet_params or 0) <= 4_000_000
+    return [pytest.param(n, k, marks=() if k == "rgb32" and small(n) else pytest.mark.slow)
+            for n in NAMES for k in KINDS]
+
+
+@pytest.mark.parametrize("name,kind", _every_entry_and_kind())
 def test_forward_backward_every_entry(name, kind, model_cache):
     c, native, stem, batch, classes = KINDS[kind]
     size = M.resolve_input_size(name, native, small_input_stem=stem)
@@ -269,6 +280,7 @@ def test_pretrained_from_torch_home_and_resampled_stem(tmp_path, monkeypatch):
     assert torch.equal(cm.model.layer4[1].conv2.weight, sd["layer4.1.conv2.weight"])
 
 
+@pytest.mark.slow   # builds ViT-B/16 (86M parameters) twice
 def test_pretrained_vit_interpolates_position_embedding(tmp_path):
     torch.manual_seed(3)
     sd = get_model("vit_b_16", weights=None).state_dict()
@@ -606,7 +618,7 @@ def _bn_stats(model):
 @pytest.mark.parametrize("name,mode,stages", [
     ("resnet18", "stages", 2),
     ("mobilenet_v3_small", "features", 0),
-    ("vgg11_bn", "stages", 3),
+    pytest.param("vgg11_bn", "stages", 3, marks=pytest.mark.slow),   # a 133M-parameter model
 ])
 def test_frozen_params_and_bn_stats_do_not_move(name, mode, stages, real_batch):
     x, y = real_batch

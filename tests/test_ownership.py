@@ -247,6 +247,7 @@ def private_lab(tmp_path_factory, tiny_zip):
     manager.shutdown(timeout=20)
 
 
+@pytest.mark.slow   # a second server of its own (--private-runs) and runs trained on it
 def test_private_runs_are_hidden_from_others_and_the_teacher_login_manages_them(private_lab):
     run_id, url = private_lab["run_id"], private_lab["url"]
     ana = private_lab["ana"]

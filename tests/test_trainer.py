@@ -92,7 +92,7 @@ def test_resume_gives_the_same_weights_as_one_go(tmp_path, tiny_config, in_memor
 
 
 @pytest.mark.parametrize("in_memory, accumulation, scheduler", [
-    ("on", 1, "cosine"), ("off", 1, "cosine"),
+    ("on", 1, "cosine"), pytest.param("off", 1, "cosine", marks=pytest.mark.slow),
     ("off", 2, "onecycle"),   # the stop cuts an accumulation group in two; a per-step scheduler
 ], ids=["in-memory", "dataloader", "dataloader-accumulation-onecycle"])
 def test_a_stop_in_the_middle_of_an_epoch_resumes_exactly(tmp_path, tiny_config, monkeypatch, in_memory,
