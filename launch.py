@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-# Offline and private by default (shared/gradio-notes.md §3): no analytics or version check from
+# Offline and private by default: no analytics or version check from
 # the server, no huggingface_hub telemetry. Set before gradio is imported.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,8 +73,8 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 def default_train_threads(host: str, max_jobs: int, cores: int | None = None) -> int | None:
     """Threads per training run. On this computer only (loopback): None, every core (torch's own
     default). Served to a class: one core is left to the pages, the rest shared by the runs. On 2
-    cores a run with 1 thread trains 11 % slower alone than with 2, but keeps 95 % of its speed with
-    30 pages open, where 2 threads kept 50 % (benchmarks/bench_classroom.py)."""
+    cores a run with 1 thread trains a little slower alone than with 2, but keeps most of its speed
+    with 30 pages open, where 2 threads lose about half (benchmarks/bench_classroom.py measures it)."""
     if host in LOOPBACK:
         return None
     cores = cores or len(os.sched_getaffinity(0))

@@ -38,7 +38,7 @@ class DataConfig:
     image_size: int | None = None     # None: what the model needs (native size with small-input stem)
     train_augment: list[dict] | None = None  # transforms spec; None: the tutorials' crop + flip
     normalize: str = "auto"           # auto: imagenet for pretrained weights, else tutorial [-1, 1]
-    batch_size: int = 32              # with lr 0.02 and cosine: 41 % on the sample in 20 epochs (~6 s)
+    batch_size: int = 32              # with lr 0.02 and cosine: the tutorials' recipe, scaled up
     num_workers: int | str = "auto"   # "auto": the tutorials' rule, 0 on machines with <= 2 cores
     in_memory: str = "auto"           # hold small splits as one uint8 tensor (auto: when it fits)
 
@@ -79,7 +79,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    epochs: int = 20                  # the tutorial net takes ~0.3 s an epoch on the sample (2 CPU cores)
+    epochs: int = 20                  # short on the sample (benchmarks/bench_speed.py times an epoch)
     device: str = "auto"              # auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps
     precision: str = "fp32"           # a core.choices.PRECISIONS name: fp32, or bf16/fp16 mixed
     seed: int = 0                     # Python, NumPy and torch seeds

@@ -3,8 +3,8 @@ and an append-only event log; the JobManager runs at most ``max_jobs`` at once a
 (first come, first served), after checking that the run's memory fits.
 
 The dashboard never trains inside a request handler: in Gradio 6.31 a generator handler dies
-when its tab is closed or reloaded, and ``cancels=`` does not stop a running plain function
-(shared/gradio-notes.md). Instead a handler submits a job here and a ``gr.Timer`` polls
+when its tab is closed or reloaded, and ``cancels=`` does not stop a running plain function.
+Instead a handler submits a job here and a ``gr.Timer`` polls
 ``Job.snapshot()``; a reloaded page finds its jobs again by owner or run id.
 
 Why a process per run: a segfault in native code, an out-of-memory kill or a runaway allocation
@@ -15,8 +15,8 @@ words (``describe_exit``), in the job and in the run folder. The child sets its
 ``oom_score_adj`` to 1000, so the kernel's out-of-memory killer takes a training run, not the server.
 
 Start method: forkserver, with ``core.trainer`` (and so torch) imported once in the fork server,
-so a job starts in about 0.1 s instead of the 4-5 s a spawned interpreter needs to import torch
-here; and unlike fork it is safe from a threaded server (no locks copied mid-use).
+so a job starts without importing torch again (a spawned interpreter would, at every start);
+and unlike fork it is safe from a threaded server (no locks copied mid-use).
 
 Stop requests travel on a second pipe rather than a ``multiprocessing.Event``: a child killed
 while it checks an Event can leave the Event's lock held, and the server's next ``set()`` would

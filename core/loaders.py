@@ -11,9 +11,8 @@ from core.datasets import LabDataset
 from core.errors import ConfigError, DataError
 
 MAX_TUTORIAL_WORKERS = 8
-# At or below this many cores "auto" means 0 workers. Measured on a 2-core machine: the tutorial
-# Net with batch 4 trained at 1,493 img/s with num_workers=0 and 1,023 img/s with 2 — worker
-# processes compete with the main process for the same two cores and add IPC per batch.
+# At or below this many cores "auto" means 0 workers: worker processes compete with the main
+# process for the same cores and add IPC per batch, so on so few cores 0 workers is faster.
 FEW_CORES = 2
 
 

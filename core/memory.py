@@ -49,18 +49,17 @@ No gradient, activation or optimiser buffer is modelled by a formula where it ca
   a slow Python decomposition are replaced by direct allocation of their outputs
   (``_SHAPE_ONLY_BACKWARD``; each checked to give the same peak).
   The sum of components (``training_total_bytes``) counts saved activations and gradients as
-  if they coexisted, which they never fully do: it is 2–10 % above the measured peak for CNNs,
-  15–29 % for ViT, and below it when the optimiser makes temporaries (Adam's for-loop on the
-  CPU, foreach with weight decay on CUDA: up to 40 %).
+  if they coexisted, which they never fully do: it is above the measured peak (more so for ViT
+  than for CNNs), and below it when the optimiser makes temporaries (Adam's for-loop on the CPU,
+  foreach with weight decay on CUDA); benchmarks/bench_memory.py prints both, side by side.
 * **Inference** is measured the same way: an eval-mode ``no_grad`` forward with live-tensor
   tracking; weights + input + that peak is the inference total (again without conv workspace).
 
 Weights, gradients and optimiser state do not depend on the batch; activations, input and logits
 grow linearly with it, which :func:`max_batch_size` uses to solve for the largest batch in a
-budget (then verifies by estimating). Cost on 2 CPU cores: 0.2–0.6 s per estimate for
-ResNet/VGG/ViT, 1.5–4 s for DenseNet-121 or MobileNetV3 (thousands of small ops through fake
-tensors); max_batch_size takes 4–7 estimates; results are cached per :class:`ZooFactory` /
-``cache_key``. Nothing here imports Gradio.
+budget (then verifies by estimating). An estimate runs every op through fake tensors, so models
+of thousands of small ops (DenseNet, MobileNetV3) take longest; max_batch_size takes a handful of
+estimates; results are cached per :class:`ZooFactory` / ``cache_key``. Nothing here imports Gradio.
 """
 from __future__ import annotations
 

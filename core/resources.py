@@ -26,7 +26,7 @@ PROC = Path("/proc")
 # (Gradio, a PyTorch for predictions and the memory calculator) grows to 0.5-0.8 GiB RSS.
 SERVER_RESERVE_BYTES = 1 * GiB
 # Kept free on a GPU: the training process's CUDA context and cuDNN workspace, which the
-# estimator leaves out (0.3-1 GB, shared/performance-notes.md).
+# estimator leaves out (under 1 GB; benchmarks/check_gpu_jobs.py measures it on a GPU).
 CUDA_RESERVE_BYTES = 1 * GiB
 # cgroup v1 writes a number near 2**63 (PAGE_COUNTER_MAX pages) for "no limit".
 _V1_UNLIMITED = 1 << 60

@@ -1,8 +1,7 @@
 """The in-memory path: a small split held once as one uint8 tensor, augmented a whole batch at a time.
 
 Why: on a 2-core CPU the per-image PIL → tensor pipeline costs more than the tutorial Net's own
-step (measured, shared/performance-notes.md: tutorial Net at batch 128 trains at 10,246 images/s
-from a tensor but 3,732 through PIL + DataLoader). Holding the split as uint8 and doing the
+step (benchmarks/bench_speed.py measures both paths side by side). Holding the split as uint8 and doing the
 tutorials' augmentation (random crop with zero padding, horizontal flip) on whole batches removes
 that cost. It supports exactly those steps; other specs use the DataLoader path.
 

@@ -244,7 +244,7 @@ def test_a_dataset_made_in_the_browser_trains(server, browser, size, tmp_path):
         expect(counts).to_contain_text(re.compile(rf"{cls}\s+10\b"), timeout=30_000)
     cells = counts.inner_text().split()
     assert [cells[cells.index(c) + 1] for c in BUILT_CLASSES] == ["10"] * 3, cells   # the counts per class
-    shot(pg, f"first-time-builder-{size}")
+    pg.locator("#builder").screenshot(path=str(ARTIFACTS / f"first-time-builder-{size}.png"))
     pg.locator("#builder_use").click()
     expect(pg.locator("#data_info")).to_contain_text("my-dataset — 30 images, 3 classes", timeout=60_000)
     run_id = train(pg, epochs=2)
