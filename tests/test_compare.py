@@ -239,6 +239,15 @@ def built_tab(comparison, tmp_path):
     demo.close()
 
 
+def test_the_controller_never_shows_the_context_in_a_repr(tab):
+    """Gradio can put a callable's repr in the page config: a handler's must not show ctx (its
+    teacher password, its secret)."""
+    ctx, h, _ = tab
+    ctx.teacher = ("tea", "chalk-and-talk")
+    for text in (repr(h), repr(h.poll), repr(h.exporter("onnx"))):
+        assert "k" * 32 not in text and "chalk-and-talk" not in text and "AppContext" not in text
+
+
 def test_tab_shows_curves_leaderboard_and_side_by_side(tab):
     ctx, h, group = tab
     fig, board, queue, timer, pick_a, pick_b = h.show_selected(list(group.run_ids), None, None)
@@ -326,6 +335,22 @@ def test_a_run_that_ends_during_a_poll_keeps_the_timer_for_one_more_tick(tab, mo
     assert out[4].active is False      # ...which re-reads the folders, then stops
     assert set(out[2].data["status"]) == {ev.FINISHED}
 
+
+def test_the_timer_handlers_turn_a_failure_into_a_message(tab, monkeypatch):
+    """A tick that fails shows a short message (ui.common.safe), never a stack trace."""
+    import gradio as gr
+
+    from ui import tab_compare
+    _, h, group = tab
+
+    def broken(ctx_, ids):
+        raise RuntimeError("disk gone")
+    monkeypatch.setattr(tab_compare, "_live", broken)
+    with pytest.raises(gr.Error, match="Internal error in poll: RuntimeError: disk gone"):
+        h.poll(list(group.run_ids), None, None)
+    monkeypatch.setattr(tab_compare, "group_choices", lambda *a, **k: 1 / 0)
+    with pytest.raises(gr.Error, match="Internal error in refresh_groups"):
+        h.refresh_groups({}, None, None)
 
 def test_tab_train_all_queues_a_comparison_on_the_data_tab_data(built_tab, tiny_folder):
     ctx, h, w, _ = built_tab
