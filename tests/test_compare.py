@@ -200,29 +200,57 @@ class _Request:
 
 
 TEACHER = _Request("teacher-session")
-@pytest.fixture
-def tab(comparison, tmp_path):
-    import gradio as gr
-    from ui import tab_compare
+
+
+def _ctx(comparison, tmp_path):
     from ui.common import AppContext
 
     runs_dir, manager, history, group, _ = comparison
     ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=runs_dir, history=history,
                      secret="k" * 32)
     ctx.teacher_sessions.add(TEACHER.session_hash)   # signed in on the page (the runs are alice's)
+    return ctx, group
+
+
+@pytest.fixture
+def tab(comparison, tmp_path):
+    """The tab's controller on its own: its handlers need no gr.Blocks."""
+    from ui import tab_compare
+
+    ctx, group = _ctx(comparison, tmp_path)
+    yield ctx, tab_compare.CompareTab(ctx), group
+
+
+@pytest.fixture
+def built_tab(comparison, tmp_path):
+    """The tab as the app builds it: "Train all" reads its inputs by widget."""
+    import gradio as gr
+    from ui import tab_compare
+
+    ctx, group = _ctx(comparison, tmp_path)
     with gr.Blocks() as demo:
         ctx.session = gr.State(dict)
         ctx.browser_id = gr.BrowserState(None)
         ctx.shared["tab"] = {}
-        tab_compare.build(ctx)
+        controller = tab_compare.build(ctx)
         tab_compare.on_load(ctx, demo)
-    yield ctx, ctx.shared["compare"]["handlers"], ctx.shared["compare"]["widgets"], group
+    assert ctx.shared["compare"] is controller and controller.w is not None
+    yield ctx, controller, controller.w, group
     demo.close()
 
 
+def test_the_controller_never_shows_the_context_in_a_repr(tab):
+    """Gradio can put a callable's repr in the page config: a handler's must not show ctx (its
+    teacher password, its secret)."""
+    ctx, h, _ = tab
+    ctx.teacher = ("tea", "chalk-and-talk")
+    for text in (repr(h), repr(h.poll), repr(h.exporter("onnx"))):
+        assert "k" * 32 not in text and "chalk-and-talk" not in text and "AppContext" not in text
+
+
 def test_tab_shows_curves_leaderboard_and_side_by_side(tab):
-    ctx, h, w, group = tab
-    fig, board, queue, timer, pick_a, pick_b = h["show_selected"](list(group.run_ids), None, None)
+    ctx, h, group = tab
+    fig, board, queue, timer, pick_a, pick_b = h.show_selected(list(group.run_ids), None, None)
     assert [pick_a["value"], pick_b["value"]] == list(group.run_ids)   # the pair view starts with them
     assert len(fig.data) == 8      # 2 runs × (train, val) × (loss, accuracy)
     colors = {t.name: t.line.color for t in fig.data if t.showlegend}
@@ -237,49 +265,49 @@ def test_tab_shows_curves_leaderboard_and_side_by_side(tab):
     for row, shown in zip(cells.data, cells.metadata["display_value"]):
         assert isinstance(row[col], int) and shown[col] == f"{row[col]:,}" and "," in shown[col]   # 62,006
     assert "tutorial_net lr=0.01: finished" in queue
-    csv_file = h["leaderboard_csv"](list(group.run_ids))
+    csv_file = h.leaderboard_csv(list(group.run_ids))
     assert csv_file["visible"] is True   # the download box appears once there is a file
     assert pd.read_csv(csv_file["value"])["run"].tolist() == board["run"].tolist()   # same runs, same order
     a, b = group.run_ids
-    cm_a, cm_b, summary, table = h["show_pair"](a, b, True)
+    cm_a, cm_b, summary, table = h.show_pair(a, b, True)
     assert "A" in summary and "B" in summary and len(table) >= 3
     assert cm_a.data[0].type == "heatmap" and cm_b.data[0].type == "heatmap"
-    plan = h["preview_plan"](["tutorial_net", "lenet5"], "0.1, 0.01", "", 2)
+    plan = h.preview_plan(["tutorial_net", "lenet5"], "0.1, 0.01", "", 2)
     assert "4 run(s)" in plan
-    assert "not a number" in h["preview_plan"](["tutorial_net"], "abc", "", 2)
+    assert "not a number" in h.preview_plan(["tutorial_net"], "abc", "", 2)
 
 
 def test_tab_history_panel_rename_tag_export_and_delete(tab, tmp_path):
     import gradio as gr
 
-    ctx, h, w, group = tab
+    ctx, h, group = tab
     run_id = group.run_ids[0]
-    msg, table = h["rename"](run_id, "renamed in the UI", "", "(all)", None, TEACHER)
+    msg, table = h.rename(run_id, "renamed in the UI", "", "(all)", None, TEACHER)
     assert "renamed in the UI" in msg and "renamed in the UI" in set(table["name"])
-    msg, table = h["save_tags"](run_id, "ui, test", "ui", "(all)", None, TEACHER)
+    msg, table = h.save_tags(run_id, "ui, test", "ui", "(all)", None, TEACHER)
     assert list(table["run id"]) == [run_id]   # the filter 'ui' applies
     assert list(table["owner"]) == ["alice"]
     from ui.tab_compare import owner_label
     assert [owner_label(o) for o in ("user:alice", None, "browser:3f9a2c77-e1", "")] == \
         ["alice", "command line", "browser 3f9a2c", "command line"]
-    files, msg = h["export"]["metrics"](run_id, None, TEACHER)
+    files, msg = h.export_metrics(run_id, None, TEACHER)
     assert any(f.endswith("-epochs.csv") for f in files)
-    files, msg = h["export"]["checkpoint"](run_id, None, TEACHER)
+    files, msg = h.export_checkpoint(run_id, None, TEACHER)
     assert files[0].endswith(f"{run_id}-best.pth")
     with pytest.raises(gr.Error, match="type its id"):
-        h["delete"](group.run_ids[1], "no", "", "(all)", list(group.run_ids), None, TEACHER)
+        h.delete(group.run_ids[1], "no", "", "(all)", list(group.run_ids), None, TEACHER)
     with pytest.raises(gr.Error, match="finished all its 2 epochs\\..*more epochs in all than 2"):
-        h["resume"](run_id, None, [], None, TEACHER)   # finished: only with more epochs
+        h.resume(run_id, None, [], None, TEACHER)   # finished: only with more epochs
     with pytest.raises(gr.Error, match="finished all its 2 epochs"):
-        h["resume"](run_id, 0, [], None, TEACHER)      # the box's 0 means "as planned" too
-    msg, chosen, _, box = h["resume"](run_id, 3, [], None, TEACHER)
+        h.resume(run_id, 0, [], None, TEACHER)      # the box's 0 means "as planned" too
+    msg, chosen, _, box = h.resume(run_id, 3, [], None, TEACHER)
     assert msg.startswith(f"Resuming {run_id} from its last checkpoint, up to epoch 3") and chosen["value"] == [run_id]
     assert box == 0   # back to "as planned", so that it does not re-plan the next run resumed
     job = ctx.manager.wait(run_id, timeout=120)
     assert job.owner == "alice"   # resumed by the teacher, still alice's run
     assert job.status == ev.FINISHED and [e.epoch for e in job.events if isinstance(e, ev.EpochEnded)] == [3]
     with pytest.raises(gr.Error, match="Pick a run"):
-        h["export"]["onnx"](None, None, TEACHER)
+        h.export_onnx(None, None, TEACHER)
     assert (ctx.runs_dir / run_id / META_FILE).is_file()
     # the new name shows in every run list: the Compare dropdowns and the Evaluate/Predict ones
     # (labels are names, values are run ids: never a folder)
@@ -287,8 +315,8 @@ def test_tab_history_panel_rename_tag_export_and_delete(tab, tmp_path):
     assert any(label.startswith("renamed in the UI · test ") for label, value in run_choices(ctx) if value == run_id)
     assert [label for label, value in ctx.history.choices(need="checkpoint") if value == run_id][0] \
         .startswith("renamed in the UI · test ")
-    h["rename"](run_id, "", "", "(all)", None, TEACHER)  # leave the shared comparison as it was
-    h["save_tags"](run_id, "", "", "(all)", None, TEACHER)
+    h.rename(run_id, "", "", "(all)", None, TEACHER)  # leave the shared comparison as it was
+    h.save_tags(run_id, "", "", "(all)", None, TEACHER)
     labels = [label for label, value in run_choices(ctx) if value == run_id]
     assert labels and not labels[0].startswith("nan")   # no name: the config's, never "nan"
 
@@ -297,25 +325,41 @@ def test_a_run_that_ends_during_a_poll_keeps_the_timer_for_one_more_tick(tab, mo
     """The leaderboard of a live run comes from the index (it can still say 'running'); when the
     run ends while that render is drawn, the timer must go on, or the page stays 'running'."""
     from ui import tab_compare
-    ctx, h, w, group = tab
-    h["show_selected"](list(group.run_ids), None, None)   # memory estimates cached: busy stays False
+    ctx, h, group = tab
+    h.show_selected(list(group.run_ids), None, None)   # memory estimates cached: busy stays False
     answers = iter([True])   # live when the poll looks first, ended ever after
     monkeypatch.setattr(tab_compare, "_live", lambda ctx_, ids: next(answers, False))
-    out = h["poll"](list(group.run_ids), None, None)
+    out = h.poll(list(group.run_ids), None, None)
     assert out[4].active is True       # one more tick...
-    out = h["poll"](list(group.run_ids), None, None)
+    out = h.poll(list(group.run_ids), None, None)
     assert out[4].active is False      # ...which re-reads the folders, then stops
     assert set(out[2].data["status"]) == {ev.FINISHED}
 
 
-def test_tab_train_all_queues_a_comparison_on_the_data_tab_data(tab, tiny_folder):
-    ctx, h, w, _ = tab
+def test_the_timer_handlers_turn_a_failure_into_a_message(tab, monkeypatch):
+    """A tick that fails shows a short message (ui.common.safe), never a stack trace."""
+    import gradio as gr
+
+    from ui import tab_compare
+    _, h, group = tab
+
+    def broken(ctx_, ids):
+        raise RuntimeError("disk gone")
+    monkeypatch.setattr(tab_compare, "_live", broken)
+    with pytest.raises(gr.Error, match="Internal error in poll: RuntimeError: disk gone"):
+        h.poll(list(group.run_ids), None, None)
+    monkeypatch.setattr(tab_compare, "group_choices", lambda *a, **k: 1 / 0)
+    with pytest.raises(gr.Error, match="Internal error in refresh_groups"):
+        h.refresh_groups({}, None, None)
+
+def test_tab_train_all_queues_a_comparison_on_the_data_tab_data(built_tab, tiny_folder):
+    ctx, h, w, _ = built_tab
     from core import identity
     token = identity.sign(ctx.secret, "b0b1")   # this page's browser token (id b0b1)
     values = {ctx.session: {"data_source": {"source": "folder", "location": str(tiny_folder)}},
-              ctx.browser_id: token, w["models"]: ["lenet5"], w["lrs"]: "0.05", w["freeze"]: "",
-              w["epochs"]: 1}
-    selected, fig, board, queue, timer = h["train_all"](values, None)
+              ctx.browser_id: token, w.models: ["lenet5"], w.lrs: "0.05", w.freeze: "",
+              w.epochs: 1}
+    selected, fig, board, queue, timer = h.train_all(values, None)
     run_ids = selected["value"]
     assert len(run_ids) == 1 and "Queued 1 run" in queue
     job = ctx.manager.get(run_ids[0])
@@ -324,7 +368,7 @@ def test_tab_train_all_queues_a_comparison_on_the_data_tab_data(tab, tiny_folder
     ctx.manager.wait(run_ids[0], timeout=120)
     deadline = time.time() + 60
     while True:   # the timer keeps polling until the memory estimate of the finished run is in
-        selected, fig, board, queue, timer, pick_a, pick_b, history = h["poll"](run_ids, None, None)
+        selected, fig, board, queue, timer, pick_a, pick_b, history = h.poll(run_ids, None, None)
         if isinstance(selected, dict) and "value" in selected or time.time() > deadline:
             break
         time.sleep(0.2)
@@ -337,16 +381,16 @@ def test_tab_train_all_queues_a_comparison_on_the_data_tab_data(tab, tiny_folder
 
     # The comparison is listed, and a reloaded page (a fresh session, same browser) gets it back.
     session = {}
-    group_update = h["refresh_groups"](session, token, None)
+    group_update = h.refresh_groups(session, token, None)
     group_id = group_update["value"]
     assert group_id and group_id in {v for _, v in group_update["choices"]}
-    group_update, selected, timer = h["reconnect"](session, token, None)
+    group_update, selected, timer = h.reconnect(session, token, None)
     assert group_update["value"] == group_id and selected["value"] == run_ids and timer.active
     assert session["cmp_group"] == group_id
-    group_update, _, _ = h["reconnect"]({}, "b0b1", None)   # the raw id is nobody: nothing picked
+    group_update, _, _ = h.reconnect({}, "b0b1", None)   # the raw id is nobody: nothing picked
     assert "value" not in group_update
     # Picking the comparison in the list shows its runs, curves and leaderboard.
-    selected, fig, board, queue, timer, pick_a, pick_b = h["pick_group"](group_id, {})
+    selected, fig, board, queue, timer, pick_a, pick_b = h.pick_group(group_id, {})
     assert selected["value"] == run_ids and list(board.data["run"]) == ["lenet5 lr=0.05"]
     assert {t.name for t in fig.data if t.showlegend} == {"lenet5 lr=0.05 · train", "lenet5 lr=0.05 · val"}
     ctx.history.delete(run_ids[0], confirm=run_ids[0])   # keep the shared comparison as it was

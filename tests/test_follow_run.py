@@ -227,8 +227,8 @@ def test_many_images_table_shows_rounded_probabilities(runs):
 
 def compare_picks(ctx, page: Page, a=None, b=None, hist=None) -> tuple:
     """Open the Compare tab: (Run A, Run B, the history's selected run) after its lists refresh."""
-    _, ua, ub, uh = ctx.shared["compare"]["handlers"]["refresh_choices"]([], a, b, hist, page.session, page.token,
-                                                                         page.request)
+    _, ua, ub, uh = tab_compare.CompareTab(ctx).refresh_choices([], a, b, hist, page.session, page.token,
+                                                                page.request)
     return ua["value"], ub["value"], uh["value"]
 
 
@@ -243,7 +243,7 @@ def test_compare_defaults_follow_this_browsers_runs(runs):
     assert picks[1] == (runs["a1"] if "a2" in runs else None)
     # a pick of someone else's run stays, and the pair's summary says whose it is
     assert compare_picks(ctx, a, a=newest, b=runs["b1"])[:2] == (newest, runs["b1"])
-    text = ctx.shared["compare"]["handlers"]["show_pair"](newest, runs["b1"], True, a.token, a.request)[2]
+    text = tab_compare.CompareTab(ctx).show_pair(newest, runs["b1"], True, a.token, a.request)[2]
     assert "Run B: This run was trained by another browser" in text and "Run A:" not in text
     for secret in (b.token, b.owner):
         assert secret not in text
@@ -253,10 +253,10 @@ def test_compare_defaults_follow_this_browsers_runs(runs):
 
 def test_a_renamed_run_shows_its_new_name_in_the_lists(runs):
     ctx, a = runs["ctx"], runs["a"]
-    h = ctx.shared["compare"]["handlers"]
-    h["rename"](runs["a1"], "my first cat model", "", "(all)", a.token, a.request)
+    h = ctx.shared["compare"]   # the controller the built tab is wired to
+    h.rename(runs["a1"], "my first cat model", "", "(all)", a.token, a.request)
     try:
-        lists = h["refresh_choices"]([runs["a1"]], runs["a1"], None, runs["a1"], a.session, a.token, a.request)
+        lists = h.refresh_choices([runs["a1"]], runs["a1"], None, runs["a1"], a.session, a.token, a.request)
         for update in lists:
             labels = dict((v, k) for k, v in update["choices"])
             assert "my first cat model" in labels[runs["a1"]], labels
@@ -264,7 +264,7 @@ def test_a_renamed_run_shows_its_new_name_in_the_lists(runs):
         assert "my first cat model" in dict((v, k) for k, v in refreshed.choices)[runs["a1"]]
         assert "my first cat model" in summary(ctx, a, runs["a1"])   # the Evaluate summary too
     finally:
-        h["rename"](runs["a1"], "", "", "(all)", a.token, a.request)
+        h.rename(runs["a1"], "", "", "(all)", a.token, a.request)
 
 
 def test_rename_is_followed_by_a_refresh_of_the_run_lists(lab):

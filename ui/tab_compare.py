@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -371,113 +372,35 @@ def default_picks(ctx: AppContext, who: identity.Who, session: dict | None, choi
 
 
 # ---------------------------------------------------------------------------------------------
-# The tab
+# The handlers: one controller per page (built once in ``build``; the tests call its methods)
 # ---------------------------------------------------------------------------------------------
-def build(ctx: AppContext) -> None:
-    _history(ctx)
-    names = [s.name for s in list_models()]
-    gr.Markdown("Train several models on the data chosen on the **Data** tab (same split, seed, "
-                "augmentation and epochs), or pick finished runs, and compare them.", elem_id="cmp_intro")
-    with gr.Row():
-        with gr.Column(scale=1, min_width=320):
-            models = gr.CheckboxGroup([(s.name, s.name) for s in list_models()],
-                                      value=[m for m in DEFAULT_MODELS if m in names], label="Models",
-                                      elem_id="cmp_models")
-            lrs = gr.Textbox(label="Learning rates (comma-separated)", placeholder="empty: the Train tab's, e.g. 0.1, 0.01",
-                             elem_id="cmp_lrs")
-            freeze = gr.Textbox(label="Freezing modes (comma-separated)",
-                                placeholder="empty: the Model tab's; none, features, stages:2",
-                                elem_id="cmp_freeze")
-            epochs = gr.Slider(1, 100, value=3, step=1, label="Epochs per run", elem_id="cmp_epochs")
-            plan = gr.Markdown("", elem_id="cmp_plan")
-            with gr.Row():
-                train = gr.Button("Train all", variant="primary", elem_id="cmp_train")
-                stop = gr.Button("Stop these runs", variant="stop", elem_id="cmp_stop")
-            queue = gr.Textbox(label="Queue", lines=5, max_lines=12, interactive=False, elem_id="cmp_queue")
-        with gr.Column(scale=2):
-            group_pick = gr.Dropdown(label="Comparison", choices=[], value=None, elem_id="cmp_group",
-                                     info="A comparison trained earlier (kept across restarts); "
-                                          "picking one shows its runs")
-            with gr.Row():
-                selected = gr.Dropdown(label="Runs compared", choices=[], value=[], multiselect=True,
-                                       elem_id="cmp_runs", scale=5,
-                                       info="Runs of a comparison are added here; add finished runs from the history")
-                refresh = gr.Button("Refresh", elem_id="cmp_refresh", scale=1)
-            curves = gr.Plot(curves_figure(ctx, []), label="Loss and accuracy", elem_id="cmp_curves")
-    board = gr.Dataframe(pd.DataFrame(columns=LEADERBOARD_DISPLAY), label="Leaderboard (sort with the ⋮ menu of a column header)",
-                         interactive=False, wrap=True, elem_id="cmp_leaderboard",
-                         # numbers sort as numbers (9 before 10), the rest as text
-                         datatype=["number" if c.endswith(("(%)", "(s)", "(MiB)", "F1", "params", "images/s"))
-                                   else "str" for c in LEADERBOARD_DISPLAY],
-                         # the numbers get room for ~9 characters a line; headers wrap at spaces (CSS)
-                         elem_classes="lab-word-headers",
-                         column_widths=["15%", "12%", "7%"] + [f"{66 / 9:.2f}%"] * 9)
-    with gr.Row():
-        csv_btn = gr.Button("Download CSV", elem_id="cmp_csv_btn", scale=1)
-        csv_file = gr.File(label="Leaderboard CSV", interactive=False, elem_id="cmp_csv", scale=3, visible=False)
+class CompareTab:
+    """The Compare tab's handlers over one AppContext. ``w`` are the tab's widgets once it is
+    built (``train_all`` reads its inputs by widget); every other handler works without them.
 
-    gr.Markdown("### Two runs side by side", elem_id="cmp_pair_title")
-    with gr.Row():
-        run_a = gr.Dropdown(label="Run A", choices=[], elem_id="cmp_run_a", scale=3)
-        run_b = gr.Dropdown(label="Run B", choices=[], elem_id="cmp_run_b", scale=3)
-        normalize = gr.Checkbox(True, label="Row-normalised (recall)", elem_id="cmp_normalize", scale=1)
-    with gr.Row():
-        cm_a = gr.Plot(plots.empty_figure("Pick run A", "Run A"), label="Run A", elem_id="cmp_cm_a")
-        cm_b = gr.Plot(plots.empty_figure("Pick run B", "Run B"), label="Run B", elem_id="cmp_cm_b")
-    pair_md = gr.Markdown("Pick two evaluated runs to see where they differ.", elem_id="cmp_pair_summary")
-    pair_table = gr.Dataframe(pd.DataFrame(columns=DIFF_DISPLAY), label="Where they differ", interactive=False,
-                              elem_id="cmp_diff")
+    Every handler that reads or changes runs takes the browser token and the request: who asks
+    decides what they see (--private-runs) and what they may change (core.identity). Run ids the
+    page sends back are checked against the history; nothing is taken as a path."""
 
-    with gr.Accordion("Run history", open=False, elem_id="cmp_history"):
-        with gr.Row():
-            filt = gr.Textbox(label="Filter", placeholder="words in the name, model, dataset, tags...",
-                              elem_id="cmp_hist_filter", scale=3)
-            status_f = gr.Dropdown([ALL_STATUSES, ev.FINISHED, ev.RUNNING, ev.QUEUED, ev.STOPPED, ev.FAILED,
-                                    ev.INTERRUPTED], value=ALL_STATUSES, label="Status",
-                                   elem_id="cmp_hist_status", scale=1)
-            hist_refresh = gr.Button("Refresh", elem_id="cmp_hist_refresh", scale=1)
-        table = gr.Dataframe(pd.DataFrame(columns=HISTORY_COLUMNS), label="Runs (click a row to select it)",
-                             interactive=False, wrap=True, elem_id="cmp_hist_table", elem_classes="lab-word-headers",
-                             column_widths=["17%", "12%", "7%", "10%", "9%", "7%", "5%", "6%", "6%", "10%", "11%"])
-        with gr.Row():
-            hist_run = gr.Dropdown(label="Selected run", choices=[], elem_id="cmp_hist_run", scale=3)
-            add_btn = gr.Button("Add to comparison", elem_id="cmp_hist_add", scale=1)
-            resume_epochs = gr.Number(0, label="Epochs in all (0 = as planned)", precision=0, minimum=0,
-                                      info="above the epochs done, a finished run trains further",
-                                      elem_id="cmp_resume_epochs", scale=1)
-            resume_btn = gr.Button("Resume", elem_id="cmp_resume", scale=1)
-        with gr.Row():
-            name = gr.Textbox(label="Name", elem_id="cmp_hist_name", scale=3)
-            rename_btn = gr.Button("Rename", elem_id="cmp_rename", scale=1)
-            tags = gr.Textbox(label="Tags (comma-separated)", elem_id="cmp_hist_tags", scale=3)
-            tags_btn = gr.Button("Save tags", elem_id="cmp_tags_btn", scale=1)
-        with gr.Row():
-            confirm = gr.Textbox(label="To delete, type the run id", elem_id="cmp_delete_confirm", scale=3)
-            delete_btn = gr.Button("Delete run", variant="stop", elem_id="cmp_delete", scale=1)
-        with gr.Row():
-            exp_ckpt = gr.Button("Checkpoint (.pth)", elem_id="cmp_export_ckpt")
-            exp_ts = gr.Button("TorchScript (.pt)", elem_id="cmp_export_ts")
-            exp_onnx = gr.Button("ONNX (.onnx)", elem_id="cmp_export_onnx")
-            exp_csv = gr.Button("Metrics (CSV)", elem_id="cmp_export_csv")
-        exp_file = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="cmp_export_file",
-                           height=120)
-        hist_msg = gr.Markdown("", elem_id="cmp_hist_msg")
-    timer = gr.Timer(POLL_S, active=False)
+    def __init__(self, ctx: AppContext, widgets: CompareWidgets | None = None):
+        self.ctx = ctx
+        self.w = widgets
 
-    # ---- handlers ------------------------------------------------------------------------
-    # Every handler that reads or changes runs takes the browser token and the request: who asks
-    # decides what they see (--private-runs) and what they may change (core.identity). Run ids
-    # the page sends back are checked against the history; nothing is taken as a path.
-    def _who(browser_id, request):
-        return who_is(ctx, request, browser_id)
+    def __repr__(self) -> str:   # never ctx's: Gradio can put a callable's repr in the page config
+        return "CompareTab()"
 
-    def _selection_update(value, who):
-        choices = run_choices(ctx, who=who)
+    # ---- shared steps -------------------------------------------------------------------
+    def _who(self, browser_id, request) -> identity.Who:
+        return who_is(self.ctx, request, browser_id)
+
+    def _selection_update(self, value, who):
+        choices = run_choices(self.ctx, who=who)
         return gr.update(choices=choices, value=_keep(list(value or []), choices))
 
-    def _render(run_ids, memory_sync: bool = False, live: bool | None = None):
+    def _render(self, run_ids, memory_sync: bool = False, live: bool | None = None):
         """live: whether a run was still live when the caller looked (before rendering). A run
         that ends while this renders is then drawn by the next tick, not left as 'running'."""
+        ctx = self.ctx
         run_ids = list(run_ids or [])
         h = _history(ctx)
         if live is None:
@@ -493,8 +416,23 @@ def build(ctx: AppContext) -> None:
             df = compare.leaderboard(h, run_ids, memory=False, refresh=not live)
         return curves_figure(ctx, run_ids), leaderboard_styled(leaderboard_display(df)), queue_text(ctx, run_ids), busy
 
+    def _pair_defaults(self, run_ids, a, b, who):
+        """Fill the empty side-by-side dropdowns with the first two evaluated selected runs."""
+        if a and b:
+            return gr.skip(), gr.skip()
+        evaluated = run_choices(self.ctx, need="eval", who=who)
+        ids = {v for _, v in evaluated}
+        picks = [r for r in run_ids or [] if r in ids]
+        if len(picks) < 2:
+            return gr.skip(), gr.skip()
+        return gr.update(choices=evaluated, value=picks[0]), gr.update(choices=evaluated, value=picks[1])
+
+    def _after_edit(self, message, filter_text, status, who):
+        return message, history_table(self.ctx, filter_text, status, who)
+
+    # ---- planning and training ----------------------------------------------------------
     @safe
-    def preview_plan(models_v, lrs_v, freeze_v, epochs_v):
+    def preview_plan(self, models_v, lrs_v, freeze_v, epochs_v):
         try:
             n_lr = len(compare.parse_lrs(lrs_v) or [None])
             n_fr = len(compare.parse_freeze_modes(freeze_v) or [None])
@@ -505,88 +443,32 @@ def build(ctx: AppContext) -> None:
             return "Pick at least one model."
         extra = f" — more than {compare.MAX_RUNS} is refused" if n > compare.MAX_RUNS else ""
         return (f"**{n} run(s)** of {int(epochs_v)} epoch(s): {len(models_v)} model(s) × {n_lr} learning "
-                f"rate(s) × {n_fr} freezing mode(s){extra}. They run {ctx.manager.max_jobs} at a time.")
+                f"rate(s) × {n_fr} freezing mode(s){extra}. They run {self.ctx.manager.max_jobs} at a time.")
 
     @safe
-    def train_all(values: dict, request: gr.Request):
+    def train_all(self, values: dict, request: gr.Request):
+        ctx, w = self.ctx, self.w
         session, browser_id = values[ctx.session], values[ctx.browser_id]
         if session is None:
             session = {}
         if not session.get("data_source"):
             session["data_source"] = {"source": "sample", "location": None}
         base = config_from_widgets(ctx, values, session)
-        base.epochs = int(values[epochs])
-        configs = compare.plan_comparison(base, values[models], compare.parse_lrs(values[lrs]),
-                                          compare.parse_freeze_modes(values[freeze]))
-        who = _who(browser_id, request)
+        base.epochs = int(values[w.epochs])
+        configs = compare.plan_comparison(base, values[w.models], compare.parse_lrs(values[w.lrs]),
+                                          compare.parse_freeze_modes(values[w.freeze]))
+        who = self._who(browser_id, request)
         group = compare.submit_comparison(ctx.manager, configs, who.owner, _history(ctx))
         session["cmp_group"] = str(group)
-        fig, board_df, qtext, _ = _render(group.run_ids)
+        fig, board_df, qtext, _ = self._render(group.run_ids)
         choices = run_choices(ctx, who=who)
         return (gr.update(choices=choices, value=list(group.run_ids)), fig, board_df,
                 f"Queued {len(configs)} run(s) as comparison {group}.\n" + qtext, gr.Timer(active=True))
 
-    def _pair_defaults(run_ids, a, b, who):
-        """Fill the empty side-by-side dropdowns with the first two evaluated selected runs."""
-        if a and b:
-            return gr.skip(), gr.skip()
-        evaluated = run_choices(ctx, need="eval", who=who)
-        ids = {v for _, v in evaluated}
-        picks = [r for r in run_ids or [] if r in ids]
-        if len(picks) < 2:
-            return gr.skip(), gr.skip()
-        return gr.update(choices=evaluated, value=picks[0]), gr.update(choices=evaluated, value=picks[1])
-
-    def poll(run_ids, a=None, b=None, filter_text=None, status=None, browser_id=None, request: gr.Request = None):
-        who = _who(browser_id, request)
-        run_ids = visible(ctx, who, run_ids)
-        # Read before rendering: if a run ends while the leaderboard is drawn from the index, the
-        # timer goes on and the next tick re-reads its folder (else it stayed 'running').
-        live = _live(ctx, run_ids)
-        fig, board_df, qtext, busy = _render(run_ids, live=live)
-        if live or busy:
-            return (gr.skip(), fig, board_df, qtext, gr.Timer(active=True), gr.skip(), gr.skip(), gr.skip())
-        # Last tick: refresh the run labels (statuses), open the side-by-side view, and show the
-        # finished runs in the history table (it only refreshed on request before).
-        return ((_selection_update(run_ids, who), fig, board_df, qtext, gr.Timer(active=False))
-                + _pair_defaults(run_ids, a, b, who) + (history_table(ctx, filter_text, status, who),))
-
     @safe
-    def show_selected(run_ids, a=None, b=None, browser_id=None, request: gr.Request = None):
-        who = _who(browser_id, request)
-        run_ids = visible(ctx, who, run_ids)
-        live = _live(ctx, run_ids)
-        fig, board_df, qtext, _ = _render(run_ids, memory_sync=not live, live=live)
-        # The side-by-side view starts with the first two evaluated runs of the selection.
-        return (fig, board_df, qtext, gr.Timer(active=live)) + _pair_defaults(run_ids, a, b, who)
-
-    @safe
-    def pick_group(group_id, session=None, browser_id=None, request: gr.Request = None):
-        if not group_id:
-            return (gr.skip(),) * 7
-        who = _who(browser_id, request)
-        if group_id not in {g for _, g in group_choices(ctx, who)}:
-            raise ConfigError("No such comparison here: pick one from the list.")
-        if session is not None:
-            session["cmp_group"] = group_id
-        ids = compare.group_run_ids(group_id, _history(ctx))
-        # A new selection: the side-by-side view starts again from its first two evaluated runs.
-        return (gr.update(choices=run_choices(ctx, who=who), value=ids),) + show_selected(ids, None, None,
-                                                                                          browser_id, request)
-
-    def refresh_groups(session, browser_id, request: gr.Request):
-        """The comparison list; the value is this session's comparison, else this browser's latest."""
-        who = _who(browser_id, request)
-        choices = group_choices(ctx, who)
-        current = (session or {}).get("cmp_group")
-        if current is None:
-            own = compare.list_groups(_history(ctx), owner=who.owner)
-            current = own[0]["group_id"] if own else None
-        return gr.update(choices=choices, value=_keep(current, choices))
-
-    @safe
-    def stop_selected(run_ids, browser_id, request: gr.Request):
-        who = _who(browser_id, request)
+    def stop_selected(self, run_ids, browser_id, request: gr.Request):
+        ctx = self.ctx
+        who = self._who(browser_id, request)
         stopped, others = [], []
         for r in run_ids or []:
             job = ctx.manager.find(r)
@@ -603,219 +485,475 @@ def build(ctx: AppContext) -> None:
                      "or the teacher can stop them.")
         return text + "\n" + queue_text(ctx, visible(ctx, who, run_ids))
 
+    # ---- what is compared: the timer, the selection, the comparisons --------------------
     @safe
-    def refresh_choices(run_ids, a, b, hist_value, session=None, browser_id=None, request: gr.Request = None):
-        """The run lists, newest first; Run A, Run B and the history's run follow this browser's
-        latest run (``default_picks``)."""
-        who = _who(browser_id, request)
-        choices = run_choices(ctx, who=who)
-        evaluated = run_choices(ctx, need="eval", who=who)
-        a, b, hist_value = default_picks(ctx, who, session, choices, evaluated, a, b, hist_value)
-        return (gr.update(choices=choices, value=_keep(list(run_ids or []), choices)),
-                gr.update(choices=evaluated, value=a), gr.update(choices=evaluated, value=b),
-                gr.update(choices=choices, value=hist_value))
-
-    @safe
-    def leaderboard_csv(run_ids, browser_id=None, request: gr.Request = None):
-        run_ids = visible(ctx, _who(browser_id, request), run_ids)
-        if not run_ids:
-            raise ConfigError("Pick runs to compare first: the CSV is the leaderboard of the selected runs.")
-        df = compare.leaderboard(_history(ctx), list(run_ids), memory=True)
-        path = Path(tempfile.mkdtemp(prefix="lab-leaderboard-")) / f"leaderboard-{time.strftime('%Y%m%d-%H%M%S')}.csv"
-        return gr.update(value=str(compare.leaderboard_csv(df, path)), visible=True)  # hidden until there is one
+    def poll(self, run_ids, a=None, b=None, filter_text=None, status=None, browser_id=None,
+             request: gr.Request = None):
+        who = self._who(browser_id, request)
+        run_ids = visible(self.ctx, who, run_ids)
+        # Read before rendering: if a run ends while the leaderboard is drawn from the index, the
+        # timer goes on and the next tick re-reads its folder (else it stayed 'running').
+        live = _live(self.ctx, run_ids)
+        fig, board_df, qtext, busy = self._render(run_ids, live=live)
+        if live or busy:
+            return (gr.skip(), fig, board_df, qtext, gr.Timer(active=True), gr.skip(), gr.skip(), gr.skip())
+        # Last tick: refresh the run labels (statuses), open the side-by-side view, and show the
+        # finished runs in the history table (it only refreshed on request before).
+        return ((self._selection_update(run_ids, who), fig, board_df, qtext, gr.Timer(active=False))
+                + self._pair_defaults(run_ids, a, b, who) + (history_table(self.ctx, filter_text, status, who),))
 
     @safe
-    def show_pair(a, b, normalize_rows, browser_id=None, request: gr.Request = None):
-        return pair_view(ctx, a, b, bool(normalize_rows), _who(browser_id, request))
+    def show_selected(self, run_ids, a=None, b=None, browser_id=None, request: gr.Request = None):
+        who = self._who(browser_id, request)
+        run_ids = visible(self.ctx, who, run_ids)
+        live = _live(self.ctx, run_ids)
+        fig, board_df, qtext, _ = self._render(run_ids, memory_sync=not live, live=live)
+        # The side-by-side view starts with the first two evaluated runs of the selection.
+        return (fig, board_df, qtext, gr.Timer(active=live)) + self._pair_defaults(run_ids, a, b, who)
 
     @safe
-    def refresh_history(filter_text, status, browser_id=None, request: gr.Request = None):
-        return history_table(ctx, filter_text, status, _who(browser_id, request))
+    def pick_group(self, group_id, session=None, browser_id=None, request: gr.Request = None):
+        if not group_id:
+            return (gr.skip(),) * 7
+        who = self._who(browser_id, request)
+        if group_id not in {g for _, g in group_choices(self.ctx, who)}:
+            raise ConfigError("No such comparison here: pick one from the list.")
+        if session is not None:
+            session["cmp_group"] = group_id
+        ids = compare.group_run_ids(group_id, _history(self.ctx))
+        # A new selection: the side-by-side view starts again from its first two evaluated runs.
+        return ((gr.update(choices=run_choices(self.ctx, who=who), value=ids),)
+                + self.show_selected(ids, None, None, browser_id, request))
 
     @safe
-    def select_row(df: pd.DataFrame, browser_id, request: gr.Request, evt: gr.SelectData):
-        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
-        if df is None or row is None or row >= len(df):
-            return gr.skip()
-        return gr.update(value=str(df.iloc[row]["run id"]), choices=run_choices(ctx, who=_who(browser_id, request)))
+    def refresh_groups(self, session, browser_id, request: gr.Request):
+        """The comparison list; the value is this session's comparison, else this browser's latest."""
+        who = self._who(browser_id, request)
+        choices = group_choices(self.ctx, who)
+        current = (session or {}).get("cmp_group")
+        if current is None:
+            own = compare.list_groups(_history(self.ctx), owner=who.owner)
+            current = own[0]["group_id"] if own else None
+        return gr.update(choices=choices, value=_keep(current, choices))
 
     @safe
-    def fill_fields(run_id, browser_id=None, request: gr.Request = None):
-        if not run_id:
-            return "", "", ""
-        _history(ctx).check_access(run_id, _who(browser_id, request), private=ctx.private_runs)
-        row = _history(ctx).get(run_id, refresh=False)
-        return row.get("name") or "", row.get("tags") or "", ""
-
-    def _after_edit(message, filter_text, status, who):
-        return message, history_table(ctx, filter_text, status, who)
-
-    @safe
-    def rename(run_id, new_name, filter_text, status, browser_id=None, request: gr.Request = None):
-        if not run_id:
-            raise ConfigError("Pick a run in the history table first.")
-        who = _who(browser_id, request)
-        _history(ctx).rename(run_id, new_name, who=who)
-        return _after_edit(f"Renamed {run_id} to “{new_name.strip()}”." if (new_name or "").strip()
-                           else f"Cleared the name of {run_id}.", filter_text, status, who)
-
-    @safe
-    def save_tags(run_id, tag_text, filter_text, status, browser_id=None, request: gr.Request = None):
-        if not run_id:
-            raise ConfigError("Pick a run in the history table first.")
-        who = _who(browser_id, request)
-        row = _history(ctx).set_tags(run_id, tag_text, who=who)
-        return _after_edit(f"Tags of {run_id}: {row.get('tags') or '(none)'}.", filter_text, status, who)
-
-    @safe
-    def delete(run_id, confirm_text, filter_text, status, run_ids, browser_id=None, request: gr.Request = None):
-        if not run_id:
-            raise ConfigError("Pick a run in the history table first.")
-        who = _who(browser_id, request)
-        message = _history(ctx).delete(run_id, confirm_text, who=who)
-        msg, table_df = _after_edit(message, filter_text, status, who)
-        choices = run_choices(ctx, who=who)
-        return (msg, table_df, "", gr.update(choices=choices, value=None),
-                gr.update(choices=choices, value=_keep(list(run_ids or []), choices)))
-
-    @safe
-    def resume(run_id, epochs, run_ids, browser_id, request: gr.Request):
-        if not run_id:
-            raise ConfigError("Pick a run in the history table first: a stopped, failed or interrupted one "
-                              "goes on where it stopped; a finished one trains further up to 'Epochs in all'.")
-        epochs = int(epochs or 0) or None   # 0 or empty: as planned
-        who = _who(browser_id, request)
-        job = _history(ctx).resume(run_id, epochs=epochs, who=who)   # the run keeps its owner
-        ids = list(dict.fromkeys(visible(ctx, who, run_ids) + [job.job_id]))
-        choices = run_choices(ctx, who=who)
-        # The box goes back to 0: a number left there must not re-plan the next run resumed.
-        return (f"Resuming {run_id} from its last checkpoint, up to epoch {job.config.epochs} ({job.status}); "
-                "it is added to the comparison above.",
-                gr.update(choices=choices, value=ids), gr.Timer(active=True), 0)
-
-    @safe
-    def add_to_comparison(run_id, run_ids, browser_id=None, request: gr.Request = None):
-        if not run_id:
-            raise ConfigError("Pick a run in the history table first.")
-        who = _who(browser_id, request)
-        _history(ctx).check_access(run_id, who, private=ctx.private_runs)
-        ids = list(dict.fromkeys(visible(ctx, who, run_ids) + [run_id]))
-        return gr.update(choices=run_choices(ctx, who=who), value=ids)
-
-    def make_export(kind):
-        @safe
-        def do_export(run_id, browser_id=None, request: gr.Request = None):
-            files = export_files(ctx, run_id, kind, _who(browser_id, request))
-            return files, f"Exported {kind} of {run_id}: " + ", ".join(Path(f).name for f in files)
-        do_export.__name__ = f"export_{kind}"
-        return do_export
-
-    # ---- wiring --------------------------------------------------------------------------
-    me = ctx.browser_id   # the browser token, last input of every run handler
-    for w in (models, lrs, freeze, epochs):
-        w.change(preview_plan, [models, lrs, freeze, epochs], plan, api_visibility="private",
-                 show_progress="hidden", concurrency_limit=None)
-    live_outputs = [selected, curves, board, queue, timer]
-    train_inputs = ctx.field_widgets() | {ctx.session, ctx.browser_id, models, lrs, freeze, epochs}
-    train.click(train_all, inputs=train_inputs, outputs=live_outputs, api_name="compare_train_all",
-                show_progress="hidden", concurrency_limit=None).then(
-        refresh_groups, [ctx.session, me], group_pick, api_visibility="private",
-        show_progress="hidden", concurrency_limit=None)
-    stop.click(stop_selected, [selected, me], queue, api_name="compare_stop",
-               show_progress="hidden", concurrency_limit=None)
-    timer.tick(poll, [selected, run_a, run_b, filt, status_f, me],
-               [selected, curves, board, queue, timer, run_a, run_b, table],
-               api_name="compare_poll", show_progress="hidden", concurrency_limit=None)
-    show_outputs = [curves, board, queue, timer, run_a, run_b]
-    selected.input(show_selected, [selected, run_a, run_b, me], show_outputs, api_name="compare_show",
-                   concurrency_limit=None)
-    group_pick.input(pick_group, [group_pick, ctx.session, me], [selected] + show_outputs,
-                     api_name="compare_group", concurrency_limit=None)
-    lists = [selected, run_a, run_b, hist_run]
-    list_inputs = lists + [ctx.session, me]
-    refresh.click(refresh_choices, list_inputs, lists, api_name="compare_runs", concurrency_limit=None)
-    csv_btn.click(leaderboard_csv, [selected, me], csv_file, api_name="compare_csv", concurrency_limit=None)
-    pair_inputs, pair_outputs = [run_a, run_b, normalize, me], [cm_a, cm_b, pair_md, pair_table]
-    for w in (run_a, run_b, normalize):
-        w.change(show_pair, pair_inputs, pair_outputs, api_visibility="private", concurrency_limit=None)
-    hist_inputs = [filt, status_f, me]
-    hist_refresh.click(refresh_history, hist_inputs, table, api_name="compare_history", concurrency_limit=None)
-    filt.submit(refresh_history, hist_inputs, table, api_visibility="private", concurrency_limit=None)
-    status_f.change(refresh_history, hist_inputs, table, api_visibility="private", concurrency_limit=None)
-    table.select(select_row, [table, me], hist_run, api_visibility="private", concurrency_limit=None)
-    hist_run.change(fill_fields, [hist_run, me], [name, tags, confirm], api_visibility="private",
-                    concurrency_limit=None)
-    rename_btn.click(rename, [hist_run, name, filt, status_f, me], [hist_msg, table], api_name="rename_run",
-                     concurrency_limit=None).success(   # the lists show the new name at once
-        refresh_choices, list_inputs, lists, api_visibility="private", show_progress="hidden", concurrency_limit=None)
-    tags_btn.click(save_tags, [hist_run, tags, filt, status_f, me], [hist_msg, table], api_name="tag_run",
-                   concurrency_limit=None)
-    delete_btn.click(delete, [hist_run, confirm, filt, status_f, selected, me],
-                     [hist_msg, table, confirm, hist_run, selected], api_name="delete_run", concurrency_limit=None)
-    resume_btn.click(resume, [hist_run, resume_epochs, selected, me], [hist_msg, selected, timer, resume_epochs],
-                     api_name="resume_run", concurrency_limit=None)
-    add_btn.click(add_to_comparison, [hist_run, selected, me], selected, api_name="compare_add",
-                  concurrency_limit=None).then(show_selected, [selected, run_a, run_b, me], show_outputs,
-                                               api_visibility="private", concurrency_limit=None)
-    for btn, kind in ((exp_ckpt, "checkpoint"), (exp_ts, "torchscript"), (exp_onnx, "onnx"), (exp_csv, "metrics")):
-        # Exports use the CPU for a few seconds: one at a time for the whole server.
-        btn.click(make_export(kind), [hist_run, me], [exp_file, hist_msg], api_name=f"export_{kind}",
-                  concurrency_id="cmp_export", concurrency_limit=1)
-
-    ctx.shared["compare"] = {
-        "widgets": {"models": models, "lrs": lrs, "freeze": freeze, "epochs": epochs, "selected": selected,
-                    "group": group_pick,
-                    "run_a": run_a, "run_b": run_b, "hist_run": hist_run, "table": table, "timer": timer,
-                    "filter": filt, "status": status_f},
-        "handlers": {"preview_plan": preview_plan, "train_all": train_all, "poll": poll,
-                     "show_selected": show_selected, "stop_selected": stop_selected,
-                     "refresh_choices": refresh_choices, "leaderboard_csv": leaderboard_csv,
-                     "show_pair": show_pair, "refresh_history": refresh_history, "rename": rename,
-                     "save_tags": save_tags, "delete": delete, "resume": resume,
-                     "add_to_comparison": add_to_comparison, "pick_group": pick_group,
-                     "refresh_groups": refresh_groups, "fill_fields": fill_fields,
-                     "export": {k: make_export(k) for k in EXPORT_KINDS}},
-        "reload": (refresh_choices, list_inputs, lists, refresh_history, hist_inputs, table),
-        "groups": (refresh_groups, pick_group, [selected] + show_outputs),
-    }
-
-
-def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
-    """On page load and when the tab is opened: refresh the run lists and the history table; after
-    a reload, select this browser's comparison runs that are still training and poll them."""
-    shared = ctx.shared["compare"]
-    refresh_choices, list_inputs, lists, refresh_history, hist_inputs, table = shared["reload"]
-    w = shared["widgets"]
-    demo.load(refresh_choices, list_inputs, lists, api_visibility="private")
-    demo.load(refresh_history, hist_inputs, table, api_visibility="private")
-    # The page-load refresh runs before the browser token is restored: once it is, the picks
-    # follow this browser's runs (as Evaluate and Predict do).
-    ctx.browser_id.change(refresh_choices, list_inputs, lists, api_visibility="private", show_progress="hidden")
-    tab = ctx.shared.get("tab", {}).get("Compare")
-    if tab is not None:
-        tab.select(refresh_choices, list_inputs, lists, api_visibility="private")
-        tab.select(refresh_history, hist_inputs, table, api_visibility="private")
-
-    refresh_groups, _, group_outputs = shared["groups"]
-
-    @safe
-    def reconnect(session, browser_id, request: gr.Request):
+    def reconnect(self, session, browser_id, request: gr.Request):
         """After a reload or a server restart: show this browser's latest comparison again, whether
         it is still training (the timer follows it) or long finished (its curves and leaderboard)."""
-        who = who_is(ctx, request, browser_id)
-        own = compare.list_groups(_history(ctx), owner=who.owner)
-        choices = group_choices(ctx, who)
+        who = self._who(browser_id, request)
+        own = compare.list_groups(_history(self.ctx), owner=who.owner)
+        choices = group_choices(self.ctx, who)
         if not own:
             return (gr.update(choices=choices),) + (gr.skip(),) * 2
         latest = own[0]
         session["cmp_group"] = latest["group_id"]
         # The timer's first tick draws the curves and the leaderboard, and stops once none is live.
         return (gr.update(choices=choices, value=latest["group_id"]),
-                gr.update(choices=run_choices(ctx, who=who), value=latest["run_ids"]), gr.Timer(active=True))
+                gr.update(choices=run_choices(self.ctx, who=who), value=latest["run_ids"]), gr.Timer(active=True))
 
-    shared["handlers"]["reconnect"] = reconnect
-    ctx.browser_id.change(reconnect, [ctx.session, ctx.browser_id], [w["group"], w["selected"], w["timer"]],
+    @safe
+    def refresh_choices(self, run_ids, a, b, hist_value, session=None, browser_id=None, request: gr.Request = None):
+        """The run lists, newest first; Run A, Run B and the history's run follow this browser's
+        latest run (``default_picks``)."""
+        who = self._who(browser_id, request)
+        choices = run_choices(self.ctx, who=who)
+        evaluated = run_choices(self.ctx, need="eval", who=who)
+        a, b, hist_value = default_picks(self.ctx, who, session, choices, evaluated, a, b, hist_value)
+        return (gr.update(choices=choices, value=_keep(list(run_ids or []), choices)),
+                gr.update(choices=evaluated, value=a), gr.update(choices=evaluated, value=b),
+                gr.update(choices=choices, value=hist_value))
+
+    @safe
+    def leaderboard_csv(self, run_ids, browser_id=None, request: gr.Request = None):
+        run_ids = visible(self.ctx, self._who(browser_id, request), run_ids)
+        if not run_ids:
+            raise ConfigError("Pick runs to compare first: the CSV is the leaderboard of the selected runs.")
+        df = compare.leaderboard(_history(self.ctx), list(run_ids), memory=True)
+        path = Path(tempfile.mkdtemp(prefix="lab-leaderboard-")) / f"leaderboard-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+        return gr.update(value=str(compare.leaderboard_csv(df, path)), visible=True)  # hidden until there is one
+
+    @safe
+    def show_pair(self, a, b, normalize_rows, browser_id=None, request: gr.Request = None):
+        return pair_view(self.ctx, a, b, bool(normalize_rows), self._who(browser_id, request))
+
+    # ---- the run history ----------------------------------------------------------------
+    @safe
+    def refresh_history(self, filter_text, status, browser_id=None, request: gr.Request = None):
+        return history_table(self.ctx, filter_text, status, self._who(browser_id, request))
+
+    @safe
+    def select_row(self, df: pd.DataFrame, browser_id, request: gr.Request, evt: gr.SelectData):
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        if df is None or row is None or row >= len(df):
+            return gr.skip()
+        return gr.update(value=str(df.iloc[row]["run id"]),
+                         choices=run_choices(self.ctx, who=self._who(browser_id, request)))
+
+    @safe
+    def fill_fields(self, run_id, browser_id=None, request: gr.Request = None):
+        if not run_id:
+            return "", "", ""
+        h = _history(self.ctx)
+        h.check_access(run_id, self._who(browser_id, request), private=self.ctx.private_runs)
+        row = h.get(run_id, refresh=False)
+        return row.get("name") or "", row.get("tags") or "", ""
+
+    @safe
+    def rename(self, run_id, new_name, filter_text, status, browser_id=None, request: gr.Request = None):
+        if not run_id:
+            raise ConfigError("Pick a run in the history table first.")
+        who = self._who(browser_id, request)
+        _history(self.ctx).rename(run_id, new_name, who=who)
+        return self._after_edit(f"Renamed {run_id} to “{new_name.strip()}”." if (new_name or "").strip()
+                                else f"Cleared the name of {run_id}.", filter_text, status, who)
+
+    @safe
+    def save_tags(self, run_id, tag_text, filter_text, status, browser_id=None, request: gr.Request = None):
+        if not run_id:
+            raise ConfigError("Pick a run in the history table first.")
+        who = self._who(browser_id, request)
+        row = _history(self.ctx).set_tags(run_id, tag_text, who=who)
+        return self._after_edit(f"Tags of {run_id}: {row.get('tags') or '(none)'}.", filter_text, status, who)
+
+    @safe
+    def delete(self, run_id, confirm_text, filter_text, status, run_ids, browser_id=None,
+               request: gr.Request = None):
+        if not run_id:
+            raise ConfigError("Pick a run in the history table first.")
+        who = self._who(browser_id, request)
+        message = _history(self.ctx).delete(run_id, confirm_text, who=who)
+        msg, table_df = self._after_edit(message, filter_text, status, who)
+        choices = run_choices(self.ctx, who=who)
+        return (msg, table_df, "", gr.update(choices=choices, value=None),
+                gr.update(choices=choices, value=_keep(list(run_ids or []), choices)))
+
+    @safe
+    def resume(self, run_id, epochs, run_ids, browser_id, request: gr.Request):
+        if not run_id:
+            raise ConfigError("Pick a run in the history table first: a stopped, failed or interrupted one "
+                              "goes on where it stopped; a finished one trains further up to 'Epochs in all'.")
+        epochs = int(epochs or 0) or None   # 0 or empty: as planned
+        who = self._who(browser_id, request)
+        job = _history(self.ctx).resume(run_id, epochs=epochs, who=who)   # the run keeps its owner
+        ids = list(dict.fromkeys(visible(self.ctx, who, run_ids) + [job.job_id]))
+        choices = run_choices(self.ctx, who=who)
+        # The box goes back to 0: a number left there must not re-plan the next run resumed.
+        return (f"Resuming {run_id} from its last checkpoint, up to epoch {job.config.epochs} ({job.status}); "
+                "it is added to the comparison above.",
+                gr.update(choices=choices, value=ids), gr.Timer(active=True), 0)
+
+    @safe
+    def add_to_comparison(self, run_id, run_ids, browser_id=None, request: gr.Request = None):
+        if not run_id:
+            raise ConfigError("Pick a run in the history table first.")
+        who = self._who(browser_id, request)
+        _history(self.ctx).check_access(run_id, who, private=self.ctx.private_runs)
+        ids = list(dict.fromkeys(visible(self.ctx, who, run_ids) + [run_id]))
+        return gr.update(choices=run_choices(self.ctx, who=who), value=ids)
+
+    # ---- exports: one handler per kind (one endpoint each) ------------------------------
+    def _export(self, kind, run_id, browser_id, request):
+        files = export_files(self.ctx, run_id, kind, self._who(browser_id, request))
+        return files, f"Exported {kind} of {run_id}: " + ", ".join(Path(f).name for f in files)
+
+    @safe
+    def export_checkpoint(self, run_id, browser_id=None, request: gr.Request = None):
+        return self._export("checkpoint", run_id, browser_id, request)
+
+    @safe
+    def export_torchscript(self, run_id, browser_id=None, request: gr.Request = None):
+        return self._export("torchscript", run_id, browser_id, request)
+
+    @safe
+    def export_onnx(self, run_id, browser_id=None, request: gr.Request = None):
+        return self._export("onnx", run_id, browser_id, request)
+
+    @safe
+    def export_metrics(self, run_id, browser_id=None, request: gr.Request = None):
+        return self._export("metrics", run_id, browser_id, request)
+
+    def exporter(self, kind: str):
+        """The export handler of ``kind`` (one of EXPORT_KINDS)."""
+        if kind not in EXPORT_KINDS:
+            raise ConfigError(f"Unknown export {kind!r}; choose one of {', '.join(EXPORT_KINDS)}.")
+        return getattr(self, f"export_{kind}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The layout: plain functions that place the widgets and return them
+# ---------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class CompareWidgets:
+    """The Compare tab's widgets (what ``_wire`` connects and ``on_load`` refreshes)."""
+    models: gr.CheckboxGroup
+    lrs: gr.Textbox
+    freeze: gr.Textbox
+    epochs: gr.Slider
+    plan: gr.Markdown
+    train: gr.Button
+    stop: gr.Button
+    queue: gr.Textbox
+    group: gr.Dropdown
+    selected: gr.Dropdown
+    refresh: gr.Button
+    curves: gr.Plot
+    board: gr.Dataframe
+    csv_btn: gr.Button
+    csv_file: gr.File
+    run_a: gr.Dropdown
+    run_b: gr.Dropdown
+    normalize: gr.Checkbox
+    cm_a: gr.Plot
+    cm_b: gr.Plot
+    pair_md: gr.Markdown
+    pair_table: gr.Dataframe
+    filter: gr.Textbox
+    status: gr.Dropdown
+    hist_refresh: gr.Button
+    table: gr.Dataframe
+    hist_run: gr.Dropdown
+    add_btn: gr.Button
+    resume_epochs: gr.Number
+    resume_btn: gr.Button
+    name: gr.Textbox
+    rename_btn: gr.Button
+    tags: gr.Textbox
+    tags_btn: gr.Button
+    confirm: gr.Textbox
+    delete_btn: gr.Button
+    exports: dict                 # export kind → its button
+    exp_file: gr.File
+    hist_msg: gr.Markdown
+    timer: gr.Timer
+
+    @property
+    def lists(self) -> list:
+        """The run lists that follow the history (refresh_choices' inputs and outputs)."""
+        return [self.selected, self.run_a, self.run_b, self.hist_run]
+
+    @property
+    def show_outputs(self) -> list:
+        return [self.curves, self.board, self.queue, self.timer, self.run_a, self.run_b]
+
+
+def _plan_column() -> dict:
+    """Left column: what to train (models × learning rates × freezing modes), Train all, Stop."""
+    names = [s.name for s in list_models()]
+    models = gr.CheckboxGroup([(s.name, s.name) for s in list_models()],
+                              value=[m for m in DEFAULT_MODELS if m in names], label="Models",
+                              elem_id="cmp_models")
+    lrs = gr.Textbox(label="Learning rates (comma-separated)", placeholder="empty: the Train tab's, e.g. 0.1, 0.01",
+                     elem_id="cmp_lrs")
+    freeze = gr.Textbox(label="Freezing modes (comma-separated)",
+                        placeholder="empty: the Model tab's; none, features, stages:2",
+                        elem_id="cmp_freeze")
+    epochs = gr.Slider(1, 100, value=3, step=1, label="Epochs per run", elem_id="cmp_epochs")
+    plan = gr.Markdown("", elem_id="cmp_plan")
+    with gr.Row():
+        train = gr.Button("Train all", variant="primary", elem_id="cmp_train")
+        stop = gr.Button("Stop these runs", variant="stop", elem_id="cmp_stop")
+    queue = gr.Textbox(label="Queue", lines=5, max_lines=12, interactive=False, elem_id="cmp_queue")
+    return {"models": models, "lrs": lrs, "freeze": freeze, "epochs": epochs, "plan": plan, "train": train,
+            "stop": stop, "queue": queue}
+
+
+def _runs_column(ctx: AppContext) -> dict:
+    """Right column: the comparison, the runs compared and their curves."""
+    group = gr.Dropdown(label="Comparison", choices=[], value=None, elem_id="cmp_group",
+                        info="A comparison trained earlier (kept across restarts); "
+                             "picking one shows its runs")
+    with gr.Row():
+        selected = gr.Dropdown(label="Runs compared", choices=[], value=[], multiselect=True,
+                               elem_id="cmp_runs", scale=5,
+                               info="Runs of a comparison are added here; add finished runs from the history")
+        refresh = gr.Button("Refresh", elem_id="cmp_refresh", scale=1)
+    curves = gr.Plot(curves_figure(ctx, []), label="Loss and accuracy", elem_id="cmp_curves")
+    return {"group": group, "selected": selected, "refresh": refresh, "curves": curves}
+
+
+def _leaderboard() -> dict:
+    board = gr.Dataframe(pd.DataFrame(columns=LEADERBOARD_DISPLAY), label="Leaderboard (sort with the ⋮ menu of a column header)",
+                         interactive=False, wrap=True, elem_id="cmp_leaderboard",
+                         # numbers sort as numbers (9 before 10), the rest as text
+                         datatype=["number" if c.endswith(("(%)", "(s)", "(MiB)", "F1", "params", "images/s"))
+                                   else "str" for c in LEADERBOARD_DISPLAY],
+                         # the numbers get room for ~9 characters a line; headers wrap at spaces (CSS)
+                         elem_classes="lab-word-headers",
+                         column_widths=["15%", "12%", "7%"] + [f"{66 / 9:.2f}%"] * 9)
+    with gr.Row():
+        csv_btn = gr.Button("Download CSV", elem_id="cmp_csv_btn", scale=1)
+        csv_file = gr.File(label="Leaderboard CSV", interactive=False, elem_id="cmp_csv", scale=3, visible=False)
+    return {"board": board, "csv_btn": csv_btn, "csv_file": csv_file}
+
+
+def _pair_section() -> dict:
+    """Two runs' confusion matrices side by side, and where they differ."""
+    gr.Markdown("### Two runs side by side", elem_id="cmp_pair_title")
+    with gr.Row():
+        run_a = gr.Dropdown(label="Run A", choices=[], elem_id="cmp_run_a", scale=3)
+        run_b = gr.Dropdown(label="Run B", choices=[], elem_id="cmp_run_b", scale=3)
+        normalize = gr.Checkbox(True, label="Row-normalised (recall)", elem_id="cmp_normalize", scale=1)
+    with gr.Row():
+        cm_a = gr.Plot(plots.empty_figure("Pick run A", "Run A"), label="Run A", elem_id="cmp_cm_a")
+        cm_b = gr.Plot(plots.empty_figure("Pick run B", "Run B"), label="Run B", elem_id="cmp_cm_b")
+    pair_md = gr.Markdown("Pick two evaluated runs to see where they differ.", elem_id="cmp_pair_summary")
+    pair_table = gr.Dataframe(pd.DataFrame(columns=DIFF_DISPLAY), label="Where they differ", interactive=False,
+                              elem_id="cmp_diff")
+    return {"run_a": run_a, "run_b": run_b, "normalize": normalize, "cm_a": cm_a, "cm_b": cm_b,
+            "pair_md": pair_md, "pair_table": pair_table}
+
+
+def _history_table_rows() -> dict:
+    """The history's filter and table, and the run picked in it (Add to comparison, Resume)."""
+    with gr.Row():
+        filt = gr.Textbox(label="Filter", placeholder="words in the name, model, dataset, tags...",
+                          elem_id="cmp_hist_filter", scale=3)
+        status = gr.Dropdown([ALL_STATUSES, ev.FINISHED, ev.RUNNING, ev.QUEUED, ev.STOPPED, ev.FAILED,
+                              ev.INTERRUPTED], value=ALL_STATUSES, label="Status",
+                             elem_id="cmp_hist_status", scale=1)
+        hist_refresh = gr.Button("Refresh", elem_id="cmp_hist_refresh", scale=1)
+    table = gr.Dataframe(pd.DataFrame(columns=HISTORY_COLUMNS), label="Runs (click a row to select it)",
+                         interactive=False, wrap=True, elem_id="cmp_hist_table", elem_classes="lab-word-headers",
+                         column_widths=["17%", "12%", "7%", "10%", "9%", "7%", "5%", "6%", "6%", "10%", "11%"])
+    with gr.Row():
+        hist_run = gr.Dropdown(label="Selected run", choices=[], elem_id="cmp_hist_run", scale=3)
+        add_btn = gr.Button("Add to comparison", elem_id="cmp_hist_add", scale=1)
+        resume_epochs = gr.Number(0, label="Epochs in all (0 = as planned)", precision=0, minimum=0,
+                                  info="above the epochs done, a finished run trains further",
+                                  elem_id="cmp_resume_epochs", scale=1)
+        resume_btn = gr.Button("Resume", elem_id="cmp_resume", scale=1)
+    return {"filter": filt, "status": status, "hist_refresh": hist_refresh, "table": table, "hist_run": hist_run,
+            "add_btn": add_btn, "resume_epochs": resume_epochs, "resume_btn": resume_btn}
+
+
+def _history_edit_rows() -> dict:
+    """Rename, tag, delete and export the run picked in the history."""
+    with gr.Row():
+        name = gr.Textbox(label="Name", elem_id="cmp_hist_name", scale=3)
+        rename_btn = gr.Button("Rename", elem_id="cmp_rename", scale=1)
+        tags = gr.Textbox(label="Tags (comma-separated)", elem_id="cmp_hist_tags", scale=3)
+        tags_btn = gr.Button("Save tags", elem_id="cmp_tags_btn", scale=1)
+    with gr.Row():
+        confirm = gr.Textbox(label="To delete, type the run id", elem_id="cmp_delete_confirm", scale=3)
+        delete_btn = gr.Button("Delete run", variant="stop", elem_id="cmp_delete", scale=1)
+    with gr.Row():
+        exports = {"checkpoint": gr.Button("Checkpoint (.pth)", elem_id="cmp_export_ckpt"),
+                   "torchscript": gr.Button("TorchScript (.pt)", elem_id="cmp_export_ts"),
+                   "onnx": gr.Button("ONNX (.onnx)", elem_id="cmp_export_onnx"),
+                   "metrics": gr.Button("Metrics (CSV)", elem_id="cmp_export_csv")}
+    exp_file = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="cmp_export_file",
+                       height=120)
+    hist_msg = gr.Markdown("", elem_id="cmp_hist_msg")
+    return {"name": name, "rename_btn": rename_btn, "tags": tags, "tags_btn": tags_btn, "confirm": confirm,
+            "delete_btn": delete_btn, "exports": exports, "exp_file": exp_file, "hist_msg": hist_msg}
+
+
+def _layout(ctx: AppContext) -> CompareWidgets:
+    gr.Markdown("Train several models on the data chosen on the **Data** tab (same split, seed, "
+                "augmentation and epochs), or pick finished runs, and compare them.", elem_id="cmp_intro")
+    with gr.Row():
+        with gr.Column(scale=1, min_width=320):
+            plan = _plan_column()
+        with gr.Column(scale=2):
+            runs_ = _runs_column(ctx)
+    board, pair = _leaderboard(), _pair_section()
+    with gr.Accordion("Run history", open=False, elem_id="cmp_history"):
+        history = _history_table_rows() | _history_edit_rows()
+    return CompareWidgets(**plan, **runs_, **board, **pair, **history, timer=gr.Timer(POLL_S, active=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# The wiring: which event calls which handler (the api_names are the public endpoints)
+# ---------------------------------------------------------------------------------------------
+def _wire_comparison(ctx: AppContext, w: CompareWidgets, tab: CompareTab) -> None:
+    me = ctx.browser_id   # the browser token, last input of every run handler
+    for widget in (w.models, w.lrs, w.freeze, w.epochs):
+        widget.change(tab.preview_plan, [w.models, w.lrs, w.freeze, w.epochs], w.plan, api_visibility="private",
+                      show_progress="hidden", concurrency_limit=None)
+    live_outputs = [w.selected, w.curves, w.board, w.queue, w.timer]
+    train_inputs = ctx.field_widgets() | {ctx.session, ctx.browser_id, w.models, w.lrs, w.freeze, w.epochs}
+    w.train.click(tab.train_all, inputs=train_inputs, outputs=live_outputs, api_name="compare_train_all",
+                  show_progress="hidden", concurrency_limit=None).then(
+        tab.refresh_groups, [ctx.session, me], w.group, api_visibility="private",
+        show_progress="hidden", concurrency_limit=None)
+    w.stop.click(tab.stop_selected, [w.selected, me], w.queue, api_name="compare_stop",
+                 show_progress="hidden", concurrency_limit=None)
+    w.timer.tick(tab.poll, [w.selected, w.run_a, w.run_b, w.filter, w.status, me],
+                 [w.selected, w.curves, w.board, w.queue, w.timer, w.run_a, w.run_b, w.table],
+                 api_name="compare_poll", show_progress="hidden", concurrency_limit=None)
+    w.selected.input(tab.show_selected, [w.selected, w.run_a, w.run_b, me], w.show_outputs,
+                     api_name="compare_show", concurrency_limit=None)
+    w.group.input(tab.pick_group, [w.group, ctx.session, me], [w.selected] + w.show_outputs,
+                  api_name="compare_group", concurrency_limit=None)
+    w.refresh.click(tab.refresh_choices, w.lists + [ctx.session, me], w.lists, api_name="compare_runs",
+                    concurrency_limit=None)
+    w.csv_btn.click(tab.leaderboard_csv, [w.selected, me], w.csv_file, api_name="compare_csv",
+                    concurrency_limit=None)
+    pair_inputs, pair_outputs = [w.run_a, w.run_b, w.normalize, me], [w.cm_a, w.cm_b, w.pair_md, w.pair_table]
+    for widget in (w.run_a, w.run_b, w.normalize):
+        widget.change(tab.show_pair, pair_inputs, pair_outputs, api_visibility="private", concurrency_limit=None)
+
+
+def _wire_history(ctx: AppContext, w: CompareWidgets, tab: CompareTab) -> None:
+    me = ctx.browser_id
+    hist_inputs, edited = [w.filter, w.status, me], [w.hist_msg, w.table]
+    w.hist_refresh.click(tab.refresh_history, hist_inputs, w.table, api_name="compare_history",
+                         concurrency_limit=None)
+    w.filter.submit(tab.refresh_history, hist_inputs, w.table, api_visibility="private", concurrency_limit=None)
+    w.status.change(tab.refresh_history, hist_inputs, w.table, api_visibility="private", concurrency_limit=None)
+    w.table.select(tab.select_row, [w.table, me], w.hist_run, api_visibility="private", concurrency_limit=None)
+    w.hist_run.change(tab.fill_fields, [w.hist_run, me], [w.name, w.tags, w.confirm], api_visibility="private",
+                      concurrency_limit=None)
+    w.rename_btn.click(tab.rename, [w.hist_run, w.name, w.filter, w.status, me], edited, api_name="rename_run",
+                       concurrency_limit=None).success(   # the lists show the new name at once
+        tab.refresh_choices, w.lists + [ctx.session, me], w.lists, api_visibility="private",
+        show_progress="hidden", concurrency_limit=None)
+    w.tags_btn.click(tab.save_tags, [w.hist_run, w.tags, w.filter, w.status, me], edited, api_name="tag_run",
+                     concurrency_limit=None)
+    w.delete_btn.click(tab.delete, [w.hist_run, w.confirm, w.filter, w.status, w.selected, me],
+                       edited + [w.confirm, w.hist_run, w.selected], api_name="delete_run", concurrency_limit=None)
+    w.resume_btn.click(tab.resume, [w.hist_run, w.resume_epochs, w.selected, me],
+                       [w.hist_msg, w.selected, w.timer, w.resume_epochs], api_name="resume_run",
+                       concurrency_limit=None)
+    w.add_btn.click(tab.add_to_comparison, [w.hist_run, w.selected, me], w.selected, api_name="compare_add",
+                    concurrency_limit=None).then(tab.show_selected, [w.selected, w.run_a, w.run_b, me],
+                                                 w.show_outputs, api_visibility="private", concurrency_limit=None)
+    for kind, btn in w.exports.items():
+        # Exports use the CPU for a few seconds: one at a time for the whole server.
+        btn.click(tab.exporter(kind), [w.hist_run, me], [w.exp_file, w.hist_msg], api_name=f"export_{kind}",
+                  concurrency_id="cmp_export", concurrency_limit=1)
+
+
+def build(ctx: AppContext) -> CompareTab:
+    """Place the tab's widgets, wire them to one CompareTab, and keep it in ``ctx.shared["compare"]``
+    (``on_load`` adds the page-load events to it)."""
+    _history(ctx)
+    widgets = _layout(ctx)
+    tab = CompareTab(ctx, widgets)
+    _wire_comparison(ctx, widgets, tab)
+    _wire_history(ctx, widgets, tab)
+    ctx.shared["compare"] = tab
+    return tab
+
+
+def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
+    """On page load and when the tab is opened: refresh the run lists and the history table; after
+    a reload, select this browser's comparison runs that are still training and poll them."""
+    tab: CompareTab = ctx.shared["compare"]
+    w = tab.w
+    list_inputs, hist_inputs = w.lists + [ctx.session, ctx.browser_id], [w.filter, w.status, ctx.browser_id]
+    demo.load(tab.refresh_choices, list_inputs, w.lists, api_visibility="private")
+    demo.load(tab.refresh_history, hist_inputs, w.table, api_visibility="private")
+    # The page-load refresh runs before the browser token is restored: once it is, the picks
+    # follow this browser's runs (as Evaluate and Predict do).
+    ctx.browser_id.change(tab.refresh_choices, list_inputs, w.lists, api_visibility="private",
+                          show_progress="hidden")
+    page_tab = ctx.shared.get("tab", {}).get("Compare")
+    if page_tab is not None:
+        page_tab.select(tab.refresh_choices, list_inputs, w.lists, api_visibility="private")
+        page_tab.select(tab.refresh_history, hist_inputs, w.table, api_visibility="private")
+    ctx.browser_id.change(tab.reconnect, [ctx.session, ctx.browser_id], [w.group, w.selected, w.timer],
                           api_visibility="private", show_progress="hidden", concurrency_limit=None)
-    if tab is not None:
-        tab.select(refresh_groups, [ctx.session, ctx.browser_id], w["group"], api_visibility="private",
-                   concurrency_limit=None)
+    if page_tab is not None:
+        page_tab.select(tab.refresh_groups, [ctx.session, ctx.browser_id], w.group, api_visibility="private",
+                        concurrency_limit=None)
