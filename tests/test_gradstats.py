@@ -32,6 +32,13 @@ def test_recorded_weights_are_the_epochs_checkpoint_and_gradients_are_there(tiny
     assert gradstats.diagnose(frame)["status"] == "ok"
 
 
+def test_recording_does_not_change_what_is_trained(tiny_folder, tmp_path):
+    on = fit(_config(tiny_folder, True), runs_dir=tmp_path / "on")
+    off = fit(_config(tiny_folder, False), runs_dir=tmp_path / "off")
+    a, b = (load_checkpoint(r.run_dir / rundir.LAST_CKPT)["model"] for r in (on, off))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_frozen_layers_have_no_gradient_norm(tiny_folder, tmp_path):
     result = fit(_config(tiny_folder, True, freeze="features"), runs_dir=tmp_path)
     assert result.status == "finished", result.message
