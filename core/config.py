@@ -89,6 +89,8 @@ class RunConfig:
     multi_gpu: bool = False           # DataParallel over all visible GPUs, as the tutorials show
     tensorboard: bool = False         # this run also writes a TensorBoard log into its folder (needs the
                                       # tensorboard package), even when the server logs no run by default
+    record_distributions: bool = False  # per epoch, weight quantiles and gradient norms of every layer
+                                      # (core.gradstats; distributions.jsonl in the run folder)
     name: str | None = None           # a label for the run; None: model name and time
 
     # ---- serialisation -------------------------------------------------------------------

@@ -86,6 +86,7 @@ class Evaluated(Event):
     top5_accuracy: float | None
     macro_f1: float
     report_path: str
+    num_samples: int = 0            # images evaluated (for the accuracy's interval)
 
 
 @dataclass

@@ -106,6 +106,14 @@ class Predictor:
         steps = [t for t in fit.transforms if not isinstance(t, (v2.ToImage, v2.ToDtype, v2.Normalize))]
         return v2.Compose(steps)(image)
 
+    def model_input(self, image) -> tuple[Image.Image, torch.Tensor]:
+        """(the image as the model sees it, before normalisation: resized and cropped like the
+        run's eval images; its C×H×W normalised tensor). ``image``: anything ``open_image`` takes."""
+        view = self._fit(open_image(image, self.mode))
+        *geometry, to_tensor = self._eval_tf.transforms
+        view = v2.Compose(geometry)(view)
+        return view, to_tensor(view)
+
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu") -> "Predictor":
         return cls(find_checkpoint(run_dir), device=device)

@@ -57,6 +57,7 @@ __all__ = [
     "list_models", "get_model_spec", "create_model", "resolve_input_size", "min_input_size",
     "count_params", "pretrained_status", "load_weights_file", "list_stages", "apply_freeze",
     "set_train_mode", "init_weights", "head_parameters", "param_groups", "layer_table",
+    "cam_layer", "first_conv_name",
     "TutorialNet", "LeNet5",
 ]
 
@@ -306,6 +307,11 @@ class _Family:
     stages: Callable[[nn.Module, str], list[tuple[str, list[str]]]]  # (model, head) → stages
     size_dependent: bool = False              # builder output depends on the input size
     size_multiple: Callable[[bool], int] = lambda small: 1  # input must be a multiple of this
+    # Grad-CAM's target (core.explain): the last module whose output is still a spatial map
+    # (N×C×h×w), or for a ViT ("tokens") the last block's first LayerNorm, whose patch tokens
+    # are the last ones the class token attends to (reshaped to the patch grid).
+    cam_layer: str = ""
+    cam_kind: str = "conv"                    # "conv" or "tokens"
 
     def head_name(self, name: str) -> str:
         return self.head(name) if callable(self.head) else self.head
@@ -425,20 +431,26 @@ def _small_net_stages(m: nn.Module, head: str) -> list[tuple[str, list[str]]]:
             if n != head and any(True for _ in mod.parameters())]
 
 
-_TUTORIAL = _Family("TutorialNet", "fc3", "conv1", _no_stem("tutorial_net"), _small_net_stages, size_dependent=True)
-_LENET = _Family("LeNet", "fc3", "conv1", _no_stem("lenet5"), _small_net_stages, size_dependent=True)
-_ALEXNET = _Family("AlexNet", "classifier.6", "features.0", _alexnet_stem, _pool_stages("conv block", True))
-_VGG = _Family("VGG", "classifier.6", "features.0", _vgg_stem, _pool_stages("conv block", True))
-_RESNET = _Family("ResNet", "fc", "conv1", _resnet_stem, _resnet_stages)
-_DENSENET = _Family("DenseNet", "classifier", "features.conv0", _densenet_stem, _densenet_stages)
-_MOBILENET_V2 = _Family("MobileNet", "classifier.1", "features.0.0", _mobile_stem, _mobile_stages)
-_MOBILENET_V3 = _Family("MobileNet", "classifier.3", "features.0.0", _mobile_stem, _mobile_stages)
-_EFFICIENTNET = _Family("EfficientNet", "classifier.1", "features.0.0", _mobile_stem, _mobile_stages)
-_SHUFFLENET = _Family("ShuffleNet", "fc", "conv1.0", _shufflenet_stem, _shufflenet_stages)
-_SQUEEZENET = _Family("SqueezeNet", "classifier.1", "features.0", _squeezenet_stem, _pool_stages("block", False))
-_CONVNEXT = _Family("ConvNeXt", "classifier.2", "features.0.0", _convnext_stem, _convnext_stages)
+_TUTORIAL = _Family("TutorialNet", "fc3", "conv1", _no_stem("tutorial_net"), _small_net_stages, size_dependent=True,
+                    cam_layer="conv2")
+_LENET = _Family("LeNet", "fc3", "conv1", _no_stem("lenet5"), _small_net_stages, size_dependent=True,
+                 cam_layer="act2")
+_ALEXNET = _Family("AlexNet", "classifier.6", "features.0", _alexnet_stem, _pool_stages("conv block", True),
+                   cam_layer="features")
+_VGG = _Family("VGG", "classifier.6", "features.0", _vgg_stem, _pool_stages("conv block", True), cam_layer="features")
+_RESNET = _Family("ResNet", "fc", "conv1", _resnet_stem, _resnet_stages, cam_layer="layer4")
+_DENSENET = _Family("DenseNet", "classifier", "features.conv0", _densenet_stem, _densenet_stages, cam_layer="features")
+_MOBILENET_V2 = _Family("MobileNet", "classifier.1", "features.0.0", _mobile_stem, _mobile_stages, cam_layer="features")
+_MOBILENET_V3 = _Family("MobileNet", "classifier.3", "features.0.0", _mobile_stem, _mobile_stages, cam_layer="features")
+_EFFICIENTNET = _Family("EfficientNet", "classifier.1", "features.0.0", _mobile_stem, _mobile_stages,
+                        cam_layer="features")
+_SHUFFLENET = _Family("ShuffleNet", "fc", "conv1.0", _shufflenet_stem, _shufflenet_stages, cam_layer="conv5")
+_SQUEEZENET = _Family("SqueezeNet", "classifier.1", "features.0", _squeezenet_stem, _pool_stages("block", False),
+                      cam_layer="features")
+_CONVNEXT = _Family("ConvNeXt", "classifier.2", "features.0.0", _convnext_stem, _convnext_stages, cam_layer="features")
 _VIT = _Family("ViT", "heads.head", "conv_proj", _vit_stem, _vit_stages, size_dependent=True,
-               size_multiple=lambda small: _VIT_SMALL_PATCH if small else 16)
+               size_multiple=lambda small: _VIT_SMALL_PATCH if small else 16,
+               cam_layer="encoder.layers.encoder_layer_11.ln_1", cam_kind="tokens")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,6 +590,18 @@ def get_model_spec(name: str) -> ModelSpec:
 
 def _fam(name: str) -> _Family:
     return get_model_spec(name)._family
+
+
+def cam_layer(name: str) -> tuple[str, str]:
+    """(qualified module name, kind) Grad-CAM explains ``name`` at: kind "conv" for a spatial map
+    (N×C×h×w), "tokens" for a ViT's patch tokens (N×(1+h·w)×D, reshaped to the patch grid)."""
+    fam = _fam(name)
+    return fam.cam_layer, fam.cam_kind
+
+
+def first_conv_name(name: str) -> str:
+    """Qualified name of the model's first convolution (a ViT's patch embedding)."""
+    return _fam(name).first_conv
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,11 @@
     events.jsonl   one event per line, appended while the run trains (RunLog)
     status.json    {"status", "message", "updated", "pid", ...} (write_status / read_status)
     eval.json      the test evaluation of the best weights (write_eval / read_json)
+    predictions.json  per test image: dataset index, true and predicted class, confidences
+                   (write_predictions / read_predictions; McNemar's test, confusion cells)
+    initial.pth    the first conv layer's weights before training (INITIAL_WEIGHTS; a few KB)
+    distributions.jsonl  per epoch, when config.record_distributions: weight quantiles and
+                   gradient norms per parameter tensor (append_distributions / read_distributions)
     last.pth       the checkpoint Resume continues from; best.pth, the best epoch's weights
     meta.json      what the run history adds: name, tags, owner, group_id, a cached memory estimate
     card.json      what was trained on what, where, with which libraries (write_card)
@@ -34,6 +39,9 @@ log = logging.getLogger(__name__)
 CONFIG_FILE, EVENTS_FILE, STATUS_FILE, EVAL_FILE = "config.json", "events.jsonl", "status.json", "eval.json"
 LAST_CKPT, BEST_CKPT = "last.pth", "best.pth"
 META_FILE, CARD_FILE, ERROR_LOG = "meta.json", "card.json", "error.log"
+PREDICTIONS_FILE, INITIAL_WEIGHTS, DISTRIBUTIONS_FILE = "predictions.json", "initial.pth", "distributions.jsonl"
+PREDICTIONS_VERSION = 1
+PREDICTION_COLUMNS = ("index", "target", "predicted", "confidence", "true_prob")
 INDEX_FILE = "index.sqlite"   # in the runs folder, beside the run folders
 UNREADABLE_STATUS = ("status unknown: the status file (status.json) is unreadable; the run may have failed. "
                      "Its checkpoints, if any, are intact")
@@ -107,6 +115,61 @@ def read_eval(run_dir: str | Path) -> dict | None:
 
 def write_eval(run_dir: str | Path, data: dict) -> None:
     write_json(Path(run_dir) / EVAL_FILE, data, indent=None)
+
+
+def write_predictions(run_dir: str | Path, split: str, index, target, predicted, confidence, true_prob) -> None:
+    """predictions.json: one entry per evaluated image, as parallel lists (compact: no keys
+    repeated per image; probabilities rounded to 5 decimals). ``index`` is the image's index in
+    the dataset (eval.json's "files" names it); ``confidence`` the probability of the predicted
+    class, ``true_prob`` that of the true class."""
+    columns = (index, target, predicted, confidence, true_prob)
+    data = {"version": PREDICTIONS_VERSION, "split": split}
+    for name, values in zip(PREDICTION_COLUMNS, columns):
+        values = [round(float(v), 5) for v in values] if name in ("confidence", "true_prob") else [int(v) for v in values]
+        data[name] = values
+    if len({len(data[c]) for c in PREDICTION_COLUMNS}) != 1:
+        raise ValueError("write_predictions: the columns differ in length")   # a bug in the caller
+    write_json(Path(run_dir) / PREDICTIONS_FILE, data, indent=None)
+
+
+def read_predictions(run_dir: str | Path) -> dict | None:
+    """predictions.json as {"split", "index", "target", "predicted", "confidence", "true_prob"}
+    (lists of equal length), or None when the run has none (older runs, unfinished ones) or the
+    file is damaged or of another version."""
+    data = read_json(Path(run_dir) / PREDICTIONS_FILE)
+    if data.get("version") != PREDICTIONS_VERSION:
+        return None
+    cols = [data.get(c) for c in PREDICTION_COLUMNS]
+    if not all(isinstance(c, list) for c in cols) or len({len(c) for c in cols}) != 1:
+        log.warning("%s of run %s is damaged; ignored", PREDICTIONS_FILE, Path(run_dir).name)
+        return None
+    return data
+
+
+def append_distributions(run_dir: str | Path, record: dict) -> None:
+    """Append one epoch's weight and gradient statistics (a JSON line) to distributions.jsonl."""
+    with (Path(run_dir) / DISTRIBUTIONS_FILE).open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, ensure_ascii=False, allow_nan=True) + "\n")
+
+
+def read_distributions(run_dir: str | Path) -> list[dict]:
+    """The epochs' records of distributions.jsonl in file order ([] when there is none); a
+    damaged line (a crash mid-write) is skipped. A resumed run repeats epochs: callers keep the
+    last record of each epoch."""
+    path = Path(run_dir) / DISTRIBUTIONS_FILE
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("epoch"), int):
+            out.append(rec)
+    return out
 
 
 # ---- status.json ---------------------------------------------------------------------------

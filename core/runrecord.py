@@ -163,10 +163,20 @@ def misclassified_images(record: RunRecord, limit: int = 24, data_dir: str | Pat
     read from their files; array-backed ones (torchvision sets) are reloaded from the data folder."""
     if not record.eval:
         return []
-    report = record.report()
-    rows = report.misclassified.head(limit)
-    files = record.eval.get("files", {})
-    need_dataset = any(not Path(str(files.get(str(r["sample"]), ""))).is_file() for _, r in rows.iterrows())
+    rows = record.report().misclassified.head(limit)
+    found = _images(record, list(rows["sample"]), data_dir)
+    out = []
+    for (_, r), image in zip(rows.iterrows(), found):
+        if image is not None:   # short caption: thumbnails are narrow
+            out.append((image, f"{r['true']} → {r['predicted']} {r['confidence']:.0%}"))
+    return out
+
+
+def _images(record: RunRecord, samples: list, data_dir: str | Path | None) -> list:
+    """The images of the evaluated samples (eval.json's sample ids: dataset indices), None for one
+    that cannot be read: from their files, else from the dataset reloaded (array-backed sets)."""
+    files = (record.eval or {}).get("files", {})
+    need_dataset = any(not Path(str(files.get(str(s), ""))).is_file() for s in samples)
     ds = None
     if need_dataset and record.config is not None:
         from core import datasets
@@ -176,14 +186,69 @@ def misclassified_images(record: RunRecord, limit: int = 24, data_dir: str | Pat
         except Exception:  # the data may be gone; show what we can
             ds = None
     out = []
-    for _, r in rows.iterrows():
-        caption = f"{r['true']} → {r['predicted']} {r['confidence']:.0%}"  # short: thumbnails are narrow
-        path = files.get(str(r["sample"]))
+    for s in samples:
+        path = files.get(str(s))
         image = _read_image(path) if path and Path(path).is_file() else None
-        if image is not None:
-            out.append((image, caption))
-        elif ds is not None:
-            out.append((ds.load_image(int(r["sample"])), caption))
+        if image is None and ds is not None:
+            try:
+                image = ds.load_image(int(s))
+            except (DataError, ValueError, IndexError):
+                image = None
+        out.append(image)
+    return out
+
+
+def _class_index(names: list[str], value: int | str, what: str) -> int:
+    if isinstance(value, str) and value in names:
+        return names.index(value)
+    if not isinstance(value, str) and 0 <= int(value) < len(names):
+        return int(value)
+    raise DataError(f"The {what} class {value!r} is not one of this run's classes: {', '.join(names)}.")
+
+
+def _cell_rows(record: RunRecord, t: int, p: int) -> pd.DataFrame:
+    """Rows [index, confidence, true_prob] of the cell (t, p), most confident first: from the
+    per-image predictions, else (runs evaluated before they were saved) eval.json's error table."""
+    preds = rundir.read_predictions(record.run_dir)
+    if preds is not None:
+        df = pd.DataFrame({c: preds[c] for c in rundir.PREDICTION_COLUMNS})
+        df = df[(df["target"] == t) & (df["predicted"] == p)]
+    elif t != p:
+        mis = record.report().misclassified
+        names = record.report().class_names
+        mis = mis[(mis["true"] == names[t]) & (mis["predicted"] == names[p])]
+        df = pd.DataFrame({"index": [int(x) for x in mis["sample"]], "confidence": mis["confidence"].to_numpy(),
+                           "true_prob": mis["true_prob"].to_numpy()})
+    else:
+        raise DataError(f"Run {record.run_id} was evaluated before per-image predictions were saved "
+                        f"({rundir.PREDICTIONS_FILE}), so only its errors (cells off the diagonal) can be "
+                        "shown. Train it again to see the correctly classified images.")
+    return df.sort_values(["confidence", "index"], ascending=[False, True], kind="stable")
+
+
+def cell_images(record: RunRecord, true_class: int | str, predicted_class: int | str, limit: int | None = 24,
+                data_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """The test images in confusion-matrix cell (true_class, predicted_class), most confident first.
+
+    Classes by index or name. Each item: {"image": PIL image, "file": the dataset's name for it
+    (path relative to the dataset, or "CIFAR10 test #12"), "index": dataset index, "confidence":
+    probability of the predicted class, "true_prob": of the true class, "caption"}. Images that
+    cannot be read any more are left out. Pixels, never server paths (see misclassified_images)."""
+    if not record.eval:
+        raise DataError(f"Run {record.run_id} has no test evaluation ({EVAL_FILE}) yet: let it finish first.")
+    names = [str(c) for c in record.eval["class_names"]]
+    t, p = _class_index(names, true_class, "true"), _class_index(names, predicted_class, "predicted")
+    rows = _cell_rows(record, t, p)
+    if limit is not None:
+        rows = rows.head(limit)
+    files = record.eval.get("files", {})
+    out = []
+    for (_, r), image in zip(rows.iterrows(), _images(record, [int(i) for i in rows["index"]], data_dir)):
+        if image is None:
+            continue
+        out.append({"image": image, "file": files.get(str(int(r["index"])), f"#{int(r['index'])}"),
+                    "index": int(r["index"]), "confidence": float(r["confidence"]), "true_prob": float(r["true_prob"]),
+                    "caption": f"{names[t]} → {names[p]} {r['confidence']:.0%}"})
     return out
 
 

@@ -17,7 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
-from core import events as ev, rundir
+from core import events as ev, rundir, stats
 from core.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, SOURCES, RunConfig
 from core.datasets import DEFAULT_DATA_DIR
 from core.errors import LabError
@@ -165,10 +165,21 @@ class ProgressPrinter:
                   f"{event.train_accuracy:.1%}{val} ({event.seconds:.1f} s, ETA {event.eta_seconds:.0f} s)"
                   f"{' *best*' if event.is_best else ''}" + " " * 10, file=s)
         elif isinstance(event, ev.Evaluated):
-            print(f"{event.split}: accuracy {event.accuracy:.1%}, macro F1 {event.macro_f1:.3f}"
+            print(f"{event.split}: accuracy {event.accuracy:.1%}{_interval(event)}, macro F1 {event.macro_f1:.3f}"
                   + (f", top-5 {event.top5_accuracy:.1%}" if event.top5_accuracy is not None else ""), file=s)
+            if event.num_samples and stats.wilson_interval(round(event.accuracy * event.num_samples),
+                                                           event.num_samples).half_width > stats.WIDE_HALF_WIDTH:
+                print(f"  note: {stats.precision_sentence(event.num_samples, event.accuracy)}", file=s)
         elif isinstance(event, ev.RunFinished):
             print(f"{event.status}: {event.message}", file=s)
+
+
+def _interval(event: ev.Evaluated) -> str:
+    """' (95 % interval 36.8–45.4%, n = 500)': the Wilson interval of the accuracy (core.stats)."""
+    if not event.num_samples:
+        return ""
+    iv = stats.wilson_interval(round(event.accuracy * event.num_samples), event.num_samples)
+    return f" (95 % interval {100 * iv.low:.1f}–{iv.high:.1%}, n = {event.num_samples:,})"
 
 
 def main(argv: list[str] | None = None) -> int:

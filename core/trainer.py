@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from core import choices, datasets, events as ev, loaders, metrics, models, resources, storage, tensorloader, transforms
+from core import (choices, datasets, events as ev, gradstats, loaders, metrics, models, resources, rundir, storage,
+                  tensorloader, transforms)
 from core.checkpoints import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from core.config import RunConfig
 from core.errors import ConfigError, LabError, StorageError
@@ -398,7 +399,8 @@ def _num_samples(loader) -> int:
 def train_one_epoch(model, loader, optimizer, loss_fn, device, *, epoch: int, config: RunConfig,
                     scaler=None, scheduler=None, per_batch_scheduler=False, warmup_steps=0,
                     step_offset=0, skip_batches=0, resume_partial: dict | None = None,
-                    emit: EventSink = lambda e: None, should_stop: StopFlag = lambda: False) -> dict:
+                    emit: EventSink = lambda e: None, should_stop: StopFlag = lambda: False,
+                    before_last_step: Callable[[], None] | None = None) -> dict:
     """Train for one epoch; return {'loss', 'accuracy', 'images', 'seconds', 'stopped_at', 'partial'}.
 
     A stop request is checked before each batch is fetched, not after: on the DataLoader path the
@@ -410,6 +412,8 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, epoch: int, co
     boundary). Give it back as ``resume_partial`` together with ``skip_batches`` to continue.
 
     Warm-up scales the learning rate linearly over the first ``warmup_steps`` batches.
+    ``before_last_step`` (the distribution recorder, when on) is called once, just before the
+    epoch's last optimiser step, while the last batch's gradients are there.
     """
     models.set_train_mode(model, True)
     used = _batches_used(loader, config.data.batch_size)
@@ -443,6 +447,8 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, epoch: int, co
         (scaler.scale(scaled) if scaler else scaled).backward()
         lr = optimizer.param_groups[0]["lr"]   # reported: the rate this batch trained at, not the next one's
         if b - group_start + 1 == group_size:
+            if before_last_step is not None and b == used:
+                before_last_step()
             _optimizer_step(model, optimizer, scaler, config.optim.grad_clip,
                             scheduler if per_batch_scheduler else None)
         tally.add(out, y, loss_value)
@@ -551,8 +557,10 @@ def evaluate(model, loader, loss_fn, device, precision="fp32", class_names=None,
             total_loss += loss_fn(out, y).item() * y.shape[0]
             seen += y.shape[0]
             acc.update(out.cpu(), y.cpu())
-    report = acc.report(class_names, sample_ids=sample_ids) if class_names is not None else None
-    return {"loss": total_loss / max(seen, 1), "accuracy": acc.accuracy(), "report": report}
+    result = {"loss": total_loss / max(seen, 1), "accuracy": acc.accuracy(), "report": None}
+    if class_names is not None:   # the final evaluation: the report, and each image's probabilities
+        result.update(report=acc.report(class_names, sample_ids=sample_ids), probs=acc.probs(), targets=acc.targets())
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -675,6 +683,8 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
         prep = prepare(config, data_dir=data_dir, dataset=dataset)
         run = _setup(config, prep)
         notes = _restore(run, state, ckpt, Path(resume_from).name) if ckpt is not None else []
+        if ckpt is None:
+            _save_initial_weights(run, run_dir)
         _announce(run, state, run_dir, emit, notes)
         _train_epochs(run, state, run_dir, emit, should_stop)
         report = _final_evaluation(run_dir, prep, run.model, run.core_model, run.eval_loss_fn, prep.device,
@@ -727,6 +737,7 @@ class _Run:
     loss_fn: nn.Module
     eval_loss_fn: nn.Module
     warmup_steps: int
+    recorder: gradstats.DistributionRecorder | None = None   # config.record_distributions
 
     @property
     def batches(self) -> int:
@@ -785,8 +796,9 @@ def _setup(config: RunConfig, prep: Prepared) -> _Run:
     loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
                                   label_smoothing=config.optim.label_smoothing)
     warmup_steps = 0 if config.optim.scheduler == "onecycle" else config.optim.warmup_epochs * batches
+    recorder = gradstats.DistributionRecorder(core_model, scaler) if config.record_distributions else None
     return _Run(config, prep, model, core_model, optimizer, scheduler, per_batch, scaler, loss_fn,
-                nn.CrossEntropyLoss(), warmup_steps)
+                nn.CrossEntropyLoss(), warmup_steps, recorder)
 
 
 def _restore(run: _Run, state: TrainState, ckpt: dict, name: str) -> list[str]:
@@ -841,18 +853,40 @@ def _train_epochs(run: _Run, state: TrainState, run_dir: Path, emit: _RunLog, sh
                                 step_offset=(epoch - 1) * run.batches + state.skip_batches,
                                 skip_batches=state.skip_batches,
                                 resume_partial=state.partial if state.skip_batches else None,
-                                emit=emit, should_stop=should_stop)
+                                emit=emit, should_stop=should_stop,
+                                before_last_step=run.recorder.grads if run.recorder is not None else None)
         if stats["stopped_at"] is not None:
             _save_checkpoints(run_dir, run.checkpoint(state, epoch - 1, stats["stopped_at"], stats["partial"]),
                               best=False, doing=f"saving the checkpoint of the stop in epoch {epoch}")
             raise _StopRequested
         state.skip_batches, state.partial, state.rng = 0, None, None
+        if run.recorder is not None:
+            _record_distributions(run, run_dir, epoch)
         lr_used = run.optimizer.param_groups[0]["lr"]   # the epoch's rate, before the scheduler moves it
         val = None
         if prep.val_loader is not None:
             val = evaluate(run.model, prep.val_loader, run.eval_loss_fn, prep.device, config.precision)
         if _end_epoch(run, state, epoch, stats, val, lr_used, run_dir, emit):
             break
+
+
+def _record_distributions(run: _Run, run_dir: Path, epoch: int) -> None:
+    """The epoch's weight quantiles and gradient norms (config.record_distributions) into the run
+    folder. A diagnostic: a failed write is logged, and the run goes on."""
+    try:
+        rundir.append_distributions(run_dir, run.recorder.record(epoch))
+    except OSError as err:
+        log.warning("distributions of epoch %d of run %s not written: %s", epoch, run_dir.name, err)
+
+
+def _save_initial_weights(run: _Run, run_dir: Path) -> None:
+    """The first conv layer's weights before any training step (``initial.pth``), so its kernels
+    can be shown beside the trained ones (core.internals.conv_kernels); a few KB."""
+    name = models.first_conv_name(run.config.model.name)
+    weight = run.core_model.get_submodule(name).weight.detach().cpu().clone()
+    with _writing(run_dir, f"saving the initial weights ({rundir.INITIAL_WEIGHTS})"):
+        save_checkpoint(run_dir / rundir.INITIAL_WEIGHTS, {"layer": name, "weight": weight,
+                                                           "model_name": run.config.model.name})
 
 
 def _start_epoch(run: _Run, state: TrainState, epoch: int) -> None:
@@ -972,10 +1006,16 @@ def _final_evaluation(run_dir, prep, model, core_model, loss_fn, device, config,
     data = report.to_dict()
     data.update({"split": split_name, "loss": result["loss"],
                  "files": {str(i): prep.dataset.describe(i) for i in indices}})
-    with _writing(run_dir, f"saving the test results ({EVAL_FILE})"):
+    probs, targets = result["probs"], result["targets"]
+    predicted = probs.argmax(axis=1)
+    rows = np.arange(len(targets))
+    with _writing(run_dir, f"saving the test results ({EVAL_FILE}, {rundir.PREDICTIONS_FILE})"):
+        rundir.write_predictions(run_dir, split_name, indices, targets, predicted, probs[rows, predicted],
+                                 probs[rows, targets])
         write_eval(run_dir, data)
     emit(ev.Evaluated(split=split_name, accuracy=report.accuracy, top5_accuracy=report.topk.get(5),
-                      macro_f1=report.macro_f1, report_path=str(run_dir / EVAL_FILE)))
+                      macro_f1=report.macro_f1, report_path=str(run_dir / EVAL_FILE),
+                      num_samples=report.num_samples))
     return report
 
 
