@@ -190,14 +190,6 @@ def run_history(ctx: AppContext):
     return ctx.history
 
 
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
-
-
 def fmt_seconds(s: float | None) -> str:
     if s is None:
         return "–"

@@ -25,6 +25,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from core.storage import format_size   # the one size format of the lab
+
 # ---------------------------------------------------------------------------------------------
 # Style constants (one source for every figure)
 # ---------------------------------------------------------------------------------------------
@@ -123,18 +125,6 @@ def _unique_labels(labels: Sequence[Any]) -> list[str]:
 def _category_axis(names: Sequence[str]) -> dict:
     # type="category": names such as "0", "1" or "2024" would otherwise become a numeric axis.
     return dict(type="category", categoryorder="array", categoryarray=list(names), automargin=True)
-
-
-def format_bytes(n: float) -> str:
-    """Human size with binary units: ``format_bytes(3 * 2**20) == "3.00 MiB"``."""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            if unit == "B":
-                return f"{n:.0f} B"
-            return f"{n:.3g} {unit}" if abs(n) >= 100 else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
 
 
 def _byte_unit(max_bytes: float) -> tuple[str, float]:
@@ -623,14 +613,14 @@ def memory_breakdown(components: Mapping[str, float] | None, title: str = "Memor
         fig.add_trace(go.Bar(
             y=bars, x=[s / scale for s in sizes], name=name, orientation="h", marker_color=color,
             # the label is written inside the segment; segments too small for 14 px text hide it
-            text=[format_bytes(s) if s else "" for s in sizes], textposition="inside",
+            text=[format_size(s) if s else "" for s in sizes], textposition="inside",
             insidetextanchor="middle",
-            customdata=np.column_stack([[format_bytes(s) for s in sizes], share]),
+            customdata=np.column_stack([[format_size(s) for s in sizes], share]),
             hovertemplate=(f"<b>{name}</b> (%{{y}}): %{{customdata[0]}}"
                            f" — %{{customdata[1]:.1f}} % of %{{y}}<extra></extra>"),
         ))
     for bar in bars:
-        fig.add_annotation(x=totals[bar] / scale, y=bar, text=f"<b>{format_bytes(totals[bar])}</b>",
+        fig.add_annotation(x=totals[bar] / scale, y=bar, text=f"<b>{format_size(totals[bar])}</b>",
                            showarrow=False, xanchor="left", xshift=8, font=dict(size=FONT_SIZE))
     fig.update_layout(barmode="stack", bargap=0.35,
                       uniformtext=dict(minsize=FONT_SIZE, mode="hide"))
@@ -668,7 +658,7 @@ def memory_per_layer(per_layer: pd.DataFrame | None, top_n: int = TOP_LAYERS,
     types = df["type"].astype(str).tolist() if "type" in df.columns else [""] * len(df)
     fig = go.Figure(go.Bar(
         x=sizes / scale, y=names, orientation="h", marker_color=MEMORY_COMPONENTS["activations"][1],
-        customdata=np.column_stack([[format_bytes(s) for s in sizes], types]),
+        customdata=np.column_stack([[format_size(s) for s in sizes], types]),
         hovertemplate="<b>%{y}</b> %{customdata[1]}<br>saved: %{customdata[0]}<extra></extra>",
     ))
     fig.update_xaxes(title_text=f"saved for backward ({unit})", rangemode="tozero")
@@ -678,7 +668,7 @@ def memory_per_layer(per_layer: pd.DataFrame | None, top_n: int = TOP_LAYERS,
 
 __all__ = [
     "MAX_POINTS", "NO_DATA", "bucket_means", "class_distribution", "compare_curves",
-    "compare_loss_accuracy", "confusion_heatmap", "empty_figure", "format_bytes", "live_curves",
+    "compare_loss_accuracy", "confusion_heatmap", "empty_figure", "live_curves",
     "memory_breakdown", "memory_per_layer", "run_colors", "run_symbols", "topk_bar",
     "training_curves",
 ]
