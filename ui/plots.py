@@ -231,22 +231,29 @@ def _as_fraction(acc: pd.Series) -> pd.Series:
     return acc / 100.0 if acc.max(skipna=True) > 1.0 else acc
 
 
+def _split_points(df: pd.DataFrame, split: str, metric: str, xcol: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(x, y) of ``metric`` for ``split`` in a long history, sorted by ``xcol``, without missing
+    values (accuracy as a fraction); None when the split has no value of it."""
+    part = df[df["split"].astype(str) == split].sort_values(xcol)
+    y = part[metric] if metric == "loss" else _as_fraction(part[metric])
+    keep = y.notna().to_numpy()
+    if not keep.any():
+        return None
+    return part[xcol].to_numpy()[keep], y.to_numpy(dtype=float)[keep]
+
+
 def _add_split_traces(fig: go.Figure, df: pd.DataFrame, xcol: str, acc_values: list, *, name_suffix: str = "",
                       always_markers: bool = False, marker_size: int = 7) -> None:
     """Loss (left) and accuracy (right) traces per split of a long history, one colour per split in
     both panels; appends the plotted accuracies to ``acc_values`` (for the accuracy axis range)."""
     for i, split in enumerate(_splits(df)):
-        part = df[df["split"].astype(str) == split].sort_values(xcol)
         color = _split_color(split, i)
         shown = False
         for col, metric in ((1, "loss"), (2, "accuracy")):
-            if metric not in part.columns:
+            points = _split_points(df, split, metric, xcol) if metric in df.columns else None
+            if points is None:
                 continue
-            y = part[metric] if metric == "loss" else _as_fraction(part[metric])
-            keep = y.notna().to_numpy()
-            if not keep.any():
-                continue
-            xs, ys = part[xcol].to_numpy()[keep], y.to_numpy(dtype=float)[keep]
+            xs, ys = points
             if metric == "accuracy":
                 acc_values.append(ys)
             fmt = ".4f" if metric == "loss" else ".2%"
@@ -364,17 +371,15 @@ def _add_run_traces(fig: go.Figure, runs: Mapping[str, pd.DataFrame], metric: st
             continue
         xcol = _x_column(df, x)
         for split in splits:
-            part = df[df["split"].astype(str) == split].sort_values(xcol)
-            y = part[metric] if metric == "loss" else _as_fraction(part[metric])
-            keep = y.notna().to_numpy()
-            if not keep.any():
+            points = _split_points(df, split, metric, xcol)
+            if points is None:
                 continue
-            ys = y.to_numpy(dtype=float)[keep]
+            xs, ys = points
             values.append(ys)
             fmt = ".4f" if metric == "loss" else ".2%"
             name = label if len(splits) == 1 else f"{label} · {split}"
             fig.add_trace(go.Scatter(
-                x=part[xcol].to_numpy()[keep], y=ys, name=name, legendgroup=name,
+                x=xs, y=ys, name=name, legendgroup=name,
                 showlegend=legend,
                 mode="lines+markers" if len(ys) <= MARKER_MAX_POINTS else "lines",
                 line=dict(color=colors[label], width=2.5, dash=SPLIT_DASH.get(split, "solid")),
