@@ -18,7 +18,7 @@ from core.config import RunConfig  # noqa: E402
 from core.errors import ConfigError  # noqa: E402
 from core.jobs import Job, JobManager  # noqa: E402
 from tests import job_fits  # noqa: E402
-from ui import tab_train  # noqa: E402
+from ui import common, tab_train  # noqa: E402
 from ui.common import AppContext  # noqa: E402
 
 READY = "Ready. Press Start to train."
@@ -59,7 +59,7 @@ def test_a_start_refused_for_its_settings_says_why_in_the_status(tmp_path):
         err, status = _refused(ctx, "start", _values(ctx, session, **{"data.batch_size": "abc"}))
         assert status == "Not started: Batch size must be a whole number such as 64, got 'abc'."
         assert READY not in status
-        assert err.duration == tab_train.REFUSAL_TOAST_S   # the toast closes by itself; the Status keeps it
+        assert err.duration == common.TOAST_S   # the toast closes by itself; the Status keeps it
         assert manager.jobs() == []
         # the refusal is shown once: a later failure without a message of its own does not repeat it
         assert "Batch size" not in ctx.shared["train_handlers"]["refused"](session)

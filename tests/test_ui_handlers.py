@@ -206,6 +206,7 @@ def test_safe_passes_gr_error_through_unchanged():
     with pytest.raises(gr.Error) as info:
         handler()
     assert info.value is original and original.print_exception is False
+    assert original.duration == common.TOAST_S                      # every toast closes after as long
 
 
 def test_safe_turns_an_unexpected_exception_into_a_short_internal_error(caplog):

@@ -126,12 +126,15 @@ def none_if_empty(value):
     return None if value in ("", None, 0, 0.0) else value
 
 
-TOAST_S = 12   # a refusal's toast closes by itself: one left open covered Stop, Resume and Compute
+# Every toast of the lab closes by itself after this long: one left open covered Stop, Resume and
+# Compute (the Train tab's Status line keeps its refusals for longer).
+TOAST_S = 12
 
 
 def safe(fn: Callable) -> Callable:
     """Wrap a handler: LabError → gr.Error with its message; anything else → a short
-    'internal error' message and a log entry with the trace (never a stack trace in the page)."""
+    'internal error' message and a log entry with the trace (never a stack trace in the page).
+    Every error leaves as a toast that closes after TOAST_S seconds."""
 
     def convert(err: Exception):
         # A user's mistake is one line in the server console, not a Gradio stack trace (Gradio
@@ -139,6 +142,7 @@ def safe(fn: Callable) -> Callable:
         if isinstance(err, gr.Error):
             log.info("%s: %s", fn.__name__, err.message)
             err.print_exception = False
+            err.duration = TOAST_S
             return err
         if isinstance(err, LabError):
             log.info("%s: %s", fn.__name__, err)
