@@ -214,14 +214,14 @@ def test_safe_turns_an_unexpected_exception_into_a_short_internal_error(caplog):
     def compute_things():
         return {}["missing"]
 
-    with caplog.at_level(logging.ERROR, logger="classifier_lab.ui"):
+    with caplog.at_level(logging.ERROR, logger="ui.common"):
         with pytest.raises(gr.Error) as info:
             compute_things()
     msg = info.value.message
     assert msg.startswith("Internal error in compute_things: KeyError")
     assert "Traceback" not in msg and 'File "' not in msg and len(msg.splitlines()) == 1
     # ... while the server log keeps the full trace for the teacher
-    assert any(r.exc_info and "compute_things" in r.getMessage() for r in caplog.records)
+    assert any(r.exc_info and "compute_things" in r.getMessage() and r.name == "ui.common" for r in caplog.records)
 
 
 def test_safe_wraps_generators_and_keeps_the_signature():

@@ -16,7 +16,7 @@ from core import identity, paths
 from core.config import RunConfig
 from core.errors import ConfigError, LabError
 
-log = logging.getLogger("classifier_lab.ui")
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
