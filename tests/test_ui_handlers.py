@@ -783,3 +783,23 @@ def test_a_finished_run_exports_from_the_train_tab_for_its_owner_only(finished_j
         export("checkpoint", session, identity.sign(ctx.secret, "beef"), None)
     with pytest.raises(gr.Error, match="Export needs a finished run on this tab"):
         export("checkpoint", {}, mine, None)
+
+
+@pytest.mark.parametrize("package, module", [("ui", "tab_compare"), ("core", "runs")])
+def test_a_broken_module_stops_the_app_instead_of_removing_its_tab(package, module, monkeypatch, tmp_path):
+    """ui/app.py imported the Compare tab and the run history inside ``except ImportError``: a bug
+    there silently removed the Compare tab (and the history). A broken import now stops the app."""
+    import importlib
+    import sys
+    import ui
+
+    monkeypatch.setattr(ui, "app", ui_app)               # a re-import would rebind it
+    monkeypatch.delitem(sys.modules, "ui.app")
+    monkeypatch.delattr(importlib.import_module(package), module)
+    monkeypatch.setitem(sys.modules, f"{package}.{module}", None)   # importing it raises ImportError
+    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1)
+    with pytest.raises(ImportError):
+        app = importlib.import_module("ui.app")
+        demo = app.build_app(manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs")
+        tabs = {b.id for b in demo.blocks.values() if isinstance(b, gr.Tab)}
+        pytest.fail(f"built without {package}.{module}: tabs {sorted(tabs)}")

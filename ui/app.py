@@ -13,7 +13,8 @@ from pathlib import Path
 import gradio as gr
 
 from core import identity
-from ui import tab_data, tab_evaluate, tab_memory, tab_model, tab_predict, tab_train
+from core.runs import RunHistory
+from ui import tab_compare, tab_data, tab_evaluate, tab_memory, tab_model, tab_predict, tab_train
 from ui.common import AppContext, safe
 
 TITLE = "Classifier Lab"
@@ -78,7 +79,7 @@ PROJECTOR_RESTORE_JS = (f"() => {{ let on = false; try {{ on = localStorage.getI
                         "catch (e) {} document.body.classList.toggle('lab-projector', on); return on; }")
 
 TABS = [("Data", tab_data), ("Model", tab_model), ("Memory", tab_memory), ("Train", tab_train),
-        ("Evaluate", tab_evaluate), ("Predict", tab_predict)]
+        ("Evaluate", tab_evaluate), ("Compare", tab_compare), ("Predict", tab_predict)]
 
 
 def build_app(manager, data_dir: str | Path = "data", runs_dir: str | Path = "runs",
@@ -94,18 +95,9 @@ def build_app(manager, data_dir: str | Path = "data", runs_dir: str | Path = "ru
                      data_roots=None if data_roots is None else [str(r) for r in data_roots],
                      teacher=teacher, login=login, private_runs=private_runs)
     ctx.secret = browser_secret(ctx.runs_dir)
-    try:
-        from core.runs import RunHistory
-        ctx.history = RunHistory(ctx.runs_dir)
-        ctx.history.attach(manager)
-    except ImportError:  # the run-history index is optional for the other tabs
-        ctx.history = None
+    ctx.history = RunHistory(ctx.runs_dir)
+    ctx.history.attach(manager)
     tabs = list(TABS)
-    try:
-        from ui import tab_compare
-        tabs.insert(5, ("Compare", tab_compare))
-    except ImportError:
-        pass
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         # A plain {} (deep-copied for each new session), not gr.State(dict): a callable value adds a
         # page-load event (and a public "/dict" endpoint) that resets the state to a fresh dict; it
