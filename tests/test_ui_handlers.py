@@ -154,7 +154,7 @@ def test_widget_updates_show_a_runs_settings_again(widget_ctx):
 def test_split_sliders_that_a_predefined_split_makes_moot_are_locked(widget_ctx, tiny_folder):
     from core import datasets
 
-    split_sliders, _ = widget_ctx.shared["split_sliders"]
+    split_sliders = tab_data.DataTab(widget_ctx).split_sliders
     own_test = datasets.load_dataset("folder", tiny_folder)          # train/ and test/ folders
     val, test = split_sliders({"dataset": own_test})
     assert val["interactive"] is True and test["interactive"] is False
