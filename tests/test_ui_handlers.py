@@ -11,6 +11,7 @@ import logging
 import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,16 +33,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ---- a context with the Data, Model and Train tabs' widgets bound to RunConfig fields -------------
 @pytest.fixture(scope="module")
-def widget_ctx(tmp_path_factory):
+def widget_tabs(tmp_path_factory):
+    """The Data, Model and Train tabs built on one context: their controllers (``build``'s result)."""
     tmp = tmp_path_factory.mktemp("widgets")
     ctx = AppContext(manager=None, data_dir=tmp / "data", runs_dir=tmp / "runs")
     with gr.Blocks():
         ctx.session = gr.State(dict)
         ctx.browser_id = gr.BrowserState(None)
-        tab_data.build(ctx)
-        tab_model.build(ctx)
-        tab_train.build(ctx)
-    return ctx
+        return SimpleNamespace(ctx=ctx, data=tab_data.build(ctx), model=tab_model.build(ctx),
+                               train=tab_train.build(ctx))
+
+
+@pytest.fixture(scope="module")
+def widget_ctx(widget_tabs):
+    return widget_tabs.ctx
 
 
 def _widget(ctx, field: str):
@@ -127,11 +132,11 @@ def test_config_from_widgets_converts_and_takes_the_dataset_from_the_session(wid
     assert cfg.data.train_augment == session["train_augment"]
 
 
-def test_widget_updates_show_a_runs_settings_again(widget_ctx):
+def test_widget_updates_show_a_runs_settings_again(widget_tabs):
     """After a reload the Train tab shows the settings its run was started with: the values
     widget_updates gives turn back into the same configuration."""
-    ctx = widget_ctx
-    widgets = ctx.shared["train_widgets"]
+    ctx = widget_tabs.ctx
+    widgets = widget_tabs.train.settings
     assert _widget(ctx, "epochs") in widgets and _widget(ctx, "model.name") not in widgets   # this tab's only
     values = _defaults(ctx)
     values.update({_widget(ctx, "epochs"): 7, _widget(ctx, "optim.lr"): 0.05, _widget(ctx, "optim.scheduler"): "step",
@@ -438,8 +443,8 @@ def _train_tab(tmp_path, fit):
     with gr.Blocks():
         ctx.session = gr.State({})
         ctx.browser_id = gr.BrowserState(None)
-        tab_train.build(ctx)
-    return manager, ctx, ctx.shared["train_poll"][0]
+        tab = tab_train.build(ctx)
+    return manager, ctx, tab.poll
 
 
 def test_a_queued_page_renders_only_when_its_place_in_the_queue_moves(tmp_path, monkeypatch):
@@ -725,10 +730,10 @@ def test_after_a_restart_the_train_tab_offers_the_interrupted_run(finished_job, 
     with gr.Blocks() as demo:
         ctx.session = gr.State({})
         ctx.browser_id = gr.BrowserState(None)
-        tab_train.build(ctx)
+        tab = tab_train.build(ctx)
         ctx.shared["tab"] = {}
         tab_train.on_load(ctx, demo)
-    reconnect = ctx.shared["train_reconnect"]
+    reconnect = tab.reconnect
     try:
         text, *_ = reconnect({}, identity.sign(ctx.secret, "7e57"), None)   # the page of browser 7e57
         assert text.startswith("Your last run (") and job.job_id in text
@@ -772,8 +777,8 @@ def test_a_finished_run_exports_from_the_train_tab_for_its_owner_only(finished_j
     with gr.Blocks():
         ctx.session = gr.State({})
         ctx.browser_id = gr.BrowserState(None)
-        tab_train.build(ctx)
-    export = ctx.shared["train_export"]
+        tab = tab_train.build(ctx)
+    export = tab.export_finished
     mine, session = identity.sign(ctx.secret, "7e57"), {"job_id": job.job_id}
     (pth,) = map(Path, export("checkpoint", session, mine, None))
     assert pth.name == f"{job.job_id}-best.pth" and pth.is_file()
