@@ -790,6 +790,26 @@ def test_a_finished_run_exports_from_the_train_tab_for_its_owner_only(finished_j
         export("checkpoint", {}, mine, None)
 
 
+def test_every_handler_is_safe_and_gets_its_request(tmp_path):
+    """Every handler the app wires, the timer's poll and the page-load reconnect included, is under
+    ui.common.safe (an exception becomes a message, the trace goes to the log); and Gradio still
+    sees the gr.Request parameter of the handlers, bound methods now (it reads their type hints:
+    one hint it cannot resolve would lose them all, and the handler would get no request)."""
+    from gradio import utils
+    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1)
+    demo = ui_app.build_app(manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs", teacher=("t", "p"))
+    fns = [f for f in demo.fns.values() if f.fn is not None]
+    unsafe = {f.name for f in fns if not getattr(f.fn, "_lab_safe", False)
+              and f.fn.__module__ not in ("gradio.helpers", "ui.tab_compare")}   # Examples; Compare: its own
+    assert unsafe == set()
+    assert "poll_training" in {f.api_name for f in fns}
+    lost = {f.name for f in fns if "request" in inspect.signature(f.fn).parameters
+            and not utils.is_special_typed_parameter("request", utils.get_type_hints(f.fn))}
+    assert lost == set()
+    config = str(demo.get_config_file())
+    assert "AppContext(" not in config and "of <PageHandlers>>" in config   # a bound method: its class only
+
+
 @pytest.mark.parametrize("package, module", [("ui", "tab_compare"), ("core", "runs")])
 def test_a_broken_module_stops_the_app_instead_of_removing_its_tab(package, module, monkeypatch, tmp_path):
     """ui/app.py imported the Compare tab and the run history inside ``except ImportError``: a bug
