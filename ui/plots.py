@@ -609,7 +609,7 @@ def memory_breakdown(components: Mapping[str, float] | None, title: str = "Memor
     canonical = list(MEMORY_COMPONENTS)
     names.sort(key=lambda n: canonical.index(_memory_key(n)) if _memory_key(n) else len(canonical))
     fig = go.Figure()
-    for i, name in enumerate(names):
+    for name in names:
         key = _memory_key(name)
         color = MEMORY_COMPONENTS[key][1] if key else OTHER_COLOR
         vals = [train.get(name), infer.get(name)]
