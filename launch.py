@@ -170,14 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     from core.resources import format_size
 
     # One line per refused input in the console ("12:03:04 load_data: Folder ... does not
-    # exist"), the trace only for real bugs; other libraries' INFO chatter stays off.
-    lab_log = logging.getLogger("classifier_lab")
-    if not lab_log.handlers:   # main() called again in one process (tests) adds no second one
-        console = logging.StreamHandler()
-        console.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-        lab_log.addHandler(console)
-    lab_log.setLevel(logging.INFO)
-    lab_log.propagate = False
+    # exist"), the trace only for real bugs; other libraries' INFO chatter stays off. "ui": the
+    # page's handlers (ui.common.safe logs as ui.common); "classifier_lab": the job manager.
+    for name in ("classifier_lab", "ui"):
+        lab_log = logging.getLogger(name)
+        if not lab_log.handlers:   # main() called again in one process (tests) adds no second one
+            console = logging.StreamHandler()
+            console.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+            lab_log.addHandler(console)
+        lab_log.setLevel(logging.INFO)
+        lab_log.propagate = False
 
     manager = JobManager(runs_dir=args.runs_dir, data_dir=args.data_dir, max_jobs=max_jobs,
                          max_job_memory=args.max_job_memory, train_threads=threads)

@@ -83,8 +83,8 @@ def train(ctx, page: Page, folder: Path, seed: int) -> str:
 
 def refresh(ctx, page: Page, view: str) -> str | None:
     """Open the tab (its list is refreshed with the value the dropdown holds) and read the pick."""
-    handlers = ctx.shared["eval_handlers" if view == "eval" else "predict_handlers"]
-    update = handlers["refresh_runs"](page.session, page.shown[view], page.token, page.request)
+    tab = tab_evaluate.EvaluateTab(ctx) if view == "eval" else tab_predict.PredictTab(ctx)
+    update = tab.refresh_runs(page.session, page.shown[view], page.token, page.request)
     page.shown[view] = update.value
     return update.value
 
@@ -94,12 +94,11 @@ def pick(page: Page, view: str, run_id: str) -> None:
 
 
 def summary(ctx, page: Page, run_id: str) -> str:
-    return ctx.shared["eval_handlers"]["show"](run_id, True, page.token, page.request)[0]
+    return tab_evaluate.EvaluateTab(ctx).show(run_id, True, page.token, page.request)[0]
 
 
 def model_changed(ctx, page: Page, run_id, img, source=RUN, uploaded=None):
-    return ctx.shared["predict_handlers"]["model_changed"](source, run_id, uploaded, img, "none", page.token,
-                                                          page.request)
+    return tab_predict.PredictTab(ctx).model_changed(source, run_id, uploaded, img, "none", page.token, page.request)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +159,7 @@ def test_someone_elses_run_says_so_in_words(runs):
     assert "This run was trained by another browser" in theirs and "accuracy" in theirs
     assert "trained by" not in mine and "accuracy" in mine
     assert "trained by" not in summary(ctx, b, runs["b1"])
-    describe = ctx.shared["predict_handlers"]["describe"]
+    describe = tab_predict.PredictTab(ctx).describe
     assert "This run was trained by another browser" in describe(RUN, runs["b1"], None, a.token, a.request)
     assert "trained by" not in describe(RUN, runs["a1"], None, a.token, a.request)
     for text in (theirs, describe(RUN, runs["b1"], None, a.token, a.request)):
@@ -214,8 +213,7 @@ def test_every_change_of_model_updates_the_description_and_the_top5(lab):
 def test_many_images_table_shows_rounded_probabilities(runs):
     ctx, a = runs["ctx"], runs["a"]
     files = [str(EXAMPLES / "cat.jpg"), str(EXAMPLES / "ship.jpg")]
-    shown, csv = ctx.shared["predict_handlers"]["predict_files"](files, RUN, runs["a1"], None, "none", a.token,
-                                                                 a.request)
+    shown, csv = tab_predict.PredictTab(ctx).predict_files(files, RUN, runs["a1"], None, "none", a.token, a.request)
     value = gr.Dataframe(interactive=False).postprocess(shown)
     probabilities = [row[2] for row in value.data]
     assert all(isinstance(p, float) and 0 < p <= 1 for p in probabilities)     # numbers, for sorting
@@ -260,7 +258,7 @@ def test_a_renamed_run_shows_its_new_name_in_the_lists(runs):
         for update in lists:
             labels = dict((v, k) for k, v in update["choices"])
             assert "my first cat model" in labels[runs["a1"]], labels
-        refreshed = ctx.shared["eval_handlers"]["refresh_runs"](a.session, runs["a1"], a.token, a.request)
+        refreshed = tab_evaluate.EvaluateTab(ctx).refresh_runs(a.session, runs["a1"], a.token, a.request)
         assert "my first cat model" in dict((v, k) for k, v in refreshed.choices)[runs["a1"]]
         assert "my first cat model" in summary(ctx, a, runs["a1"])   # the Evaluate summary too
     finally:

@@ -4,6 +4,7 @@ really feeds; the Memory tab's text, bars and table give the same, equally round
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,34 +19,36 @@ MIB = r"([\d,]+\.\d)\u00a0MiB"
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory):
+def tabs(tmp_path_factory):
+    """The Model and Memory tabs built on one context: their controllers (``build``'s result)."""
     tmp = tmp_path_factory.mktemp("model_memory")
     ctx = AppContext(manager=None, data_dir=tmp / "data", runs_dir=tmp / "runs")
     with gr.Blocks():
         ctx.session = gr.State(dict)
         ctx.browser_id = gr.BrowserState(None)
         with gr.Tab("Model"):
-            tab_model.build(ctx)
+            model = tab_model.build(ctx)
         with gr.Tab("Memory"):
-            tab_memory.build(ctx)
-    return ctx
+            mem = tab_memory.build(ctx)
+    return SimpleNamespace(ctx=ctx, model=model, memory=mem)
 
 
-def _size_box(ctx):
-    return ctx.shared["model"]["image_size"]
+@pytest.fixture(scope="module")
+def ctx(tabs):
+    return tabs.ctx
 
 
 def _memory(ctx, name="resnet18", stem=False, size=0, batch=8, opt="adam", prec="fp32"):
-    calculate = ctx.shared["memory_calc"][0]
+    calculate = tab_memory.MemoryTab(ctx).calculate
     return calculate({}, name, stem, "none", 0, batch, opt, prec, "8 GB", size, progress=lambda *a, **k: None)
 
 
 def _describe(ctx, name, stem, size=0):
-    return ctx.shared["model_describe"][0]({}, name, stem, size)[0]
+    return tab_model.ModelTab(ctx).describe({}, name, stem, size)[0]
 
 
-def test_the_size_box_sets_data_image_size(ctx):
-    box = _size_box(ctx)
+def test_the_size_box_sets_data_image_size(tabs):
+    ctx, box = tabs.ctx, tabs.model.w.image_size
     assert ctx.config_fields[box] == "data.image_size"
     values = {w: w.value for w in ctx.config_fields}
     assert common.config_from_widgets(ctx, values, session={}).data.image_size is None   # 0: the model's own
@@ -127,13 +130,13 @@ def _shown(component, value):
     return [c for row in meta["display_value"] for c in row], [c for row in meta["styling"] for c in row]
 
 
-def test_numbers_do_not_wrap(ctx):
-    mem_table = ctx.shared["memory_calc"][2][-1]
+def test_numbers_do_not_wrap(tabs):
+    ctx, mem_table = tabs.ctx, tabs.memory.w.table
     cells, styles = _shown(mem_table, _memory(ctx, "tutorial_net")[-1])
     assert "248,024" in cells and "0.2" in cells                   # parameters: bytes and MiB
     assert sum("white-space: nowrap" in s for s in styles) == 2 * len(cells) // 3   # bytes and MiB cells
-    layer_table, _, (_, layers_out) = ctx.shared["model_table"]
-    params, layers = layer_table({}, "resnet18", False, "none", 0, False, 0)
+    layers_out = tabs.model.w.layers
+    params, layers = tab_model.ModelTab(ctx).layer_table({}, "resnet18", False, "none", 0, False, 0)
     assert "11,181,642 of 11,181,642 parameters trainable" in params
     cells, styles = _shown(layers_out, layers)
     assert "2,359,296" in cells                                    # a 3×3 512→512 conv

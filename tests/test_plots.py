@@ -384,11 +384,13 @@ def test_memory_per_layer_top_n_keeps_execution_order():
     assert _is_empty_message(P.memory_per_layer(pd.DataFrame(columns=["layer", "saved_bytes"])), "No layers")
 
 
-def test_format_bytes():
-    assert P.format_bytes(512) == "512 B"
-    assert P.format_bytes(3 * MIB) == "3.00 MiB"
-    assert P.format_bytes(527.79 * MIB) == "528 MiB"
-    assert P.format_bytes(1.5 * 2**30) == "1.50 GiB"
+def test_memory_figures_write_sizes_as_the_rest_of_the_lab():
+    """One size format (core.storage.format_size): segment labels, totals and hover texts."""
+    fig = P.memory_breakdown({"weights": 512, "activations": 3 * MIB})
+    assert {t.name: t.text[0] for t in fig.data} == {"weights": "512 B", "activations": "3.0 MiB"}
+    assert "<b>3.0 MiB</b>" in {a.text for a in fig.layout.annotations}
+    layers = pd.DataFrame({"layer": ["a", "b"], "saved_bytes": [527.79 * MIB, 1.5 * 2**30]})
+    assert [row[0] for row in P.memory_per_layer(layers).data[0].customdata] == ["528 MiB", "1.5 GiB"]
 
 
 # --------------------------------------------------------------------------- rendering --------

@@ -18,21 +18,22 @@ from core.config import RunConfig  # noqa: E402
 from core.errors import ConfigError  # noqa: E402
 from core.jobs import Job, JobManager  # noqa: E402
 from tests import job_fits  # noqa: E402
-from ui import tab_train  # noqa: E402
+from ui import common, tab_train  # noqa: E402
 from ui.common import AppContext  # noqa: E402
 
 READY = "Ready. Press Start to train."
 
 
 def _train_tab(tmp_path, fit=job_fits.fit_until_released):
-    """A Train tab (built alone) over a job manager that runs ``fit``: (manager, ctx, demo)."""
+    """A Train tab (built alone) over a job manager that runs ``fit``: (manager, ctx, the tab's
+    handlers, demo)."""
     manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1, fit=fit)
     ctx = AppContext(manager=manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs", secret="k" * 32)
     with gr.Blocks() as demo:
         ctx.session = gr.State({})
         ctx.browser_id = gr.BrowserState(None)
-        tab_train.build(ctx)
-    return manager, ctx, demo
+        tab = tab_train.build(ctx)
+    return manager, ctx, tab, demo
 
 
 def _values(ctx, session: dict, **by_field) -> dict:
@@ -43,48 +44,47 @@ def _values(ctx, session: dict, **by_field) -> dict:
     return values
 
 
-def _refused(ctx, handler: str, values: dict) -> tuple[gr.Error, str]:
-    """Press Start or Resume and expect a refusal: (the error the page gets as a toast, the Status
-    line the failure listener then shows)."""
-    handlers = ctx.shared["train_handlers"]
+def _refused(tab, handler: str, values: dict) -> tuple[gr.Error, str]:
+    """Press Start or Resume (``handler``: start_run, resume_run) and expect a refusal: (the error
+    the page gets as a toast, the Status line the failure listener then shows)."""
     with pytest.raises(gr.Error) as info:
-        handlers[handler](values, None)
-    return info.value, handlers["refused"](values[ctx.session])
+        getattr(tab, handler)(values, None)
+    return info.value, tab.show_refusal(values[tab.ctx.session])
 
 
 def test_a_start_refused_for_its_settings_says_why_in_the_status(tmp_path):
-    manager, ctx, _ = _train_tab(tmp_path)
+    manager, ctx, tab, _ = _train_tab(tmp_path)
     try:
         session = {}
-        err, status = _refused(ctx, "start", _values(ctx, session, **{"data.batch_size": "abc"}))
+        err, status = _refused(tab, "start_run", _values(ctx, session, **{"data.batch_size": "abc"}))
         assert status == "Not started: Batch size must be a whole number such as 64, got 'abc'."
         assert READY not in status
-        assert err.duration == tab_train.REFUSAL_TOAST_S   # the toast closes by itself; the Status keeps it
+        assert err.duration == common.TOAST_S   # the toast closes by itself; the Status keeps it
         assert manager.jobs() == []
         # the refusal is shown once: a later failure without a message of its own does not repeat it
-        assert "Batch size" not in ctx.shared["train_handlers"]["refused"](session)
+        assert "Batch size" not in tab.show_refusal(session)
     finally:
         manager.shutdown(timeout=10)
 
 
 def test_a_memory_refusal_names_the_batch_that_fits_in_the_status(tmp_path, monkeypatch):
-    manager, ctx, _ = _train_tab(tmp_path)
+    manager, ctx, tab, _ = _train_tab(tmp_path)
 
     def refuse(config):
         raise ConfigError(f"Batch {config.data.batch_size} needs about 9.1 GiB but 2.0 GiB is free. Batch 16 fits.")
 
     monkeypatch.setattr(manager, "check_fits", refuse)
     try:
-        _, status = _refused(ctx, "start", _values(ctx, {}, **{"data.batch_size": 512}))
+        _, status = _refused(tab, "start_run", _values(ctx, {}, **{"data.batch_size": 512}))
         assert status == "Not started: Batch 512 needs about 9.1 GiB but 2.0 GiB is free. Batch 16 fits."
     finally:
         manager.shutdown(timeout=10)
 
 
 def test_a_refused_resume_says_why_in_the_status(tmp_path):
-    manager, ctx, _ = _train_tab(tmp_path)
+    manager, ctx, tab, _ = _train_tab(tmp_path)
     try:
-        _, status = _refused(ctx, "resume", _values(ctx, {}))
+        _, status = _refused(tab, "resume_run", _values(ctx, {}))
         assert status.startswith("Not resumed: Nothing to resume: this browser has no run yet.")
     finally:
         manager.shutdown(timeout=10)
@@ -100,7 +100,7 @@ def test_resume_refuses_a_run_that_trains_elsewhere_as_the_run_history_does(tmp_
     from core import identity
     from core.checkpoints import save_checkpoint
     from core.runs import RunHistory
-    manager, ctx, _ = _train_tab(tmp_path, fit=job_fits.raising_fit)
+    manager, ctx, tab, _ = _train_tab(tmp_path, fit=job_fits.raising_fit)
     ctx.history = RunHistory(ctx.runs_dir).attach(manager)
     elsewhere = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -114,7 +114,7 @@ def test_resume_refuses_a_run_that_trains_elsewhere_as_the_run_history_does(tmp_
             {"status": "running", "message": "training", "updated": time.time(), "pid": elsewhere.pid}))
         values = _values(ctx, {"job_id": job.job_id})
         values[ctx.browser_id] = identity.sign(ctx.secret, "b1")
-        err, status = _refused(ctx, "resume", values)
+        err, status = _refused(tab, "resume_run", values)
         assert status.startswith(f"Not resumed: Your last run ({job.job_id}) is running; "), status
         assert len(manager.jobs()) == 1   # nothing was submitted
         with pytest.raises(ConfigError) as refused:
@@ -129,17 +129,17 @@ def test_resume_refuses_a_run_that_trains_elsewhere_as_the_run_history_does(tmp_
 def test_start_and_resume_failures_write_the_status_line(tmp_path):
     """The page runs the refusal handler after a failed Start or Resume, into the Status textbox
     (checked in Chromium too: Resume on a new page shows "Not resumed: Nothing to resume ...")."""
-    manager, ctx, demo = _train_tab(tmp_path)
+    manager, ctx, tab, demo = _train_tab(tmp_path)
     try:
         fns = list(demo.fns.values())
-        status = ctx.shared["train_status"]
+        status = tab.w.status
         by_name = {f.name: f for f in fns}
         for name in ("start_run", "resume_run"):
             after = [f for f in fns if f.trigger_after == by_name[name]._id]
             assert [(f.name, f.trigger_only_on_failure, [o._id for o in f.outputs]) for f in after] == [
                 ("show_refusal", True, [status._id])], name
         # and a new Status line shows or hides the See results / Try it row
-        row = ctx.shared["train_next"][0]
+        row = tab.w.next_row
         shows = [f for f in fns if (status._id, "change") in [tuple(t) for t in f.targets]]
         assert [(f.name, [o._id for o in f.outputs]) for f in shows] == [("show_next_steps", [row._id])]
     finally:
@@ -149,9 +149,8 @@ def test_start_and_resume_failures_write_the_status_line(tmp_path):
 # ---- the finished state --------------------------------------------------------------------------
 def test_a_finished_run_says_what_to_do_next_and_shows_the_buttons(tmp_path):
     from core import identity
-    manager, ctx, _ = _train_tab(tmp_path)
-    poll = ctx.shared["train_poll"][0]
-    next_steps = ctx.shared["train_handlers"]["next_steps"]
+    manager, ctx, tab, _ = _train_tab(tmp_path)
+    poll, next_steps = tab.poll, tab.show_next_steps
     token, session = identity.sign(ctx.secret, "b1"), {}
     try:
         assert next_steps(session)["visible"] is False          # no run yet: no buttons
@@ -173,12 +172,12 @@ def test_a_finished_run_says_what_to_do_next_and_shows_the_buttons(tmp_path):
 
 
 def test_a_failed_run_does_not_offer_the_next_steps(tmp_path):
-    manager, ctx, _ = _train_tab(tmp_path, fit=job_fits.raising_fit)
+    manager, ctx, tab, _ = _train_tab(tmp_path, fit=job_fits.raising_fit)
     try:
         job = manager.wait(manager.submit(RunConfig(), owner="a").job_id, timeout=60)
         text = tab_train._status_text(ctx, job, job.snapshot())
         assert text.startswith("Failed") and "Next:" not in text
-        assert ctx.shared["train_handlers"]["next_steps"]({"job_id": job.job_id})["visible"] is False
+        assert tab.show_next_steps({"job_id": job.job_id})["visible"] is False
     finally:
         manager.shutdown(timeout=10)
 

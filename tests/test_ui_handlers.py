@@ -11,6 +11,7 @@ import logging
 import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,16 +33,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ---- a context with the Data, Model and Train tabs' widgets bound to RunConfig fields -------------
 @pytest.fixture(scope="module")
-def widget_ctx(tmp_path_factory):
+def widget_tabs(tmp_path_factory):
+    """The Data, Model and Train tabs built on one context: their controllers (``build``'s result)."""
     tmp = tmp_path_factory.mktemp("widgets")
     ctx = AppContext(manager=None, data_dir=tmp / "data", runs_dir=tmp / "runs")
     with gr.Blocks():
         ctx.session = gr.State(dict)
         ctx.browser_id = gr.BrowserState(None)
-        tab_data.build(ctx)
-        tab_model.build(ctx)
-        tab_train.build(ctx)
-    return ctx
+        return SimpleNamespace(ctx=ctx, data=tab_data.build(ctx), model=tab_model.build(ctx),
+                               train=tab_train.build(ctx))
+
+
+@pytest.fixture(scope="module")
+def widget_ctx(widget_tabs):
+    return widget_tabs.ctx
 
 
 def _widget(ctx, field: str):
@@ -127,11 +132,11 @@ def test_config_from_widgets_converts_and_takes_the_dataset_from_the_session(wid
     assert cfg.data.train_augment == session["train_augment"]
 
 
-def test_widget_updates_show_a_runs_settings_again(widget_ctx):
+def test_widget_updates_show_a_runs_settings_again(widget_tabs):
     """After a reload the Train tab shows the settings its run was started with: the values
     widget_updates gives turn back into the same configuration."""
-    ctx = widget_ctx
-    widgets = ctx.shared["train_widgets"]
+    ctx = widget_tabs.ctx
+    widgets = widget_tabs.train.settings
     assert _widget(ctx, "epochs") in widgets and _widget(ctx, "model.name") not in widgets   # this tab's only
     values = _defaults(ctx)
     values.update({_widget(ctx, "epochs"): 7, _widget(ctx, "optim.lr"): 0.05, _widget(ctx, "optim.scheduler"): "step",
@@ -154,7 +159,7 @@ def test_widget_updates_show_a_runs_settings_again(widget_ctx):
 def test_split_sliders_that_a_predefined_split_makes_moot_are_locked(widget_ctx, tiny_folder):
     from core import datasets
 
-    split_sliders, _ = widget_ctx.shared["split_sliders"]
+    split_sliders = tab_data.DataTab(widget_ctx).split_sliders
     own_test = datasets.load_dataset("folder", tiny_folder)          # train/ and test/ folders
     val, test = split_sliders({"dataset": own_test})
     assert val["interactive"] is True and test["interactive"] is False
@@ -206,6 +211,7 @@ def test_safe_passes_gr_error_through_unchanged():
     with pytest.raises(gr.Error) as info:
         handler()
     assert info.value is original and original.print_exception is False
+    assert original.duration == common.TOAST_S                      # every toast closes after as long
 
 
 def test_safe_turns_an_unexpected_exception_into_a_short_internal_error(caplog):
@@ -213,14 +219,14 @@ def test_safe_turns_an_unexpected_exception_into_a_short_internal_error(caplog):
     def compute_things():
         return {}["missing"]
 
-    with caplog.at_level(logging.ERROR, logger="classifier_lab.ui"):
+    with caplog.at_level(logging.ERROR, logger="ui.common"):
         with pytest.raises(gr.Error) as info:
             compute_things()
     msg = info.value.message
     assert msg.startswith("Internal error in compute_things: KeyError")
     assert "Traceback" not in msg and 'File "' not in msg and len(msg.splitlines()) == 1
     # ... while the server log keeps the full trace for the teacher
-    assert any(r.exc_info and "compute_things" in r.getMessage() for r in caplog.records)
+    assert any(r.exc_info and "compute_things" in r.getMessage() and r.name == "ui.common" for r in caplog.records)
 
 
 def test_safe_wraps_generators_and_keeps_the_signature():
@@ -272,8 +278,6 @@ def test_who_is_the_login_then_a_signed_browser_token_then_the_session(tmp_path)
 
 
 def test_formatting_helpers():
-    assert common.fmt_bytes(512) == "512 B"
-    assert common.fmt_bytes(3 * 1024 ** 2) == "3.00 MiB"
     assert common.fmt_seconds(None) == "–"
     assert common.fmt_seconds(75) == "1:15"
     assert common.fmt_seconds(3725) == "1:02:05"
@@ -439,8 +443,8 @@ def _train_tab(tmp_path, fit):
     with gr.Blocks():
         ctx.session = gr.State({})
         ctx.browser_id = gr.BrowserState(None)
-        tab_train.build(ctx)
-    return manager, ctx, ctx.shared["train_poll"][0]
+        tab = tab_train.build(ctx)
+    return manager, ctx, tab.poll
 
 
 def test_a_queued_page_renders_only_when_its_place_in_the_queue_moves(tmp_path, monkeypatch):
@@ -726,10 +730,10 @@ def test_after_a_restart_the_train_tab_offers_the_interrupted_run(finished_job, 
     with gr.Blocks() as demo:
         ctx.session = gr.State({})
         ctx.browser_id = gr.BrowserState(None)
-        tab_train.build(ctx)
+        tab = tab_train.build(ctx)
         ctx.shared["tab"] = {}
         tab_train.on_load(ctx, demo)
-    reconnect = ctx.shared["train_reconnect"]
+    reconnect = tab.reconnect
     try:
         text, *_ = reconnect({}, identity.sign(ctx.secret, "7e57"), None)   # the page of browser 7e57
         assert text.startswith("Your last run (") and job.job_id in text
@@ -773,8 +777,8 @@ def test_a_finished_run_exports_from_the_train_tab_for_its_owner_only(finished_j
     with gr.Blocks():
         ctx.session = gr.State({})
         ctx.browser_id = gr.BrowserState(None)
-        tab_train.build(ctx)
-    export = ctx.shared["train_export"]
+        tab = tab_train.build(ctx)
+    export = tab.export_finished
     mine, session = identity.sign(ctx.secret, "7e57"), {"job_id": job.job_id}
     (pth,) = map(Path, export("checkpoint", session, mine, None))
     assert pth.name == f"{job.job_id}-best.pth" and pth.is_file()
@@ -784,3 +788,43 @@ def test_a_finished_run_exports_from_the_train_tab_for_its_owner_only(finished_j
         export("checkpoint", session, identity.sign(ctx.secret, "beef"), None)
     with pytest.raises(gr.Error, match="Export needs a finished run on this tab"):
         export("checkpoint", {}, mine, None)
+
+
+def test_every_handler_is_safe_and_gets_its_request(tmp_path):
+    """Every handler the app wires, the timer's poll and the page-load reconnect included, is under
+    ui.common.safe (an exception becomes a message, the trace goes to the log); and Gradio still
+    sees the gr.Request parameter of the handlers, bound methods now (it reads their type hints:
+    one hint it cannot resolve would lose them all, and the handler would get no request)."""
+    from gradio import utils
+    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1)
+    demo = ui_app.build_app(manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs", teacher=("t", "p"))
+    fns = [f for f in demo.fns.values() if f.fn is not None]
+    unsafe = {f.name for f in fns if not getattr(f.fn, "_lab_safe", False)
+              and f.fn.__module__ != "gradio.helpers"}   # gr.Examples' own loader
+    assert unsafe == set()
+    assert "poll_training" in {f.api_name for f in fns}
+    lost = {f.name for f in fns if "request" in inspect.signature(f.fn).parameters
+            and not utils.is_special_typed_parameter("request", utils.get_type_hints(f.fn))}
+    assert lost == set()
+    config = str(demo.get_config_file())
+    assert "AppContext(" not in config and "of <PageHandlers>>" in config   # a bound method: its class only
+
+
+@pytest.mark.parametrize("package, module", [("ui", "tab_compare"), ("core", "runs")])
+def test_a_broken_module_stops_the_app_instead_of_removing_its_tab(package, module, monkeypatch, tmp_path):
+    """ui/app.py imported the Compare tab and the run history inside ``except ImportError``: a bug
+    there silently removed the Compare tab (and the history). A broken import now stops the app."""
+    import importlib
+    import sys
+    import ui
+
+    monkeypatch.setattr(ui, "app", ui_app)               # a re-import would rebind it
+    monkeypatch.delitem(sys.modules, "ui.app")
+    monkeypatch.delattr(importlib.import_module(package), module)
+    monkeypatch.setitem(sys.modules, f"{package}.{module}", None)   # importing it raises ImportError
+    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1)
+    with pytest.raises(ImportError):
+        app = importlib.import_module("ui.app")
+        demo = app.build_app(manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs")
+        tabs = {b.id for b in demo.blocks.values() if isinstance(b, gr.Tab)}
+        pytest.fail(f"built without {package}.{module}: tabs {sorted(tabs)}")

@@ -1,4 +1,5 @@
-"""Assemble the dashboard: one module per tab, each with a ``build(ctx)`` function.
+"""Assemble the dashboard: one module per tab (``TABS``), each with ``build(ctx)`` (its layout and
+wiring) and ``on_load(ctx, demo)`` (its page-load events).
 
 The app never trains inside a request handler: the Train tab submits jobs to the engine's
 JobManager and polls them with a gr.Timer (see core/jobs.py for why).
@@ -13,8 +14,9 @@ from pathlib import Path
 import gradio as gr
 
 from core import identity
-from ui import tab_data, tab_evaluate, tab_memory, tab_model, tab_predict, tab_train
-from ui.common import AppContext, safe
+from core.runs import RunHistory
+from ui import tab_compare, tab_data, tab_evaluate, tab_memory, tab_model, tab_predict, tab_train
+from ui.common import AppContext, Controller, safe
 
 TITLE = "Classifier Lab"
 # Events without their own limit run this many at once (Gradio's default is 1 app-wide, so a class
@@ -77,8 +79,31 @@ PROJECTOR_JS = ("(on) => { document.body.classList.toggle('lab-projector', !!on)
 PROJECTOR_RESTORE_JS = (f"() => {{ let on = false; try {{ on = localStorage.getItem('{PROJECTOR_KEY}') === '1'; }} "
                         "catch (e) {} document.body.classList.toggle('lab-projector', on); return on; }")
 
+# (label, module): each module's build(ctx) lays out and wires its tab, on_load(ctx, demo) adds the
+# page-load events (after every tab is built, so a tab can link to those after it).
 TABS = [("Data", tab_data), ("Model", tab_model), ("Memory", tab_memory), ("Train", tab_train),
-        ("Evaluate", tab_evaluate), ("Predict", tab_predict)]
+        ("Evaluate", tab_evaluate), ("Compare", tab_compare), ("Predict", tab_predict)]
+
+
+class PageHandlers(Controller):
+    """What belongs to the page rather than to a tab: its browser token and its session state."""
+
+    @safe
+    def ensure_token(self, token):
+        """One stable, server-signed token per browser (kept in localStorage): a reloaded page finds
+        its jobs again. A missing, legacy (unsigned) or forged token is replaced by a new one."""
+        return identity.ensure_token(self.ctx.secret, token)
+
+    @safe
+    def same_session(self, session: dict) -> dict:
+        """Gradio drops a page's session state an hour after the page closes, but only a State that
+        an event has set: this one is changed in place, so the page load sets it (to itself) once.
+        Without it every closed page's dataset stayed in memory for the life of the server."""
+        return session
+
+    def close_session(self, session) -> None:
+        """Gradio dropped this page's state (the tab was closed): the dataset built in it cleans up."""
+        tab_data.close_session(self.ctx, session)
 
 
 def build_app(manager, data_dir: str | Path = "data", runs_dir: str | Path = "runs",
@@ -94,61 +119,52 @@ def build_app(manager, data_dir: str | Path = "data", runs_dir: str | Path = "ru
                      data_roots=None if data_roots is None else [str(r) for r in data_roots],
                      teacher=teacher, login=login, private_runs=private_runs)
     ctx.secret = browser_secret(ctx.runs_dir)
-    try:
-        from core.runs import RunHistory
-        ctx.history = RunHistory(ctx.runs_dir)
-        ctx.history.attach(manager)
-    except ImportError:  # the run-history index is optional for the other tabs
-        ctx.history = None
-    tabs = list(TABS)
-    try:
-        from ui import tab_compare
-        tabs.insert(5, ("Compare", tab_compare))
-    except ImportError:
-        pass
+    ctx.history = RunHistory(ctx.runs_dir)
+    ctx.history.attach(manager)
+    page = PageHandlers(ctx)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        # A plain {} (deep-copied for each new session), not gr.State(dict): a callable value adds a
-        # page-load event (and a public "/dict" endpoint) that resets the state to a fresh dict; it
-        # raced the Data tab's load and sometimes wiped the dataset a page had just loaded.
-        # When Gradio drops a page's state (tab closed), the dataset built in it cleans up. A plain
-        # function: Gradio puts the callback's repr in the page config (a partial showed ctx).
-        def close_session(session):
-            tab_data.close_session(ctx, session)
-        ctx.session = gr.State({}, delete_callback=close_session)
-        # The browser token (core.identity) is kept in localStorage. Gradio puts a BrowserState's
-        # secret in the page config, so it gets a key derived from the signing secret, never the
-        # secret itself; both last across restarts, so a browser keeps its runs (Resume, the
-        # Compare tab's last comparison).
-        ctx.browser_id = gr.BrowserState(None, storage_key="classifier-lab-browser-id",
-                                         secret=identity.storage_key(ctx.secret))
-        gr.Markdown(f"# {TITLE}\nTrain, inspect, compare and use image classifiers — "
-                    "go through the tabs from left to right.", elem_id="lab-header")
-        projector = gr.Checkbox(False, label="Projector mode (large, high-contrast text, full width)",
-                                elem_id="projector_toggle", container=False)
-        projector.change(None, projector, None, js=PROJECTOR_JS, api_visibility="private")
-        demo.load(None, None, projector, js=PROJECTOR_RESTORE_JS, api_visibility="private")
+        _page_state(ctx, page)
+        _header(demo)
         if teacher is not None and not login:
             _teacher_sign_in(ctx)
         ctx.shared["tab"] = {}
         with gr.Tabs(elem_id="lab-tabs") as ctx.shared["tabs"]:
-            for label, module in tabs:
+            for label, module in TABS:
                 with gr.Tab(label, id=label.lower(), elem_id=f"tab-{label.lower()}") as tab:
                     ctx.shared["tab"][label] = tab
                     module.build(ctx)
-        # One stable, server-signed token per browser (kept in localStorage): a reloaded page finds
-        # its jobs again. A missing, legacy (unsigned) or forged token is replaced by a new one.
-        demo.load(lambda token: identity.ensure_token(ctx.secret, token), ctx.browser_id, ctx.browser_id,
-                  api_visibility="private")
-        # Gradio drops a page's session state an hour after the page closes, but only a State that
-        # an event has set: this one is changed in place, so the page load sets it (to itself) once.
-        # Without it every closed page's dataset stayed in memory for the life of the server.
-        demo.load(_same_session, ctx.session, ctx.session, api_visibility="private", queue=False)
-        for module in [m for _, m in tabs]:
-            on_load = getattr(module, "on_load", None)
-            if on_load is not None:
-                on_load(ctx, demo)
+        demo.load(page.ensure_token, ctx.browser_id, ctx.browser_id, api_visibility="private")
+        demo.load(page.same_session, ctx.session, ctx.session, api_visibility="private", queue=False)
+        for _, module in TABS:
+            module.on_load(ctx, demo)
     demo.queue(default_concurrency_limit=DEFAULT_CONCURRENCY)
     return demo
+
+
+def _page_state(ctx: AppContext, page: PageHandlers) -> None:
+    """The page's session state and its browser token."""
+    # A plain {} (deep-copied for each new session), not gr.State(dict): a callable value adds a
+    # page-load event (and a public "/dict" endpoint) that resets the state to a fresh dict; it
+    # raced the Data tab's load and sometimes wiped the dataset a page had just loaded.
+    # When Gradio drops a page's state (tab closed), the dataset built in it cleans up. Gradio puts
+    # the callback's repr in the page config: a bound method of PageHandlers shows no ctx.
+    ctx.session = gr.State({}, delete_callback=page.close_session)
+    # The browser token (core.identity) is kept in localStorage. Gradio puts a BrowserState's
+    # secret in the page config, so it gets a key derived from the signing secret, never the
+    # secret itself; both last across restarts, so a browser keeps its runs (Resume, the
+    # Compare tab's last comparison).
+    ctx.browser_id = gr.BrowserState(None, storage_key="classifier-lab-browser-id",
+                                     secret=identity.storage_key(ctx.secret))
+
+
+def _header(demo: gr.Blocks) -> None:
+    """The title and the projector toggle (client-side only, remembered in this browser)."""
+    gr.Markdown(f"# {TITLE}\nTrain, inspect, compare and use image classifiers — "
+                "go through the tabs from left to right.", elem_id="lab-header")
+    projector = gr.Checkbox(False, label="Projector mode (large, high-contrast text, full width)",
+                            elem_id="projector_toggle", container=False)
+    projector.change(None, projector, None, js=PROJECTOR_JS, api_visibility="private")
+    demo.load(None, None, projector, js=PROJECTOR_RESTORE_JS, api_visibility="private")
 
 
 def browser_secret(runs_dir: Path) -> str:
@@ -172,37 +188,41 @@ def browser_secret(runs_dir: Path) -> str:
     return value
 
 
-def _same_session(session: dict) -> dict:
-    return session
+class TeacherSignIn(Controller):
+    """The teacher sign-in (no --auth): a right password marks this Gradio session as the teacher's,
+    on the server; nothing the page holds can claim it. Guessing is throttled per computer and for
+    everyone together (core.identity.SignInGuard), never per session, which the client picks; a
+    throttled try is refused at once."""
+
+    def __init__(self, ctx: AppContext):
+        super().__init__(ctx)
+        self.guard = identity.SignInGuard(per="computer")
+
+    @safe
+    def check(self, given: str, request: gr.Request):
+        session = getattr(request, "session_hash", None)
+        if not session:
+            raise gr.Error("Teacher sign-in needs a page session; open the lab in a browser.")
+        if not self.guard.attempt(_client_address(request), given, self.ctx.teacher[1]):
+            raise gr.Error("Wrong teacher password.")
+        self.ctx.teacher_sessions.add(session)
+        return "", "Signed in as the teacher for this page: you can stop, resume, rename, tag, export and " \
+                   "delete every run, and see all of them. A reload signs you out."
 
 
-def _teacher_sign_in(ctx: AppContext) -> None:
-    """A small password box under the header (no --auth): a right password marks this Gradio
-    session as the teacher's, on the server; nothing the page holds can claim it. Guessing is
-    throttled per computer and for everyone together (core.identity.SignInGuard), never per session,
-    which the client picks; a throttled try is refused at once, and at most SIGN_IN_CONCURRENCY
-    tries run at a time, so a flood of guesses holds no worker that other pages need."""
-    guard = identity.SignInGuard(per="computer")
+def _teacher_sign_in(ctx: AppContext) -> TeacherSignIn:
+    """A small password box under the header; at most SIGN_IN_CONCURRENCY tries run at a time, so a
+    flood of guesses holds no worker that other pages need."""
+    sign = TeacherSignIn(ctx)
     with gr.Accordion("Teacher sign-in", open=False, elem_id="teacher_signin"):
         with gr.Row():
             password = gr.Textbox(label="Teacher password", type="password", scale=3, elem_id="teacher_password")
             sign_in = gr.Button("Sign in", scale=1, elem_id="teacher_signin_btn")
         note = gr.Markdown("", elem_id="teacher_note")
-
-    @safe
-    def check(given: str, request: gr.Request):
-        session = getattr(request, "session_hash", None)
-        if not session:
-            raise gr.Error("Teacher sign-in needs a page session; open the lab in a browser.")
-        if not guard.attempt(_client_address(request), given, ctx.teacher[1]):
-            raise gr.Error("Wrong teacher password.")
-        ctx.teacher_sessions.add(session)
-        return "", "Signed in as the teacher for this page: you can stop, resume, rename, tag, export and " \
-                   "delete every run, and see all of them. A reload signs you out."
-
     limits = {"concurrency_limit": SIGN_IN_CONCURRENCY, "concurrency_id": "teacher_sign_in"}
-    sign_in.click(check, password, [password, note], api_name="teacher_sign_in", **limits)
-    password.submit(check, password, [password, note], api_visibility="private", **limits)
+    sign_in.click(sign.check, password, [password, note], api_name="teacher_sign_in", **limits)
+    password.submit(sign.check, password, [password, note], api_visibility="private", **limits)
+    return sign
 
 
 def _client_address(request) -> str:

@@ -8,6 +8,7 @@ import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import gradio as gr
@@ -16,7 +17,7 @@ from core import identity, paths
 from core.config import RunConfig
 from core.errors import ConfigError, LabError
 
-log = logging.getLogger("classifier_lab.ui")
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
@@ -31,8 +32,11 @@ class AppContext:
     session: Any = None             # gr.State(dict): this browser tab's dataset, split, model choices
     browser_id: Any = None          # gr.BrowserState: the server-signed browser token (core.identity)
     config_fields: dict = field(default_factory=dict)  # widget → dotted RunConfig field
-    shared: dict = field(default_factory=dict)         # components one tab exposes to another
-    history: Any = None             # core.runs.RunHistory, when the history index is available
+    # What one tab's wiring needs of another's, filled by the build: "tab" (label → gr.Tab), "tabs"
+    # (the gr.Tabs) and each tab's Controller by name ("data", "model", "train", ...), which on_load
+    # and the other tabs read (the Memory tab reads the Model tab's widgets, Train links to Evaluate).
+    shared: dict = field(default_factory=dict)
+    history: Any = None             # core.runs.RunHistory (build_app makes it; run_history() for a bare context)
     # signs browser tokens; None: every caller is only its session. Never in a repr (a repr can
     # end up in the page's config, as a gr.State's delete_callback did).
     secret: str | None = field(default=None, repr=False)
@@ -126,12 +130,15 @@ def none_if_empty(value):
     return None if value in ("", None, 0, 0.0) else value
 
 
-TOAST_S = 12   # a refusal's toast closes by itself: one left open covered Stop, Resume and Compute
+# Every toast of the lab closes by itself after this long: one left open covered Stop, Resume and
+# Compute (the Train tab's Status line keeps its refusals for longer).
+TOAST_S = 12
 
 
 def safe(fn: Callable) -> Callable:
     """Wrap a handler: LabError → gr.Error with its message; anything else → a short
-    'internal error' message and a log entry with the trace (never a stack trace in the page)."""
+    'internal error' message and a log entry with the trace (never a stack trace in the page).
+    Every error leaves as a toast that closes after TOAST_S seconds."""
 
     def convert(err: Exception):
         # A user's mistake is one line in the server console, not a Gradio stack trace (Gradio
@@ -139,6 +146,7 @@ def safe(fn: Callable) -> Callable:
         if isinstance(err, gr.Error):
             log.info("%s: %s", fn.__name__, err.message)
             err.print_exception = False
+            err.duration = TOAST_S
             return err
         if isinstance(err, LabError):
             log.info("%s: %s", fn.__name__, err)
@@ -155,6 +163,7 @@ def safe(fn: Callable) -> Callable:
                 yield from fn(*args, **kwargs)
             except Exception as err:
                 raise convert(err) from None
+        gen_wrapper._lab_safe = True
         return gen_wrapper
 
     @functools.wraps(fn)
@@ -163,6 +172,7 @@ def safe(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except Exception as err:
             raise convert(err) from None
+    wrapper._lab_safe = True   # tests check that every handler the app wires is wrapped
     return wrapper
 
 
@@ -190,16 +200,30 @@ def run_history(ctx: AppContext):
     return ctx.history
 
 
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
-
-
 def fmt_seconds(s: float | None) -> str:
     if s is None:
         return "–"
     s = int(round(s))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class Controller:
+    """A tab's handlers, as the methods of one object over the app context: ``build`` wires them,
+    tests call them directly. ``w`` holds the tab's widgets once ``build`` has laid them out (the
+    handlers never read them; other tabs' wiring does).
+
+    Each handler is bound once: Gradio puts the events of one function object in one concurrency
+    group (``concurrency_id`` defaults to ``id(fn)``), and ``tab.calculate`` would otherwise be a
+    new bound method, so a new group, at every access. The repr names the class only: Gradio may
+    write a callable's repr into the page config, and a bound method's repr is its object's
+    (``ctx`` holds the signing secret)."""
+
+    def __init__(self, ctx: AppContext):
+        self.ctx = ctx
+        self.w = SimpleNamespace()
+        for name, fn in inspect.getmembers(type(self), inspect.isfunction):
+            if not name.startswith("__"):
+                setattr(self, name, fn.__get__(self))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}>"

@@ -25,6 +25,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from core.storage import format_size   # the one size format of the lab
+
 # ---------------------------------------------------------------------------------------------
 # Style constants (one source for every figure)
 # ---------------------------------------------------------------------------------------------
@@ -123,18 +125,6 @@ def _unique_labels(labels: Sequence[Any]) -> list[str]:
 def _category_axis(names: Sequence[str]) -> dict:
     # type="category": names such as "0", "1" or "2024" would otherwise become a numeric axis.
     return dict(type="category", categoryorder="array", categoryarray=list(names), automargin=True)
-
-
-def format_bytes(n: float) -> str:
-    """Human size with binary units: ``format_bytes(3 * 2**20) == "3.00 MiB"``."""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            if unit == "B":
-                return f"{n:.0f} B"
-            return f"{n:.3g} {unit}" if abs(n) >= 100 else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
 
 
 def _byte_unit(max_bytes: float) -> tuple[str, float]:
@@ -241,22 +231,29 @@ def _as_fraction(acc: pd.Series) -> pd.Series:
     return acc / 100.0 if acc.max(skipna=True) > 1.0 else acc
 
 
+def _split_points(df: pd.DataFrame, split: str, metric: str, xcol: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(x, y) of ``metric`` for ``split`` in a long history, sorted by ``xcol``, without missing
+    values (accuracy as a fraction); None when the split has no value of it."""
+    part = df[df["split"].astype(str) == split].sort_values(xcol)
+    y = part[metric] if metric == "loss" else _as_fraction(part[metric])
+    keep = y.notna().to_numpy()
+    if not keep.any():
+        return None
+    return part[xcol].to_numpy()[keep], y.to_numpy(dtype=float)[keep]
+
+
 def _add_split_traces(fig: go.Figure, df: pd.DataFrame, xcol: str, acc_values: list, *, name_suffix: str = "",
                       always_markers: bool = False, marker_size: int = 7) -> None:
     """Loss (left) and accuracy (right) traces per split of a long history, one colour per split in
     both panels; appends the plotted accuracies to ``acc_values`` (for the accuracy axis range)."""
     for i, split in enumerate(_splits(df)):
-        part = df[df["split"].astype(str) == split].sort_values(xcol)
         color = _split_color(split, i)
         shown = False
         for col, metric in ((1, "loss"), (2, "accuracy")):
-            if metric not in part.columns:
+            points = _split_points(df, split, metric, xcol) if metric in df.columns else None
+            if points is None:
                 continue
-            y = part[metric] if metric == "loss" else _as_fraction(part[metric])
-            keep = y.notna().to_numpy()
-            if not keep.any():
-                continue
-            xs, ys = part[xcol].to_numpy()[keep], y.to_numpy(dtype=float)[keep]
+            xs, ys = points
             if metric == "accuracy":
                 acc_values.append(ys)
             fmt = ".4f" if metric == "loss" else ".2%"
@@ -374,17 +371,15 @@ def _add_run_traces(fig: go.Figure, runs: Mapping[str, pd.DataFrame], metric: st
             continue
         xcol = _x_column(df, x)
         for split in splits:
-            part = df[df["split"].astype(str) == split].sort_values(xcol)
-            y = part[metric] if metric == "loss" else _as_fraction(part[metric])
-            keep = y.notna().to_numpy()
-            if not keep.any():
+            points = _split_points(df, split, metric, xcol)
+            if points is None:
                 continue
-            ys = y.to_numpy(dtype=float)[keep]
+            xs, ys = points
             values.append(ys)
             fmt = ".4f" if metric == "loss" else ".2%"
             name = label if len(splits) == 1 else f"{label} · {split}"
             fig.add_trace(go.Scatter(
-                x=part[xcol].to_numpy()[keep], y=ys, name=name, legendgroup=name,
+                x=xs, y=ys, name=name, legendgroup=name,
                 showlegend=legend,
                 mode="lines+markers" if len(ys) <= MARKER_MAX_POINTS else "lines",
                 line=dict(color=colors[label], width=2.5, dash=SPLIT_DASH.get(split, "solid")),
@@ -614,7 +609,7 @@ def memory_breakdown(components: Mapping[str, float] | None, title: str = "Memor
     canonical = list(MEMORY_COMPONENTS)
     names.sort(key=lambda n: canonical.index(_memory_key(n)) if _memory_key(n) else len(canonical))
     fig = go.Figure()
-    for i, name in enumerate(names):
+    for name in names:
         key = _memory_key(name)
         color = MEMORY_COMPONENTS[key][1] if key else OTHER_COLOR
         vals = [train.get(name), infer.get(name)]
@@ -623,14 +618,14 @@ def memory_breakdown(components: Mapping[str, float] | None, title: str = "Memor
         fig.add_trace(go.Bar(
             y=bars, x=[s / scale for s in sizes], name=name, orientation="h", marker_color=color,
             # the label is written inside the segment; segments too small for 14 px text hide it
-            text=[format_bytes(s) if s else "" for s in sizes], textposition="inside",
+            text=[format_size(s) if s else "" for s in sizes], textposition="inside",
             insidetextanchor="middle",
-            customdata=np.column_stack([[format_bytes(s) for s in sizes], share]),
+            customdata=np.column_stack([[format_size(s) for s in sizes], share]),
             hovertemplate=(f"<b>{name}</b> (%{{y}}): %{{customdata[0]}}"
                            f" — %{{customdata[1]:.1f}} % of %{{y}}<extra></extra>"),
         ))
     for bar in bars:
-        fig.add_annotation(x=totals[bar] / scale, y=bar, text=f"<b>{format_bytes(totals[bar])}</b>",
+        fig.add_annotation(x=totals[bar] / scale, y=bar, text=f"<b>{format_size(totals[bar])}</b>",
                            showarrow=False, xanchor="left", xshift=8, font=dict(size=FONT_SIZE))
     fig.update_layout(barmode="stack", bargap=0.35,
                       uniformtext=dict(minsize=FONT_SIZE, mode="hide"))
@@ -668,7 +663,7 @@ def memory_per_layer(per_layer: pd.DataFrame | None, top_n: int = TOP_LAYERS,
     types = df["type"].astype(str).tolist() if "type" in df.columns else [""] * len(df)
     fig = go.Figure(go.Bar(
         x=sizes / scale, y=names, orientation="h", marker_color=MEMORY_COMPONENTS["activations"][1],
-        customdata=np.column_stack([[format_bytes(s) for s in sizes], types]),
+        customdata=np.column_stack([[format_size(s) for s in sizes], types]),
         hovertemplate="<b>%{y}</b> %{customdata[1]}<br>saved: %{customdata[0]}<extra></extra>",
     ))
     fig.update_xaxes(title_text=f"saved for backward ({unit})", rangemode="tozero")
@@ -678,7 +673,7 @@ def memory_per_layer(per_layer: pd.DataFrame | None, top_n: int = TOP_LAYERS,
 
 __all__ = [
     "MAX_POINTS", "NO_DATA", "bucket_means", "class_distribution", "compare_curves",
-    "compare_loss_accuracy", "confusion_heatmap", "empty_figure", "format_bytes", "live_curves",
+    "compare_loss_accuracy", "confusion_heatmap", "empty_figure", "live_curves",
     "memory_breakdown", "memory_per_layer", "run_colors", "run_symbols", "topk_bar",
     "training_curves",
 ]

@@ -1,15 +1,18 @@
 """Memory tab: how much memory training and inference of the chosen model need, by component
 (weights, gradients, optimiser state, saved activations, input), per layer, and the largest batch
 that fits a memory budget. Computed without allocating real memory: the model is traced on tensors
-that hold no data, and one whole training step is simulated (core/memory.py)."""
+that hold no data, and one whole training step is simulated (core/memory.py).
+``MemoryTab`` holds the handler, ``layout`` the widgets, ``build`` wires them."""
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import gradio as gr
 import pandas as pd
 
 from core import choices, memory
 from ui import plots
-from ui.common import AppContext, safe
+from ui.common import AppContext, Controller, safe
 from ui.tab_model import model_shape
 
 MiB = 2**20
@@ -64,30 +67,11 @@ def _peak_sentence(est: memory.MemoryEstimate) -> str:
     return head + (f"; inference **{fmt_mib(inference)}**" if inference is not None else "")
 
 
-def build(ctx: AppContext) -> None:
-    m = ctx.shared["model"]
-    gr.Markdown("The model, freezing and input size come from the **Model** tab (the channels and the images' "
-                "own size from the dataset loaded on the **Data** tab). "
-                "Counted from what autograd really saves for the backward pass and a simulated training "
-                "step, not a rule of thumb; nothing is allocated.")
-    with gr.Row():
-        batch = gr.Slider(1, 1024, value=64, step=1, label="Batch size", elem_id="mem_batch")
-        optimizer = gr.Dropdown(choices.OPTIMIZERS.names(), value="sgd", label="Optimizer", info="SGD with momentum 0.9 keeps 1 extra copy of the weights, Adam/AdamW 2", elem_id="mem_optimizer")
-        precision = gr.Radio(choices.PRECISIONS.names(), value="fp32", label="Precision (mixed for bf16/fp16)",
-                             elem_id="mem_precision")
-        budget = gr.Dropdown([f"{g} GB" for g in memory.MEMORY_BUDGETS_GB], value="8 GB",
-                             label="Memory budget", elem_id="mem_budget")
-        compute = gr.Button("Compute", variant="primary", elem_id="mem_compute")
-    summary = gr.Markdown("", elem_id="mem_summary")
-    with gr.Row():
-        breakdown = gr.Plot(None, label="Training vs inference", elem_id="mem_breakdown")
-        per_layer = gr.Plot(None, label="Saved activations per layer",
-                            elem_id="mem_layers")
-    table = gr.Dataframe(pd.DataFrame(columns=["component", "bytes", "MiB"]), interactive=False, elem_id="mem_table",
-                         elem_classes="lab-numbers-right", datatype=["str", "number", "number"])
+class MemoryTab(Controller):
+    """The Memory tab's handler."""
 
     @safe
-    def calculate(session, name, stem, freeze, stages, batch_size, opt, prec, budget_label, size_px=0,
+    def calculate(self, session, name, stem, freeze, stages, batch_size, opt, prec, budget_label, size_px=0,
                   progress=gr.Progress()):
         classes, channels, size = model_shape(session, name, stem, size_px)
         factory = memory.ZooFactory(name, classes, channels, tuple(size), bool(stem), freeze, int(stages or 0))
@@ -106,15 +90,53 @@ def build(ctx: AppContext) -> None:
         return (text, _in_mib(fig, train, infer), plots.memory_per_layer(_layer_names(est.layers)),
                 _readable(est.as_table()))
 
-    inputs = [ctx.session, m["name"], m["stem"], m["freeze"], m["stages"], batch, optimizer, precision, budget,
-              m["image_size"]]
-    outputs = [summary, breakdown, per_layer, table]
-    compute.click(calculate, inputs, outputs, api_name="memory", show_progress_on=[summary], concurrency_limit=4)
-    for comp in (optimizer, precision, budget):
-        comp.change(calculate, inputs, outputs, api_visibility="private", show_progress_on=[summary],
+
+def layout() -> SimpleNamespace:
+    w = SimpleNamespace()
+    gr.Markdown("The model, freezing and input size come from the **Model** tab (the channels and the images' "
+                "own size from the dataset loaded on the **Data** tab). "
+                "Counted from what autograd really saves for the backward pass and a simulated training "
+                "step, not a rule of thumb; nothing is allocated.")
+    with gr.Row():
+        w.batch = gr.Slider(1, 1024, value=64, step=1, label="Batch size", elem_id="mem_batch")
+        w.optimizer = gr.Dropdown(choices.OPTIMIZERS.names(), value="sgd", label="Optimizer",
+                                  info="SGD with momentum 0.9 keeps 1 extra copy of the weights, Adam/AdamW 2",
+                                  elem_id="mem_optimizer")
+        w.precision = gr.Radio(choices.PRECISIONS.names(), value="fp32", label="Precision (mixed for bf16/fp16)",
+                               elem_id="mem_precision")
+        w.budget = gr.Dropdown([f"{g} GB" for g in memory.MEMORY_BUDGETS_GB], value="8 GB",
+                               label="Memory budget", elem_id="mem_budget")
+        w.compute = gr.Button("Compute", variant="primary", elem_id="mem_compute")
+    w.summary = gr.Markdown("", elem_id="mem_summary")
+    with gr.Row():
+        w.breakdown = gr.Plot(None, label="Training vs inference", elem_id="mem_breakdown")
+        w.per_layer = gr.Plot(None, label="Saved activations per layer", elem_id="mem_layers")
+    w.table = gr.Dataframe(pd.DataFrame(columns=["component", "bytes", "MiB"]), interactive=False,
+                           elem_id="mem_table", elem_classes="lab-numbers-right", datatype=["str", "number", "number"])
+    return w
+
+
+def calculate_io(ctx: AppContext, w: SimpleNamespace) -> tuple[list, list]:
+    """(inputs, outputs) of MemoryTab.calculate: the model choices are the Model tab's widgets."""
+    m = ctx.shared["model"].w
+    inputs = [ctx.session, m.name, m.stem, m.freeze, m.stages, w.batch, w.optimizer, w.precision, w.budget,
+              m.image_size]
+    return inputs, [w.summary, w.breakdown, w.per_layer, w.table]
+
+
+def build(ctx: AppContext) -> MemoryTab:
+    tab = MemoryTab(ctx)
+    w = tab.w = layout()
+    inputs, outputs = calculate_io(ctx, w)
+    w.compute.click(tab.calculate, inputs, outputs, api_name="memory", show_progress_on=[w.summary],
                     concurrency_limit=4)
-    batch.release(calculate, inputs, outputs, api_visibility="private", show_progress_on=[summary], concurrency_limit=4)
-    ctx.shared["memory_calc"] = (calculate, inputs, outputs)
+    for comp in (w.optimizer, w.precision, w.budget):
+        comp.change(tab.calculate, inputs, outputs, api_visibility="private", show_progress_on=[w.summary],
+                    concurrency_limit=4)
+    w.batch.release(tab.calculate, inputs, outputs, api_visibility="private", show_progress_on=[w.summary],
+                    concurrency_limit=4)
+    ctx.shared["memory"] = tab   # on_load
+    return tab
 
 
 def _layer_names(layers: pd.DataFrame | None) -> pd.DataFrame | None:
@@ -151,6 +173,7 @@ def _readable(table: pd.DataFrame):
 
 
 def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
-    calculate, inputs, outputs = ctx.shared["memory_calc"]
-    ctx.shared["tab"]["Memory"].select(calculate, inputs, outputs, api_visibility="private",
+    tab = ctx.shared["memory"]
+    inputs, outputs = calculate_io(ctx, tab.w)
+    ctx.shared["tab"]["Memory"].select(tab.calculate, inputs, outputs, api_visibility="private",
                                        show_progress_on=[outputs[0]], concurrency_limit=4)

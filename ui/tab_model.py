@@ -1,10 +1,12 @@
 """Model tab: the zoo with descriptions and sizes, pretrained weights (and whether they are on
-disk), your own weights file, freezing, initialisation, a head learning rate and the layer table."""
+disk), your own weights file, freezing, initialisation, a head learning rate and the layer table.
+``ModelTab`` holds the handlers, ``layout`` the widgets, ``build`` wires them."""
 from __future__ import annotations
 
 import hashlib
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import gradio as gr
@@ -12,7 +14,7 @@ import pandas as pd
 
 from core import datasets, models
 from core.config import FREEZE_CHOICES, ModelConfig
-from ui.common import AppContext, bind, none_if_empty, safe
+from ui.common import AppContext, Controller, bind, none_if_empty, safe
 
 _M = ModelConfig()
 LAYER_COLUMNS = ["layer", "type", "output_shape", "params", "trainable"]
@@ -80,53 +82,11 @@ def size_line(plan: InputPlan, name: str, stem: bool, image_size: int | None) ->
     return f"{kind} images resized to {_wh(plan.size)} ({seen}; {why})"
 
 
-def build(ctx: AppContext) -> None:
-    specs = models.list_models()
-    with gr.Row():
-        with gr.Column(scale=1, min_width=320):
-            name = bind(ctx, gr.Dropdown([(f"{s.name}  ({s.family})", s.name) for s in specs], value=_M.name,
-                                         label="Model", elem_id="model_name"), "model.name")
-            about = gr.Markdown("", elem_id="model_about")
-            pretrained = bind(ctx, gr.Checkbox(_M.pretrained, label="Start from ImageNet weights (transfer learning)",
-                                               elem_id="model_pretrained"), "model.pretrained")
-            weights_note = gr.Markdown("", elem_id="model_weights_note")
-            stem = bind(ctx, gr.Checkbox(_M.small_input_stem, label="Small-input stem (less downsampling in "
-                                         "the first layers: small images stay small)",
-                                         info="Without it, images are fed at their own size when the model "
-                                              "accepts it, else resized to the model's default (224 px for "
-                                              "ImageNet models).", elem_id="model_stem"), "model.small_input_stem")
-            image_size = bind(ctx, gr.Number(0, label="Input size in pixels (0 = the model's own size)", minimum=0,
-                                             precision=0, info="Images are resized to this square size; 224 "
-                                             "gives the ImageNet-size estimate on the Memory tab.",
-                                             elem_id="model_input_size"),
-                              "data.image_size", none_if_empty, lambda v: v or 0)
-            freeze = bind(ctx, gr.Radio(list(FREEZE_CHOICES), value=_M.freeze, label="Freezing",
-                                        info="none: train everything · features: train only the new head · "
-                                             "stages: freeze the first N stages", elem_id="model_freeze"),
-                          "model.freeze")
-            stages = bind(ctx, gr.Slider(0, 8, value=_M.freeze_stages, step=1, label="Stages to freeze",
-                                         elem_id="model_stages"), "model.freeze_stages", int)
-            init = bind(ctx, gr.Dropdown(models.INITS.names(), value=_M.init, label="Initialisation of layers "
-                                         "that are not pretrained", elem_id="model_init"), "model.init")
-            bind(ctx, gr.Number(0, label="Head learning rate (0 = same as the Train tab's)", minimum=0,
-                                elem_id="model_head_lr"), "optim.head_lr", none_if_empty)
-            with gr.Accordion("Your own weights (.pth)", open=False):
-                weights_file = gr.File(label="A state_dict or checkpoint", file_types=[".pth", ".pt"],
-                                       elem_id="model_weights_file")
-                weights_path = bind(ctx, gr.Textbox("", label="Weights file used", interactive=False,
-                                                    elem_id="model_weights_path"), "model.weights_path",
-                                    lambda v: v or None, lambda v: Path(v).name if v else "")
-                weights_report = gr.Markdown("")
-        with gr.Column(scale=2):
-            show = gr.Button("Show the layer table", elem_id="model_layers_btn")
-            params = gr.Markdown("", elem_id="model_params")
-            layers = gr.Dataframe(pd.DataFrame(columns=LAYER_COLUMNS), interactive=False, max_height=520,
-                                  elem_id="model_layers")
-    ctx.shared["model"] = {"name": name, "pretrained": pretrained, "stem": stem, "freeze": freeze,
-                           "stages": stages, "init": init, "weights_path": weights_path, "image_size": image_size}
+class ModelTab(Controller):
+    """The Model tab's handlers."""
 
     @safe
-    def describe(session, model_name, stem_on, size_px=0):
+    def describe(self, session, model_name, stem_on, size_px=0):
         spec = models.get_model_spec(model_name)
         plan = input_plan(session, model_name, stem_on, size_px)
         n = models.count_params(model_name, plan.classes, plan.channels, small_input_stem=stem_on)
@@ -143,7 +103,7 @@ def build(ctx: AppContext) -> None:
                 gr.Checkbox(interactive=True) if spec.has_pretrained else gr.Checkbox(value=False, interactive=False))
 
     @safe
-    def layer_table(session, model_name, stem_on, freeze_mode, n_stages, pretrained_on, size_px=0):
+    def layer_table(self, session, model_name, stem_on, freeze_mode, n_stages, pretrained_on, size_px=0):
         classes, channels, size = model_shape(session, model_name, stem_on, size_px)
         created = models.create_model(model_name, classes, in_channels=channels, input_size=size,
                                       small_input_stem=stem_on)
@@ -159,12 +119,12 @@ def build(ctx: AppContext) -> None:
         return text, _readable_layers(table)
 
     @safe
-    def use_weights(session, upload, model_name, stem_on, size_px=0):
+    def use_weights(self, session, upload, model_name, stem_on, size_px=0):
         if not upload:
             return "", ""
         src = Path(upload if isinstance(upload, str) else upload.name)
         digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
-        dest = ctx.data_dir / "weights" / f"{digest}-{src.name}"
+        dest = self.ctx.data_dir / "weights" / f"{digest}-{src.name}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         copied = not dest.exists()
         if copied:  # keep a copy: Gradio's upload cache is not ours to rely on
@@ -185,28 +145,99 @@ def build(ctx: AppContext) -> None:
         lines += [f"- skipped `{k}`: file {tuple(a)} vs model {tuple(b)}" for k, a, b in report.mismatched_shapes[:8]]
         return src.name, "\n".join(lines)
 
-    table_inputs, table_outputs = [ctx.session, name, stem, freeze, stages, pretrained, image_size], [params, layers]
-    describe_inputs = [ctx.session, name, stem, image_size]
+    @safe
+    def clear_weights(self):
+        """The weights file was removed: the model starts from its own initialisation again."""
+        return "", ""
+
+
+def layout(ctx: AppContext) -> SimpleNamespace:
+    """The tab's widgets; the model choices are bound to their RunConfig fields (the Memory tab
+    reads them too: ``w.name``, ``w.stem``, ``w.freeze``, ``w.stages``, ``w.image_size``)."""
+    w = SimpleNamespace()
+    with gr.Row():
+        with gr.Column(scale=1, min_width=320):
+            _model_choices(ctx, w)
+            with gr.Accordion("Your own weights (.pth)", open=False):
+                w.weights_file = gr.File(label="A state_dict or checkpoint", file_types=[".pth", ".pt"],
+                                         elem_id="model_weights_file")
+                w.weights_path = bind(ctx, gr.Textbox("", label="Weights file used", interactive=False,
+                                                      elem_id="model_weights_path"), "model.weights_path",
+                                      lambda v: v or None, lambda v: Path(v).name if v else "")
+                w.weights_report = gr.Markdown("")
+        with gr.Column(scale=2):
+            w.show = gr.Button("Show the layer table", elem_id="model_layers_btn")
+            w.params = gr.Markdown("", elem_id="model_params")
+            w.layers = gr.Dataframe(pd.DataFrame(columns=LAYER_COLUMNS), interactive=False, max_height=520,
+                                    elem_id="model_layers")
+    return w
+
+
+def _model_choices(ctx: AppContext, w: SimpleNamespace) -> None:
+    specs = models.list_models()
+    w.name = bind(ctx, gr.Dropdown([(f"{s.name}  ({s.family})", s.name) for s in specs], value=_M.name,
+                                   label="Model", elem_id="model_name"), "model.name")
+    w.about = gr.Markdown("", elem_id="model_about")
+    w.pretrained = bind(ctx, gr.Checkbox(_M.pretrained, label="Start from ImageNet weights (transfer learning)",
+                                         elem_id="model_pretrained"), "model.pretrained")
+    w.weights_note = gr.Markdown("", elem_id="model_weights_note")
+    w.stem = bind(ctx, gr.Checkbox(_M.small_input_stem, label="Small-input stem (less downsampling in "
+                                   "the first layers: small images stay small)",
+                                   info="Without it, images are fed at their own size when the model "
+                                        "accepts it, else resized to the model's default (224 px for "
+                                        "ImageNet models).", elem_id="model_stem"), "model.small_input_stem")
+    w.image_size = bind(ctx, gr.Number(0, label="Input size in pixels (0 = the model's own size)", minimum=0,
+                                       precision=0, info="Images are resized to this square size; 224 "
+                                       "gives the ImageNet-size estimate on the Memory tab.",
+                                       elem_id="model_input_size"),
+                        "data.image_size", none_if_empty, lambda v: v or 0)
+    w.freeze = bind(ctx, gr.Radio(list(FREEZE_CHOICES), value=_M.freeze, label="Freezing",
+                                  info="none: train everything · features: train only the new head · "
+                                       "stages: freeze the first N stages", elem_id="model_freeze"),
+                    "model.freeze")
+    w.stages = bind(ctx, gr.Slider(0, 8, value=_M.freeze_stages, step=1, label="Stages to freeze",
+                                   elem_id="model_stages"), "model.freeze_stages", int)
+    w.init = bind(ctx, gr.Dropdown(models.INITS.names(), value=_M.init, label="Initialisation of layers "
+                                   "that are not pretrained", elem_id="model_init"), "model.init")
+    bind(ctx, gr.Number(0, label="Head learning rate (0 = same as the Train tab's)", minimum=0,
+                        elem_id="model_head_lr"), "optim.head_lr", none_if_empty)
+
+
+def describe_io(w: SimpleNamespace) -> tuple[list, list]:
+    """(inputs, outputs) of ModelTab.describe."""
+    return [w.name, w.stem, w.image_size], [w.about, w.weights_note, w.stages, w.pretrained]
+
+
+def table_io(w: SimpleNamespace) -> tuple[list, list]:
+    """(inputs, outputs) of ModelTab.layer_table, without the session."""
+    return [w.name, w.stem, w.freeze, w.stages, w.pretrained, w.image_size], [w.params, w.layers]
+
+
+def build(ctx: AppContext) -> ModelTab:
+    tab = ModelTab(ctx)
+    w = tab.w = layout(ctx)
+    table_in, table_out = table_io(w)
+    table_inputs = [ctx.session, *table_in]
+    describe_in, describe_out = describe_io(w)
     # First: the public endpoint keeps the name "layer_table" (private events reuse the function's name).
-    show.click(layer_table, table_inputs, table_outputs, api_name="layer_table", concurrency_limit=4)
+    w.show.click(tab.layer_table, table_inputs, table_out, api_name="layer_table", concurrency_limit=4)
     # The table follows the choices: a table of another model (or freezing) than the one picked
     # would teach the wrong numbers on a projector.
     private = {"api_visibility": "private"}
     # The size box follows on blur/Enter: while "224" is typed, 2 and 22 are no input sizes to show.
-    for trigger, api in ((name.change, {"api_name": "describe_model"}), (stem.change, private),
-                         (image_size.blur, private), (image_size.submit, private)):
-        trigger(describe, describe_inputs, [about, weights_note, stages, pretrained], concurrency_limit=None,
-                **api).then(layer_table, table_inputs, table_outputs, api_visibility="private",
-                            show_progress_on=[params], concurrency_limit=4)
-    for trigger in (freeze.change, stages.release, pretrained.change):
-        trigger(layer_table, table_inputs, table_outputs, api_visibility="private", show_progress_on=[params],
+    for trigger, api in ((w.name.change, {"api_name": "describe_model"}), (w.stem.change, private),
+                         (w.image_size.blur, private), (w.image_size.submit, private)):
+        trigger(tab.describe, [ctx.session, *describe_in], describe_out, concurrency_limit=None,
+                **api).then(tab.layer_table, table_inputs, table_out, api_visibility="private",
+                            show_progress_on=[w.params], concurrency_limit=4)
+    for trigger in (w.freeze.change, w.stages.release, w.pretrained.change):
+        trigger(tab.layer_table, table_inputs, table_out, api_visibility="private", show_progress_on=[w.params],
                 concurrency_limit=4)
-    weights_file.upload(use_weights, [ctx.session, weights_file, name, stem, image_size],
-                        [weights_path, weights_report],
-                        api_name="load_weights", concurrency_limit=4)
-    weights_file.clear(lambda: ("", ""), None, [weights_path, weights_report], api_visibility="private")
-    ctx.shared["model_describe"] = (describe, describe_inputs, [about, weights_note, stages, pretrained])
-    ctx.shared["model_table"] = (layer_table, table_inputs, table_outputs)
+    w.weights_file.upload(tab.use_weights, [ctx.session, w.weights_file, w.name, w.stem, w.image_size],
+                          [w.weights_path, w.weights_report], api_name="load_weights", concurrency_limit=4)
+    w.weights_file.clear(tab.clear_weights, None, [w.weights_path, w.weights_report], api_visibility="private")
+    ctx.shared["model"] = tab   # on_load; the Memory tab reads the model choices (tab.w)
+    return tab
 
 
 def _readable_layers(table: pd.DataFrame):
@@ -217,10 +248,12 @@ def _readable_layers(table: pd.DataFrame):
 
 
 def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
-    describe, inputs, outputs = ctx.shared["model_describe"]
-    layer_table, table_inputs, table_outputs = ctx.shared["model_table"]
-    demo.load(describe, inputs, outputs, api_visibility="private")
+    tab = ctx.shared["model"]
+    describe_in, describe_out = describe_io(tab.w)
+    table_in, table_out = table_io(tab.w)
+    demo.load(tab.describe, [ctx.session, *describe_in], describe_out, api_visibility="private")
     # The tab shows the table of what is picked when it is opened (the dataset may have changed).
-    ctx.shared["tab"]["Model"].select(describe, inputs, outputs, api_visibility="private").then(
-        layer_table, table_inputs, table_outputs, api_visibility="private", show_progress_on=[table_outputs[0]],
-        concurrency_limit=4)
+    ctx.shared["tab"]["Model"].select(tab.describe, [ctx.session, *describe_in], describe_out,
+                                      api_visibility="private").then(
+        tab.layer_table, [ctx.session, *table_in], table_out, api_visibility="private",
+        show_progress_on=[table_out[0]], concurrency_limit=4)

@@ -1,19 +1,21 @@
 """Predict tab: drop, paste or photograph an image → top-5 classes, with a trained run or an
-uploaded checkpoint; example images one click away; several images at once as a table."""
+uploaded checkpoint; example images one click away; several images at once as a table.
+``PredictTab`` holds the handlers, ``layout`` the widgets, ``build`` wires them."""
 from __future__ import annotations
 
 import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import pandas as pd
 
 from core import datasets, rundir
 from core.inference import TTA_CHOICES, Predictor, find_checkpoint
-from ui.common import ASSETS, TOAST_S, AppContext, run_history, safe, who_is
-from ui.tab_evaluate import follow_runs, run_list_refresher, whose_run
+from ui.common import ASSETS, TOAST_S, AppContext, Controller, run_history, safe, who_is
+from ui.tab_evaluate import follow_runs, refreshed_run_list, whose_run
 
 EXAMPLES = sorted(str(p) for p in (ASSETS / "examples").glob("*.jpg"))
 CACHE_SIZE = 4  # predictors kept in memory (one model each), shared by all browsers
@@ -92,35 +94,15 @@ def _trained_text(p: Predictor) -> str:
     return f"trained {p.epoch} epoch(s)"
 
 
-def build(ctx: AppContext) -> None:
-    cache = ctx.shared.setdefault("predictors", PredictorCache())
-    with gr.Row():
-        with gr.Column(scale=1, min_width=440):
-            source = gr.Radio(["A trained run", "A checkpoint file (.pth)"], value="A trained run",
-                              label="Model", elem_id="predict_source")
-            # the run's label (name, id, test accuracy) needs the column's whole width to be read
-            run = gr.Dropdown(label="Run", choices=[], elem_id="predict_run")
-            refresh = gr.Button("Refresh the list of runs", size="sm", elem_id="predict_refresh")
-            upload = gr.File(label="Checkpoint (.pth saved by the lab)", file_types=[".pth"], visible=False,
-                             elem_id="predict_ckpt")
-            tta = gr.Radio(list(TTA_CHOICES), value="none", label="Test-time augmentation",
-                           info="average over 5 or 10 crops (slower, often a little more accurate)")
-            info = gr.Markdown("", elem_id="predict_info")
-        with gr.Column(scale=2):
-            with gr.Row():
-                image = friendly_image_errors(gr.Image(type="pil", sources=["upload", "clipboard", "webcam"],
-                                                       label="Drop an image here", elem_id="predict_image",
-                                                       height=300))
-                label = gr.Label(num_top_classes=5, label="Top-5", elem_id="predict_top5")
-            if EXAMPLES:
-                gr.Examples(EXAMPLES, inputs=image, label="Example images (CIFAR-10 test images the sample does not contain)",
-                            examples_per_page=10, elem_id="predict_examples")
-    with gr.Accordion("Predict many images at once", open=False):
-        many = gr.File(file_count="multiple", file_types=["image"], label="Images", elem_id="predict_many")
-        table = gr.Dataframe(pd.DataFrame(columns=TABLE_COLUMNS), interactive=False, elem_id="predict_table")
-        download = gr.File(label="Predictions as CSV", interactive=False)
+class PredictTab(Controller):
+    """The Predict tab's handlers, over one cache of loaded models shared by every browser."""
 
-    def checkpoint_path(source_value: str, run_id: str | None, uploaded, browser_id, request) -> str:
+    def __init__(self, ctx: AppContext):
+        super().__init__(ctx)
+        self.cache = PredictorCache()
+
+    def checkpoint_path(self, source_value: str, run_id: str | None, uploaded, browser_id, request) -> str:
+        """The checkpoint to use: the uploaded file, or the best one of a run this caller may see."""
         if source_value.startswith("A checkpoint"):
             if not uploaded:
                 raise gr.Error(f"Upload a .pth checkpoint first (a {rundir.BEST_CKPT} or {rundir.LAST_CKPT} from a "
@@ -128,49 +110,54 @@ def build(ctx: AppContext) -> None:
             return uploaded if isinstance(uploaded, str) else uploaded.name
         if not run_id:
             raise gr.Error("No trained run yet: train one on the Train tab, or upload a checkpoint.")
-        history = run_history(ctx)   # an id of the history that this caller may see; never a path
-        history.check_access(run_id, who_is(ctx, request, browser_id), private=ctx.private_runs)
+        history = run_history(self.ctx)   # an id of the history that this caller may see; never a path
+        history.check_access(run_id, who_is(self.ctx, request, browser_id), private=self.ctx.private_runs)
         return str(find_checkpoint(history.run_dir(run_id)))
 
     @safe
-    def describe(source_value, run_id, uploaded, browser_id, request: gr.Request):
+    def refresh_runs(self, session: dict, current: str | None, browser_id, request: gr.Request):
+        # The runs with a checkpoint this caller may see (no docstring: it would be the API description).
+        return refreshed_run_list(self.ctx, session, current, browser_id, request, need="checkpoint", view="predict")
+
+    @safe
+    def describe(self, source_value, run_id, uploaded, browser_id, request: gr.Request):
         if (source_value.startswith("A trained") and not run_id) or (source_value.startswith("A checkpoint") and not uploaded):
             return ""
-        p = cache.get(checkpoint_path(source_value, run_id, uploaded, browser_id, request))
+        p = self.cache.get(self.checkpoint_path(source_value, run_id, uploaded, browser_id, request))
         c, h, w = p.input_shape
         whose = None
         if source_value.startswith("A trained"):   # checked by checkpoint_path: a run this caller may see
-            whose = whose_run(run_history(ctx).owner(run_id)[1], who_is(ctx, request, browser_id))
+            whose = whose_run(run_history(self.ctx).owner(run_id)[1], who_is(self.ctx, request, browser_id))
         return ((f"_{whose}_\n\n" if whose else "")
                 + f"**{p.model_name}**, {len(p.classes)} classes ({', '.join(p.classes[:12])}"
                 f"{'…' if len(p.classes) > 12 else ''}); input {w}×{h} {'grayscale' if c == 1 else 'RGB'}; "
                 f"{_trained_text(p)}. Images are resized and normalised as in training.")
 
     @safe
-    def model_changed(source_value, run_id, uploaded, img, tta_value, browser_id, request: gr.Request):
+    def model_changed(self, source_value, run_id, uploaded, img, tta_value, browser_id, request: gr.Request):
         """Another run, source or checkpoint file: its description, and the top-5 of the image
         shown recomputed with it; the many-images table (the previous model's) is emptied. A model
         that cannot be used says why in the description, and leaves no top-5 of the previous one."""
         empty = (pd.DataFrame(columns=TABLE_COLUMNS), None)
         try:
-            text = describe(source_value, run_id, uploaded, browser_id, request)
-            top5 = predict(img, source_value, run_id, uploaded, tta_value, browser_id, request) if text else None
+            text = self.describe(source_value, run_id, uploaded, browser_id, request)
+            top5 = self.predict(img, source_value, run_id, uploaded, tta_value, browser_id, request) if text else None
         except gr.Error as err:
             return (f"⚠️ {err.message}", {}) + empty
         return (text, top5 if top5 is not None else {}) + empty
 
     @safe
-    def predict(img, source_value, run_id, uploaded, tta_value, browser_id, request: gr.Request):
+    def predict(self, img, source_value, run_id, uploaded, tta_value, browser_id, request: gr.Request):
         if img is None:
             return None
-        p = cache.get(checkpoint_path(source_value, run_id, uploaded, browser_id, request))
+        p = self.cache.get(self.checkpoint_path(source_value, run_id, uploaded, browser_id, request))
         return dict(p.predict(img, topk=5, tta=tta_value))
 
     @safe
-    def predict_files(files, source_value, run_id, uploaded, tta_value, browser_id, request: gr.Request):
+    def predict_files(self, files, source_value, run_id, uploaded, tta_value, browser_id, request: gr.Request):
         if not files:
             return pd.DataFrame(columns=TABLE_COLUMNS), None
-        p = cache.get(checkpoint_path(source_value, run_id, uploaded, browser_id, request))
+        p = self.cache.get(self.checkpoint_path(source_value, run_id, uploaded, browser_id, request))
         paths = [f if isinstance(f, str) else f.name for f in files]
         df = p.predict_many(paths, topk=5, tta=tta_value, names=[Path(x).name for x in paths])
         out = Path(tempfile.mkdtemp(prefix="lab-predictions-")) / "predictions.csv"
@@ -178,34 +165,67 @@ def build(ctx: AppContext) -> None:
         shown = df.astype({"probability": float}).style.format({"probability": "{:.1%}"}, na_rep="")
         return shown, str(out)
 
-    refresh_runs = run_list_refresher(ctx, need="checkpoint", view="predict")
-
-    def toggle(source_value):
+    @safe
+    def toggle(self, source_value):
         from_run = source_value.startswith("A trained")
         return gr.Dropdown(visible=from_run), gr.Button(visible=from_run), gr.File(visible=not from_run)
 
-    model_inputs = [source, run, upload]
-    source.change(toggle, source, [run, refresh, upload], api_visibility="private")
-    list_inputs = [ctx.session, run, ctx.browser_id]
-    refresh.click(refresh_runs, list_inputs, run, api_name="predict_runs", concurrency_limit=None)
-    predict_inputs = [image, *model_inputs, tta, ctx.browser_id]
+
+def layout() -> SimpleNamespace:
+    w = SimpleNamespace()
+    with gr.Row():
+        with gr.Column(scale=1, min_width=440):
+            w.source = gr.Radio(["A trained run", "A checkpoint file (.pth)"], value="A trained run",
+                                label="Model", elem_id="predict_source")
+            # the run's label (name, id, test accuracy) needs the column's whole width to be read
+            w.run = gr.Dropdown(label="Run", choices=[], elem_id="predict_run")
+            w.refresh = gr.Button("Refresh the list of runs", size="sm", elem_id="predict_refresh")
+            w.upload = gr.File(label="Checkpoint (.pth saved by the lab)", file_types=[".pth"], visible=False,
+                               elem_id="predict_ckpt")
+            w.tta = gr.Radio(list(TTA_CHOICES), value="none", label="Test-time augmentation",
+                             info="average over 5 or 10 crops (slower, often a little more accurate)")
+            w.info = gr.Markdown("", elem_id="predict_info")
+        with gr.Column(scale=2):
+            with gr.Row():
+                w.image = friendly_image_errors(gr.Image(type="pil", sources=["upload", "clipboard", "webcam"],
+                                                         label="Drop an image here", elem_id="predict_image",
+                                                         height=300))
+                w.label = gr.Label(num_top_classes=5, label="Top-5", elem_id="predict_top5")
+            if EXAMPLES:
+                gr.Examples(EXAMPLES, inputs=w.image, label="Example images (CIFAR-10 test images the sample does "
+                            "not contain)", examples_per_page=10, elem_id="predict_examples")
+    with gr.Accordion("Predict many images at once", open=False):
+        w.many = gr.File(file_count="multiple", file_types=["image"], label="Images", elem_id="predict_many")
+        w.table = gr.Dataframe(pd.DataFrame(columns=TABLE_COLUMNS), interactive=False, elem_id="predict_table")
+        w.download = gr.File(label="Predictions as CSV", interactive=False)
+    return w
+
+
+def build(ctx: AppContext) -> PredictTab:
+    tab = PredictTab(ctx)
+    w = tab.w = layout()
+    model_inputs = [w.source, w.run, w.upload]
+    w.source.change(tab.toggle, w.source, [w.run, w.refresh, w.upload], api_visibility="private")
+    w.refresh.click(tab.refresh_runs, [ctx.session, w.run, ctx.browser_id], w.run, api_name="predict_runs",
+                    concurrency_limit=None)
     # A change of model (the list following a new run included) leaves no output of the previous one.
-    for trigger in (source.change, run.change, upload.change):
-        trigger(model_changed, [*model_inputs, image, tta, ctx.browser_id], [info, label, table, download],
-                api_visibility="private", concurrency_limit=None, show_progress="hidden")
+    for trigger in (w.source.change, w.run.change, w.upload.change):
+        trigger(tab.model_changed, [*model_inputs, w.image, w.tta, ctx.browser_id],
+                [w.info, w.label, w.table, w.download], api_visibility="private", concurrency_limit=None,
+                show_progress="hidden")
     # A refused image (or model) leaves no top-5 of the previous image beside it: {} is what the
     # Label gets for None from Python (null itself breaks the Label in the page).
     # (In the page itself: no round trip, and nothing an API caller could call.)
-    image.change(predict, predict_inputs, label, api_name="predict", concurrency_limit=None).failure(
-        None, None, label, js="() => ({})", api_visibility="private", show_progress="hidden")
-    tta.change(predict, predict_inputs, label, api_visibility="private", concurrency_limit=None)
-    many.upload(predict_files, [many, *model_inputs, tta, ctx.browser_id], [table, download], api_name="predict_many",
-                concurrency_limit=None)
-    ctx.shared["predict_refresh"] = (refresh_runs, list_inputs, run)
-    ctx.shared["predict_handlers"] = {"predict": predict, "refresh_runs": refresh_runs, "describe": describe,
-                                      "model_changed": model_changed, "predict_files": predict_files}
+    predict_inputs = [w.image, *model_inputs, w.tta, ctx.browser_id]
+    w.image.change(tab.predict, predict_inputs, w.label, api_name="predict", concurrency_limit=None).failure(
+        None, None, w.label, js="() => ({})", api_visibility="private", show_progress="hidden")
+    w.tta.change(tab.predict, predict_inputs, w.label, api_visibility="private", concurrency_limit=None)
+    w.many.upload(tab.predict_files, [w.many, *model_inputs, w.tta, ctx.browser_id], [w.table, w.download],
+                  api_name="predict_many", concurrency_limit=None)
+    ctx.shared["predict"] = tab   # on_load; the Train tab's Try it
+    return tab
 
 
 def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
-    follow_runs(ctx, demo, "predict_refresh", "Predict")
-
+    tab = ctx.shared["predict"]
+    follow_runs(ctx, demo, tab.refresh_runs, tab.w.run, "Predict")

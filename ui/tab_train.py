@@ -3,6 +3,9 @@
 Training runs in the engine's JobManager; this tab only submits jobs and polls them with a
 gr.Timer (every POLL_S seconds), so closing or reloading the page never stops a run and a reloaded
 page reconnects to it through the browser id (or the login name with --auth).
+
+``TrainTab`` holds the handlers; ``layout`` lays out the widgets, ``wire`` connects them, and
+``on_load`` adds what needs the whole page (the reconnect after a reload, See results / Try it).
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import itertools
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import pandas as pd
@@ -19,15 +23,15 @@ from core import events as ev, rundir, runrecord
 from core.choices import OPTIMIZERS, PRECISIONS
 from core.config import SCHEDULERS, OptimConfig, RunConfig
 from core.errors import ConfigError, LabError
+from core.identity import can_view, require_change
 from core.resume import Wording, plan_resume
 from ui import plots
-from core.identity import can_view, require_change
-from ui.common import (AppContext, bind, config_from_widgets, fmt_seconds, none_if_empty, safe, who_is,
-                       widget_updates)
+from ui.common import (AppContext, Controller, bind, config_from_widgets, fmt_seconds, none_if_empty, safe,
+                       who_is, widget_updates)
 
 POLL_S = 1.0  # the issue asks for plots that update at least every 2 s; the notes advise ≤ 4 Hz
-REFUSAL_TOAST_S = 8   # a refusal's toast closes by itself: the Status line keeps the message
 NEXT_STEPS = "Next: see the results on Evaluate, try it on Predict, export it below (or later from Compare → Run history)."
+EXPORT_KINDS = [("Checkpoint (.pth)", "checkpoint"), ("TorchScript (.pt)", "torchscript"), ("ONNX (.onnx)", "onnx")]
 # ETA (eta_seconds): an image through the model without the backward pass (validation, final
 # evaluation) costs roughly a third of a training image; the speed is taken from the recent reports
 # and epochs only, so that the ETA follows a real change (another run starts on the same device).
@@ -37,94 +41,36 @@ RECENT_REPORTS = 100   # BatchEnded come at most ~4 a second: about the last hal
 _D, _O = RunConfig(), OptimConfig()
 
 
-def build(ctx: AppContext) -> None:
-    bound_before = set(ctx.config_fields)
-    with gr.Row():
-        with gr.Column(scale=1, min_width=300):
-            gr.Markdown("### Hyper-parameters")
-            with gr.Row():
-                bind(ctx, gr.Slider(1, 200, value=_D.epochs, step=1, label="Epochs", elem_id="epochs"), "epochs")
-                bind(ctx, gr.Dropdown([4, 8, 16, 32, 64, 128, 256, 512], value=_D.data.batch_size,
-                                      label="Batch size", allow_custom_value=True, elem_id="batch_size"),
-                     "data.batch_size", _whole_batch_size)
-            with gr.Row():
-                bind(ctx, gr.Dropdown(OPTIMIZERS.names(), value=_O.optimizer, label="Optimizer",
-                                      elem_id="optimizer"), "optim.optimizer")
-                bind(ctx, gr.Number(_O.lr, label="Learning rate", minimum=0, elem_id="lr"), "optim.lr")
-            with gr.Row():
-                scheduler = bind(ctx, gr.Dropdown(list(SCHEDULERS), value=_O.scheduler, label="LR schedule",
-                                                  elem_id="scheduler"), "optim.scheduler")
-                bind(ctx, gr.Number(_O.warmup_epochs, label="Warm-up epochs", precision=0, minimum=0),
-                     "optim.warmup_epochs", int)
-                patience = bind(ctx, gr.Number(_O.plateau_patience, label="Plateau patience (epochs)", precision=0,
-                                               minimum=0, visible=_O.scheduler == "plateau",
-                                               elem_id="plateau_patience"), "optim.plateau_patience", int)
-            scheduler.change(_plateau_only, scheduler, patience, queue=False, show_progress="hidden",
-                             api_visibility="private")
-            with gr.Accordion("More settings", open=False):
-                with gr.Row():
-                    bind(ctx, gr.Number(_O.momentum, label="Momentum", minimum=0, maximum=0.999), "optim.momentum")
-                    bind(ctx, gr.Checkbox(_O.nesterov, label="Nesterov"), "optim.nesterov")
-                with gr.Row():
-                    bind(ctx, gr.Number(_O.weight_decay, label="Weight decay", minimum=0), "optim.weight_decay")
-                    bind(ctx, gr.Number(_O.label_smoothing, label="Label smoothing", minimum=0, maximum=0.99),
-                         "optim.label_smoothing")
-                with gr.Row():
-                    bind(ctx, gr.Number(_O.accumulation_steps, label="Gradient accumulation (batches)",
-                                        precision=0, minimum=1), "optim.accumulation_steps", int)
-                    bind(ctx, gr.Number(0, label="Gradient clipping (max norm, 0 = off)", minimum=0),
-                         "optim.grad_clip", none_if_empty, restore=lambda v: v or 0)
-                with gr.Row():
-                    bind(ctx, gr.Dropdown(["none", "balanced"], value="none", label="Class weights"),
-                         "optim.class_weights", lambda v: None if v == "none" else v,
-                         restore=lambda v: "none" if v is None else v if v == "balanced" else gr.skip())
-                    bind(ctx, gr.Number(0, label="Early stopping patience (0 = off)", precision=0, minimum=0),
-                         "early_stopping_patience", lambda v: none_if_empty(int(v or 0)), restore=lambda v: v or 0)
-                with gr.Row():
-                    bind(ctx, gr.Dropdown(["auto", "cpu", "cuda", "mps"], value=_D.device, label="Device",
-                                          allow_custom_value=True, elem_id="device"), "device")
-                    bind(ctx, gr.Dropdown(PRECISIONS.names(), value=_D.precision, label="Precision"), "precision")
-                with gr.Row():
-                    bind(ctx, gr.Number(_D.seed, label="Seed", precision=0), "seed", int)
-                    bind(ctx, gr.Checkbox(_D.deterministic, label="Deterministic"), "deterministic")
-                bind(ctx, gr.Radio(["auto", "on", "off"], value=_D.data.in_memory,
-                                   label="Hold small datasets in memory (faster on CPU)"), "data.in_memory")
-                bind(ctx, gr.Checkbox(_D.tensorboard, label="TensorBoard log",
-                                      info="also write a TensorBoard log in the run folder "
-                                           "(then: tensorboard --logdir runs/)"), "tensorboard")
-        with gr.Column(scale=2):
-            with gr.Row():
-                start = gr.Button("Start training", variant="primary", elem_id="start_btn")
-                stop = gr.Button("Stop", variant="stop", elem_id="stop_btn")
-                resume = gr.Button("Resume last run", elem_id="resume_btn")
-            status = gr.Textbox(label="Status", interactive=False, elem_id="train_status",
-                                elem_classes="lab-status", value="Ready. Press Start to train.")
-            with gr.Row(visible=False, elem_id="train_next") as next_row:
-                see_results = gr.Button("See results", size="sm", elem_id="see_results_btn")
-                try_it = gr.Button("Try it", size="sm", elem_id="try_it_btn")
-                export_kind = gr.Dropdown(EXPORT_KINDS, value="checkpoint", show_label=False, container=False,
-                                          elem_id="finish_export_kind")
-                export_btn = gr.Button("Export", size="sm", elem_id="finish_export_btn")
-                export_out = gr.File(label="Exported files", file_count="multiple", interactive=False,
-                                     elem_id="finish_export_files", height=140)   # a model and its .json
-            progress = gr.HTML(_progress_html(None), elem_id="train_progress")
-            curves = gr.Plot(None, label="Loss and accuracy",
-                             elem_id="train_curves")
-            log = gr.Textbox(label="Log (newest first)", lines=10, max_lines=14, interactive=False,
-                             elem_id="train_log", elem_classes="lab-log")
-    # This tab's settings, in order: a reconnected page shows the settings its run was started with.
-    ctx.shared["train_widgets"] = [w for w in ctx.config_fields if w not in bound_before]
-    timer = gr.Timer(POLL_S, active=False)
-    ctx.shared["train_timer"] = timer
-    ctx.shared["train_status"] = status
+def _keeps_refusal(verb: str):
+    """Decorate a Start/Resume handler: errors become messages as with ``safe`` (API clients still
+    get the error), and the message is kept in the session as "<verb>: <message>" for the
+    ``.failure`` listener (``show_refusal``) that writes it into the Status line."""
+    def decorate(fn):
+        guarded = safe(fn)
 
-    outputs = [status, progress, curves, log, timer]
-    ctx.shared["train_next"] = (next_row, see_results, try_it)
-    ctx.shared["train_export"] = _wire_export(ctx, export_kind, export_btn, export_out)
-    keeps_refusal = functools.partial(_refusal_kept_for_status, lambda values: values[ctx.session])
+        @functools.wraps(fn)
+        def wrapper(self, values: dict, *args, **kwargs):
+            try:
+                return guarded(self, values, *args, **kwargs)
+            except gr.Error as err:
+                values[self.ctx.session]["refusal"] = f"{verb}: {err.message}"
+                raise
+        wrapper._lab_safe = True
+        return wrapper
+    return decorate
 
-    @keeps_refusal("Not started")
-    def start_run(values: dict, request: gr.Request):
+
+class TrainTab(Controller):
+    """The Train tab's handlers. ``settings``: the tab's config widgets, in order (a reconnected
+    page shows the settings its run was started with)."""
+
+    def __init__(self, ctx: AppContext, settings: list | None = None):
+        super().__init__(ctx)
+        self.settings = list(settings or [])
+
+    @_keeps_refusal("Not started")
+    def start_run(self, values: dict, request: gr.Request):
+        ctx = self.ctx
         session, browser_id = values[ctx.session], values[ctx.browser_id]
         if not session.get("data_source"):
             session["data_source"] = {"source": "sample", "location": None}
@@ -134,12 +80,11 @@ def build(ctx: AppContext) -> None:
         if current is not None and not current.done:
             raise gr.Error("This browser already has a run in progress: stop it first.")
         job = ctx.manager.submit(config, owner=owner)
-        session["job_id"] = job.job_id
-        session["seen"] = -1
-        return _render(ctx, job, session) + (gr.Timer(active=True),)
+        return self._follow(job, session)
 
-    @keeps_refusal("Not resumed")
-    def resume_run(values: dict, request: gr.Request):
+    @_keeps_refusal("Not resumed")
+    def resume_run(self, values: dict, request: gr.Request):
+        ctx = self.ctx
         session, browser_id = values[ctx.session], values[ctx.browser_id]
         who = who_is(ctx, request, browser_id)
         current = _current_job(ctx, session, who.owner)
@@ -153,12 +98,17 @@ def build(ctx: AppContext) -> None:
         plan = plan_resume(run_dir, status=status, epochs=wanted, who=who, run_owner=run_owner,
                            wording=_resume_wording(label))
         job = ctx.manager.submit(plan.config, owner=plan.owner, resume_from=plan.checkpoint)
+        return self._follow(job, session)
+
+    def _follow(self, job, session: dict):
+        """This page shows ``job`` from now on: its first render, and the timer on."""
         session["job_id"] = job.job_id
         session["seen"] = -1
-        return _render(ctx, job, session) + (gr.Timer(active=True),)
+        return _render(self.ctx, job, session) + (gr.Timer(active=True),)
 
     @safe
-    def stop_run(session: dict, browser_id: str | None, request: gr.Request):
+    def stop_run(self, session: dict, browser_id: str | None, request: gr.Request):
+        ctx = self.ctx
         who = who_is(ctx, request, browser_id)
         job = _current_job(ctx, session, who.owner)
         if job is None or job.done:
@@ -170,7 +120,9 @@ def build(ctx: AppContext) -> None:
             return "Removed from the queue before it started (nothing to resume)."
         return "Stopping after the current batch (a checkpoint is kept; Resume continues from it)..."
 
-    def poll(session: dict, browser_id: str | None, request: gr.Request):
+    @safe
+    def poll(self, session: dict, browser_id: str | None, request: gr.Request):
+        ctx = self.ctx
         who = who_is(ctx, request, browser_id)
         job = _current_job(ctx, session, who.owner)
         if job is None or not can_view(job.owner, who, ctx.private_runs):
@@ -185,104 +137,50 @@ def build(ctx: AppContext) -> None:
         session["seen_place"] = place
         return rendered + (gr.Timer(active=not done),)
 
-    inputs = ctx.field_widgets() | {ctx.session, ctx.browser_id}
-    started = start.click(start_run, inputs=inputs, outputs=outputs, api_name="start_training",
-                          show_progress="hidden", concurrency_limit=None)
-    resumed = resume.click(resume_run, inputs=inputs, outputs=outputs, api_name="resume_training",
-                           show_progress="hidden", concurrency_limit=None)
-    ctx.shared["train_handlers"] = {"start": start_run, "resume": resume_run,
-                                    **_wire_status_line(ctx, [started, resumed], status, next_row)}
-    stop.click(stop_run, [ctx.session, ctx.browser_id], status, api_name="stop_training",
-               show_progress="hidden", concurrency_limit=None)
-    timer.tick(poll, [ctx.session, ctx.browser_id], outputs, api_name="poll_training",
-               show_progress="hidden", queue=False)
-    ctx.shared["train_poll"] = (poll, outputs)
-
-
-def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
-    """After a reload: find this browser's latest job and start polling it again."""
-    poll, outputs = ctx.shared["train_poll"]
-
-    widgets = ctx.shared["train_widgets"]
-
-    def reconnect(session: dict, browser_id: str | None, request: gr.Request):
+    @safe
+    def reconnect(self, session: dict, browser_id: str | None, request: gr.Request):
+        """After a reload: this browser's latest job, polled again, with the settings it was started
+        with; after a server restart, the run that was cut short is offered instead."""
+        ctx = self.ctx
         owner = who_is(ctx, request, browser_id).owner
         job = _current_job(ctx, session, owner)
         if job is None:
-            # After a server restart nothing trains here; a run that was cut short is offered instead.
             text = _resumable_note(ctx, session, owner)
             return ((gr.skip() if text is None else text, gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False))
-                    + (gr.skip(),) * len(widgets))
+                    + (gr.skip(),) * len(self.settings))
         session["seen"] = -1
         done = job.done  # before rendering (see poll)
         return (_render(ctx, job, session) + (gr.Timer(active=not done),)
-                + tuple(widget_updates(ctx, widgets, job.config)))
+                + tuple(widget_updates(ctx, self.settings, job.config)))
 
-    ctx.shared["train_reconnect"] = reconnect
-    # Runs after the browser id is known (BrowserState is restored on load).
-    ctx.browser_id.change(reconnect, [ctx.session, ctx.browser_id], outputs + widgets, api_visibility="private",
-                          show_progress="hidden")
-    _wire_next_steps(ctx)
-
-
-def _plateau_only(scheduler: str):
-    """The plateau schedule's patience is shown with that schedule only."""
-    return gr.update(visible=scheduler == "plateau")
-
-
-def _wire_status_line(ctx: AppContext, presses: list, status, next_row) -> dict:
-    """A refused Start / Resume (``presses``) writes its refusal into the Status line, and the See
-    results / Try it row shows while the tab shows a finished run. Returns the two handlers."""
-    def show_refusal(session: dict):
+    @safe
+    def show_refusal(self, session: dict):
+        """The Status line after a refused Start / Resume: the refusal, which the toast also shows."""
         return session.pop("refusal", None) or "The last request was refused: the message at the top right says why."
 
-    def show_next_steps(session: dict):
-        job = ctx.manager.find(session.get("job_id") or "")
+    @safe
+    def show_next_steps(self, session: dict):
+        """The See results / Try it / Export row shows while the tab shows a finished run."""
+        job = self.ctx.manager.find(session.get("job_id") or "")
         return gr.update(visible=job is not None and job.status == ev.FINISHED)
 
-    quiet = {"show_progress": "hidden", "api_visibility": "private", "queue": False}
-    for press in presses:
-        press.failure(show_refusal, ctx.session, status, **quiet)
-    status.change(show_next_steps, ctx.session, next_row, **quiet)
-    return {"refused": show_refusal, "next_steps": show_next_steps}
-
-
-EXPORT_KINDS = [("Checkpoint (.pth)", "checkpoint"), ("TorchScript (.pt)", "torchscript"), ("ONNX (.onnx)", "onnx")]
-
-
-def _wire_export(ctx: AppContext, kind, button, out):
-    """Export from the finish state (as from Compare → Run history): the run this tab shows, when
-    it finished, for its owner or the teacher (tab_compare.export_files checks)."""
     @safe
-    def export_finished(kind_value: str, session: dict, browser_id, request: gr.Request):
+    def export_finished(self, kind_value: str, session: dict, browser_id, request: gr.Request):
+        # Export from the finish state (as from Compare → Run history): the run this tab shows,
+        # when it finished, for its owner or the teacher (tab_compare.export_files checks). No
+        # docstring: it would be the endpoint's API description.
         from ui.tab_compare import export_files
-        job = ctx.manager.find((session or {}).get("job_id") or "")
+        job = self.ctx.manager.find((session or {}).get("job_id") or "")
         if job is None or job.status != ev.FINISHED:
             raise ConfigError("Export needs a finished run on this tab: train one first, or export an older run "
                               "from Compare → Run history.")
-        return export_files(ctx, job.job_id, kind_value, who_is(ctx, request, browser_id))
-
-    button.click(export_finished, [kind, ctx.session, ctx.browser_id], out, api_name="export_finished_run",
-                 concurrency_limit=2)
-    return export_finished
+        return export_files(self.ctx, job.job_id, kind_value, who_is(self.ctx, request, browser_id))
 
 
-def _wire_next_steps(ctx: AppContext) -> None:
-    """See results / Try it open the Evaluate / Predict tab (ids from ui/app.py) and refresh its run
-    list: a tab selected by the server gets no select event, which is what refreshes it on a click."""
-    tabs = ctx.shared.get("tabs")
-    if tabs is None:
-        return
-    _, see_results, try_it = ctx.shared["train_next"]
-    for button, tab_id, refresh in ((see_results, "evaluate", "eval_refresh"), (try_it, "predict", "predict_refresh")):
-        if refresh in ctx.shared:
-            fn, inputs, run = ctx.shared[refresh]
-            # One event selects the tab and sets its run list: a list refreshed by a second event
-            # while the tab was being shown kept the value it had before (seen in Chromium).
-            button.click(_open_tab(tab_id, fn), inputs, [tabs, run], api_visibility="private",
-                         show_progress="hidden")
-        else:
-            button.click(_open_tab(tab_id), None, tabs, api_visibility="private", show_progress="hidden", queue=False)
+@safe
+def _plateau_only(scheduler: str):
+    """The plateau schedule's patience is shown with that schedule only."""
+    return gr.update(visible=scheduler == "plateau")
 
 
 def _open_tab(tab_id: str, refresh_runs=None):
@@ -294,27 +192,165 @@ def _open_tab(tab_id: str, refresh_runs=None):
     else:
         def open_tab(session, current, browser_id, request: gr.Request):
             return gr.Tabs(selected=tab_id), refresh_runs(session, current, browser_id, request)
-    open_tab.__name__ = f"open_{tab_id}"
-    return open_tab
+    open_tab.__name__ = open_tab.__qualname__ = f"open_{tab_id}"
+    return safe(open_tab)
 
 
-def _refusal_kept_for_status(session_of, verb: str):
-    """Decorate a Start/Resume handler: errors become messages as with ``safe`` (API clients still
-    get the error), and the message is kept in the session as "<verb>: <message>" for the
-    ``.failure`` listener that writes it into the Status line; the toast then closes by itself."""
-    def decorate(fn):
-        guarded = safe(fn)
+# ---- layout --------------------------------------------------------------------------------
+def layout(ctx: AppContext) -> SimpleNamespace:
+    """The tab's widgets; ``settings``: the config widgets it binds, in order."""
+    w = SimpleNamespace()
+    bound_before = set(ctx.config_fields)
+    with gr.Row():
+        with gr.Column(scale=1, min_width=300):
+            gr.Markdown("### Hyper-parameters")
+            _main_settings(ctx, w)
+            with gr.Accordion("More settings", open=False):
+                _more_settings(ctx)
+        with gr.Column(scale=2):
+            _run_view(w)
+    w.settings = [x for x in ctx.config_fields if x not in bound_before]
+    w.timer = gr.Timer(POLL_S, active=False)
+    return w
 
-        @functools.wraps(fn)
-        def wrapper(values: dict, *args, **kwargs):
-            try:
-                return guarded(values, *args, **kwargs)
-            except gr.Error as err:
-                session_of(values)["refusal"] = f"{verb}: {err.message}"
-                err.duration = REFUSAL_TOAST_S
-                raise
-        return wrapper
-    return decorate
+
+def _main_settings(ctx: AppContext, w: SimpleNamespace) -> None:
+    with gr.Row():
+        bind(ctx, gr.Slider(1, 200, value=_D.epochs, step=1, label="Epochs", elem_id="epochs"), "epochs")
+        bind(ctx, gr.Dropdown([4, 8, 16, 32, 64, 128, 256, 512], value=_D.data.batch_size,
+                              label="Batch size", allow_custom_value=True, elem_id="batch_size"),
+             "data.batch_size", _whole_batch_size)
+    with gr.Row():
+        bind(ctx, gr.Dropdown(OPTIMIZERS.names(), value=_O.optimizer, label="Optimizer",
+                              elem_id="optimizer"), "optim.optimizer")
+        bind(ctx, gr.Number(_O.lr, label="Learning rate", minimum=0, elem_id="lr"), "optim.lr")
+    with gr.Row():
+        w.scheduler = bind(ctx, gr.Dropdown(list(SCHEDULERS), value=_O.scheduler, label="LR schedule",
+                                            elem_id="scheduler"), "optim.scheduler")
+        bind(ctx, gr.Number(_O.warmup_epochs, label="Warm-up epochs", precision=0, minimum=0),
+             "optim.warmup_epochs", int)
+        w.patience = bind(ctx, gr.Number(_O.plateau_patience, label="Plateau patience (epochs)", precision=0,
+                                         minimum=0, visible=_O.scheduler == "plateau",
+                                         elem_id="plateau_patience"), "optim.plateau_patience", int)
+
+
+def _more_settings(ctx: AppContext) -> None:
+    with gr.Row():
+        bind(ctx, gr.Number(_O.momentum, label="Momentum", minimum=0, maximum=0.999), "optim.momentum")
+        bind(ctx, gr.Checkbox(_O.nesterov, label="Nesterov"), "optim.nesterov")
+    with gr.Row():
+        bind(ctx, gr.Number(_O.weight_decay, label="Weight decay", minimum=0), "optim.weight_decay")
+        bind(ctx, gr.Number(_O.label_smoothing, label="Label smoothing", minimum=0, maximum=0.99),
+             "optim.label_smoothing")
+    with gr.Row():
+        bind(ctx, gr.Number(_O.accumulation_steps, label="Gradient accumulation (batches)",
+                            precision=0, minimum=1), "optim.accumulation_steps", int)
+        bind(ctx, gr.Number(0, label="Gradient clipping (max norm, 0 = off)", minimum=0),
+             "optim.grad_clip", none_if_empty, restore=lambda v: v or 0)
+    with gr.Row():
+        bind(ctx, gr.Dropdown(["none", "balanced"], value="none", label="Class weights"),
+             "optim.class_weights", lambda v: None if v == "none" else v,
+             restore=lambda v: "none" if v is None else v if v == "balanced" else gr.skip())
+        bind(ctx, gr.Number(0, label="Early stopping patience (0 = off)", precision=0, minimum=0),
+             "early_stopping_patience", lambda v: none_if_empty(int(v or 0)), restore=lambda v: v or 0)
+    with gr.Row():
+        bind(ctx, gr.Dropdown(["auto", "cpu", "cuda", "mps"], value=_D.device, label="Device",
+                              allow_custom_value=True, elem_id="device"), "device")
+        bind(ctx, gr.Dropdown(PRECISIONS.names(), value=_D.precision, label="Precision"), "precision")
+    with gr.Row():
+        bind(ctx, gr.Number(_D.seed, label="Seed", precision=0), "seed", int)
+        bind(ctx, gr.Checkbox(_D.deterministic, label="Deterministic"), "deterministic")
+    bind(ctx, gr.Radio(["auto", "on", "off"], value=_D.data.in_memory,
+                       label="Hold small datasets in memory (faster on CPU)"), "data.in_memory")
+    bind(ctx, gr.Checkbox(_D.tensorboard, label="TensorBoard log",
+                          info="also write a TensorBoard log in the run folder "
+                               "(then: tensorboard --logdir runs/)"), "tensorboard")
+
+
+def _run_view(w: SimpleNamespace) -> None:
+    """Start / Stop / Resume, the Status line, the finish row, progress, curves and log."""
+    with gr.Row():
+        w.start = gr.Button("Start training", variant="primary", elem_id="start_btn")
+        w.stop = gr.Button("Stop", variant="stop", elem_id="stop_btn")
+        w.resume = gr.Button("Resume last run", elem_id="resume_btn")
+    w.status = gr.Textbox(label="Status", interactive=False, elem_id="train_status",
+                          elem_classes="lab-status", value="Ready. Press Start to train.")
+    with gr.Row(visible=False, elem_id="train_next") as w.next_row:
+        w.see_results = gr.Button("See results", size="sm", elem_id="see_results_btn")
+        w.try_it = gr.Button("Try it", size="sm", elem_id="try_it_btn")
+        w.export_kind = gr.Dropdown(EXPORT_KINDS, value="checkpoint", show_label=False, container=False,
+                                    elem_id="finish_export_kind")
+        w.export_btn = gr.Button("Export", size="sm", elem_id="finish_export_btn")
+        w.export_out = gr.File(label="Exported files", file_count="multiple", interactive=False,
+                               elem_id="finish_export_files", height=140)   # a model and its .json
+    w.progress = gr.HTML(_progress_html(None), elem_id="train_progress")
+    w.curves = gr.Plot(None, label="Loss and accuracy", elem_id="train_curves")
+    w.log = gr.Textbox(label="Log (newest first)", lines=10, max_lines=14, interactive=False,
+                       elem_id="train_log", elem_classes="lab-log")
+
+
+# ---- wiring --------------------------------------------------------------------------------
+def build(ctx: AppContext) -> TrainTab:
+    w = layout(ctx)
+    tab = TrainTab(ctx, w.settings)
+    tab.w = w
+    wire(ctx, tab, w)
+    ctx.shared["train"] = tab   # on_load wires it to the page and to the Evaluate and Predict tabs
+    return tab
+
+
+def wire(ctx: AppContext, tab: TrainTab, w: SimpleNamespace) -> None:
+    quiet = {"show_progress": "hidden", "api_visibility": "private", "queue": False}
+    w.scheduler.change(_plateau_only, w.scheduler, w.patience, **quiet)
+    outputs = run_outputs(w)
+    w.export_btn.click(tab.export_finished, [w.export_kind, ctx.session, ctx.browser_id], w.export_out,
+                       api_name="export_finished_run", concurrency_limit=2)
+    inputs = ctx.field_widgets() | {ctx.session, ctx.browser_id}
+    started = w.start.click(tab.start_run, inputs=inputs, outputs=outputs, api_name="start_training",
+                            show_progress="hidden", concurrency_limit=None)
+    resumed = w.resume.click(tab.resume_run, inputs=inputs, outputs=outputs, api_name="resume_training",
+                             show_progress="hidden", concurrency_limit=None)
+    # A refused Start / Resume writes its refusal into the Status line; a new Status line shows or
+    # hides the finish row.
+    for press in (started, resumed):
+        press.failure(tab.show_refusal, ctx.session, w.status, **quiet)
+    w.status.change(tab.show_next_steps, ctx.session, w.next_row, **quiet)
+    w.stop.click(tab.stop_run, [ctx.session, ctx.browser_id], w.status, api_name="stop_training",
+                 show_progress="hidden", concurrency_limit=None)
+    w.timer.tick(tab.poll, [ctx.session, ctx.browser_id], outputs, api_name="poll_training",
+                 show_progress="hidden", queue=False)
+
+
+def run_outputs(w: SimpleNamespace) -> list:
+    """What a render of the run updates: Status, progress, curves, log and the poll timer."""
+    return [w.status, w.progress, w.curves, w.log, w.timer]
+
+
+def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
+    """After a reload: find this browser's latest job and start polling it again; and See results /
+    Try it open the Evaluate / Predict tab."""
+    tab = ctx.shared["train"]
+    # Runs after the browser id is known (BrowserState is restored on load).
+    ctx.browser_id.change(tab.reconnect, [ctx.session, ctx.browser_id], run_outputs(tab.w) + tab.settings,
+                          api_visibility="private", show_progress="hidden")
+    _wire_next_steps(ctx, tab.w)
+
+
+def _wire_next_steps(ctx: AppContext, w: SimpleNamespace) -> None:
+    """See results / Try it open the Evaluate / Predict tab (ids from ui/app.py) and refresh its run
+    list: a tab selected by the server gets no select event, which is what refreshes it on a click."""
+    tabs = ctx.shared.get("tabs")
+    if tabs is None:
+        return
+    for button, tab_id in ((w.see_results, "evaluate"), (w.try_it, "predict")):
+        other = ctx.shared.get(tab_id)   # the EvaluateTab / PredictTab, when the app has it
+        if other is not None:
+            # One event selects the tab and sets its run list: a list refreshed by a second event
+            # while the tab was being shown kept the value it had before (seen in Chromium).
+            button.click(_open_tab(tab_id, other.refresh_runs), [ctx.session, other.w.run, ctx.browser_id],
+                         [tabs, other.w.run], api_visibility="private", show_progress="hidden")
+        else:
+            button.click(_open_tab(tab_id), None, tabs, api_visibility="private", show_progress="hidden", queue=False)
 
 
 # ---- helpers -------------------------------------------------------------------------------
