@@ -60,7 +60,9 @@ def browser():
     sync_api = _require_browser()
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        # Chromium's fake camera (a test pattern) stands in for a webcam; it changes nothing else.
+        b = p.chromium.launch(executable_path=str(CHROMIUM),
+                              args=ARGS + ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
         yield b
         b.close()
 
@@ -252,6 +254,8 @@ def test_a_dataset_made_in_the_browser_trains(server, browser, size, tmp_path):
     shows_run(pg, "eval_run", server["label"](run_id))
     expect(pg.locator("#eval_summary")).to_contain_text("test images: accuracy", timeout=60_000)
     expect(pg.locator("#eval_confusion .heatmaplayer")).to_have_count(1, timeout=60_000)
+    # the matrix drawn on opening (another run's, 10 classes) is replaced by this run's
+    expect(pg.locator("#eval_confusion .xtick text")).to_have_count(len(BUILT_CLASSES), timeout=60_000)
     ticks = set(pg.locator("#eval_confusion .xtick text").all_text_contents())
     assert ticks == set(BUILT_CLASSES), ticks
     shot(pg, f"first-time-builder-evaluate-{size}")
@@ -259,31 +263,33 @@ def test_a_dataset_made_in_the_browser_trains(server, browser, size, tmp_path):
     pg.context.close()
 
 
-def test_a_webcam_shot_goes_into_the_chosen_class(server):
-    """Chromium's fake camera (a test pattern) stands in for the webcam: the shot is taken in the
-    page, added to the chosen class, and counted."""
-    sync_api = _require_browser()
+def test_a_webcam_shot_goes_into_the_chosen_class(server, browser):
+    """The webcam shot is taken in the page (Chromium's fake camera), added to the chosen class, and
+    counted."""
     from playwright.sync_api import expect
 
-    with sync_api.sync_playwright() as p:
-        cam = p.chromium.launch(executable_path=str(CHROMIUM),
-                                args=ARGS + ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
-        context = cam.new_context(viewport=SIZES["1280x800"], permissions=["camera"])
-        pg = context.new_page()
-        pg.goto(server["url"])
-        expect(pg.locator("#data_info")).to_contain_text("2,500 images", timeout=60_000)
-        pg.locator("#builder").get_by_text("Make your own dataset").click()
-        for cls in ("me", "not me"):
-            pg.locator("#builder_name").locator("input, textarea").fill(cls)
-            pg.locator("#builder_add").click()
-            expect(pg.locator("#builder_note")).to_contain_text(f"Added class {cls}", timeout=30_000)
-        expect(pg.locator("#builder_class input")).to_have_value("not me")
-        webcam = pg.locator("#builder_shot")
-        webcam.locator("[title='grant webcam access'] button").click()
-        webcam.locator("button[aria-label='capture photo']").click(timeout=30_000)
-        pg.locator("#builder_add_shot").click()
-        expect(pg.locator("#builder_note")).to_contain_text("Added 1 image(s) to not me", timeout=60_000)
-        expect(pg.locator("#builder_counts")).to_contain_text(re.compile(r"not me\s+1\b"))
-        shot(pg, "first-time-webcam-1280x800")
-        context.close()
-        cam.close()
+    context = browser.new_context(viewport=SIZES["1280x800"], permissions=["camera"])
+    pg = context.new_page()
+    pg.goto(server["url"])
+    expect(pg.locator("#data_info")).to_contain_text("2,500 images", timeout=60_000)
+    pg.locator("#builder").get_by_text("Make your own dataset").click()
+    for cls in ("me", "not me"):
+        pg.locator("#builder_name").locator("input, textarea").fill(cls)
+        pg.locator("#builder_add").click()
+        expect(pg.locator("#builder_note")).to_contain_text(f"Added class {cls}", timeout=30_000)
+    expect(pg.locator("#builder_class input")).to_have_value("not me")
+    webcam = pg.locator("#builder_shot")
+    webcam.locator("[title='grant webcam access'] button").click()
+    webcam.locator("button[aria-label='capture photo']").click(timeout=30_000)
+    # the shot is shown (and uploaded) before it can be added
+    expect(webcam.locator("img[src]:not(.hide)").first).to_be_visible(timeout=30_000)
+    pg.wait_for_timeout(500)
+    pg.locator("#builder_add_shot").click()
+    note = pg.locator("#builder_note")
+    try:
+        expect(note).to_contain_text("Added 1 image(s) to not me", timeout=60_000)
+    except AssertionError:
+        raise AssertionError(f"{note.inner_text()!r}; toasts: {pg.locator('.toast-body').all_inner_texts()}") from None
+    expect(pg.locator("#builder_counts")).to_contain_text(re.compile(r"not me\s+1\b"))
+    shot(pg, "first-time-webcam-1280x800")
+    context.close()

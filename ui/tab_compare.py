@@ -23,7 +23,7 @@ from core import compare, events as ev, export, identity, runs
 from core.errors import ConfigError, LabError
 from core.models import list_models
 from ui import plots, tab_evaluate
-from ui.common import AppContext, config_from_widgets, run_history, safe, who_is
+from ui.common import AppContext, Controller, config_from_widgets, run_history, safe, who_is
 
 POLL_S = 1.0
 DEFAULT_MODELS = ["tutorial_net", "resnet18"]
@@ -374,7 +374,7 @@ def default_picks(ctx: AppContext, who: identity.Who, session: dict | None, choi
 # ---------------------------------------------------------------------------------------------
 # The handlers: one controller per page (built once in ``build``; the tests call its methods)
 # ---------------------------------------------------------------------------------------------
-class CompareTab:
+class CompareTab(Controller):
     """The Compare tab's handlers over one AppContext. ``w`` are the tab's widgets once it is
     built (``train_all`` reads its inputs by widget); every other handler works without them.
 
@@ -383,11 +383,8 @@ class CompareTab:
     page sends back are checked against the history; nothing is taken as a path."""
 
     def __init__(self, ctx: AppContext, widgets: CompareWidgets | None = None):
-        self.ctx = ctx
+        super().__init__(ctx)   # each handler bound once (one concurrency group), a repr without ctx
         self.w = widgets
-
-    def __repr__(self) -> str:   # never ctx's: Gradio can put a callable's repr in the page config
-        return "CompareTab()"
 
     # ---- shared steps -------------------------------------------------------------------
     def _who(self, browser_id, request) -> identity.Who:
