@@ -1,7 +1,5 @@
 """The learning-rate range test (core/lrfinder.py): its suggestion against a sweep of fixed rates
 on a toy problem, and a model and optimiser left exactly as they were."""
-import contextlib
-
 import numpy as np
 import pytest
 import torch
@@ -11,16 +9,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from core import lrfinder
 from core.config import RunConfig
 from core.errors import ConfigError
+from tests.test_explain import one_thread
 
 
-@contextlib.contextmanager
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def blobs(n=2048):
