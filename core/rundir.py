@@ -337,8 +337,8 @@ def _card_started(card: dict, started: ev.RunStarted) -> None:
         try:
             import torch
             card["device_name"] = torch.cuda.get_device_name(torch.device(started.device))
-        except Exception:  # a name is a nicety
-            pass
+        except Exception:  # a name is a nicety: the card is written without it
+            log.warning("no CUDA device name for the card of %s", started.device, exc_info=True)
     card["dataset"].update({"classes": list(started.classes), "num_classes": len(started.classes),
                             "split_sizes": dict(started.split_sizes)})
     card["model"].update({"input_shape": list(started.input_shape), "params": started.params_total,

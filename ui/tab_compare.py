@@ -8,6 +8,7 @@ the "Runs compared" selection, so finished runs from the history can be mixed wi
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +25,8 @@ from core.errors import ConfigError, LabError
 from core.models import list_models
 from ui import plots, tab_evaluate
 from ui.common import AppContext, Controller, config_from_widgets, run_history, safe, who_is
+
+log = logging.getLogger(__name__)
 
 POLL_S = 1.0
 DEFAULT_MODELS = ["tutorial_net", "resnet18"]
@@ -193,8 +196,10 @@ def _estimate_memory_later(ctx: AppContext, run_ids: list[str]) -> bool:
                 for r in new:
                     try:
                         compare.leaderboard(h, [r], memory=True)
-                    except Exception:  # an estimate is a nicety; the column stays empty
-                        pass
+                    except LabError as err:   # a model the calculator cannot trace: the column stays empty
+                        log.info("no memory estimate for run %s: %s", r, err)
+                    except Exception:   # a bug: logged with its traceback, the column stays empty
+                        log.exception("memory estimate of run %s failed", r)
             finally:
                 with _MEMORY_LOCK:
                     _MEMORY_BUSY.difference_update(new)
