@@ -294,7 +294,7 @@ class RunHistory:
                 **filters) -> list[tuple[str, str]]:
         """(label, run id) pairs for a dropdown, newest first: the run's name as the label (never a
         folder), the id as the value. need: None, 'eval' or 'checkpoint'. With ``who``, only the
-        runs ``who`` may view (``private``: their own, or all for the teacher)."""
+        runs ``who`` may view (``private``: their own, or all for the teacher), theirs marked "· yours"."""
         df = self.list(**filters)
         if need == "eval":
             df = df[df["has_eval"] == 1]
@@ -309,6 +309,8 @@ class RunHistory:
                 label += f" · test {row['test_accuracy']:.1%}"
             elif row.get("status") != ev.FINISHED:
                 label += f" · {row.get('status')}"
+            if who is not None and as_text(row.get("owner")) == who.owner:
+                label += " · yours"   # in a class, thirty runs of the same model read alike
             out.append((label, row["run_id"]))
         seen = pd.Series([label for label, _ in out]).value_counts() if out else pd.Series(dtype=int)
         # Two runs that read the same (same model and minute) get the end of their ids to tell them apart.

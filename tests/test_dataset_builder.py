@@ -246,3 +246,17 @@ def test_close_keeps_a_zip_when_the_history_cannot_be_read_and_removes_all_when_
     assert b.close(broken) == [zipped] and zipped.is_file()
     root = b.root
     assert b.close(lambda path: False) == [] and not root.exists()
+
+
+def test_class_names_show_as_typed_in_the_note_never_as_html_or_markdown(tmp_path):
+    """A class name is the user's text: the note under the builder (Markdown, which would render an
+    <img> tag or **bold**) carries it escaped, so the page shows it literally."""
+    from ui import tab_data
+    from ui.common import AppContext
+
+    tab = tab_data.DataTab(AppContext(manager=None, data_dir=tmp_path, runs_dir=tmp_path / "runs"))
+    session = {}
+    name = "<img src=x onerror=alert(1)> **bold** _x_"
+    for note in (tab.builder_add_class(session, name)[3], tab.builder_remove(session, name)[2]):
+        assert "<img" not in note and "**bold**" not in note and " _x_" not in note, note
+        assert r"&lt;img src=x onerror=alert\(1\)&gt; \*\*bold\*\* \_x\_" in note, note

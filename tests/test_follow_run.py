@@ -273,3 +273,10 @@ def test_rename_is_followed_by_a_refresh_of_the_run_lists(lab):
     assert len(rename) == 1
     chained = [fn for fn in demo.fns.values() if fn.trigger_after == rename[0]._id and fn.trigger_only_on_success]
     assert any(lists <= {o._id for o in fn.outputs} for fn in chained)
+
+
+def test_a_browsers_own_runs_are_marked_yours_in_the_lists(runs):
+    ctx, a = runs["ctx"], runs["a"]
+    update = tab_evaluate.EvaluateTab(ctx).refresh_runs(a.session, None, a.token, a.request)
+    labels = {v: k for k, v in update.choices}
+    assert " · yours" in labels[runs["a1"]] and " · yours" not in labels[runs["b1"]], labels

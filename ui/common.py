@@ -4,7 +4,9 @@ and the error policy (a LabError becomes a readable message; nothing reaches the
 from __future__ import annotations
 
 import functools
+import html
 import inspect
+import re
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,6 +207,13 @@ def fmt_seconds(s: float | None) -> str:
         return "–"
     s = int(round(s))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def md_text(text) -> str:
+    """``text`` (a class or run name a user typed) as literal text inside Markdown: HTML tags and
+    Markdown marks show as typed instead of being rendered (``<img …>``, ``**bold**``)."""
+    escaped = html.escape(str(text), quote=False)
+    return re.sub(r"([\\`*_{}\[\]()#+!|~-])", r"\\\1", escaped)
 
 
 class Controller:

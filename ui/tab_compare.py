@@ -24,7 +24,7 @@ from core import compare, events as ev, export, identity, runs
 from core.errors import ConfigError, LabError
 from core.models import list_models
 from ui import plots, tab_evaluate
-from ui.common import AppContext, Controller, config_from_widgets, run_history, safe, who_is
+from ui.common import AppContext, Controller, md_text, config_from_widgets, run_history, safe, who_is
 
 log = logging.getLogger(__name__)
 
@@ -347,8 +347,8 @@ def pair_view(ctx: AppContext, run_a: str | None, run_b: str | None, normalize: 
     except LabError as err:
         return figs[0], figs[1], f"{whose}**Cannot compare:** {err}", empty
     a, b = reports
-    text = (f"{whose}**A** = {labels[0]} (accuracy {a.accuracy:.1%}, macro F1 {a.macro_f1:.3f}) · "
-            f"**B** = {labels[1]} (accuracy {b.accuracy:.1%}, macro F1 {b.macro_f1:.3f}). "
+    text = (f"{whose}**A** = {md_text(labels[0])} (accuracy {a.accuracy:.1%}, macro F1 {a.macro_f1:.3f}) · "
+            f"**B** = {md_text(labels[1])} (accuracy {b.accuracy:.1%}, macro F1 {b.macro_f1:.3f}). "
             "Rows: per-class recall, then the confusions that changed most (share of the true class, %).")
     table = pd.DataFrame({"kind": diff["kind"], "true class": diff["true class"],
                           "predicted class": diff["predicted class"], "A (%)": (diff["A"] * 100).round(1),

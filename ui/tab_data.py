@@ -14,7 +14,7 @@ from PIL import Image
 from core import builder, datasets, runs, transforms
 from core.config import DataConfig
 from ui import plots
-from ui.common import AppContext, Controller, bind, run_history, safe
+from ui.common import AppContext, Controller, bind, md_text, run_history, safe
 
 SOURCES = {  # label → core.datasets source kind
     "Embedded CIFAR-10 sample": "sample",
@@ -122,7 +122,7 @@ class DataTab(Controller):
     def builder_add_class(self, session, name):
         b = _builder(session)
         added = b.add_class(name)
-        return ("",) + _builder_view(b, added, f"Added class **{added}**.") + (session,)
+        return ("",) + _builder_view(b, added, f"Added class **{md_text(added)}**.") + (session,)
 
     @safe
     def builder_add_files(self, session, chosen, files):
@@ -130,13 +130,13 @@ class DataTab(Controller):
         values = files if isinstance(files, list) else ([files] if files else [])
         paths = [str(f) if isinstance(f, str) else str(f.name) for f in values]
         n = b.add_images(chosen, paths)  # Gradio's cache keeps each upload's own file name
-        return (None,) + _builder_view(b, chosen, f"Added {n} image(s) to **{chosen}**.") + (session,)
+        return (None,) + _builder_view(b, chosen, f"Added {n} image(s) to **{md_text(chosen)}**.") + (session,)
 
     @safe
     def builder_remove(self, session, chosen):
         b = _builder(session)
         b.remove_class(chosen)
-        return _builder_view(b, None, f"Removed class **{chosen}**.")
+        return _builder_view(b, None, f"Removed class **{md_text(chosen)}**.")
 
     @safe
     def builder_use(self, session, mode, val, test, seed, progress=gr.Progress()):

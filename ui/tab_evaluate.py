@@ -6,7 +6,6 @@ Also the run-list rule Evaluate, Predict and Compare share (``pick_value``, ``re
 ``follow_runs``) and ``whose_run``."""
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -15,7 +14,7 @@ import pandas as pd
 
 from core import identity, runrecord
 from ui import plots
-from ui.common import AppContext, Controller, run_history, safe, who_is
+from ui.common import AppContext, Controller, md_text, run_history, safe, who_is
 
 GALLERY_LIMIT = 24
 PER_CLASS_HEADERS = ["class", "precision", "recall", "f1", "support"]
@@ -44,11 +43,11 @@ class EvaluateTab(Controller):
         record = runrecord.load_run(history.run_dir(run_id), live_ids=set(ctx.manager.running()))
         report = record.report()
         if report is None:
-            return (f"{whose}Run {history.label(run_id)} has no test evaluation yet ({record.status}).",
+            return (f"{whose}Run {md_text(history.label(run_id))} has no test evaluation yet ({record.status}).",
                     plots.empty_figure("No evaluation yet"), pd.DataFrame(columns=PER_CLASS_HEADERS), [])
         split = record.eval.get("split", "test")
         topk = " · ".join(f"top-{k}: **{v:.1%}**" for k, v in sorted(report.topk.items()) if k != 1)
-        text = (f"{whose}**{history.label(run_id)}** — {record.config.model.name if record.config else '?'} on "
+        text = (f"{whose}**{md_text(history.label(run_id))}** — {record.config.model.name if record.config else '?'} on "
                 f"{report.num_samples} {split} images: accuracy **{report.accuracy:.1%}**"
                 f"{' · ' + topk if topk else ''} · macro F1 **{report.macro_f1:.3f}** · "
                 f"weighted F1 {report.weighted_f1:.3f}")
@@ -160,7 +159,7 @@ def whose_run(owner: str | None, who: identity.Who) -> str | None:
     if owner is None:
         return "This run was started on the server (from the command line), not in this browser."
     if owner.startswith("user:"):
-        name = re.sub(r"([\\`*_{}\[\]()<>#+!|~-])", r"\\\1", owner[len("user:"):])   # Markdown-safe
+        name = md_text(owner[len("user:"):])
         return f"This run was trained by {name}, not by you."
     return "This run was trained by another browser, not this one."
 
