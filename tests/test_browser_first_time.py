@@ -280,6 +280,9 @@ def test_a_webcam_shot_goes_into_the_chosen_class(server, browser):
     expect(pg.locator("#builder_class input")).to_have_value("not me")
     webcam = pg.locator("#builder_shot")
     webcam.locator("[title='grant webcam access'] button").click()
+    # the fake camera's stream plays before a shot is taken (a shot of no frame is no image)
+    pg.wait_for_function("() => { const v = document.querySelector('#builder_shot video');"
+                         " return v && v.readyState >= 2 && v.videoWidth > 0; }", timeout=30_000)
     webcam.locator("button[aria-label='capture photo']").click(timeout=30_000)
     # the shot is shown (and uploaded) before it can be added
     expect(webcam.locator("img[src]:not(.hide)").first).to_be_visible(timeout=30_000)
