@@ -36,7 +36,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt] if nxt in path else path + [nxt]
+                return path[path.index(nxt):] + [nxt]   # on the current path: the cycle closes here
             if nxt not in state:
                 found = visit(nxt, path + [nxt])
                 if found:

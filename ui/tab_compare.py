@@ -8,6 +8,7 @@ the "Runs compared" selection, so finished runs from the history can be mixed wi
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -366,7 +367,8 @@ def default_picks(ctx: AppContext, who: identity.Who, session: dict | None, choi
     else this browser's newest run). Run B keeps a pick other than A, else takes this browser's
     next newest evaluated run (after training again, A is the new run and B the one before);
     it is never filled with someone else's run by default."""
-    own = lambda: tab_evaluate.own_run_ids(_history(ctx), who)   # noqa: E731 (read only when needed)
+    # This browser's run ids: read from the history once, and only if a pick needs them.
+    own = functools.cache(lambda: tab_evaluate.own_run_ids(_history(ctx), who))
     a = tab_evaluate.pick_value(evaluated, _keep(a, evaluated), session, view="compare_a", own=own)
     b = _keep(b, evaluated)
     if b is None or b == a:
