@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -68,7 +70,8 @@ def open_image(image, mode: str) -> Image.Image:
 
 
 class Predictor:
-    """Top-k predictions with a trained checkpoint. Thread-safe for concurrent ``predict`` calls."""
+    """Top-k predictions with a trained checkpoint. Thread-safe for concurrent ``predict`` calls;
+    whatever puts hooks on ``model`` holds ``hooks_lock``."""
 
     def __init__(self, checkpoint: str | Path, device: str = "cpu"):
         self.path = Path(checkpoint)
@@ -96,6 +99,9 @@ class Predictor:
         # size must still reach the model at its input size (shorter side, then centre crop).
         self._resizes = any(step["name"] in ("Resize", "RandomResizedCrop")
                             for step in self.transform_state["eval_spec"])
+        # Held while hooks are on the model (Grad-CAM, feature maps): the model is shared by every
+        # browser through PredictorCache, and two requests' hooks on one module would mix.
+        self.hooks_lock = threading.Lock()
 
     def _fit(self, image: Image.Image) -> Image.Image:
         _, h, w = self.input_shape
@@ -181,3 +187,29 @@ class Predictor:
         if not files:
             raise DataError(f"No image files in {folder} (looked for {', '.join(sorted(datasets.IMAGE_EXTENSIONS))}).")
         return self.predict_many(files, names=[str(p.relative_to(folder)) for p in files], **kwargs)
+
+
+CACHE_SIZE = 4  # predictors kept in memory (one model each), shared by all browsers and views
+
+
+class PredictorCache:
+    """A few loaded models keyed by checkpoint path and modification time (a re-trained run reloads)."""
+
+    def __init__(self, size: int = CACHE_SIZE):
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> Predictor:
+        p = Path(path)
+        key = (str(p.resolve()), p.stat().st_mtime_ns if p.exists() else 0)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        predictor = Predictor(p)  # outside the lock: loading can take a second
+        with self._lock:
+            self._items[key] = predictor
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return predictor

@@ -236,3 +236,10 @@ class Controller:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}>"
+
+
+def predictors(ctx: AppContext):
+    """The server's one cache of loaded models (core.inference.PredictorCache), shared by every
+    view that runs a model on an image (Predict, Evaluate's heat-maps, Look inside)."""
+    from core.inference import PredictorCache
+    return ctx.shared.setdefault("predictors", PredictorCache())

@@ -4,8 +4,6 @@ uploaded checkpoint; example images one click away; several images at once as a 
 from __future__ import annotations
 
 import tempfile
-import threading
-from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,35 +12,11 @@ import pandas as pd
 
 from core import datasets, rundir
 from core.inference import TTA_CHOICES, Predictor, find_checkpoint
-from ui.common import ASSETS, TOAST_S, AppContext, Controller, run_history, safe, who_is
+from ui.common import ASSETS, TOAST_S, AppContext, Controller, predictors, run_history, safe, who_is
 from ui.tab_evaluate import follow_runs, refreshed_run_list, whose_run
 
 EXAMPLES = sorted(str(p) for p in (ASSETS / "examples").glob("*.jpg"))
-CACHE_SIZE = 4  # predictors kept in memory (one model each), shared by all browsers
 TABLE_COLUMNS = ["image", "prediction", "probability", "top_k", "error"]
-
-
-class PredictorCache:
-    """A few loaded models keyed by checkpoint path and modification time (a re-trained run reloads)."""
-
-    def __init__(self, size: int = CACHE_SIZE):
-        self.size = size
-        self._items: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, path: str) -> Predictor:
-        p = Path(path)
-        key = (str(p.resolve()), p.stat().st_mtime_ns if p.exists() else 0)
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        predictor = Predictor(p)  # outside the lock: loading can take a second
-        with self._lock:
-            self._items[key] = predictor
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-        return predictor
 
 
 FRIENDLY_IMAGE_CLASS = "lab-friendly-image"   # elem_classes marker of the image inputs patched below
@@ -99,7 +73,7 @@ class PredictTab(Controller):
 
     def __init__(self, ctx: AppContext):
         super().__init__(ctx)
-        self.cache = PredictorCache()
+        self.cache = predictors(ctx)
 
     def checkpoint_path(self, source_value: str, run_id: str | None, uploaded, browser_id, request) -> str:
         """The checkpoint to use: the uploaded file, or the best one of a run this caller may see."""
