@@ -18,6 +18,8 @@ API::
     feature_layers(model, input_shape) -> DataFrame[layer, type, channels, height, width]
     feature_maps(model, image_tensor, layer, max_channels=16) -> dict(layer, maps, channels, activity, grid)
     run_feature_maps(run_or_checkpoint, image, layer, max_channels=16) -> the same, plus "image"
+    run_feature_layers(run_or_checkpoint) -> feature_layers at the run's input size
+    (both take a Predictor too, and hold its hooks_lock while hooks are on its model)
 """
 from __future__ import annotations
 
@@ -90,7 +92,11 @@ def conv_kernels(run_or_checkpoint: str | Path, upscale: int = 6) -> dict[str, A
     ckpt_path, run_dir = _checkpoint_path(run_or_checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     name = models.first_conv_name(ckpt["config"]["model"]["name"])
-    trained = ckpt["model"][f"{name}.weight"].float().numpy()
+    weight = ckpt["model"].get(f"{name}.weight")
+    if weight is None or weight.ndim != 4:
+        raise ModelError(f"{ckpt['config']['model']['name']} has no convolution as its first layer "
+                         f"({name!r} holds no 4-D kernels), so there are no filters to show.")
+    trained = weight.float().numpy()
     initial = None
     init_path = run_dir / rundir.INITIAL_WEIGHTS if run_dir is not None else None
     if init_path is not None and init_path.is_file():
@@ -179,11 +185,21 @@ def feature_maps(model: nn.Module, image_tensor: torch.Tensor, layer: str, max_c
 
 
 def run_feature_maps(run_or_checkpoint, image, layer: str, max_channels: int = 16) -> dict[str, Any]:
-    """``feature_maps`` with a run's model (best.pth, else last.pth) on an image (PIL, path, bytes
-    or uint8 array), plus "image": the image as the model sees it; ``layer`` from
-    ``feature_layers(predictor.model, predictor.input_shape)``."""
+    """``feature_maps`` with a run's model (best.pth, else last.pth, or a loaded Predictor such as
+    the UI's shared one) on an image (PIL, path, bytes or uint8 array), plus "image": the image as
+    the model sees it; ``layer`` from ``run_feature_layers``. The hooks go on while
+    ``predictor.hooks_lock`` is held: a shared model's other users never see them."""
     predictor = explain.load_predictor(run_or_checkpoint)
     view, tensor = predictor.model_input(image)
-    result = feature_maps(predictor.model, tensor, layer, max_channels)
+    with predictor.hooks_lock:
+        result = feature_maps(predictor.model, tensor, layer, max_channels)
     result["image"] = view
     return result
+
+
+def run_feature_layers(run_or_checkpoint) -> pd.DataFrame:
+    """``feature_layers`` of a run's model (or a loaded Predictor) at its input size, its hooks on
+    only while ``predictor.hooks_lock`` is held."""
+    predictor = explain.load_predictor(run_or_checkpoint)
+    with predictor.hooks_lock:
+        return feature_layers(predictor.model, predictor.input_shape)

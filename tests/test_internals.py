@@ -86,3 +86,43 @@ def test_feature_maps_are_the_layers_activations_most_active_first(trained_run, 
     assert out["image"].size == view.size == (32, 32) and isinstance(out["grid"], Image.Image)
     with pytest.raises(ModelError, match="choose one of: conv1, conv2, pool"):
         internals.feature_maps(predictor.model, x, "fc1")
+
+
+class _RecordingLock:
+    """Stands in for Predictor.hooks_lock: says whether it is held right now."""
+
+    def __init__(self):
+        self.held = False
+
+    def __enter__(self):
+        assert not self.held
+        self.held = True
+
+    def __exit__(self, *exc):
+        self.held = False
+
+
+def test_feature_maps_and_layers_hold_the_shared_models_hooks_lock(trained_run, tiny_folder):
+    """A Predictor is shared by every browser (ui.common.predictors): the hooks that record a
+    layer's output go on only while its hooks_lock is held, and the lock is free again after."""
+    predictor = explain.load_predictor(trained_run)
+    predictor.hooks_lock = lock = _RecordingLock()
+    seen = []
+    predictor.model.conv1.register_forward_hook(lambda *_: seen.append(lock.held))
+    image_file = sorted((tiny_folder / "test" / "airplane").glob("*.jpg"))[0]
+    out = internals.run_feature_maps(predictor, image_file, "conv2", max_channels=3)
+    assert out["maps"].shape == (3, 10, 10)
+    table = internals.run_feature_layers(predictor)
+    assert table["layer"].tolist() == ["conv1", "conv2", "pool"]
+    assert seen == [True, True] and not lock.held
+    with pytest.raises(ModelError):
+        internals.run_feature_maps(predictor, image_file, "fc1")
+    assert not lock.held
+
+
+def test_a_checkpoint_without_first_conv_kernels_says_so(trained_run, tmp_path):
+    ckpt = load_checkpoint(rundir.checkpoint(trained_run))
+    del ckpt["model"]["conv1.weight"]
+    torch.save(ckpt, tmp_path / "no_conv.pth")
+    with pytest.raises(ModelError, match="no convolution as its first layer"):
+        internals.conv_kernels(tmp_path / "no_conv.pth")
