@@ -16,7 +16,7 @@ API::
     kernel_grid(weight, scale=None, upscale=6, pad=1) -> H×W×3 (or H×W×1) uint8 array
     conv_kernels(run_or_checkpoint) -> dict(layer, trained, initial, trained_grid, initial_grid, change)
     feature_layers(model, input_shape) -> DataFrame[layer, type, channels, height, width]
-    feature_maps(model, image_tensor, layer, max_channels=16) -> dict(layer, maps, channels, activity, grid)
+    feature_maps(model, image_tensor, layer, max_channels=16) -> dict(layer, maps, channels, activity, total, grid)
     run_feature_maps(run_or_checkpoint, image, layer, max_channels=16) -> the same, plus "image"
     run_feature_layers(run_or_checkpoint) -> feature_layers at the run's input size
     (both take a Predictor too, and hold its hooks_lock while hooks are on its model)
@@ -164,7 +164,7 @@ def feature_maps(model: nn.Module, image_tensor: torch.Tensor, layer: str, max_c
     """The activations of ``layer`` for one normalised C×H×W image, most active channels first.
 
     Returns {"layer", "maps": K×h×w float32 array (K ≤ max_channels), "channels": their channel
-    numbers, "activity": their mean |activation|, "grid": PIL image of the maps, each scaled to its
+    numbers, "activity": their mean |activation|, "total": the layer's channel count, "grid": PIL image of the maps, each scaled to its
     own range (white = its highest value)}. An unknown or non-map layer raises ModelError listing
     the choices."""
     x = torch.as_tensor(image_tensor).float()
@@ -181,7 +181,7 @@ def feature_maps(model: nn.Module, image_tensor: torch.Tensor, layer: str, max_c
     maps = acts[order]
     upscale = upscale or max(1, 64 // max(maps.shape[1:]))
     return {"layer": layer, "maps": maps, "channels": order.tolist(), "activity": activity[order],
-            "grid": _to_image(_tile(_map_tiles(maps, upscale), pad=2))}
+            "total": int(acts.shape[0]), "grid": _to_image(_tile(_map_tiles(maps, upscale), pad=2))}
 
 
 def run_feature_maps(run_or_checkpoint, image, layer: str, max_channels: int = 16) -> dict[str, Any]:

@@ -78,7 +78,7 @@ def test_feature_maps_are_the_layers_activations_most_active_first(trained_run, 
     out = internals.run_feature_maps(trained_run, image_file, "conv1", max_channels=4)
     conv = predictor.model.conv1
     expected = F.conv2d(x[None], conv.weight, conv.bias)[0].detach().numpy()
-    assert out["maps"].shape == (4, 28, 28) and len(out["channels"]) == 4
+    assert out["maps"].shape == (4, 28, 28) and len(out["channels"]) == 4 and out["total"] == 6
     assert np.allclose(out["maps"], expected[out["channels"]], atol=1e-5)
     activity = np.abs(expected).mean(axis=(1, 2))
     assert out["channels"] == np.argsort(-activity)[:4].tolist()

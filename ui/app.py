@@ -15,7 +15,7 @@ import gradio as gr
 
 from core import identity
 from core.runs import RunHistory
-from ui import tab_compare, tab_data, tab_evaluate, tab_memory, tab_model, tab_predict, tab_train
+from ui import tab_compare, tab_data, tab_evaluate, tab_inside, tab_memory, tab_model, tab_predict, tab_train
 from ui.common import AppContext, Controller, safe
 
 TITLE = "Classifier Lab"
@@ -53,6 +53,8 @@ CSS = """
 #eval_errors .caption-label { white-space: normal; max-width: calc(100% - 8px); left: 4px; right: 4px;
   text-align: center; line-height: 1.25; }
 #predict_image img { min-width: 60%; max-height: 100%; object-fit: contain; image-rendering: pixelated; }
+/* Look inside: 5×5 filters and 10×10 feature maps shown large stay crisp squares, not blurs. */
+.lab-pixelated img { image-rendering: pixelated; object-fit: contain; }
 #projector_toggle { max-width: 24em; margin: 0 auto 0 0 !important; }
 /* Projector mode (the header's toggle, remembered in this browser): the full width of a 1920-px
    screen, larger type, help text as dark as the rest, labels that wrap instead of being clipped. */
@@ -82,7 +84,7 @@ PROJECTOR_RESTORE_JS = (f"() => {{ let on = false; try {{ on = localStorage.getI
 # (label, module): each module's build(ctx) lays out and wires its tab, on_load(ctx, demo) adds the
 # page-load events (after every tab is built, so a tab can link to those after it).
 TABS = [("Data", tab_data), ("Model", tab_model), ("Memory", tab_memory), ("Train", tab_train),
-        ("Evaluate", tab_evaluate), ("Compare", tab_compare), ("Predict", tab_predict)]
+        ("Evaluate", tab_evaluate), ("Look inside", tab_inside), ("Compare", tab_compare), ("Predict", tab_predict)]
 
 
 class PageHandlers(Controller):
@@ -130,7 +132,8 @@ def build_app(manager, data_dir: str | Path = "data", runs_dir: str | Path = "ru
         ctx.shared["tab"] = {}
         with gr.Tabs(elem_id="lab-tabs") as ctx.shared["tabs"]:
             for label, module in TABS:
-                with gr.Tab(label, id=label.lower(), elem_id=f"tab-{label.lower()}") as tab:
+                slug = label.lower().replace(" ", "-")   # "Look inside" → id look-inside, #tab-look-inside
+                with gr.Tab(label, id=slug, elem_id=f"tab-{slug}") as tab:
                     ctx.shared["tab"][label] = tab
                     module.build(ctx)
         demo.load(page.ensure_token, ctx.browser_id, ctx.browser_id, api_visibility="private")

@@ -677,3 +677,53 @@ __all__ = [
     "memory_breakdown", "memory_per_layer", "run_colors", "run_symbols", "topk_bar",
     "training_curves",
 ]
+
+
+# ---- Look inside
+GRAD_COLORS = "Viridis"   # first layer dark purple … last layer yellow: depth reads as colour
+BAND_COLOR = "0, 114, 178"   # Okabe–Ito blue as r, g, b (the bands are shades of it)
+
+
+def _depth_colors(n: int) -> list[str]:
+    from plotly.colors import sample_colorscale
+    return sample_colorscale(GRAD_COLORS, [0.85 * k / max(1, n - 1) for k in range(n)])
+
+
+def gradient_and_weights(frame: pd.DataFrame | None, layer: str | None,
+                         title: str = "Weights and gradients across epochs") -> go.Figure:
+    """Two panels over epochs from ``core.gradstats.read_distributions``: on top the gradient norm
+    of every layer's weights (one line each, first layer dark → last layer yellow, log scale);
+    below, the weights of ``layer`` as bands (5–95 %, 25–75 %) around their median."""
+    if _is_empty(frame):
+        return empty_figure("No distributions recorded for this run", title)
+    weights = frame[frame["layer"].str.endswith("weight")]
+    weights = weights if not weights.empty else frame
+    names = list(dict.fromkeys(weights["layer"]))
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12, subplot_titles=(
+        "Gradient size of each layer (log scale)", f"Weights of {layer or '–'}: median, middle 50 % and 90 %"))
+    for name, color in zip(names, _depth_colors(len(names))):
+        rows = weights[(weights["layer"] == name) & weights["grad_norm"].gt(0)]
+        fig.add_trace(go.Scatter(x=rows["epoch"], y=rows["grad_norm"], name=name.removesuffix(".weight"),
+                                 mode="lines+markers", line=dict(color=color, width=2), legendgroup="grad",
+                                 hovertemplate=f"<b>{name}</b><br>epoch %{{x}}<br>gradient norm %{{y:.3g}}"
+                                               "<extra></extra>"), row=1, col=1)
+    band = frame[frame["layer"] == layer].sort_values("epoch")
+    for lo, hi, alpha, label in (("q05", "q95", 0.18, "5–95 %"), ("q25", "q75", 0.38, "25–75 %")):
+        fig.add_trace(go.Scatter(x=band["epoch"], y=band[lo], mode="lines", line=dict(width=0),
+                                 showlegend=False, hoverinfo="skip"), row=2, col=1)
+        fig.add_trace(go.Scatter(x=band["epoch"], y=band[hi], mode="lines", line=dict(width=0), fill="tonexty",
+                                 fillcolor=f"rgba({BAND_COLOR}, {alpha})", name=f"weights {label}",
+                                 legendgroup="band", hoverinfo="skip"), row=2, col=1)
+    fig.add_trace(go.Scatter(x=band["epoch"], y=band["median"], mode="lines+markers", name="weights median",
+                             line=dict(color=f"rgb({BAND_COLOR})", width=3), legendgroup="band",
+                             customdata=band[["q05", "q25", "q75", "q95"]].to_numpy(),
+                             hovertemplate="epoch %{x}<br>median %{y:.3g}<br>25–75 %: %{customdata[1]:.3g} … "
+                                           "%{customdata[2]:.3g}<br>5–95 %: %{customdata[0]:.3g} … "
+                                           "%{customdata[3]:.3g}<extra></extra>"), row=2, col=1)
+    fig.update_yaxes(type="log", title_text="gradient norm", row=1, col=1)
+    fig.update_yaxes(title_text="weight value", zeroline=True, row=2, col=1)
+    fig.update_xaxes(title_text="epoch", dtick=1, row=2, col=1)
+    fig.update_xaxes(dtick=1, row=1, col=1)
+    fig = _style(fig, title, height=720, legend=len(names) <= 12)
+    fig.update_layout(legend=dict(orientation="v", x=1.02, xanchor="left", y=1, yanchor="top"))
+    return fig
