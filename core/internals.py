@@ -14,7 +14,8 @@ its last call). Channels are ranked by their mean absolute activation, most acti
 API::
 
     kernel_grid(weight, scale=None, upscale=6, pad=1) -> H×W×3 (or H×W×1) uint8 array
-    conv_kernels(run_or_checkpoint) -> dict(layer, trained, initial, trained_grid, initial_grid, change)
+    conv_kernels(run_or_checkpoint, upscale=6 | None for auto_upscale) -> dict(layer, trained, initial,
+        trained_grid, initial_grid, change)
     feature_layers(model, input_shape) -> DataFrame[layer, type, channels, height, width]
     feature_maps(model, image_tensor, layer, max_channels=16) -> dict(layer, maps, channels, activity, total, grid)
     run_feature_maps(run_or_checkpoint, image, layer, max_channels=16) -> the same, plus "image"
@@ -82,13 +83,24 @@ def _checkpoint_path(run_or_checkpoint: str | Path) -> tuple[Path, Path | None]:
     return path, (path.parent if rundir.is_run_dir(path.parent) else None)
 
 
-def conv_kernels(run_or_checkpoint: str | Path, upscale: int = 6) -> dict[str, Any]:
+KERNEL_GRID_WIDTH = 1000   # px: conv_kernels(upscale=None) enlarges the kernels up to about this width
+
+
+def auto_upscale(filters: int, kernel_width: int, width: int = KERNEL_GRID_WIDTH, most: int = 6) -> int:
+    """How much to enlarge each kernel pixel so that a grid of ``filters`` kernels (⌈√filters⌉ a
+    row) stays about ``width`` pixels wide: 6 for a small net's 5×5 filters, 2 for a ViT's 768
+    patch filters of 16×16, never under 1."""
+    cols = max(1, math.ceil(math.sqrt(filters)))
+    return max(1, min(most, width // (cols * (kernel_width + 1))))
+
+
+def conv_kernels(run_or_checkpoint: str | Path, upscale: int | None = 6) -> dict[str, Any]:
     """The first conv layer's kernels of a run (best.pth, else last.pth) beside their initial values.
 
     Returns {"layer": its name, "trained": O×C×kh×kw float32 array (the checkpoint's), "initial":
     the same before training (from initial.pth) or None, "trained_grid" / "initial_grid": PIL
     images on one shared scale, "change": per-filter L2 distance trained − initial (None without
-    initial)}."""
+    initial)}. ``upscale`` None: ``auto_upscale`` (the grid about KERNEL_GRID_WIDTH pixels wide)."""
     ckpt_path, run_dir = _checkpoint_path(run_or_checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     name = models.first_conv_name(ckpt["config"]["model"]["name"])
@@ -105,6 +117,7 @@ def conv_kernels(run_or_checkpoint: str | Path, upscale: int = 6) -> dict[str, A
             initial = saved["weight"].float().numpy()
         else:
             log.warning("%s of run %s does not match its checkpoint; ignored", rundir.INITIAL_WEIGHTS, run_dir.name)
+    upscale = upscale or auto_upscale(trained.shape[0], trained.shape[3])
     scale = float(max(np.abs(trained).max(), np.abs(initial).max() if initial is not None else 0.0)) or 1.0
     return {"layer": name, "trained": trained, "initial": initial,
             "trained_grid": _to_image(kernel_grid(trained, scale, upscale)),

@@ -126,3 +126,12 @@ def test_a_checkpoint_without_first_conv_kernels_says_so(trained_run, tmp_path):
     torch.save(ckpt, tmp_path / "no_conv.pth")
     with pytest.raises(ModelError, match="no convolution as its first layer"):
         internals.conv_kernels(tmp_path / "no_conv.pth")
+
+
+def test_auto_upscale_keeps_big_kernel_grids_projector_sized(trained_run):
+    assert internals.auto_upscale(6, 5) == 6                  # the tutorial net: as large as before
+    assert internals.auto_upscale(64, 7) == 6                 # ResNet's 64 filters of 7×7: 8 × 8 × 6 px
+    assert internals.auto_upscale(768, 16) == 2               # a ViT's patch embedding
+    assert internals.auto_upscale(10_000, 32) == 1
+    auto = internals.conv_kernels(trained_run, upscale=None)
+    assert auto["trained_grid"].size == internals.conv_kernels(trained_run)["trained_grid"].size

@@ -722,8 +722,9 @@ def gradient_and_weights(frame: pd.DataFrame | None, layer: str | None,
                                            "%{customdata[3]:.3g}<extra></extra>"), row=2, col=1)
     fig.update_yaxes(type="log", title_text="gradient norm", row=1, col=1)
     fig.update_yaxes(title_text="weight value", zeroline=True, row=2, col=1)
-    fig.update_xaxes(title_text="epoch", dtick=1, row=2, col=1)
-    fig.update_xaxes(dtick=1, row=1, col=1)
+    few = frame["epoch"].nunique() <= 20   # a tick per epoch while they fit
+    fig.update_xaxes(title_text="epoch", dtick=1 if few else None, row=2, col=1)
+    fig.update_xaxes(dtick=1 if few else None, row=1, col=1)
     fig = _style(fig, title, height=720, legend=len(names) <= 12)
     fig.update_layout(legend=dict(orientation="v", x=1.02, xanchor="left", y=1, yanchor="top"))
     return fig

@@ -109,7 +109,7 @@ class InsideTab(Controller):
 def kernels_view(run_dir) -> tuple:
     """(trained grid, initial grid or None, note) of a run's first-layer filters, in plain words."""
     try:
-        k = internals.conv_kernels(run_dir)
+        k = internals.conv_kernels(run_dir, upscale=None)
     except ModelError as err:
         return None, None, f"ℹ️ {err}"
     out_ch, in_ch, kh, kw = k["trained"].shape
