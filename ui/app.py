@@ -52,9 +52,10 @@ CSS = """
 /* Mistake captions ("automobile → truck 51%") wrap inside the thumbnail instead of ending in "…". */
 #eval_errors .caption-label { white-space: normal; max-width: calc(100% - 8px); left: 4px; right: 4px;
   text-align: center; line-height: 1.25; }
-#predict_image img { min-width: 60%; max-height: 100%; object-fit: contain; image-rendering: pixelated; }
+#predict_image img, #inside_image img { min-width: 60%; max-height: 100%; object-fit: contain;
+  image-rendering: pixelated; }
 /* Look inside: 5×5 filters and 10×10 feature maps shown large stay crisp squares, not blurs. */
-.lab-pixelated img { image-rendering: pixelated; object-fit: contain; }
+.lab-pixelated img { image-rendering: pixelated; object-fit: contain; padding-top: 36px; box-sizing: border-box; }
 #projector_toggle { max-width: 24em; margin: 0 auto 0 0 !important; }
 /* Projector mode (the header's toggle, remembered in this browser): the full width of a 1920-px
    screen, larger type, help text as dark as the rest, labels that wrap instead of being clipped. */

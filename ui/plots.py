@@ -726,5 +726,6 @@ def gradient_and_weights(frame: pd.DataFrame | None, layer: str | None,
     fig.update_xaxes(title_text="epoch", dtick=1 if few else None, row=2, col=1)
     fig.update_xaxes(dtick=1 if few else None, row=1, col=1)
     fig = _style(fig, title, height=720, legend=len(names) <= 12)
-    fig.update_layout(legend=dict(orientation="v", x=1.02, xanchor="left", y=1, yanchor="top"))
+    # "normal": first layer first (plotly reverses a legend holding filled areas by default)
+    fig.update_layout(legend=dict(orientation="v", x=1.02, xanchor="left", y=1, yanchor="top", traceorder="normal"))
     return fig

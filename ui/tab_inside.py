@@ -30,6 +30,8 @@ HOW_TO_RECORD = ("To record them, tick **'Record weight and gradient distributio
                  "the Train tab before training; it costs about 1 % of training time.")
 STATUS_WORDS = {"ok": "✅ **Healthy gradients.**", "vanishing": "⚠️ **Vanishing gradients.**",
                 "exploding": "⚠️ **Exploding gradients.**", "no data": "ℹ️ **No gradients recorded.**"}
+BARELY_CHANGED = ("They barely changed: normal when training started from pretrained weights or has just begun; "
+                  "otherwise try more epochs or a higher learning rate.")
 MAPS_LIMIT = {"concurrency_limit": 2, "concurrency_id": "inside_model"}   # model loads and forward passes
 
 
@@ -125,8 +127,7 @@ def kernels_view(run_dir) -> tuple:
     rel = float(np.mean(k["change"] / np.maximum(start, 1e-12)))
     most = int(np.argmax(k["change"]))
     note += (f"\n\nTraining changed each filter by **{rel:.0%}** of its starting size on average "
-             f"(filter {most + 1} the most). " + ("Barely changed: this layer has hardly learned — more epochs "
-                                                  "or a higher learning rate?" if rel < 0.02 else ""))
+             f"(filter {most + 1} the most). " + (BARELY_CHANGED if rel < 0.02 else ""))
     return k["trained_grid"], k["initial_grid"], note.strip()
 
 
