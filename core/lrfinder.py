@@ -17,8 +17,10 @@ trace.
 API::
 
     lr_range_test(model, loader, optimizer, loss_fn=None, *, start_lr=1e-7, end_lr=10, steps=100,
-                  beta=0.98, diverge=4.0, device="cpu") -> LRFinderResult
-    find_lr(config, data_dir=..., steps=100, start_lr=1e-7, end_lr=10) -> LRFinderResult   # a RunConfig's data and model
+                  beta=0.98, diverge=4.0, device="cpu", on_step=None) -> LRFinderResult
+    find_lr(config, data_dir=..., steps=100, start_lr=1e-7, end_lr=10, on_step=None) -> LRFinderResult
+        # a RunConfig's data and a fresh model built from it (thrown away afterwards)
+    on_step(done, steps): called after each step (a progress bar)
     LRFinderResult: curve (DataFrame[step, lr, loss, smoothed]), suggestion, min_over_10, method,
                     stopped_early, caveat; .to_dict()
 """
@@ -29,7 +31,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -42,6 +44,7 @@ from core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
+MAX_STEPS = 500      # a range test is a quick look: more steps is a training run (and may be asked through the API)
 SKIP_START = 0.1     # the first 10 % of the curve is ignored for the suggestion (the average warms up)
 CAVEAT = ("A rule of thumb, not an optimum: the suggestion is where the loss fell fastest during "
           "{steps} steps from these weights with this batch size. A schedule, a longer run or another "
@@ -92,14 +95,19 @@ def _check_range(start_lr: float, end_lr: float, steps: int) -> None:
         raise ConfigError(f"The learning-rate finder needs 0 < start rate < end rate; got {start_lr:g} and {end_lr:g}.")
     if steps < 10:
         raise ConfigError(f"The learning-rate finder needs at least 10 steps, got {steps}.")
+    if steps > MAX_STEPS:
+        raise ConfigError(f"The learning-rate finder takes at most {MAX_STEPS} steps, got {steps}: "
+                          "to train longer, start a run.")
 
 
 def lr_range_test(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_fn: nn.Module | None = None, *,
                   start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100, beta: float = 0.98,
-                  diverge: float = 4.0, device: str | torch.device = "cpu") -> LRFinderResult:
+                  diverge: float = 4.0, device: str | torch.device = "cpu",
+                  on_step: Callable[[int, int], None] | None = None) -> LRFinderResult:
     """Run the range test on ``model`` with ``optimizer`` over ``loader``'s (x, y) batches (see the
     module docstring). Parameter groups keep their ratios to the first group, whose rate is the
-    one reported. Weights, optimiser state, RNG states and train mode are restored afterwards."""
+    one reported. Weights, optimiser state, RNG states and train mode are restored afterwards.
+    ``on_step(done, steps)`` is called after each step."""
     _check_range(start_lr, end_lr, steps)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     device = torch.device(device)
@@ -126,6 +134,8 @@ def lr_range_test(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lo
                 stopped = True
                 break
             rows.append((i + 1, lr, value, smoothed))
+            if on_step is not None:
+                on_step(i + 1, steps)
             best = min(best, smoothed)
             if i > 0 and smoothed > diverge * best:
                 stopped = True
@@ -143,9 +153,11 @@ def lr_range_test(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lo
 
 
 def find_lr(config, data_dir: str | Path = datasets.DEFAULT_DATA_DIR, steps: int = 100,
-            start_lr: float = 1e-7, end_lr: float = 10.0) -> LRFinderResult:
-    """The range test for a RunConfig: its data, model (pretrained, frozen as configured), optimiser
-    and loss, on its training split with its augmentation. Nothing is written anywhere."""
+            start_lr: float = 1e-7, end_lr: float = 10.0,
+            on_step: Callable[[int, int], None] | None = None) -> LRFinderResult:
+    """The range test for a RunConfig: its data, a fresh model built from it (pretrained, frozen as
+    configured), optimiser and loss, on its training split with its augmentation. The model is
+    thrown away afterwards (its CUDA memory given back) and nothing is written anywhere."""
     from core import trainer   # here: the trainer is only needed for this entry point
 
     prep = trainer.prepare(config, data_dir=data_dir)
@@ -155,5 +167,10 @@ def find_lr(config, data_dir: str | Path = datasets.DEFAULT_DATA_DIR, steps: int
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(1, 0)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
-    return lr_range_test(model, loader, optimizer, loss_fn, start_lr=start_lr, end_lr=end_lr, steps=steps,
-                         device=prep.device)
+    try:
+        return lr_range_test(model, loader, optimizer, loss_fn, start_lr=start_lr, end_lr=end_lr, steps=steps,
+                             device=prep.device, on_step=on_step)
+    finally:
+        del prep, model, optimizer, loader
+        if torch.cuda.is_initialized():   # never start CUDA in this process just to clean up
+            torch.cuda.empty_cache()   # the training runs (other processes) may use it again

@@ -102,3 +102,15 @@ def test_bad_ranges_are_refused():
         lrfinder.lr_range_test(model, [], opt, start_lr=1.0, end_lr=0.1)
     with pytest.raises(ConfigError, match="at least 10 steps"):
         lrfinder.lr_range_test(model, [], opt, steps=3)
+    with pytest.raises(ConfigError, match=f"at most {lrfinder.MAX_STEPS} steps"):
+        lrfinder.lr_range_test(model, [], opt, steps=lrfinder.MAX_STEPS + 1)
+
+
+def test_each_step_is_reported_and_a_diverged_run_stops_reporting():
+    with one_thread():
+        x, y = blobs(256)
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        seen = []
+        result = lrfinder.lr_range_test(model, loader(x, y), opt, steps=60, on_step=lambda i, n: seen.append((i, n)))
+    assert seen == [(i, 60) for i in range(1, len(result.curve) + 1)]

@@ -729,3 +729,37 @@ def gradient_and_weights(frame: pd.DataFrame | None, layer: str | None,
     # "normal": first layer first (plotly reverses a legend holding filled areas by default)
     fig.update_layout(legend=dict(orientation="v", x=1.02, xanchor="left", y=1, yanchor="top", traceorder="normal"))
     return fig
+
+# ---- LR finder
+LR_RAW_COLOR = "rgba(0, 114, 178, 0.3)"    # Okabe–Ito blue, faint: the loss of each step
+LR_SMOOTH_COLOR = "#0072B2"
+LR_SUGGESTION_COLOR = "#D55E00"
+
+
+def lr_finder_curve(curve: pd.DataFrame | None, suggestion: float | None = None,
+                    title: str = "Loss while the learning rate rises") -> go.Figure:
+    """The learning-rate range test (core.lrfinder): the loss of each step (faint) and its smoothed
+    curve (bold) against the rate on a log axis, the suggested rate marked by a dashed line.
+    ``curve``: DataFrame[step, lr, loss, smoothed]. The y axis stops a little above the smoothed
+    curve: the last steps of a diverging run would squash the rest."""
+    if _is_empty(curve):
+        return empty_figure("No learning-rate test yet — press Find a learning rate", title)
+    lr, raw, smooth = (curve[c].to_numpy(dtype=float) for c in ("lr", "loss", "smoothed"))
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=lr, y=raw, name="loss of each step", mode="lines",
+                             line=dict(color=LR_RAW_COLOR, width=1.5),
+                             hovertemplate="rate %{x:.3g}<br>loss %{y:.4f}<extra>step</extra>"))
+    fig.add_trace(go.Scatter(x=lr, y=smooth, name="smoothed loss", mode="lines",
+                             line=dict(color=LR_SMOOTH_COLOR, width=3.5),
+                             hovertemplate="rate %{x:.3g}<br>smoothed loss %{y:.4f}<extra></extra>"))
+    if suggestion is not None:
+        at = float(np.interp(np.log(suggestion), np.log(lr), smooth))
+        fig.add_vline(x=suggestion, line=dict(color=LR_SUGGESTION_COLOR, width=2, dash="dash"))
+        fig.add_trace(go.Scatter(x=[suggestion], y=[at], name=f"suggested rate {suggestion:.3g}", mode="markers",
+                                 marker=dict(color=LR_SUGGESTION_COLOR, size=13, symbol="diamond"),
+                                 hovertemplate="suggested rate %{x:.3g}<extra></extra>"))
+    low, high = float(np.nanmin([raw.min(), smooth.min()])), float(smooth.max())
+    pad = 0.15 * max(high - low, 1e-6)
+    fig.update_xaxes(type="log", title_text="learning rate (log scale)", exponentformat="power")
+    fig.update_yaxes(title_text="training loss", range=[low - pad, high + pad])
+    return _style(fig, title, height=340)

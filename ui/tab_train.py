@@ -9,8 +9,10 @@ page reconnects to it through the browser id (or the login name with --auth).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
+import re
 import statistics
 import time
 from pathlib import Path
@@ -19,15 +21,15 @@ from types import SimpleNamespace
 import gradio as gr
 import pandas as pd
 
-from core import events as ev, rundir, runrecord
+from core import events as ev, lrfinder, rundir, runrecord, stats
 from core.choices import OPTIMIZERS, PRECISIONS
 from core.config import SCHEDULERS, OptimConfig, RunConfig
 from core.errors import ConfigError, LabError
 from core.identity import can_view, require_change
 from core.resume import Wording, plan_resume
 from ui import plots
-from ui.common import (AppContext, Controller, bind, config_from_widgets, fmt_seconds, none_if_empty, safe,
-                       who_is, widget_updates)
+from ui.common import (AppContext, Controller, bind, config_from_widgets, fmt_seconds, md_text, none_if_empty,
+                       safe, who_is, widget_updates)
 
 POLL_S = 1.0  # the issue asks for plots that update at least every 2 s; the notes advise ≤ 4 Hz
 NEXT_STEPS = "Next: see the results on Evaluate, try it on Predict, export it below (or later from Compare → Run history)."
@@ -39,6 +41,15 @@ EVAL_COST = 0.35
 RECENT_EPOCHS = 5
 RECENT_REPORTS = 100   # BatchEnded come at most ~4 a second: about the last half minute of batches
 _D, _O = RunConfig(), OptimConfig()
+# The learning-rate finder trains in the server process (a few seconds to a minute): a fixed number
+# of steps, one finder at a time (concurrency_id "lr_finder"), and the memory check of a run first.
+LR_FINDER_STEPS = 100
+LR_FINDER_HELP = ("Not sure which learning rate? **Find a learning rate** trains a throw-away copy of the "
+                  f"model for about {LR_FINDER_STEPS} batches while the rate rises from 0.0000001 to 10, "
+                  "and suggests the rate where the loss fell fastest.")
+RECORD_HELP = ("Once per epoch, the spread of every layer's weights and the size of its gradients, for "
+               "the Look inside tab. Costs under 1 % of the training time (measured: 3 ms more on a "
+               "0.3 s tutorial-net epoch, 0.2 s more on a 44 s ResNet-18 epoch).")
 
 
 def _keeps_refusal(verb: str):
@@ -72,9 +83,7 @@ class TrainTab(Controller):
     def start_run(self, values: dict, request: gr.Request):
         ctx = self.ctx
         session, browser_id = values[ctx.session], values[ctx.browser_id]
-        if not session.get("data_source"):
-            session["data_source"] = {"source": "sample", "location": None}
-        config = config_from_widgets(ctx, values, session)
+        config = page_config(ctx, values)
         owner = who_is(ctx, request, browser_id).owner
         current = _current_job(ctx, session, owner)
         if current is not None and not current.done:
@@ -119,6 +128,33 @@ class TrainTab(Controller):
         if was_queued:
             return "Removed from the queue before it started (nothing to resume)."
         return "Stopping after the current batch (a checkpoint is kept; Resume continues from it)..."
+
+    @safe
+    def find_lr(self, values: dict, progress=gr.Progress()):
+        # The range test on the page's settings and dataset, as Start would train them (no docstring:
+        # it would be the endpoint's API description).
+        ctx = self.ctx
+        session = values[ctx.session]
+        config = page_config(ctx, values)
+        # In this process: no loader worker processes forked from the server.
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, num_workers=0))
+        progress(0, desc="Checking memory, preparing data and model")
+        ctx.manager.check_fits(config)
+        result = lrfinder.find_lr(config, data_dir=ctx.data_dir, steps=LR_FINDER_STEPS,
+                                  on_step=lambda done, total: progress((done, total), desc="Range test", unit="steps"))
+        suggestion = float(f"{result.suggestion:.3g}") if result.suggestion is not None else None
+        session["lr_suggestion"] = suggestion   # what Use puts into the Learning rate box
+        return (gr.update(value=plots.lr_finder_curve(result.curve, suggestion), visible=True),
+                lr_note(result, suggestion, config, session),
+                gr.update(value=f"Use {suggestion:g}" if suggestion is not None else "Use", visible=suggestion is not None))
+
+    @safe
+    def use_lr(self, session: dict):
+        """The learning rate the finder suggested on this page, into the Learning rate box."""
+        suggestion = (session or {}).get("lr_suggestion")
+        if suggestion is None:
+            raise ConfigError("No suggested learning rate yet: press Find a learning rate first.")
+        return suggestion
 
     @safe
     def poll(self, session: dict, browser_id: str | None, request: gr.Request):
@@ -223,7 +259,8 @@ def _main_settings(ctx: AppContext, w: SimpleNamespace) -> None:
     with gr.Row():
         bind(ctx, gr.Dropdown(OPTIMIZERS.names(), value=_O.optimizer, label="Optimizer",
                               elem_id="optimizer"), "optim.optimizer")
-        bind(ctx, gr.Number(_O.lr, label="Learning rate", minimum=0, elem_id="lr"), "optim.lr")
+        w.lr = bind(ctx, gr.Number(_O.lr, label="Learning rate", minimum=0, elem_id="lr"), "optim.lr")
+    _lr_finder(w)
     with gr.Row():
         w.scheduler = bind(ctx, gr.Dropdown(list(SCHEDULERS), value=_O.scheduler, label="LR schedule",
                                             elem_id="scheduler"), "optim.scheduler")
@@ -232,6 +269,16 @@ def _main_settings(ctx: AppContext, w: SimpleNamespace) -> None:
         w.patience = bind(ctx, gr.Number(_O.plateau_patience, label="Plateau patience (epochs)", precision=0,
                                          minimum=0, visible=_O.scheduler == "plateau",
                                          elem_id="plateau_patience"), "optim.plateau_patience", int)
+
+
+def _lr_finder(w: SimpleNamespace) -> None:
+    """Find a learning rate / Use …, the finder's note (where its progress shows) and its plot."""
+    with gr.Row():
+        w.lr_find_btn = gr.Button("Find a learning rate", size="sm", elem_id="lr_find_btn")
+        w.lr_use_btn = gr.Button("Use", size="sm", variant="primary", visible=False, elem_id="lr_use_btn")
+    w.lr_find_note = gr.Markdown(LR_FINDER_HELP, elem_id="lr_find_note")
+    w.lr_find_plot = gr.Plot(None, label="Learning-rate finder: loss against learning rate", visible=False,
+                             elem_id="lr_find_plot")
 
 
 def _more_settings(ctx: AppContext) -> None:
@@ -265,6 +312,8 @@ def _more_settings(ctx: AppContext) -> None:
     bind(ctx, gr.Checkbox(_D.tensorboard, label="TensorBoard log",
                           info="also write a TensorBoard log in the run folder "
                                "(then: tensorboard --logdir runs/)"), "tensorboard")
+    bind(ctx, gr.Checkbox(_D.record_distributions, label="Record weight and gradient distributions (for Look inside)",
+                          info=RECORD_HELP, elem_id="record_distributions"), "record_distributions")
 
 
 def _run_view(w: SimpleNamespace) -> None:
@@ -315,6 +364,13 @@ def wire(ctx: AppContext, tab: TrainTab, w: SimpleNamespace) -> None:
     for press in (started, resumed):
         press.failure(tab.show_refusal, ctx.session, w.status, **quiet)
     w.status.change(tab.show_next_steps, ctx.session, w.next_row, **quiet)
+    # The finder trains in the server process: one at a time, the others wait in the queue (their
+    # place shows in the note).
+    w.lr_find_btn.click(tab.find_lr, inputs=ctx.field_widgets() | {ctx.session},
+                        outputs=[w.lr_find_plot, w.lr_find_note, w.lr_use_btn], api_name="find_learning_rate",
+                        concurrency_limit=1, concurrency_id="lr_finder", show_progress_on=w.lr_find_note)
+    w.lr_use_btn.click(tab.use_lr, ctx.session, w.lr, api_visibility="private", show_progress="hidden",
+                       concurrency_limit=None)
     w.stop.click(tab.stop_run, [ctx.session, ctx.browser_id], w.status, api_name="stop_training",
                  show_progress="hidden", concurrency_limit=None)
     w.timer.tick(tab.poll, [ctx.session, ctx.browser_id], outputs, api_name="poll_training",
@@ -354,6 +410,60 @@ def _wire_next_steps(ctx: AppContext, w: SimpleNamespace) -> None:
 
 
 # ---- helpers -------------------------------------------------------------------------------
+def page_config(ctx: AppContext, values: dict) -> RunConfig:
+    """The RunConfig of the page's settings (``values``: set-style inputs with the session), as Start
+    trains it: on the dataset the Data tab loaded, the embedded sample when none was."""
+    session = values[ctx.session]
+    if not session.get("data_source"):
+        session["data_source"] = {"source": "sample", "location": None}
+    return config_from_widgets(ctx, values, session)
+
+
+def lr_note(result: lrfinder.LRFinderResult, suggestion: float | None, config: RunConfig, session: dict) -> str:
+    """The finder's result in words: the suggestion and its method, how the test ended, its caveat,
+    and what was trained (a throw-away model)."""
+    curve = result.curve
+    if suggestion is None:
+        head = ("**No suggestion**: the loss did not fall clearly before the test ended. Check the data "
+                "(Data tab) or try a smaller batch size; the plot shows what happened.")
+    else:
+        other = (f" The other common rule (the rate at the lowest loss ÷ 10) gives {result.min_over_10:.3g}."
+                 if result.min_over_10 else "")
+        head = (f"**Suggested learning rate: {suggestion:g}** — the {result.method} (the dashed line).{other} "
+                f"**Use {suggestion:g}** puts it into the Learning rate box.")
+    last = f"{curve['lr'].iloc[-1]:.3g}" if not curve.empty else "the first step"
+    ending = (f"It stopped early at rate {last}: the loss blew up (diverged), as expected once the rate is too high."
+              if result.stopped_early else f"It ran all {len(curve)} steps, up to rate {last}, without diverging.")
+    source = (session.get("data_source") or {}).get("source")
+    data = ("the embedded CIFAR-10 sample (no other dataset was loaded on the Data tab)" if source == "sample"
+            else "the dataset loaded on the Data tab")
+    kept = (f"It trained a fresh copy of {md_text(config.model.name)} on {data} and threw it away: "
+            "nothing of it is kept, and Start still trains from the beginning.")
+    return "\n\n".join([head, ending, result.caveat, kept])
+
+
+def accuracy_interval(evaluated: ev.Evaluated | None) -> str:
+    """' (95 % CI 36.7–45.4 %, 500 images)': the Wilson interval of a final evaluation's accuracy;
+    '' when the event does not carry its image count."""
+    if evaluated is None or not evaluated.num_samples:
+        return ""
+    n = evaluated.num_samples
+    iv = stats.wilson_interval(round(evaluated.accuracy * n), n)
+    return f" (95 % CI {100 * iv.low:.1f}–{100 * iv.high:.1f} %, {n:,} images)"
+
+
+_ACCURACY_IN_MESSAGE = re.compile(r"test accuracy \d+(\.\d+)?\s?%")   # the trainer's finish message
+
+
+def _with_interval(message: str, evaluated: ev.Evaluated | None) -> str:
+    """``message`` ("finished 2 epoch(s); test accuracy 41.0%") with the accuracy's interval after it."""
+    found = _ACCURACY_IN_MESSAGE.search(message or "")
+    interval = accuracy_interval(evaluated)
+    if found is None or not interval:
+        return message
+    return message[:found.end()] + interval + message[found.end():]
+
+
 def _whole_batch_size(value) -> int:
     """The batch-size box accepts typed values: 'abc' must read as a user error, not an internal one."""
     try:
@@ -468,11 +578,11 @@ def _render(ctx: AppContext, job, session: dict):
         earlier_epochs, earlier_steps = _earlier_history(ctx, job, session, started)
         epoch_df = pd.concat([earlier_epochs, epoch_df], ignore_index=True) if not earlier_epochs.empty else epoch_df
         step_df = pd.concat([earlier_steps, step_df], ignore_index=True) if not earlier_steps.empty else step_df
-    return (_status_text(ctx, job, snap), _progress_html(snap, steps), plots.live_curves(step_df, epoch_df),
-            _log_text(events))
+    return (_status_text(ctx, job, snap, _final_evaluation(events)), _progress_html(snap, steps),
+            plots.live_curves(step_df, epoch_df), _log_text(events))
 
 
-def _status_text(ctx: AppContext, job, snap: dict) -> str:
+def _status_text(ctx: AppContext, job, snap: dict, evaluated: ev.Evaluated | None = None) -> str:
     status = snap["status"]
     if status == ev.QUEUED:
         pos = ctx.manager.queue_position(job.job_id)
@@ -490,7 +600,7 @@ def _status_text(ctx: AppContext, job, snap: dict) -> str:
     if status == ev.RUNNING and started is not None and last is not None and not message.startswith("early"):
         message = ("final evaluation of the best weights" if len(snap["epochs"]) >= started.epochs
                    else f"epoch {last.epoch}/{started.epochs}")
-    text = f"{label} — {snap['model']} — run {job.job_id}: {message}"
+    text = f"{label} — {snap['model']} — run {job.job_id}: {_with_interval(message, evaluated)}"
     return f"{text}\n{NEXT_STEPS}" if status == ev.FINISHED else text
 
 
@@ -567,10 +677,11 @@ def _seconds_after_training(epochs: list, batches: list) -> float | None:
 
 def _log_text(events: list) -> str:
     lines = []
+    evaluated = _final_evaluation(events)
     for e in events:
         t = time.strftime("%H:%M:%S", time.localtime(e.time))
         if isinstance(e, ev.StatusChanged):
-            lines.append(f"{t}  {e.status}: {e.message}")
+            lines.append(f"{t}  {e.status}: {_with_interval(e.message, evaluated)}")
         elif isinstance(e, ev.RunStarted):
             lines.append(f"{t}  started on {e.device}: {e.split_sizes['train']} train / {e.split_sizes['val']} val / "
                          f"{e.split_sizes['test']} test images, input {'×'.join(map(str, e.input_shape))}, "
@@ -581,8 +692,13 @@ def _log_text(events: list) -> str:
             lines.append(f"{t}  epoch {e.epoch}/{e.epochs}: train loss {e.train_loss:.3f}, train acc "
                          f"{e.train_accuracy:.1%}{val} ({e.seconds:.1f} s){'  ★ best' if e.is_best else ''}")
         elif isinstance(e, ev.Evaluated):
-            lines.append(f"{t}  {e.split} accuracy {e.accuracy:.1%}, macro F1 {e.macro_f1:.3f}"
+            lines.append(f"{t}  {e.split} accuracy {e.accuracy:.1%}{accuracy_interval(e)}, macro F1 {e.macro_f1:.3f}"
                          + (f", top-5 {e.top5_accuracy:.1%}" if e.top5_accuracy is not None else ""))
         elif isinstance(e, ev.RunFinished):
-            lines.append(f"{t}  {e.status}: {e.message}")
+            lines.append(f"{t}  {e.status}: {_with_interval(e.message, evaluated)}")
     return "\n".join(reversed(lines))  # newest first: the box shows its top, not its end
+
+
+def _final_evaluation(events: list) -> ev.Evaluated | None:
+    """The run's final evaluation (the last Evaluated event), if it has one yet."""
+    return next((e for e in reversed(events) if isinstance(e, ev.Evaluated)), None)
