@@ -393,13 +393,14 @@ class JobManager:
                 job._watcher.join(timeout=KILL_GRACE_S)
 
     # ---- admission ---------------------------------------------------------------------------
-    def check_fits(self, config: RunConfig) -> None:
+    def check_fits(self, config: RunConfig, now: bool = False) -> None:
         """Refuse (ConfigError, naming the largest batch that fits) a run whose estimated training
         memory is more than it may use; ``submit`` calls it, and a comparison calls it for every run
-        before it queues any. A run the check cannot size is admitted: an estimator limitation must
-        never block training."""
+        before it queues any. ``now``: the work starts at once beside the running jobs (the LR
+        finder), so their memory is not counted as free even when every slot is busy. A run the
+        check cannot size is admitted: an estimator limitation must never block training."""
         try:
-            refusal = self._memory_refusal(config)
+            refusal = self._memory_refusal(config, now)
         except LabError as err:   # e.g. the dataset is not here yet: the run itself will say so
             log.info("memory check skipped for a %s run: %s", config.model.name, err)
             return
@@ -409,11 +410,11 @@ class JobManager:
         if refusal:
             raise ConfigError(refusal)
 
-    def _memory_refusal(self, config: RunConfig) -> str | None:
+    def _memory_refusal(self, config: RunConfig, now: bool = False) -> str | None:
         from core import trainer
         device = trainer.resolve_device(config.device)
         with self._lock:
-            will_wait = bool(self._queue) or len(self._running) >= self.max_jobs
+            will_wait = not now and (bool(self._queue) or len(self._running) >= self.max_jobs)
         budget, words = resources.training_budget(self._free_memory(device.type, will_wait),
                                                   self.max_job_memory, device.type)
         if budget is None:

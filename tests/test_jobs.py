@@ -287,3 +287,21 @@ def test_two_resumes_of_one_run_at_the_same_moment_queue_it_once(tmp_path, monke
     manager.wait(jobs[0].job_id, timeout=60)
     assert jobs[0].status == ev.FINISHED
     assert manager.jobs() == jobs
+
+
+def test_work_that_starts_now_counts_no_running_job_memory_as_free(tmp_path, tiny_config, monkeypatch):
+    """A run that waits for the busy slot starts after the running one, so that one's memory counts
+    as free for it; the LR finder runs at once beside it (check_fits(now=True)), so it does not."""
+    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1,
+                         fit=job_fits.fit_until_released)
+    seen = []
+    monkeypatch.setattr(manager, "_free_memory", lambda device_type, will_wait: seen.append(will_wait))
+    try:
+        job = manager.submit(tiny_config, owner="alice")   # the slot was free: nothing to wait for
+        manager.check_fits(tiny_config)                     # a second run would wait for the slot
+        manager.check_fits(tiny_config, now=True)           # the finder would not
+        assert seen == [False, True, False]
+    finally:
+        job_fits.release(tmp_path / "runs")
+        manager.wait(job.job_id, timeout=60)
+        manager.shutdown(timeout=10)

@@ -182,7 +182,7 @@ def test_a_failed_run_does_not_offer_the_next_steps(tmp_path):
         manager.shutdown(timeout=10)
 
 
-def test_see_results_and_try_it_open_the_evaluate_and_predict_tabs(tmp_path):
+def test_see_results_try_it_and_look_inside_open_their_tabs(tmp_path):
     from ui import app as ui_app
     manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1,
                          fit=job_fits.fit_until_released)
@@ -194,7 +194,8 @@ def test_see_results_and_try_it_open_the_evaluate_and_predict_tabs(tmp_path):
         by_id = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
         session, browser_id = {"last_run_id": "no-such-run"}, None
         for button_id, tab_id, run_list in (("see_results_btn", "evaluate", "eval_run"),
-                                            ("try_it_btn", "predict", "predict_run")):
+                                            ("try_it_btn", "predict", "predict_run"),
+                                            ("look_inside_btn", "look-inside", "inside_run")):
             opener = next(f for f in fns if (by_id[button_id]._id, "click") in [tuple(t) for t in f.targets])
             # one event opens the tab and sets its run list (a second, chained one lost the race
             # with the tab being shown, in Chromium: the list kept its old run)

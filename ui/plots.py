@@ -730,6 +730,7 @@ def gradient_and_weights(frame: pd.DataFrame | None, layer: str | None,
     fig.update_layout(legend=dict(orientation="v", x=1.02, xanchor="left", y=1, yanchor="top", traceorder="normal"))
     return fig
 
+
 # ---- LR finder
 LR_RAW_COLOR = "rgba(0, 114, 178, 0.3)"    # Okabe–Ito blue, faint: the loss of each step
 LR_SMOOTH_COLOR = "#0072B2"

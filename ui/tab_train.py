@@ -139,7 +139,7 @@ class TrainTab(Controller):
         # In this process: no loader worker processes forked from the server.
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, num_workers=0))
         progress(0, desc="Checking memory, preparing data and model")
-        ctx.manager.check_fits(config)
+        ctx.manager.check_fits(config, now=True)
         result = lrfinder.find_lr(config, data_dir=ctx.data_dir, steps=LR_FINDER_STEPS,
                                   on_step=lambda done, total: progress((done, total), desc="Range test", unit="steps"))
         suggestion = float(f"{result.suggestion:.3g}") if result.suggestion is not None else None
@@ -327,6 +327,7 @@ def _run_view(w: SimpleNamespace) -> None:
     with gr.Row(visible=False, elem_id="train_next") as w.next_row:
         w.see_results = gr.Button("See results", size="sm", elem_id="see_results_btn")
         w.try_it = gr.Button("Try it", size="sm", elem_id="try_it_btn")
+        w.look_inside = gr.Button("Look inside", size="sm", elem_id="look_inside_btn")
         w.export_kind = gr.Dropdown(EXPORT_KINDS, value="checkpoint", show_label=False, container=False,
                                     elem_id="finish_export_kind")
         w.export_btn = gr.Button("Export", size="sm", elem_id="finish_export_btn")
@@ -393,13 +394,16 @@ def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
 
 
 def _wire_next_steps(ctx: AppContext, w: SimpleNamespace) -> None:
-    """See results / Try it open the Evaluate / Predict tab (ids from ui/app.py) and refresh its run
-    list: a tab selected by the server gets no select event, which is what refreshes it on a click."""
+    """See results / Try it / Look inside open the Evaluate / Predict / Look inside tab (ids from
+    ui/app.py) and refresh its run list: a tab selected by the server gets no select event, which is
+    what refreshes it on a click."""
     tabs = ctx.shared.get("tabs")
     if tabs is None:
         return
-    for button, tab_id in ((w.see_results, "evaluate"), (w.try_it, "predict")):
-        other = ctx.shared.get(tab_id)   # the EvaluateTab / PredictTab, when the app has it
+    links = ((w.see_results, "evaluate", "evaluate"), (w.try_it, "predict", "predict"),
+             (w.look_inside, "look-inside", "inside"))
+    for button, tab_id, key in links:
+        other = ctx.shared.get(key)   # the EvaluateTab / PredictTab / InsideTab, when the app has it
         if other is not None:
             # One event selects the tab and sets its run list: a list refreshed by a second event
             # while the tab was being shown kept the value it had before (seen in Chromium).
