@@ -171,12 +171,23 @@ def explain_image(run_or_checkpoint, image, target_class: int | str | None = Non
     """
     predictor = load_predictor(run_or_checkpoint, device)
     view, tensor = predictor.model_input(image)
-    with torch.inference_mode():
-        probs = torch.softmax(predictor.model(tensor.unsqueeze(0).to(predictor.device)).float(), 1)[0].cpu().numpy()
-    k = _class_index(predictor.classes, target_class, probs)
-    heat = grad_cam(predictor.model, tensor, k, predictor.model_name)
+    # The model may be shared (ui.common.predictors): Captum's hooks record every forward pass
+    # through the layer while they are on, so nothing else runs the model meanwhile.
+    with predictor.hooks_lock:
+        with torch.inference_mode():
+            probs = torch.softmax(predictor.model(tensor.unsqueeze(0).to(predictor.device)).float(), 1)[0].cpu().numpy()
+        k = _class_index(predictor.classes, target_class, probs)
+        heat = grad_cam(predictor.model, tensor, k, predictor.model_name)
     order = np.argsort(-probs)[:5]
     return {"heatmap": heat, "overlay": overlay(view, heat, opacity), "image": view,
             "class": predictor.classes[k], "class_index": k, "probability": float(probs[k]),
             "top": [(predictor.classes[i], float(probs[i])) for i in order],
-            "layer": models.cam_layer(predictor.model_name)[0]}
+            "layer": models.cam_layer(predictor.model_name)[0], "method": cam_method(predictor.model_name)}
+
+
+def cam_method(model_name: str) -> str:
+    """How the heat-map of ``model_name`` is made, in words for a page."""
+    layer, kind = models.cam_layer(model_name)
+    if kind == "tokens":
+        return f"Grad-CAM on the last transformer block's patch tokens ({layer})"
+    return f"Grad-CAM at layer {layer}"

@@ -99,9 +99,10 @@ class Predictor:
         # size must still reach the model at its input size (shorter side, then centre crop).
         self._resizes = any(step["name"] in ("Resize", "RandomResizedCrop")
                             for step in self.transform_state["eval_spec"])
-        # Held while hooks are on the model (Grad-CAM, feature maps): the model is shared by every
-        # browser through PredictorCache, and two requests' hooks on one module would mix.
-        self.hooks_lock = threading.Lock()
+        # Held while hooks are on the model (Grad-CAM, feature maps) and around every forward pass:
+        # the model is shared by every browser through PredictorCache, and a hook records whatever
+        # passes through its module, another request's images included.
+        self.hooks_lock = threading.RLock()
 
     def _fit(self, image: Image.Image) -> Image.Image:
         _, h, w = self.input_shape
@@ -137,11 +138,13 @@ class Predictor:
         pil = [self._fit(open_image(im, self.mode)) for im in images]
         if tta == "none":
             x = torch.stack([self._eval_tf(im) for im in pil]).to(self.device)
-            return torch.softmax(self.model(x).float(), dim=1).cpu().numpy()
+            with self.hooks_lock:   # no other request's hooks see (or record) this forward pass
+                return torch.softmax(self.model(x).float(), dim=1).cpu().numpy()
         tf = self._tta_transform(tta)
         views = torch.stack([tf(im) for im in pil])            # N × V × C × H × W
         n, v = views.shape[:2]
-        probs = torch.softmax(self.model(views.flatten(0, 1).to(self.device)).float(), dim=1)
+        with self.hooks_lock:
+            probs = torch.softmax(self.model(views.flatten(0, 1).to(self.device)).float(), dim=1)
         return probs.view(n, v, -1).mean(1).cpu().numpy()
 
     def predict(self, image, topk: int = 5, tta: str = "none") -> list[tuple[str, float]]:

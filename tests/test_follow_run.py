@@ -98,7 +98,7 @@ def summary(ctx, page: Page, run_id: str) -> str:
 
 
 def model_changed(ctx, page: Page, run_id, img, source=RUN, uploaded=None):
-    return tab_predict.PredictTab(ctx).model_changed(source, run_id, uploaded, img, "none", page.token, page.request)
+    return tab_predict.PredictTab(ctx).model_changed(source, run_id, uploaded, img, "none", page.token, page.request)[:4]
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ uploaded checkpoint; example images one click away; several images at once as a 
 ``PredictTab`` holds the handlers, ``layout`` the widgets, ``build`` wires them."""
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,13 +11,15 @@ from types import SimpleNamespace
 import gradio as gr
 import pandas as pd
 
-from core import datasets, rundir
+from core import datasets, explain, rundir
 from core.inference import TTA_CHOICES, Predictor, find_checkpoint
-from ui.common import ASSETS, TOAST_S, AppContext, Controller, predictors, run_history, safe, who_is
+from ui.common import ASSETS, TOAST_S, AppContext, Controller, md_text, predictors, run_history, safe, who_is
 from ui.tab_evaluate import follow_runs, refreshed_run_list, whose_run
 
 EXAMPLES = sorted(str(p) for p in (ASSETS / "examples").glob("*.jpg"))
 TABLE_COLUMNS = ["image", "prediction", "probability", "top_k", "error"]
+TOP_CLASS = "Top class"   # the heat-map's default class: whichever the model ranks first
+CAM_HELP = "Drop an image above: the heat-map shows where it made the model think of a class."
 
 
 FRIENDLY_IMAGE_CLASS = "lab-friendly-image"   # elem_classes marker of the image inputs patched below
@@ -116,9 +119,34 @@ class PredictTab(Controller):
         try:
             text = self.describe(source_value, run_id, uploaded, browser_id, request)
             top5 = self.predict(img, source_value, run_id, uploaded, tta_value, browser_id, request) if text else None
+            classes = self.classes(source_value, run_id, uploaded, browser_id, request) if text else []
         except gr.Error as err:
-            return (f"⚠️ {err.message}", {}) + empty
-        return (text, top5 if top5 is not None else {}) + empty
+            return (f"⚠️ {err.message}", {}) + empty + (gr.Dropdown(choices=[TOP_CLASS], value=TOP_CLASS),)
+        return (text, top5 if top5 is not None else {}) + empty + (
+            gr.Dropdown(choices=[TOP_CLASS, *classes], value=TOP_CLASS),)
+
+    def classes(self, source_value, run_id, uploaded, browser_id, request) -> list[str]:
+        return list(self.cache.get(self.checkpoint_path(source_value, run_id, uploaded, browser_id, request)).classes)
+
+    @safe
+    def explain(self, img, source_value, run_id, uploaded, cam_class, opacity, session: dict, browser_id,
+                request: gr.Request):
+        # The Grad-CAM overlay of the image for the chosen class (no docstring: it would be the API's
+        # description). An opacity change re-blends the page's last heat-map: no new backward pass.
+        if img is None:
+            return None, CAM_HELP
+        path = self.checkpoint_path(source_value, run_id, uploaded, browser_id, request)
+        target = None if cam_class in (None, "", TOP_CLASS) else str(cam_class)
+        p = Path(path)
+        key = (str(p.resolve()), p.stat().st_mtime_ns, hashlib.sha1(img.tobytes()).hexdigest(), img.size, target)
+        last = session.get("predict_cam") if isinstance(session, dict) else None
+        if last is None or last["key"] != key:
+            found = explain.explain_image(self.cache.get(path), img, target_class=target, opacity=0.0)
+            last = {"key": key, **{k: found[k] for k in ("heatmap", "image", "class", "probability", "top", "method")}}
+            if isinstance(session, dict):
+                session["predict_cam"] = last
+        opacity = min(max(float(opacity if opacity is not None else 0.5), 0.0), 1.0)
+        return explain.overlay(last["image"], last["heatmap"], opacity), cam_note(last, target is None)
 
     @safe
     def predict(self, img, source_value, run_id, uploaded, tta_value, browser_id, request: gr.Request):
@@ -145,6 +173,18 @@ class PredictTab(Controller):
         return gr.Dropdown(visible=from_run), gr.Button(visible=from_run), gr.File(visible=not from_run)
 
 
+def cam_note(found: dict, top: bool) -> str:
+    """What the heat-map shows, in words."""
+    name = md_text(found["class"])
+    rank = " — the top class" if top or found["top"][0][0] == found["class"] else ""
+    if not found["heatmap"].any():
+        return (f"Nothing in this image raised the score of **{name}** ({found['probability']:.0%}{rank}): "
+                "the heat-map is empty. Pick another class to compare.")
+    return (f"Heat-map for **{name}** ({found['probability']:.0%}{rank}). Warm colours show where the image "
+            f"raised this class's score most ({found['method']}); pick another class to see what would speak "
+            "for it. The heat-map uses the image as the model sees it, without test-time augmentation.")
+
+
 def layout() -> SimpleNamespace:
     w = SimpleNamespace()
     with gr.Row():
@@ -168,11 +208,27 @@ def layout() -> SimpleNamespace:
             if EXAMPLES:
                 gr.Examples(EXAMPLES, inputs=w.image, label="Example images (CIFAR-10 test images the sample does "
                             "not contain)", examples_per_page=10, elem_id="predict_examples")
+            _cam_panel(w)
     with gr.Accordion("Predict many images at once", open=False):
         w.many = gr.File(file_count="multiple", file_types=["image"], label="Images", elem_id="predict_many")
         w.table = gr.Dataframe(pd.DataFrame(columns=TABLE_COLUMNS), interactive=False, elem_id="predict_table")
         w.download = gr.File(label="Predictions as CSV", interactive=False)
     return w
+
+
+def _cam_panel(w: SimpleNamespace) -> None:
+    """Why this class? The Grad-CAM overlay, its class and opacity, and what it shows in words."""
+    gr.Markdown("### Why this class? Where the model looked", elem_id="predict_cam_title")
+    with gr.Row():
+        w.cam = gr.Image(None, type="pil", label="Heat-map over the image", interactive=False, format="png",
+                         elem_id="predict_cam", height=300)
+        with gr.Column():
+            w.cam_class = gr.Dropdown([TOP_CLASS], value=TOP_CLASS, label="Heat-map for class",
+                                      info="the top class, or any class: where would the model see it?",
+                                      elem_id="predict_cam_class")
+            w.cam_opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Heat-map opacity",
+                                      info="0: the image alone; 1: the heat-map alone", elem_id="predict_cam_opacity")
+            w.cam_note = gr.Markdown(CAM_HELP, elem_id="predict_cam_note")
 
 
 def build(ctx: AppContext) -> PredictTab:
@@ -183,10 +239,18 @@ def build(ctx: AppContext) -> PredictTab:
     w.refresh.click(tab.refresh_runs, [ctx.session, w.run, ctx.browser_id], w.run, api_name="predict_runs",
                     concurrency_limit=None)
     # A change of model (the list following a new run included) leaves no output of the previous one.
+    cam_inputs = [w.image, *model_inputs, w.cam_class, w.cam_opacity, ctx.session, ctx.browser_id]
+    cam = {"concurrency_limit": 2, "concurrency_id": "grad_cam", "show_progress": "hidden"}
+    cam_clear = {"fn": None, "inputs": None, "outputs": [w.cam, w.cam_note], "js": f"() => [null, {CAM_HELP!r}]",
+                 "api_visibility": "private", "show_progress": "hidden"}
     for trigger in (w.source.change, w.run.change, w.upload.change):
         trigger(tab.model_changed, [*model_inputs, w.image, w.tta, ctx.browser_id],
-                [w.info, w.label, w.table, w.download], api_visibility="private", concurrency_limit=None,
-                show_progress="hidden")
+                [w.info, w.label, w.table, w.download, w.cam_class], api_visibility="private",
+                concurrency_limit=None, show_progress="hidden").then(
+            tab.explain, cam_inputs, [w.cam, w.cam_note], api_visibility="private", **cam)
+    w.image.change(tab.explain, cam_inputs, [w.cam, w.cam_note], api_name="explain", **cam).failure(**cam_clear)
+    w.cam_class.input(tab.explain, cam_inputs, [w.cam, w.cam_note], api_visibility="private", **cam)
+    w.cam_opacity.release(tab.explain, cam_inputs, [w.cam, w.cam_note], api_visibility="private", **cam)
     # A refused image (or model) leaves no top-5 of the previous image beside it: {} is what the
     # Label gets for None from Python (null itself breaks the Label in the page).
     # (In the page itself: no round trip, and nothing an API caller could call.)
