@@ -223,12 +223,15 @@ def _images(record: RunRecord, samples: list, data_dir: str | Path | None) -> li
     return out
 
 
-def _class_index(names: list[str], value: int | str, what: str) -> int:
+def class_index(names: list[str], value: int | str, what: str) -> int:
+    """The index of ``value`` (a class name, or an index as a number) in ``names``; DataError
+    naming the classes otherwise. ``what``: "true" or "predicted", for the message."""
     if isinstance(value, str) and value in names:
         return names.index(value)
     if not isinstance(value, str) and 0 <= int(value) < len(names):
         return int(value)
-    raise DataError(f"The {what} class {value!r} is not one of this run's classes: {', '.join(names)}.")
+    shown = value if not isinstance(value, str) else value[:80]   # a message never echoes a whole request
+    raise DataError(f"The {what} class {shown!r} is not one of this run's classes: {', '.join(names)}.")
 
 
 def _cell_rows(record: RunRecord, t: int, p: int) -> pd.DataFrame:
@@ -263,7 +266,7 @@ def cell_images(record: RunRecord, true_class: int | str, predicted_class: int |
     if not record.eval:
         raise DataError(f"Run {record.run_id} has no test evaluation ({EVAL_FILE}) yet: let it finish first.")
     names = [str(c) for c in record.eval["class_names"]]
-    t, p = _class_index(names, true_class, "true"), _class_index(names, predicted_class, "predicted")
+    t, p = class_index(names, true_class, "true"), class_index(names, predicted_class, "predicted")
     rows = _cell_rows(record, t, p)
     if limit is not None:
         rows = rows.head(limit)
