@@ -232,3 +232,57 @@ def test_heat_map_events_are_limited_to_two_at_a_time(lab):
     fns = [fn for fn in demo.fns.values() if fn.fn in heavy]
     assert {fn.fn for fn in fns} == heavy
     assert all(fn.concurrency_limit == 2 and fn.concurrency_id == "eval_heatmaps" for fn in fns)
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_a_click_on_a_square_of_the_matrix_shows_its_images_in_chromium(tmp_path, tiny_folder):
+    """The page's script turns a click on the plotly matrix into the square's images (Chromium)."""
+    import os
+    import socket
+
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("Debian's chromium is not installed (never `playwright install`)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from ui.app import build_app, launch_kwargs
+
+    manager = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1)
+    config = RunConfig.from_dict({"data": {"source": "folder", "location": str(tiny_folder), "batch_size": 16,
+                                           "num_workers": 0},
+                                  "model": {"name": "tutorial_net"}, "epochs": 1, "device": "cpu", "seed": 3})
+    job = manager.submit(config, owner=None)
+    manager.wait(job.job_id, timeout=180)
+    confusion = np.asarray(runrecord.load_run(tmp_path / "runs" / job.job_id).eval["confusion"])
+    t, p = (int(x) for x in np.argwhere(confusion > 0)[-1])   # a square with images (row t, column p)
+    demo = build_app(manager, data_dir=tmp_path / "data", runs_dir=tmp_path / "runs")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1", server_port=port,
+                            **launch_kwargs(tmp_path / "data", tmp_path / "runs"))
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(chromium), args=["--headless", "--no-sandbox",
+                                                                              "--disable-gpu"])
+            pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+            pg.goto(url)
+            pg.get_by_role("tab", name="Evaluate").click()
+            sync_api.expect(pg.locator("#eval_confusion .heatmaplayer")).to_have_count(1, timeout=60_000)
+            assert not pg.locator("#eval_cell_pick").is_visible()
+            box = pg.locator("#eval_confusion .nsewdrag").first.bounding_box()
+            k = confusion.shape[0]
+            pg.mouse.click(box["x"] + (p + 0.5) * box["width"] / k, box["y"] + (t + 0.5) * box["height"] / k)
+            names = runrecord.load_run(tmp_path / "runs" / job.job_id).eval["class_names"]
+            sync_api.expect(pg.locator("#eval_cell_note")).to_contain_text(f"{confusion[t, p]} test image",
+                                                                          timeout=30_000)
+            sync_api.expect(pg.locator("#eval_cell_gallery img")).to_have_count(int(min(confusion[t, p], 24)),
+                                                                                timeout=30_000)
+            assert pg.locator("#eval_cell_true input").input_value() == names[t]
+            assert pg.locator("#eval_cell_pred input").input_value() == names[p]
+            pg.screenshot(path=str(tmp_path / "eval-cell.png"), full_page=True)
+            browser.close()
+    finally:
+        demo.close()
+        manager.shutdown(timeout=20)

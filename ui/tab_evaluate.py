@@ -38,9 +38,11 @@ HOW_TO_READ = ("Bright yellow areas pushed the model towards that class, dark on
                "the background rather than the object, the model may have learned a shortcut.")
 DETAIL_LABELS = ("The image as the model sees it", "Heat-map of the predicted class", "Heat-map of the true class")
 # A click on a square of the plotly matrix in #eval_confusion writes "row<TAB>column<TAB>time" into
-# the hidden #eval_cell_pick box and fires its input event (gr.Plot has no click event). Gradio
-# redraws the matrix with Plotly.react on the same element, which keeps the handler; a new element
-# (the plot re-mounted) gets one when the observer sees it.
+# the hidden #eval_cell_pick box (gr.Plot has no click event); the DOM input event updates the box's
+# value and Gradio sends its change event (its own "input" event follows key presses only, in 6.31;
+# the time makes a second click on the same square a change). Gradio redraws the matrix with
+# Plotly.react on the same element, which keeps the handler; a new element (the plot re-mounted)
+# gets one when the observer sees it.
 CELL_CLICK_JS = """() => {
   if (window.labCellBridge) return;
   window.labCellBridge = true;
@@ -326,14 +328,13 @@ def layout() -> SimpleNamespace:
     # The mistakes come as pixels (PNG: small images stay sharp), never as paths into the data folder.
     w.errors = gr.Gallery(label="Most confident mistakes (true class → predicted class, confidence)", columns=6,
                           height=560, elem_id="eval_errors", object_fit="contain", format="png")
-    with gr.Row():
-        w.error_image = gr.Image(None, label=DETAIL_LABELS[0], elem_id="eval_error_image", interactive=False,
-                                 format="png", height=260, elem_classes="lab-pixelated")
-        w.cam_pred = gr.Image(None, label=DETAIL_LABELS[1], elem_id="eval_cam_pred", interactive=False,
-                              format="png", height=260, elem_classes="lab-pixelated")
-        w.cam_true = gr.Image(None, label=DETAIL_LABELS[2], elem_id="eval_cam_true", interactive=False,
-                              format="png", height=260, elem_classes="lab-pixelated")
-        w.error_note = gr.Markdown(MISTAKE_PROMPT, elem_id="eval_error_note")
+    with gr.Row():   # full-width thirds: a label such as "Why 'truck' (predicted, 51%)" fits
+        images = {"interactive": False, "format": "png", "height": 260, "elem_classes": "lab-pixelated",
+                  "buttons": ["fullscreen"]}
+        w.error_image = gr.Image(None, label=DETAIL_LABELS[0], elem_id="eval_error_image", **images)
+        w.cam_pred = gr.Image(None, label=DETAIL_LABELS[1], elem_id="eval_cam_pred", **images)
+        w.cam_true = gr.Image(None, label=DETAIL_LABELS[2], elem_id="eval_cam_true", **images)
+    w.error_note = gr.Markdown(MISTAKE_PROMPT, elem_id="eval_error_note")
     return w
 
 
@@ -377,7 +378,7 @@ def build(ctx: AppContext) -> EvaluateTab:
     w.errors.select(tab.error_detail, [w.run, ctx.browser_id], [w.error_image, w.cam_pred, w.cam_true, w.error_note],
                     **HEATMAP_LIMIT, **private)
     w.cell_show.click(tab.show_cell, cell_in, cell, api_name="eval_cell", **HEATMAP_LIMIT)
-    w.cell_pick.input(tab.pick_cell, [w.run, w.cell_pick, w.overlay, ctx.browser_id],
+    w.cell_pick.change(tab.pick_cell, [w.run, w.cell_pick, w.overlay, ctx.browser_id],
                       [w.cell_true, w.cell_pred, *cell], **HEATMAP_LIMIT, **private)
     ctx.shared["evaluate"] = tab   # on_load; the Train tab's See results
     return tab
