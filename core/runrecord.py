@@ -156,19 +156,44 @@ def load_run(run_dir: str | Path, live_ids: set[str] | frozenset = frozenset(),
 
 
 def misclassified_images(record: RunRecord, limit: int = 24, data_dir: str | Path | None = None):
-    """(PIL image, caption) pairs of the run's most confident test errors, for a gallery.
+    """(PIL image, caption) pairs of the run's most confident test errors, for a gallery
+    (``misclassified_items`` without the details)."""
+    return [(item["image"], item["caption"]) for item in misclassified_items(record, limit, data_dir)]
+
+
+def misclassified_items(record: RunRecord, limit: int | None = 24,
+                        data_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """The run's most confident test errors, most confident first, as ``cell_images`` gives a
+    cell's: {"image", "file", "index", "true", "predicted", "confidence", "true_prob", "caption"}.
 
     Pixels, never paths: a path in a gallery would have to be served from the data folder, which
     would then serve every user's uploads to anyone who guessed a name. File-backed datasets are
-    read from their files; array-backed ones (torchvision sets) are reloaded from the data folder."""
+    read from their files; array-backed ones (torchvision sets) are reloaded from the data folder.
+    Images that cannot be read any more are left out."""
     if not record.eval:
         return []
-    rows = record.report().misclassified.head(limit)
-    found = _images(record, list(rows["sample"]), data_dir)
+    rows = record.report().misclassified
+    if limit is not None:
+        rows = rows.head(limit)
+    rows = pd.DataFrame({"index": [int(s) for s in rows["sample"]], "true": rows["true"].astype(str),
+                         "predicted": rows["predicted"].astype(str), "confidence": rows["confidence"],
+                         "true_prob": rows["true_prob"]})
+    return _items(record, rows, data_dir)
+
+
+def _items(record: RunRecord, rows: pd.DataFrame, data_dir: str | Path | None) -> list[dict[str, Any]]:
+    """Gallery items of ``rows`` [index (dataset index), true, predicted (names), confidence,
+    true_prob], in their order; the rows whose image cannot be read are left out."""
+    files = (record.eval or {}).get("files", {})
     out = []
-    for (_, r), image in zip(rows.iterrows(), found):
-        if image is not None:   # short caption: thumbnails are narrow
-            out.append((image, f"{r['true']} → {r['predicted']} {r['confidence']:.0%}"))
+    for (_, r), image in zip(rows.iterrows(), _images(record, [int(i) for i in rows["index"]], data_dir)):
+        if image is None:
+            continue
+        index = int(r["index"])
+        out.append({"image": image, "file": files.get(str(index), f"#{index}"), "index": index,
+                    "true": r["true"], "predicted": r["predicted"], "confidence": float(r["confidence"]),
+                    "true_prob": float(r["true_prob"]),   # short caption: thumbnails are narrow
+                    "caption": f"{r['true']} → {r['predicted']} {r['confidence']:.0%}"})
     return out
 
 
@@ -198,12 +223,15 @@ def _images(record: RunRecord, samples: list, data_dir: str | Path | None) -> li
     return out
 
 
-def _class_index(names: list[str], value: int | str, what: str) -> int:
+def class_index(names: list[str], value: int | str, what: str) -> int:
+    """The index of ``value`` (a class name, or an index as a number) in ``names``; DataError
+    naming the classes otherwise. ``what``: "true" or "predicted", for the message."""
     if isinstance(value, str) and value in names:
         return names.index(value)
     if not isinstance(value, str) and 0 <= int(value) < len(names):
         return int(value)
-    raise DataError(f"The {what} class {value!r} is not one of this run's classes: {', '.join(names)}.")
+    shown = value if not isinstance(value, str) else value[:80]   # a message never echoes a whole request
+    raise DataError(f"The {what} class {shown!r} is not one of this run's classes: {', '.join(names)}.")
 
 
 def _cell_rows(record: RunRecord, t: int, p: int) -> pd.DataFrame:
@@ -231,25 +259,19 @@ def cell_images(record: RunRecord, true_class: int | str, predicted_class: int |
     """The test images in confusion-matrix cell (true_class, predicted_class), most confident first.
 
     Classes by index or name. Each item: {"image": PIL image, "file": the dataset's name for it
-    (path relative to the dataset, or "CIFAR10 test #12"), "index": dataset index, "confidence":
-    probability of the predicted class, "true_prob": of the true class, "caption"}. Images that
+    (path relative to the dataset, or "CIFAR10 test #12"), "index": dataset index, "true" and
+    "predicted" (class names), "confidence": probability of the predicted class, "true_prob": of
+    the true class, "caption"}. Images that
     cannot be read any more are left out. Pixels, never server paths (see misclassified_images)."""
     if not record.eval:
         raise DataError(f"Run {record.run_id} has no test evaluation ({EVAL_FILE}) yet: let it finish first.")
     names = [str(c) for c in record.eval["class_names"]]
-    t, p = _class_index(names, true_class, "true"), _class_index(names, predicted_class, "predicted")
+    t, p = class_index(names, true_class, "true"), class_index(names, predicted_class, "predicted")
     rows = _cell_rows(record, t, p)
     if limit is not None:
         rows = rows.head(limit)
-    files = record.eval.get("files", {})
-    out = []
-    for (_, r), image in zip(rows.iterrows(), _images(record, [int(i) for i in rows["index"]], data_dir)):
-        if image is None:
-            continue
-        out.append({"image": image, "file": files.get(str(int(r["index"])), f"#{int(r['index'])}"),
-                    "index": int(r["index"]), "confidence": float(r["confidence"]), "true_prob": float(r["true_prob"]),
-                    "caption": f"{names[t]} → {names[p]} {r['confidence']:.0%}"})
-    return out
+    rows = rows.assign(true=names[t], predicted=names[p])
+    return _items(record, rows, data_dir)
 
 
 def _read_image(path: str):

@@ -68,3 +68,18 @@ def test_the_misclassified_gallery_is_the_off_diagonal_cells(record):
     gallery = runrecord.misclassified_images(record, limit=100)
     assert len(gallery) == errors
     assert all(isinstance(im, Image.Image) and " → " in caption for im, caption in gallery)
+
+
+def test_mistake_items_name_their_classes_and_files_like_cell_images(record):
+    items = runrecord.misclassified_items(record, limit=None)
+    mis = record.report().misclassified
+    assert [i["index"] for i in items] == [int(s) for s in mis["sample"]]
+    assert all(i["true"] != i["predicted"] for i in items)
+    for item in items:   # the same image, file and numbers as its confusion-matrix cell gives
+        same = [c for c in runrecord.cell_images(record, item["true"], item["predicted"], limit=None)
+                if c["index"] == item["index"]]
+        assert len(same) == 1
+        assert {k: same[0][k] for k in ("file", "true", "predicted", "caption")} == \
+            {k: item[k] for k in ("file", "true", "predicted", "caption")}
+        assert same[0]["confidence"] == pytest.approx(item["confidence"], abs=1e-4)
+    assert [c for _, c in runrecord.misclassified_images(record, limit=3)] == [i["caption"] for i in items[:3]]
