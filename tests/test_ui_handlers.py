@@ -374,7 +374,7 @@ def test_log_text_tells_the_story_of_the_run(finished_job):
     assert "queued: waiting for a free training slot" in text
     assert re.search(r"started on cpu: \d+ train / \d+ val / 30 test images, input 3×32×32", text)
     assert re.search(r"epoch 1/2: train loss \d\.\d{3}, train acc [\d.]+%, val loss", text)
-    assert "epoch 2/2" in text and re.search(r"test accuracy [\d.]+%, macro F1", text)
+    assert "epoch 2/2" in text and re.search(r"test accuracy [\d.]+% \(95 % CI [\d.]+–[\d.]+ %, 30 images\), macro F1", text)
     assert lines[0].split("  ", 1)[1].startswith("finished:")       # newest first
     assert lines[-1].split("  ", 1)[1].startswith("queued:")
     # BatchEnded events are not logged line by line (the plot shows them)

@@ -221,13 +221,13 @@ def _cam_panel(w: SimpleNamespace) -> None:
     gr.Markdown("### Why this class? Where the model looked", elem_id="predict_cam_title")
     with gr.Row():
         w.cam = gr.Image(None, type="pil", label="Heat-map over the image", interactive=False, format="png",
-                         elem_id="predict_cam", height=300)
+                         elem_id="predict_cam", elem_classes="lab-pixelated", height=300)
         with gr.Column():
             w.cam_class = gr.Dropdown([TOP_CLASS], value=TOP_CLASS, label="Heat-map for class",
                                       info="the top class, or any class: where would the model see it?",
                                       elem_id="predict_cam_class")
             w.cam_opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Heat-map opacity",
-                                      info="0: the image alone; 1: the heat-map alone", elem_id="predict_cam_opacity")
+                                      info="0: the image alone; 1: full colour where the model looked", elem_id="predict_cam_opacity")
             w.cam_note = gr.Markdown(CAM_HELP, elem_id="predict_cam_note")
 
 
