@@ -26,7 +26,7 @@ from core.metrics import EvalReport
 
 MAX_RUNS = 24   # one click should not queue a day of training by accident
 
-LEADERBOARD_COLUMNS = ["run", "model", "status", "best val accuracy", "test accuracy", "macro F1",
+LEADERBOARD_COLUMNS = ["run", "model", "status", "best val accuracy", "test accuracy", "test images", "macro F1",
                        "parameters", "trainable parameters", "training time (s)", "images/s",
                        "predicted training memory (bytes)", "checkpoint size (bytes)", "run id"]
 DIFF_COLUMNS = ["kind", "true class", "predicted class", "A", "B", "difference"]
@@ -243,7 +243,7 @@ def _record_memory(record) -> tuple[int | None, str | None]:
 def _row_from_summary(s: dict) -> dict[str, Any]:
     return {"run": s.get("name") or s["run_id"], "model": s.get("model"), "status": s.get("status"),
             "best val accuracy": s.get("best_val_accuracy"), "test accuracy": s.get("test_accuracy"),
-            "macro F1": s.get("macro_f1"), "parameters": s.get("params"),
+            "test images": s.get("test_images"), "macro F1": s.get("macro_f1"), "parameters": s.get("params"),
             "trainable parameters": s.get("trainable_params"), "training time (s)": s.get("train_seconds"),
             "images/s": s.get("images_per_sec"),
             "predicted training memory (bytes)": s.get("predicted_memory_bytes"),

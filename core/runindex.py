@@ -41,7 +41,7 @@ INDEX_COLUMNS: list[tuple[str, str]] = [
     ("run_id", "TEXT PRIMARY KEY"), ("name", "TEXT"), ("tags", "TEXT"), ("owner", "TEXT"),
     ("model", "TEXT"), ("dataset", "TEXT"), ("status", "TEXT"), ("message", "TEXT"),
     ("created", "REAL"), ("updated", "REAL"), ("epochs_done", "INTEGER"), ("epochs", "INTEGER"),
-    ("best_val_accuracy", "REAL"), ("test_accuracy", "REAL"), ("macro_f1", "REAL"),
+    ("best_val_accuracy", "REAL"), ("test_accuracy", "REAL"), ("test_images", "INTEGER"), ("macro_f1", "REAL"),
     ("params", "INTEGER"), ("trainable_params", "INTEGER"), ("train_seconds", "REAL"),
     ("images_per_sec", "REAL"), ("predicted_memory_bytes", "INTEGER"), ("checkpoint_bytes", "INTEGER"),
     ("group_id", "TEXT"), ("batch_size", "INTEGER"), ("lr", "REAL"), ("optimizer", "TEXT"),

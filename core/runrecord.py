@@ -404,6 +404,7 @@ def summarize_record(record: RunRecord, meta: dict | None = None) -> dict[str, A
         "epochs": cfg.epochs if cfg else None,
         "best_val_accuracy": best_val,
         "test_accuracy": as_number((record.eval or {}).get("accuracy")),
+        "test_images": as_number((record.eval or {}).get("num_samples")),
         "macro_f1": _macro_f1(record.eval),
         "params": started.get("params_total"),
         "trainable_params": started.get("params_trainable"),

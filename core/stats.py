@@ -58,6 +58,24 @@ class Interval:
         return {"estimate": self.estimate, "low": self.low, "high": self.high, "n": self.n,
                 "method": self.method, "half_width": self.half_width}
 
+    def span(self, percent: bool = True) -> str:
+        """'36.7–45.4 %' (an accuracy), or '0.412–0.488' (percent=False: an F1 score)."""
+        if percent:
+            return f"{100 * self.low:.1f}–{100 * self.high:.1f} %"
+        return f"{self.low:.3f}–{self.high:.3f}"
+
+
+def accuracy_interval(accuracy, n) -> Interval | None:
+    """The Wilson interval of an accuracy measured on ``n`` images; None when either is unknown
+    (a run without a test evaluation, an index row from before the count was kept)."""
+    try:
+        accuracy, n = float(accuracy), int(n)
+    except (TypeError, ValueError):
+        return None
+    if n <= 0 or accuracy != accuracy or not 0 <= accuracy <= 1:
+        return None
+    return wilson_interval(round(accuracy * n), n)
+
 
 def wilson_interval(correct: int, n: int, z: float = Z95) -> Interval:
     """Wilson score interval for ``correct`` successes out of ``n`` (95 % by default)."""
@@ -234,6 +252,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, names: tuple[str, str] | 
         raise DataError(f"Runs {names[0]} and {names[1]} were tested on different images ({len(ia)} and "
                         f"{len(ib)}, {shared} in common): McNemar's test needs the same test split "
                         "(same dataset, test fraction and split seed).")
+    _check_same_files(run_a, run_b, ia, names)
     order_b = {idx: k for k, idx in enumerate(ib)}
     perm = np.array([order_b[i] for i in ia], dtype=np.int64)
     ta, tb = np.asarray(pa["target"]), np.asarray(pb["target"])[perm]
@@ -243,3 +262,17 @@ def compare_runs(run_a: str | Path, run_b: str | Path, names: tuple[str, str] | 
     correct_a = np.asarray(pa["predicted"]) == ta
     correct_b = np.asarray(pb["predicted"])[perm] == tb
     return mcnemar(correct_a, correct_b, names)
+
+
+def _check_same_files(run_a: str | Path, run_b: str | Path, indices, names: tuple[str, str]) -> None:
+    """Two datasets of one size share their indices: the file names of the test images (eval.json's
+    "files", where both runs have them) must also match."""
+    fa = (rundir.read_eval(run_a) or {}).get("files") or {}
+    fb = (rundir.read_eval(run_b) or {}).get("files") or {}
+    if not fa or not fb:
+        return
+    differ = sum(fa.get(str(i)) != fb.get(str(i)) for i in indices)
+    if differ:
+        raise DataError(f"Runs {names[0]} and {names[1]} were tested on different images ({differ} of "
+                        f"{len(indices):,} test files differ): they were trained on different datasets, so "
+                        "McNemar's test does not apply.")

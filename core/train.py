@@ -145,10 +145,12 @@ class ProgressPrinter:
 
     def __init__(self, stream=sys.stderr, quiet: bool = False):
         self.stream, self.quiet = stream, quiet
+        self.run_dir: str | None = None   # from RunStarted: the finish line reads its predictions
 
     def __call__(self, event: ev.Event) -> None:
         s = self.stream
         if isinstance(event, ev.RunStarted):
+            self.run_dir = event.run_dir
             print(f"run {event.run_id} on {event.device}: {event.split_sizes}, input {event.input_shape}, "
                   f"{event.params_trainable:,}/{event.params_total:,} trainable parameters", file=s)
             for note in event.notes:
@@ -172,6 +174,10 @@ class ProgressPrinter:
                 print(f"  note: {stats.precision_sentence(event.num_samples, event.accuracy)}", file=s)
         elif isinstance(event, ev.RunFinished):
             print(f"{event.status}: {event.message}", file=s)
+            if self.run_dir and rundir.read_predictions(self.run_dir) is not None:
+                iv = stats.run_macro_f1_interval(self.run_dir)
+                print(f"  macro F1 {iv.estimate:.3f} (95 % bootstrap interval {iv.span(percent=False)}, "
+                      f"n = {iv.n:,})", file=s)
 
 
 def _interval(event: ev.Evaluated) -> str:

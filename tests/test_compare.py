@@ -269,8 +269,21 @@ def test_tab_shows_curves_leaderboard_and_side_by_side(tab):
     assert csv_file["visible"] is True   # the download box appears once there is a file
     assert pd.read_csv(csv_file["value"])["run"].tolist() == board["run"].tolist()   # same runs, same order
     a, b = group.run_ids
-    cm_a, cm_b, summary, table = h.show_pair(a, b, True)
+    cm_a, cm_b, summary, table, paired = h.show_pair(a, b, True)
     assert "A" in summary and "B" in summary and len(table) >= 3
+    # honest numbers: each accuracy with its Wilson interval, the F1 with its bootstrap one, and
+    # McNemar's paired test of the two runs on their shared test images, in words
+    from core import stats
+    from ui.common import md_text, run_history
+    dirs = [run_history(ctx).run_dir(r) for r in (a, b)]
+    for run_dir in dirs:
+        acc, f1 = stats.run_accuracy_interval(run_dir), stats.run_macro_f1_interval(run_dir)
+        assert f"(95 % CI {acc.span()})" in summary and f"({f1.span(percent=False)})" in summary
+        assert acc.span() in set(board["test acc 95 % CI"])
+    expected = stats.compare_runs(dirs[0], dirs[1], names=("A", "B"))
+    assert paired.startswith(f"**Paired test (McNemar, on the same {expected.n:,} test images):**")
+    assert md_text(expected.sentence) in paired
+    assert "same run" in h.show_pair(a, a, True)[4]
     assert cm_a.data[0].type == "heatmap" and cm_b.data[0].type == "heatmap"
     plan = h.preview_plan(["tutorial_net", "lenet5"], "0.1, 0.01", "", 2)
     assert "4 run(s)" in plan
@@ -284,6 +297,10 @@ def test_tab_history_panel_rename_tag_export_and_delete(tab, tmp_path):
     run_id = group.run_ids[0]
     msg, table = h.rename(run_id, "renamed in the UI", "", "(all)", None, TEACHER)
     assert "renamed in the UI" in msg and "renamed in the UI" in set(table["name"])
+    from core import stats
+    from ui.common import run_history
+    row = table[table["run id"] == run_id].iloc[0]   # the test accuracy with its Wilson interval
+    assert row["test acc 95 % CI"] == stats.run_accuracy_interval(run_history(ctx).run_dir(run_id)).span()
     msg, table = h.save_tags(run_id, "ui, test", "ui", "(all)", None, TEACHER)
     assert list(table["run id"]) == [run_id]   # the filter 'ui' applies
     assert list(table["owner"]) == ["alice"]

@@ -164,6 +164,13 @@ def test_run_intervals_and_mcnemar_between_two_real_runs(two_runs):
     assert "30 images" in result.sentence
 
 
+def test_an_accuracy_interval_needs_a_known_accuracy_and_count():
+    assert stats.accuracy_interval(0.41, 500) == stats.wilson_interval(205, 500)
+    assert stats.accuracy_interval(0.41, 500).span() == "36.8–45.4 %"
+    for accuracy, n in ((None, 500), (0.4, None), (float("nan"), 500), (0.4, 0), (1.2, 10)):
+        assert stats.accuracy_interval(accuracy, n) is None
+
+
 def test_mcnemar_refuses_runs_tested_on_different_images(two_runs, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
@@ -171,6 +178,15 @@ def test_mcnemar_refuses_runs_tested_on_different_images(two_runs, tmp_path):
     rundir.write_predictions(other, "test", [i + 1000 for i in preds["index"]], preds["target"],
                              preds["predicted"], preds["confidence"], preds["true_prob"])
     with pytest.raises(DataError, match="tested on different images"):
+        stats.compare_runs(two_runs[0], other)
+    # the same indices and labels, but other files (another dataset of the same size): refused too
+    rundir.write_predictions(other, "test", preds["index"], preds["target"], preds["predicted"],
+                             preds["confidence"], preds["true_prob"])
+    ev = rundir.read_eval(two_runs[1])
+    assert stats.compare_runs(two_runs[0], other).n == 30   # no eval.json here: nothing to check against
+    renamed = {k: f"elsewhere/{v}" for k, v in list(ev["files"].items())[:3]}
+    rundir.write_json(other / rundir.EVAL_FILE, {**ev, "files": {**ev["files"], **renamed}})
+    with pytest.raises(DataError, match="3 of 30 test files differ"):
         stats.compare_runs(two_runs[0], other)
     (other / rundir.PREDICTIONS_FILE).unlink()
     with pytest.raises(DataError, match="no per-image predictions"):
@@ -188,3 +204,5 @@ def test_the_command_line_prints_the_accuracy_with_its_interval(tmp_path, tiny_f
     iv = stats.wilson_interval(round(ev["accuracy"] * 30), 30)
     assert f"test: accuracy {ev['accuracy']:.1%} (95 % interval {100 * iv.low:.1f}–{iv.high:.1%}, n = 30)" in proc.stderr
     assert "test split is small" in proc.stderr   # 30 images: ±15 points or so
+    f1 = stats.run_macro_f1_interval(run_dir)   # the macro F1 with its bootstrap interval, at the end
+    assert f"macro F1 {f1.estimate:.3f} (95 % bootstrap interval {f1.span(percent=False)}, n = 30)" in proc.stderr

@@ -21,7 +21,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from core import compare, events as ev, export, identity, runs
+from core import compare, events as ev, export, identity, runs, stats
 from core.errors import ConfigError, LabError
 from core.models import list_models
 from ui import plots, tab_evaluate
@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 POLL_S = 1.0
 DEFAULT_MODELS = ["tutorial_net", "resnet18"]
 HISTORY_COLUMNS = ["run id", "name", "tags", "model", "dataset", "status", "epochs", "best val acc (%)",
-                   "test acc (%)", "created", "owner"]
-LEADERBOARD_DISPLAY = ["run", "model", "status", "best val acc (%)", "test acc (%)", "macro F1",
+                   "test acc (%)", "test acc 95 % CI", "created", "owner"]
+LEADERBOARD_DISPLAY = ["run", "model", "status", "best val acc (%)", "test acc (%)", "test acc 95 % CI", "macro F1",
                        "params", "trainable params", "train time (s)", "images/s",
                        "predicted memory (MiB)", "file size (MiB)"]   # the run ids are in the CSV and the history
 DIFF_DISPLAY = ["kind", "true class", "predicted class", "A (%)", "B (%)", "B − A (points)"]
@@ -142,12 +142,19 @@ def _for_display(df: pd.DataFrame) -> pd.DataFrame:
     return out.where(df.notna(), None)
 
 
+def ci_column(accuracy: pd.Series, n: pd.Series) -> list[str]:
+    """Each accuracy's Wilson 95 % interval, '36.7–45.4 %' ('' when the image count is unknown)."""
+    spans = [stats.accuracy_interval(a, c) for a, c in zip(accuracy, n)]
+    return [iv.span() if iv is not None else "" for iv in spans]
+
+
 def leaderboard_display(df: pd.DataFrame) -> pd.DataFrame:
     """The leaderboard for people: accuracies in %, sizes in MiB, times rounded."""
     out = pd.DataFrame({
         "run": df["run"], "model": df["model"], "status": df["status"],
         "best val acc (%)": (df["best val accuracy"] * 100).round(1),
         "test acc (%)": (df["test accuracy"] * 100).round(1),
+        "test acc 95 % CI": ci_column(df["test accuracy"], df["test images"]),
         "macro F1": df["macro F1"].round(3),
         "params": df["parameters"], "trainable params": df["trainable parameters"],
         "train time (s)": df["training time (s)"].round(1), "images/s": df["images/s"].round(0),
@@ -260,6 +267,7 @@ def history_table(ctx: AppContext, filter_text: str | None = None, status: str |
         "epochs": [f"{int(d or 0)}/{int(e) if e == e and e is not None else '?'}"
                    for d, e in zip(df["epochs_done"], df["epochs"])],
         "best val acc (%)": pct(df["best_val_accuracy"]), "test acc (%)": pct(df["test_accuracy"]),
+        "test acc 95 % CI": ci_column(df["test_accuracy"], df["test_images"]),
         "created": [time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t == t and t else ""
                     for t in df["created"]],
         "owner": [owner_label(o) for o in df["owner"]],
@@ -342,20 +350,44 @@ def pair_view(ctx: AppContext, run_a: str | None, run_b: str | None, normalize: 
     empty = pd.DataFrame(columns=DIFF_DISPLAY)
     whose = "".join(f"{n}\n\n" for n in notes)
     if reports[0] is None or reports[1] is None:
-        return figs[0], figs[1], whose + "Pick two evaluated runs to see where they differ.", empty
+        return figs[0], figs[1], whose + "Pick two evaluated runs to see where they differ.", empty, ""
     try:
         diff = compare.confusion_difference(reports[0], reports[1], top_pairs=10, labels=("A", "B"))
     except LabError as err:
-        return figs[0], figs[1], f"{whose}**Cannot compare:** {err}", empty
-    a, b = reports
-    text = (f"{whose}**A** = {md_text(labels[0])} (accuracy {a.accuracy:.1%}, macro F1 {a.macro_f1:.3f}) · "
-            f"**B** = {md_text(labels[1])} (accuracy {b.accuracy:.1%}, macro F1 {b.macro_f1:.3f}). "
+        return figs[0], figs[1], f"{whose}**Cannot compare:** {err}", empty, ""
+    dirs = [h.run_dir(r) for r in (run_a, run_b)]
+    text = (f"{whose}**A** = {md_text(labels[0])} ({_scores(reports[0], dirs[0])}) · "
+            f"**B** = {md_text(labels[1])} ({_scores(reports[1], dirs[1])}). "
             "Rows: per-class recall, then the confusions that changed most (share of the true class, %).")
     table = pd.DataFrame({"kind": diff["kind"], "true class": diff["true class"],
                           "predicted class": diff["predicted class"], "A (%)": (diff["A"] * 100).round(1),
                           "B (%)": (diff["B"] * 100).round(1),
                           "B − A (points)": (diff["difference"] * 100).round(1)}, columns=DIFF_DISPLAY)
-    return figs[0], figs[1], text, _for_display(table)
+    return figs[0], figs[1], text, _for_display(table), paired_test(dirs[0], dirs[1], run_a == run_b)
+
+
+def _scores(report, run_dir) -> str:
+    """'accuracy 41.0 % (95 % CI 36.7–45.4 %), macro F1 0.402 (0.371–0.433)': the bootstrap interval
+    where the run kept its per-image predictions."""
+    acc = stats.accuracy_interval(report.accuracy, report.num_samples)
+    text = f"accuracy {report.accuracy:.1%}" + (f" (95 % CI {acc.span()})" if acc is not None else "")
+    try:
+        f1 = stats.run_macro_f1_interval(run_dir)
+    except LabError:   # a run from before predictions.json: no interval for its F1
+        return f"{text}, macro F1 {report.macro_f1:.3f}"
+    return f"{text}, macro F1 {report.macro_f1:.3f} ({f1.span(percent=False)})"
+
+
+def paired_test(dir_a, dir_b, same_run: bool) -> str:
+    """McNemar's test of runs A and B on their shared test images, in words; or why there is none."""
+    if same_run:
+        return "**Paired test:** A and B are the same run; pick two different runs."
+    try:
+        result = stats.compare_runs(dir_a, dir_b, names=("A", "B"))
+    except LabError as err:
+        return f"**No paired test:** {md_text(str(err))}"
+    return (f"**Paired test (McNemar, on the same {result.n:,} test images):** {md_text(result.sentence)} "
+            "Only the images that one run gets right and the other wrong decide it.")
 
 
 def default_picks(ctx: AppContext, who: identity.Who, session: dict | None, choices, evaluated,
@@ -710,6 +742,7 @@ class CompareWidgets:
     cm_a: gr.Plot
     cm_b: gr.Plot
     pair_md: gr.Markdown
+    mcnemar: gr.Markdown
     pair_table: gr.Dataframe
     filter: gr.Textbox
     status: gr.Dropdown
@@ -783,7 +816,7 @@ def _leaderboard() -> dict:
                                    else "str" for c in LEADERBOARD_DISPLAY],
                          # the numbers get room for ~9 characters a line; headers wrap at spaces (CSS)
                          elem_classes="lab-word-headers",
-                         column_widths=["15%", "12%", "7%"] + [f"{66 / 9:.2f}%"] * 9)
+                         column_widths=["14%", "11%", "7%"] + [f"{68 / 10:.2f}%"] * 10)
     with gr.Row():
         csv_btn = gr.Button("Download CSV", elem_id="cmp_csv_btn", scale=1)
         csv_file = gr.File(label="Leaderboard CSV", interactive=False, elem_id="cmp_csv", scale=3, visible=False)
@@ -801,10 +834,12 @@ def _pair_section() -> dict:
         cm_a = gr.Plot(plots.empty_figure("Pick run A", "Run A"), label="Run A", elem_id="cmp_cm_a")
         cm_b = gr.Plot(plots.empty_figure("Pick run B", "Run B"), label="Run B", elem_id="cmp_cm_b")
     pair_md = gr.Markdown("Pick two evaluated runs to see where they differ.", elem_id="cmp_pair_summary")
+    # McNemar's paired test: is one run really better on these test images, or is it luck?
+    mcnemar = gr.Markdown("", elem_id="cmp_mcnemar")
     pair_table = gr.Dataframe(pd.DataFrame(columns=DIFF_DISPLAY), label="Where they differ", interactive=False,
                               elem_id="cmp_diff")
     return {"run_a": run_a, "run_b": run_b, "normalize": normalize, "cm_a": cm_a, "cm_b": cm_b,
-            "pair_md": pair_md, "pair_table": pair_table}
+            "pair_md": pair_md, "mcnemar": mcnemar, "pair_table": pair_table}
 
 
 def _history_table_rows() -> dict:
@@ -818,7 +853,7 @@ def _history_table_rows() -> dict:
         hist_refresh = gr.Button("Refresh", elem_id="cmp_hist_refresh", scale=1)
     table = gr.Dataframe(pd.DataFrame(columns=HISTORY_COLUMNS), label="Runs (click a row to select it)",
                          interactive=False, wrap=True, elem_id="cmp_hist_table", elem_classes="lab-word-headers",
-                         column_widths=["17%", "12%", "7%", "10%", "9%", "7%", "5%", "6%", "6%", "10%", "11%"])
+                         column_widths=["16%", "11%", "6%", "9%", "9%", "6%", "5%", "6%", "6%", "9%", "8%", "9%"])
     with gr.Row():
         hist_run = gr.Dropdown(label="Selected run", choices=[], elem_id="cmp_hist_run", scale=3)
         add_btn = gr.Button("Add to comparison", elem_id="cmp_hist_add", scale=1)
@@ -893,7 +928,7 @@ def _wire_comparison(ctx: AppContext, w: CompareWidgets, tab: CompareTab) -> Non
                     concurrency_limit=None)
     w.csv_btn.click(tab.leaderboard_csv, [w.selected, me], w.csv_file, api_name="compare_csv",
                     concurrency_limit=None)
-    pair_inputs, pair_outputs = [w.run_a, w.run_b, w.normalize, me], [w.cm_a, w.cm_b, w.pair_md, w.pair_table]
+    pair_inputs, pair_outputs = [w.run_a, w.run_b, w.normalize, me], [w.cm_a, w.cm_b, w.pair_md, w.pair_table, w.mcnemar]
     for widget in (w.run_a, w.run_b, w.normalize):
         widget.change(tab.show_pair, pair_inputs, pair_outputs, api_visibility="private", concurrency_limit=None)
 
