@@ -81,9 +81,11 @@ def _suggest(lrs: np.ndarray, smoothed: np.ndarray) -> tuple[float | None, float
     """(steepest-descent rate, minimum rate / 10) of a smoothed curve; None when too short."""
     if len(lrs) < 10:
         return None, None
-    low = int(np.argmin(smoothed))
-    min_over_10 = float(lrs[low] / 10)
     start = max(1, int(len(lrs) * SKIP_START))
+    # the minimum after the warm-up: on a flat curve the first few averages (of one to a few noisy
+    # losses) were often the lowest, which left a model that learns late without a suggestion
+    low = start + int(np.argmin(smoothed[start:]))
+    min_over_10 = float(lrs[low] / 10)
     if low - start < 2:
         return None, min_over_10
     slope = np.gradient(smoothed[start:low + 1], np.log(lrs[start:low + 1]))

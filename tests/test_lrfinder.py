@@ -114,3 +114,18 @@ def test_each_step_is_reported_and_a_diverged_run_stops_reporting():
         seen = []
         result = lrfinder.lr_range_test(model, loader(x, y), opt, steps=60, on_step=lambda i, n: seen.append((i, n)))
     assert seen == [(i, 60) for i in range(1, len(result.curve) + 1)]
+
+
+def test_a_low_average_in_the_warm_up_does_not_hide_a_later_descent():
+    """A model that learns late: the loss is flat (the first average, of one lucky batch, the lowest
+    of all) until the rate reaches ~0.1, then falls, then diverges. The suggestion lies in the fall."""
+    from core.lrfinder import _suggest
+    lrs = np.geomspace(1e-5, 10, 100)
+    loss = np.full(100, 2.30)
+    loss[0] = 1.90                                        # the warm-up's lucky first batch
+    fall = (lrs > 0.03) & (lrs < 0.5)
+    loss[fall] = 2.30 - 0.3 * np.log(lrs[fall] / 0.03) / np.log(0.5 / 0.03)
+    loss[lrs >= 0.5] = 2.0 + 2 * np.log(lrs[lrs >= 0.5] / 0.5)
+    suggestion, min_over_10 = _suggest(lrs, loss)
+    assert suggestion is not None and 0.03 < suggestion < 0.5
+    assert min_over_10 == pytest.approx(lrs[np.argmin(loss[10:]) + 10] / 10)

@@ -56,8 +56,8 @@ def test_the_finder_plots_the_loss_on_a_log_axis_and_use_puts_its_suggestion_int
     assert [t.name for t in fig.data][:2] == ["loss of each step", "smoothed loss"]
     assert fig.data[1].line.width > fig.data[0].line.width   # smoothed bold, raw faint
     suggestion = session["lr_suggestion"]
-    assert suggestion is not None and 1e-7 <= suggestion <= 10
-    assert len(fig.data[0].x) <= tab_train.LR_FINDER_STEPS and min(fig.data[0].x) == pytest.approx(1e-7)
+    assert suggestion is not None and tab_train.LR_FINDER_START <= suggestion <= 10
+    assert len(fig.data[0].x) <= tab_train.LR_FINDER_STEPS and min(fig.data[0].x) == pytest.approx(tab_train.LR_FINDER_START)
     assert use == {"__type__": "update", "value": f"Use {suggestion:g}", "visible": True}
     assert f"Suggested learning rate: {suggestion:g}" in note and "steepest descent" in note
     assert "rule of thumb" in note and "threw it away" in note and "tutorial\\_net" in note
