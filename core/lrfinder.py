@@ -7,7 +7,8 @@ corrected, as fastai does).
 The suggestion is the rate where the smoothed loss falls fastest (the most negative slope of the
 smoothed loss against log(rate), between the first 10 % of the curve and its minimum): "steepest
 descent". ``min_over_10`` (the rate at the smoothed minimum, divided by 10) is returned too, as the
-other common rule. Both are heuristics from one short run from the current weights; the caveat
+other common rule; when it is lower than the steepest descent (a flat, noisy curve whose steepest
+fall lies near divergence) it is the suggestion. Both are heuristics from one short run from the current weights; the caveat
 says so in words.
 
 The model's weights (buffers too) and the optimiser's state (its rates included) are put back
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 MAX_STEPS = 500      # a range test is a quick look: more steps is a training run (and may be asked through the API)
 SKIP_START = 0.1     # the first 10 % of the curve is ignored for the suggestion (the average warms up)
-CAVEAT = ("A rule of thumb, not an optimum: the suggestion is where the loss fell fastest during "
+CAVEAT = ("A rule of thumb, not an optimum: the suggestion comes from how the loss moved during "
           "{steps} steps from these weights with this batch size. A schedule, a longer run or another "
           "batch size moves the best rate; try the suggestion and rates about 3× above and below it.")
 
@@ -54,7 +55,7 @@ CAVEAT = ("A rule of thumb, not an optimum: the suggestion is where the loss fel
 @dataclass
 class LRFinderResult:
     curve: pd.DataFrame                 # step, lr, loss, smoothed
-    suggestion: float | None            # steepest descent of the smoothed loss
+    suggestion: float | None            # steepest descent, or min_over_10 when that is lower
     min_over_10: float | None           # the smoothed minimum's rate / 10
     method: str
     stopped_early: bool                 # diverged before end_lr
@@ -150,8 +151,14 @@ def lr_range_test(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lo
         restore_rng_state(saved_rng)
     curve = pd.DataFrame(rows, columns=["step", "lr", "loss", "smoothed"])
     suggestion, min_over_10 = _suggest(curve["lr"].to_numpy(), curve["smoothed"].to_numpy())
-    return LRFinderResult(curve, suggestion, min_over_10, "steepest descent of the smoothed loss",
-                          stopped, CAVEAT.format(steps=len(curve)))
+    method = "steepest descent of the smoothed loss"
+    if suggestion is not None and min_over_10 is not None and min_over_10 < suggestion:
+        # the lower, safer of the two rules: on a flat, noisy curve the steepest fall can lie next to
+        # divergence (a run of the sample at such a rate ended at chance, 10 %)
+        method = (f"rate at the lowest smoothed loss ÷ 10 (lower, so safer, than the steepest descent "
+                  f"at {suggestion:.3g})")
+        suggestion = min_over_10
+    return LRFinderResult(curve, suggestion, min_over_10, method, stopped, CAVEAT.format(steps=len(curve)))
 
 
 def find_lr(config, data_dir: str | Path = datasets.DEFAULT_DATA_DIR, steps: int = 100,

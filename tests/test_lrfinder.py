@@ -62,7 +62,11 @@ def test_the_suggestion_is_within_10x_of_the_best_fixed_rate_of_a_sweep():
     assert curve["lr"].is_monotonic_increasing and curve["lr"].iloc[0] == pytest.approx(1e-7)
     assert len(curve) < 100 and curve["smoothed"].min() < 0.9 * curve["smoothed"].iloc[0]   # it fell, then rose
     assert result.min_over_10 == pytest.approx(curve["lr"].iloc[int(curve["smoothed"].argmin())] / 10)
-    assert "rule of thumb" in result.caveat and result.method == "steepest descent of the smoothed loss"
+    assert "rule of thumb" in result.caveat
+    # the lower of the two rules: steepest descent of the smoothed loss, and its minimum's rate ÷ 10
+    steepest, min_over_10 = lrfinder._suggest(curve["lr"].to_numpy(), curve["smoothed"].to_numpy())
+    assert result.suggestion == min(steepest, min_over_10)
+    assert result.method.startswith("steepest descent" if steepest <= min_over_10 else "rate at the lowest")
 
 
 def test_weights_optimizer_state_and_rng_are_restored():

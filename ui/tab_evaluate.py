@@ -283,7 +283,7 @@ def cell_sentence(count: int, shown: int, true_name: str, pred_name: str) -> str
 def mistake_note(item: dict, pred_prob: float, true_prob: float) -> str:
     """A clicked mistake in words: file, true and predicted class, confidences, how to read it."""
     name = md_text(Path(str(item["file"])).name)
-    return (f"**{name}** is a **{md_text(item['true'])}**; the model said **{md_text(item['predicted'])}** "
+    return (f"**{name}** is labelled **{md_text(item['true'])}**; the model said **{md_text(item['predicted'])}** "
             f"({pred_prob:.0%} sure) and gave {md_text(item['true'])} {true_prob:.0%}. {HOW_TO_READ}")
 
 

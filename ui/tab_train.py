@@ -436,7 +436,7 @@ def lr_note(result: lrfinder.LRFinderResult, suggestion: float | None, config: R
                 "(Data tab) or try a smaller batch size; the plot shows what happened.")
     else:
         other = (f" The other common rule (the rate at the lowest loss ÷ 10) gives {result.min_over_10:.3g}."
-                 if result.min_over_10 else "")
+                 if result.min_over_10 and result.min_over_10 != result.suggestion else "")
         head = (f"**Suggested learning rate: {suggestion:g}** — the {result.method} (the dashed line).{other} "
                 f"**Use {suggestion:g}** puts it into the Learning rate box.")
     last = f"{curve['lr'].iloc[-1]:.3g}" if not curve.empty else "the first step"
