@@ -133,3 +133,17 @@ def test_a_low_average_in_the_warm_up_does_not_hide_a_later_descent():
     suggestion, min_over_10 = _suggest(lrs, loss)
     assert suggestion is not None and 0.03 < suggestion < 0.5
     assert min_over_10 == pytest.approx(lrs[np.argmin(loss[10:]) + 10] / 10)
+
+
+def test_a_flat_curve_gets_no_suggestion():
+    """A loss that moves by 1 % (noise) says nothing about the rate: no suggestion, no minimum ÷ 10."""
+    from core.lrfinder import _suggest
+    rng = np.random.default_rng(0)
+    lrs = np.geomspace(1e-5, 10, 100)
+    flat = 2.30 + rng.normal(0, 0.005, 100)
+    assert _suggest(lrs, flat) == (None, None)
+    falling = flat.copy()
+    falling[40:70] -= np.linspace(0, 0.4, 30)          # a clear fall (17 %), then back up
+    falling[70:] -= np.linspace(0.4, -1.0, 30)
+    suggestion, _ = _suggest(lrs, falling)
+    assert suggestion is not None and lrs[40] <= suggestion <= lrs[70]
