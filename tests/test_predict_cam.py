@@ -36,14 +36,14 @@ def lab(tmp_path_factory, tiny_folder):
     manager = JobManager(runs_dir=tmp / "runs", data_dir=tmp / "data", max_jobs=1)
     ctx = AppContext(manager=manager, data_dir=tmp / "data", runs_dir=tmp / "runs", secret=SECRET)
     ctx.history = RunHistory(ctx.runs_dir).attach(manager)
-    with gr.Blocks():
+    with gr.Blocks() as blocks:
         ctx.session = gr.State({})
         ctx.browser_id = gr.BrowserState(None)
         tab_evaluate.build(ctx)
         tab = tab_predict.build(ctx)
     a, b = Page("A", "a1a1"), Page("B", "b2b2")
     runs = {"a": train(ctx, a, tiny_folder, seed=0), "b": train(ctx, b, tiny_folder, seed=1)}
-    yield {"ctx": ctx, "tab": tab, "a": a, "b": b, "runs": runs}
+    yield {"ctx": ctx, "blocks": blocks, "tab": tab, "a": a, "b": b, "runs": runs}
     manager.shutdown(timeout=10)
 
 
@@ -144,3 +144,17 @@ def test_two_threads_explaining_one_shared_model_get_what_they_would_alone(lab):
     assert errors == []
     for k, maps in together.items():
         assert all(np.array_equal(m, alone[k]) for m in maps), k
+
+
+def test_a_failed_heatmap_after_a_new_image_or_model_empties_the_panel(lab):
+    # A refused image or an unusable model leaves no heat-map of the previous image or model beside it.
+    fns, w = lab["blocks"].fns, lab["tab"].w
+    panel = {w.cam._id, w.cam_note._id}
+    name = {i: getattr(f.fn, "__name__", None) for i, f in fns.items()}
+    model_changes = {i for i in fns if name[i] == "model_changed"}
+    after_new_input = {i for i, f in fns.items() if name[i] == "explain" and (
+        f.trigger_after in model_changes or any(t[0] == w.image._id for t in f.targets))}
+    cleared = {f.trigger_after for f in fns.values()
+               if f.trigger_only_on_failure and {o._id for o in f.outputs} == panel}
+    assert len(model_changes) == 3 and len(after_new_input) == 4   # source, run, upload; image
+    assert after_new_input <= cleared
