@@ -176,11 +176,11 @@ def predict_views(pg) -> None:
     has_image(pg, "predict_cam")
     note = pg.locator("#predict_cam_note")
     expect(note).to_contain_text("%", timeout=WAIT_MS)
+    shot(pg, "predict-cam")   # the top class
     before = note.inner_text()
     pg.locator("#predict_cam_class input").click()
     pg.get_by_role("option").nth(3).click()
     expect(note).not_to_have_text(before, timeout=WAIT_MS)
-    shot(pg, "predict-cam")
 
 
 def compare_views(pg, server, runs: list[str]) -> None:
