@@ -20,6 +20,7 @@ Pure numpy and the standard library: no scipy.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -235,7 +236,23 @@ def run_accuracy_interval(run_dir: str | Path) -> Interval:
 
 
 def run_macro_f1_interval(run_dir: str | Path, seed: int = 0) -> Interval:
-    """The bootstrap interval of a run's macro F1, from its per-image predictions."""
+    """The bootstrap interval of a run's macro F1, from its per-image predictions. Kept per run
+    folder while its predictions file is unchanged (seeded: the same file, the same interval), so a
+    view that thirty pages refresh computes it once."""
+    path = Path(run_dir) / rundir.PREDICTIONS_FILE
+    try:
+        st = path.stat()
+    except OSError:
+        return _run_macro_f1_interval(run_dir, seed)   # no predictions: _predictions says so
+    return _cached_macro_f1_interval(str(Path(run_dir).resolve()), st.st_mtime_ns, st.st_size, seed)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_macro_f1_interval(run_dir: str, mtime_ns: int, size: int, seed: int) -> Interval:
+    return _run_macro_f1_interval(run_dir, seed)
+
+
+def _run_macro_f1_interval(run_dir: str | Path, seed: int) -> Interval:
     data = _predictions(run_dir)
     k = len((rundir.read_eval(run_dir) or {}).get("class_names") or []) or int(max(max(data["target"]),
                                                                                 max(data["predicted"])) + 1)

@@ -164,6 +164,26 @@ def test_run_intervals_and_mcnemar_between_two_real_runs(two_runs):
     assert "30 images" in result.sentence
 
 
+def test_a_runs_f1_interval_is_kept_until_its_predictions_change(two_runs, tmp_path):
+    """Compare's side-by-side asks for it on each change of pair: one bootstrap per predictions file."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(two_runs[0], run)
+    first = stats.run_macro_f1_interval(run)
+    hits = stats._cached_macro_f1_interval.cache_info().hits
+    assert stats.run_macro_f1_interval(run) == first
+    assert stats._cached_macro_f1_interval.cache_info().hits == hits + 1
+    preds = rundir.read_predictions(run)
+    perfect = list(preds["target"])   # every image right now: a new file, a new interval
+    rundir.write_predictions(run, "test", preds["index"], preds["target"], perfect, preds["confidence"],
+                             preds["true_prob"])
+    assert stats.run_macro_f1_interval(run) == stats.bootstrap_macro_f1(preds["target"], perfect, 3)
+    (run / rundir.PREDICTIONS_FILE).unlink()
+    with pytest.raises(DataError, match="no per-image predictions"):
+        stats.run_macro_f1_interval(run)
+
+
 def test_an_accuracy_interval_needs_a_known_accuracy_and_count():
     assert stats.accuracy_interval(0.41, 500) == stats.wilson_interval(205, 500)
     assert stats.accuracy_interval(0.41, 500).span() == "36.8–45.4 %"

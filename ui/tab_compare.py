@@ -323,7 +323,8 @@ def export_files(ctx: AppContext, run_id: str | None, kind: str, who: identity.W
 
 def pair_view(ctx: AppContext, run_a: str | None, run_b: str | None, normalize: bool = True,
               who: identity.Who | None = None):
-    """(heatmap A, heatmap B, summary markdown, difference table) for two runs (that ``who`` may see)."""
+    """(heatmap A, heatmap B, summary markdown, difference table, McNemar's paired test in words) for
+    two runs (that ``who`` may see)."""
     h = _history(ctx)
     figs, reports, labels, notes = [], [], [], []
     for which, run_id in (("A", run_a), ("B", run_b)):
@@ -351,31 +352,20 @@ def pair_view(ctx: AppContext, run_a: str | None, run_b: str | None, normalize: 
     whose = "".join(f"{n}\n\n" for n in notes)
     if reports[0] is None or reports[1] is None:
         return figs[0], figs[1], whose + "Pick two evaluated runs to see where they differ.", empty, ""
+    dirs = [h.run_dir(r) for r in (run_a, run_b)]
+    paired = paired_test(dirs[0], dirs[1], run_a == run_b)
     try:
         diff = compare.confusion_difference(reports[0], reports[1], top_pairs=10, labels=("A", "B"))
     except LabError as err:
-        return figs[0], figs[1], f"{whose}**Cannot compare:** {err}", empty, ""
-    dirs = [h.run_dir(r) for r in (run_a, run_b)]
-    text = (f"{whose}**A** = {md_text(labels[0])} ({_scores(reports[0], dirs[0])}) · "
-            f"**B** = {md_text(labels[1])} ({_scores(reports[1], dirs[1])}). "
+        return figs[0], figs[1], f"{whose}**Cannot compare:** {md_text(str(err))}", empty, paired
+    text = (f"{whose}**A** = {md_text(labels[0])} ({compare.scores_text(reports[0], dirs[0])}) · "
+            f"**B** = {md_text(labels[1])} ({compare.scores_text(reports[1], dirs[1])}). "
             "Rows: per-class recall, then the confusions that changed most (share of the true class, %).")
     table = pd.DataFrame({"kind": diff["kind"], "true class": diff["true class"],
                           "predicted class": diff["predicted class"], "A (%)": (diff["A"] * 100).round(1),
                           "B (%)": (diff["B"] * 100).round(1),
                           "B − A (points)": (diff["difference"] * 100).round(1)}, columns=DIFF_DISPLAY)
-    return figs[0], figs[1], text, _for_display(table), paired_test(dirs[0], dirs[1], run_a == run_b)
-
-
-def _scores(report, run_dir) -> str:
-    """'accuracy 41.0 % (95 % CI 36.7–45.4 %), macro F1 0.402 (0.371–0.433)': the bootstrap interval
-    where the run kept its per-image predictions."""
-    acc = stats.accuracy_interval(report.accuracy, report.num_samples)
-    text = f"accuracy {report.accuracy:.1%}" + (f" (95 % CI {acc.span()})" if acc is not None else "")
-    try:
-        f1 = stats.run_macro_f1_interval(run_dir)
-    except LabError:   # a run from before predictions.json: no interval for its F1
-        return f"{text}, macro F1 {report.macro_f1:.3f}"
-    return f"{text}, macro F1 {report.macro_f1:.3f} ({f1.span(percent=False)})"
+    return figs[0], figs[1], text, _for_display(table), paired
 
 
 def paired_test(dir_a, dir_b, same_run: bool) -> str:
@@ -930,7 +920,9 @@ def _wire_comparison(ctx: AppContext, w: CompareWidgets, tab: CompareTab) -> Non
                     concurrency_limit=None)
     pair_inputs, pair_outputs = [w.run_a, w.run_b, w.normalize, me], [w.cm_a, w.cm_b, w.pair_md, w.pair_table, w.mcnemar]
     for widget in (w.run_a, w.run_b, w.normalize):
-        widget.change(tab.show_pair, pair_inputs, pair_outputs, api_visibility="private", concurrency_limit=None)
+        # reads both runs' predictions (McNemar) and bootstraps their F1: a few at a time
+        widget.change(tab.show_pair, pair_inputs, pair_outputs, api_visibility="private",
+                      concurrency_id="cmp_pair", concurrency_limit=2)
 
 
 def _wire_history(ctx: AppContext, w: CompareWidgets, tab: CompareTab) -> None:
