@@ -14,29 +14,20 @@ import pytest
 
 gr = pytest.importorskip("gradio")
 
-from core import compare, events as ev, identity, rundir, stats
+from core import compare, events as ev, rundir, stats
 from core.config import RunConfig
 from core.jobs import JobManager
 from core.runrecord import load_run
 from core.runs import RunHistory
 from tests.conftest import SAMPLE_ZIP, TINY_CLASSES
+from tests.test_follow_run import SECRET, Page
 from ui import tab_compare
 from ui.common import AppContext, md_text
 
 ROOT = Path(__file__).resolve().parent.parent
-SECRET = "c" * 32
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
-
-class Page:
-    """One browser's page: its signed token and a fake request."""
-
-    def __init__(self, name: str, ident: str):
-        self.token = identity.sign(SECRET, ident)
-        self.request = type(f"Request{name}", (), {"username": None, "session_hash": f"session-{name}",
-                                                   "client": None})()
-        self.owner = f"browser:{ident}"
 
 
 @pytest.fixture(scope="module")

@@ -13,28 +13,19 @@ import pytest
 gr = pytest.importorskip("gradio")
 
 from core import events as ev
-from core import explain, identity, rundir, runrecord, stats
+from core import explain, rundir, runrecord, stats
 from core.config import RunConfig
 from core.inference import Predictor
 from core.jobs import JobManager
 from core.runs import RunHistory
+from tests.test_follow_run import SECRET, Page
 from ui import tab_evaluate
 from ui.common import AppContext
 from ui.tab_evaluate import HEAT_PRED, HEAT_TRUE, NO_HEATMAP, OWNER_ONLY
 
-SECRET = "e" * 32
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
-
-class Page:
-    """One browser's page: its signed token and its Gradio session."""
-
-    def __init__(self, name: str, ident: str):
-        self.token = identity.sign(SECRET, ident)
-        self.request = type(f"Request{name}", (), {"username": None, "session_hash": f"session-{name}",
-                                                   "client": None})()
-        self.owner = f"browser:{ident}"
 
 
 @pytest.fixture(scope="module")

@@ -14,29 +14,19 @@ gr = pytest.importorskip("gradio")
 from PIL import Image
 
 from core import events as ev
-from core import explain, gradstats, identity, internals
+from core import explain, gradstats, internals
 from core.config import RunConfig
 from core.jobs import JobManager
 from core.runs import RunHistory
+from tests.test_follow_run import SECRET, Page
 from ui import app, tab_inside
 from ui.common import AppContext
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = sorted((ROOT / "assets" / "examples").glob("*.jpg"))[0]
-SECRET = "e" * 32
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
-
-class Page:
-    """One browser's page: its signed token, a fake request and its session state."""
-
-    def __init__(self, name: str, ident: str):
-        self.token = identity.sign(SECRET, ident)
-        self.request = type(f"Request{name}", (), {"username": None, "session_hash": f"session-{name}",
-                                                   "client": None})()
-        self.owner = f"browser:{ident}"
-        self.session: dict = {}
 
 
 def _train(ctx, page: Page, folder: Path, record: bool, epochs: int) -> str:
