@@ -346,7 +346,8 @@ def test_stop_a_running_run_resume_it_while_others_keep_working(lab, tiny_zip):
     status = start(a, **{"Epochs": 200, "Batch size": 16, "Device": "cpu"})[0]
     assert status.startswith(("Starting", "Training")), status
     deadline = time.time() + 60
-    while not (out := poll(a))[0].startswith("Training") or "batch" not in out[1]:
+    # a poll with nothing new sends no value (a dict without "value", as in the test above): wait on
+    while not (isinstance((out := poll(a))[0], str) and out[0].startswith("Training") and "batch" in out[1]):
         assert time.time() < deadline, out[0]
         time.sleep(0.3)
     run_id = re.search(r"run (\S+):", out[0]).group(1)
