@@ -110,7 +110,9 @@ class Predictor:
             return image
         fit = transforms.build_transform(transforms.default_eval_spec((h, w), native_size=image.size),
                                          "none", self.mode)
-        steps = [t for t in fit.transforms if not isinstance(t, (v2.ToImage, v2.ToDtype, v2.Normalize))]
+        # its geometry only (a PIL image out): no tensor step, whichever form the spec ends in
+        steps = [t for t in fit.transforms
+                 if not isinstance(t, (v2.ToImage, v2.ToDtype, v2.Normalize, transforms.ToNormalizedTensor))]
         return v2.Compose(steps)(image)
 
     def model_input(self, image) -> tuple[Image.Image, torch.Tensor]:

@@ -158,3 +158,15 @@ def test_a_failed_heatmap_after_a_new_image_or_model_empties_the_panel(lab):
                if f.trigger_only_on_failure and {o._id for o in f.outputs} == panel}
     assert len(model_changes) == 3 and len(after_new_input) == 4   # source, run, upload; image
     assert after_new_input <= cleared
+
+
+@pytest.mark.parametrize("size", [(33, 33), (500, 300), (20, 64)])
+def test_an_image_of_any_size_is_explained_at_the_models_input_size(lab, size):
+    """A phone photo or any image not at the model's size: the model sees it resized and cropped
+    like its eval images (a PIL image, not a tensor), and the heat-map is drawn over that view."""
+    predictor = Predictor(lab["ctx"].runs_dir / lab["runs"]["a"] / "best.pth")
+    img = Image.open(CAT).convert("RGB").resize(size)
+    view, tensor = predictor.model_input(img)
+    assert isinstance(view, Image.Image) and view.size == (32, 32) and tuple(tensor.shape) == (3, 32, 32)
+    shown, note = explain_with(lab, lab["a"], lab["runs"]["a"], img=img)
+    assert shown.size == (32, 32) and "Heat-map for" in note
