@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -64,10 +65,11 @@ class LRFinderResult:
     method: str
     stopped_early: bool                 # diverged before end_lr
     caveat: str
+    timed_out: bool = False             # stopped at max_seconds before end_lr
 
     def to_dict(self) -> dict[str, Any]:
         return {"curve": self.curve.to_dict(orient="list"), "suggestion": self.suggestion,
-                "min_over_10": self.min_over_10, "method": self.method, "stopped_early": self.stopped_early,
+                "min_over_10": self.min_over_10, "method": self.method, "stopped_early": self.stopped_early, "timed_out": self.timed_out,
                 "caveat": self.caveat}
 
 
@@ -112,11 +114,13 @@ def _check_range(start_lr: float, end_lr: float, steps: int) -> None:
 def lr_range_test(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_fn: nn.Module | None = None, *,
                   start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100, beta: float = 0.98,
                   diverge: float = 4.0, device: str | torch.device = "cpu",
-                  on_step: Callable[[int, int], None] | None = None) -> LRFinderResult:
+                  on_step: Callable[[int, int], None] | None = None,
+                  max_seconds: float | None = None) -> LRFinderResult:
     """Run the range test on ``model`` with ``optimizer`` over ``loader``'s (x, y) batches (see the
     module docstring). Parameter groups keep their ratios to the first group, whose rate is the
     one reported. Weights, optimiser state, RNG states and train mode are restored afterwards.
-    ``on_step(done, steps)`` is called after each step."""
+    ``on_step(done, steps)`` is called after each step; after ``max_seconds`` the test stops where it
+    is (a big model on a CPU: the server's finder must end)."""
     _check_range(start_lr, end_lr, steps)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     device = torch.device(device)
@@ -124,6 +128,7 @@ def lr_range_test(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lo
     saved_rng, was_training = capture_rng_state(), model.training
     ratios = [g["lr"] / optimizer.param_groups[0]["lr"] for g in optimizer.param_groups]
     rows, avg, best, stopped = [], 0.0, math.inf, False
+    deadline = time.monotonic() + max_seconds if max_seconds is not None else math.inf
     try:
         model.train()
         batches = _batches(loader)
@@ -149,12 +154,19 @@ def lr_range_test(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lo
             if i > 0 and smoothed > diverge * best:
                 stopped = True
                 break
+            if time.monotonic() > deadline:
+                break
     finally:
         model.load_state_dict(saved_model)
         optimizer.load_state_dict(saved_opt)
         optimizer.zero_grad(set_to_none=True)
         model.train(was_training)
         restore_rng_state(saved_rng)
+    return _result(rows, steps, stopped)
+
+
+def _result(rows: list, steps: int, stopped: bool) -> LRFinderResult:
+    """The curve of a test and what it suggests (see the module docstring)."""
     curve = pd.DataFrame(rows, columns=["step", "lr", "loss", "smoothed"])
     suggestion, min_over_10 = _suggest(curve["lr"].to_numpy(), curve["smoothed"].to_numpy())
     method = "steepest descent of the smoothed loss"
@@ -164,12 +176,13 @@ def lr_range_test(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lo
         method = (f"rate at the lowest smoothed loss ÷ 10 (lower, so safer, than the steepest descent "
                   f"at {suggestion:.3g})")
         suggestion = min_over_10
-    return LRFinderResult(curve, suggestion, min_over_10, method, stopped, CAVEAT.format(steps=len(curve)))
+    timed_out = not stopped and len(curve) < steps
+    return LRFinderResult(curve, suggestion, min_over_10, method, stopped, CAVEAT.format(steps=len(curve)), timed_out)
 
 
 def find_lr(config, data_dir: str | Path = datasets.DEFAULT_DATA_DIR, steps: int = 100,
             start_lr: float = 1e-7, end_lr: float = 10.0,
-            on_step: Callable[[int, int], None] | None = None) -> LRFinderResult:
+            on_step: Callable[[int, int], None] | None = None, max_seconds: float | None = None) -> LRFinderResult:
     """The range test for a RunConfig: its data, a fresh model built from it (pretrained, frozen as
     configured), optimiser and loss, on its training split with its augmentation. The model is
     thrown away afterwards (its CUDA memory given back) and nothing is written anywhere."""
@@ -184,7 +197,7 @@ def find_lr(config, data_dir: str | Path = datasets.DEFAULT_DATA_DIR, steps: int
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
     try:
         return lr_range_test(model, loader, optimizer, loss_fn, start_lr=start_lr, end_lr=end_lr, steps=steps,
-                             device=prep.device, on_step=on_step)
+                             device=prep.device, on_step=on_step, max_seconds=max_seconds)
     finally:
         del prep, model, optimizer, loader
         if torch.cuda.is_initialized():   # never start CUDA in this process just to clean up

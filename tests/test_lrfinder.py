@@ -96,7 +96,7 @@ def test_find_lr_runs_on_a_run_configuration(tiny_folder):
     with one_thread():
         result = lrfinder.find_lr(cfg, steps=40)
     assert 10 <= len(result.curve) <= 40 and result.curve["loss"].gt(0).all()
-    assert set(result.to_dict()) == {"curve", "suggestion", "min_over_10", "method", "stopped_early", "caveat"}
+    assert set(result.to_dict()) == {"curve", "suggestion", "min_over_10", "method", "stopped_early", "caveat", "timed_out"}
 
 
 def test_bad_ranges_are_refused():
@@ -147,3 +147,14 @@ def test_a_flat_curve_gets_no_suggestion():
     falling[70:] -= np.linspace(0.4, -1.0, 30)
     suggestion, _ = _suggest(lrs, falling)
     assert suggestion is not None and lrs[40] <= suggestion <= lrs[70]
+
+
+def test_the_test_stops_at_its_time_limit_and_says_so():
+    """The server's finder must end whatever the model: after max_seconds it stops where it is."""
+    with one_thread():
+        x, y = blobs(256)
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        result = lrfinder.lr_range_test(model, loader(x, y), opt, steps=100, max_seconds=0.0)
+    assert result.timed_out and not result.stopped_early and len(result.curve) == 1
+    assert result.to_dict()["timed_out"] is True

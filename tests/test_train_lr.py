@@ -164,3 +164,15 @@ def test_a_finished_run_shows_its_test_accuracy_with_the_wilson_interval(lab, ti
     evaluated = [line for line in log.splitlines() if re.search(r"\d\d  test accuracy", line)]
     assert len(evaluated) == 1 and accuracy in evaluated[0]   # the log line of the final evaluation
     assert sum(accuracy in line for line in log.splitlines()) >= 2   # and the finish line
+
+
+def test_the_finder_stops_at_its_time_limit_and_the_note_says_so(lab, colour_folder, monkeypatch):
+    """The finder runs in the server: a slow model is stopped after LR_FINDER_MAX_S, not left running."""
+    ctx, tab, _ = lab
+    monkeypatch.setattr(tab_train, "LR_FINDER_MAX_S", 0)
+    with one_thread():
+        plot, note, use = tab.find_lr(values(ctx, folder_session(colour_folder), **{"data.batch_size": 16,
+                                                                                   "device": "cpu"}))
+    assert "It stopped after 0 s" in note and f"(step 1 of {tab_train.LR_FINDER_STEPS})" in note
+    assert "No suggestion" in note and "try the suggestion" not in note   # no caveat about a rate not given
+    assert use["visible"] is False

@@ -720,7 +720,7 @@ def gradient_and_weights(frame: pd.DataFrame | None, layer: str | None,
                              hovertemplate="epoch %{x}<br>median %{y:.3g}<br>25–75 %: %{customdata[1]:.3g} … "
                                            "%{customdata[2]:.3g}<br>5–95 %: %{customdata[0]:.3g} … "
                                            "%{customdata[3]:.3g}<extra></extra>"), row=2, col=1)
-    fig.update_yaxes(type="log", title_text="gradient norm", row=1, col=1)
+    fig.update_yaxes(type="log", dtick=1, exponentformat="power", title_text="gradient norm", row=1, col=1)  # decades only: "3" read as 0.03
     fig.update_yaxes(title_text="weight value", zeroline=True, row=2, col=1)
     few = frame["epoch"].nunique() <= 20   # a tick per epoch while they fit
     fig.update_xaxes(title_text="epoch", dtick=1 if few else None, row=2, col=1)
@@ -759,7 +759,9 @@ def lr_finder_curve(curve: pd.DataFrame | None, suggestion: float | None = None,
         fig.add_trace(go.Scatter(x=[suggestion], y=[at], name=f"suggested rate {suggestion:.3g}", mode="markers",
                                  marker=dict(color=LR_SUGGESTION_COLOR, size=13, symbol="diamond"),
                                  hovertemplate="suggested rate %{x:.3g}<extra></extra>"))
-    low, high = float(np.nanmin([raw.min(), smooth.min()])), float(smooth.max())
+    # the top stops at 1.5× the starting loss: a diverging tail (a loss of 350) squashed the rest flat
+    start = float(np.median(smooth[:max(1, len(smooth) // 10)]))
+    low, high = float(np.nanmin([raw.min(), smooth.min()])), min(float(smooth.max()), 1.5 * start)
     pad = 0.15 * max(high - low, 1e-6)
     fig.update_xaxes(type="log", title_text="learning rate (log scale)", exponentformat="power")
     fig.update_yaxes(title_text="training loss", range=[low - pad, high + pad])

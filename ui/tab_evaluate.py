@@ -34,8 +34,9 @@ OWNER_ONLY = "Their images are shown only to the run's owner: they come from the
 CELL_PROMPT = ("Click a square of the confusion matrix, or choose its two classes here and press "
                "**Show these images**.")
 MISTAKE_PROMPT = "Click a mistake above to see where the model looked, for the class it chose and for the right one."
-HOW_TO_READ = ("Bright yellow areas pushed the model towards that class, dark ones did not. If the bright area is "
-               "the background rather than the object, the model may have learned a shortcut.")
+HOW_TO_READ = ("Warm colours (brightest yellow) show where the image pushed the model towards that class; where "
+               "the image shows through unchanged, it did not. If the bright area is the background rather than "
+               "the object, the model may have learned a shortcut.")
 DETAIL_LABELS = ("The image as the model sees it", "Heat-map of the predicted class", "Heat-map of the true class")
 # A click on a square of the plotly matrix in #eval_confusion writes "row<TAB>column<TAB>time" into
 # the hidden #eval_cell_pick box (gr.Plot has no click event); the DOM input event updates the box's
@@ -327,7 +328,8 @@ def layout() -> SimpleNamespace:
     # 6 columns: a caption such as "airplane → automobile 61%" fits under a thumbnail (8 cut it off).
     # The mistakes come as pixels (PNG: small images stay sharp), never as paths into the data folder.
     w.errors = gr.Gallery(label="Most confident mistakes (true class → predicted class, confidence)", columns=6,
-                          height=560, elem_id="eval_errors", object_fit="contain", format="png")
+                          height=560, elem_id="eval_errors", object_fit="contain", format="png",
+                          allow_preview=False)   # a click shows the detail row below, not an overlay over the grid
     with gr.Row():   # full-width thirds: a label such as "Why 'truck' (predicted, 51%)" fits
         images = {"interactive": False, "format": "png", "height": 260, "elem_classes": "lab-pixelated",
                   "buttons": ["fullscreen"]}

@@ -28,7 +28,7 @@ NO_RUN = "Train a model on the Train tab, then pick its run here."
 NO_IMAGE = "Drop an image above, or click one of the examples, to see what this layer responds to."
 HOW_TO_RECORD = ("To record them, tick **'Record weight and gradient distributions'** under More settings on "
                  "the Train tab before training; it costs about 1 % of training time.")
-STATUS_WORDS = {"ok": "✅ **Healthy gradients.**", "vanishing": "⚠️ **Vanishing gradients.**",
+STATUS_WORDS = {"ok": "✅ **No warning.**", "vanishing": "⚠️ **Vanishing gradients.**",
                 "exploding": "⚠️ **Exploding gradients.**", "no data": "ℹ️ **No gradients recorded.**"}
 BARELY_CHANGED = ("They barely changed: normal when training started from pretrained weights or has just begun; "
                   "otherwise try more epochs or a higher learning rate.")

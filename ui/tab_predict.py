@@ -248,7 +248,7 @@ def build(ctx: AppContext) -> PredictTab:
                 [w.info, w.label, w.table, w.download, w.cam_class], api_visibility="private",
                 concurrency_limit=None, show_progress="hidden").then(
             tab.explain, cam_inputs, [w.cam, w.cam_note], api_visibility="private", **cam).failure(**cam_clear)
-    w.image.change(tab.explain, cam_inputs, [w.cam, w.cam_note], api_name="explain", **cam).failure(**cam_clear)
+    w.image.change(tab.explain, cam_inputs, [w.cam, w.cam_note], api_name="predict_heatmap", **cam).failure(**cam_clear)
     w.cam_class.input(tab.explain, cam_inputs, [w.cam, w.cam_note], api_visibility="private", **cam)
     w.cam_opacity.release(tab.explain, cam_inputs, [w.cam, w.cam_note], api_visibility="private", **cam)
     # A refused image (or model) leaves no top-5 of the previous image beside it: {} is what the

@@ -48,6 +48,9 @@ LR_FINDER_STEPS = 100
 # sample, tutorial net, SGD: from 1e-7 the loss stayed flat until the last 20 steps and no rate was
 # suggested; from 1e-5 it suggested 0.35, minimum ÷ 10 = 0.035).
 LR_FINDER_START = 1e-5
+# The finder trains in the server process: it stops after this long whatever the model (a ViT-B/16 at
+# 224 px took minutes on a 2-core CPU and could not be cancelled from the page).
+LR_FINDER_MAX_S = 60
 LR_FINDER_HELP = ("Not sure which learning rate? **Find a learning rate** trains a throw-away copy of the "
                   f"model for about {LR_FINDER_STEPS} batches while the rate rises from 0.00001 to 10, "
                   "and suggests the rate where the loss fell fastest.")
@@ -145,6 +148,7 @@ class TrainTab(Controller):
         progress(0, desc="Checking memory, preparing data and model")
         ctx.manager.check_fits(config, now=True)
         result = lrfinder.find_lr(config, data_dir=ctx.data_dir, steps=LR_FINDER_STEPS, start_lr=LR_FINDER_START,
+                                  max_seconds=LR_FINDER_MAX_S,
                                   on_step=lambda done, total: progress((done, total), desc="Range test", unit="steps"))
         suggestion = float(f"{result.suggestion:.3g}") if result.suggestion is not None else None
         session["lr_suggestion"] = suggestion   # what Use puts into the Learning rate box
@@ -432,8 +436,9 @@ def lr_note(result: lrfinder.LRFinderResult, suggestion: float | None, config: R
     and what was trained (a throw-away model)."""
     curve = result.curve
     if suggestion is None:
-        head = ("**No suggestion**: the loss did not fall clearly before the test ended. Check the data "
-                "(Data tab) or try a smaller batch size; the plot shows what happened.")
+        head = ("**No suggestion**: the loss did not fall clearly during the test, so no rate can be read "
+                "off it (this model may need more than these steps to start learning). Keep the current "
+                "rate, or check the data (Data tab) and try a smaller batch size; the plot shows what happened.")
     else:
         other = (f" The other common rule (the rate at the lowest loss ÷ 10) gives {result.min_over_10:.3g}."
                  if result.min_over_10 and result.min_over_10 != result.suggestion else "")
@@ -442,12 +447,15 @@ def lr_note(result: lrfinder.LRFinderResult, suggestion: float | None, config: R
     last = f"{curve['lr'].iloc[-1]:.3g}" if not curve.empty else "the first step"
     ending = (f"It stopped early at rate {last}: the loss blew up (diverged), as expected once the rate is too high."
               if result.stopped_early else f"It ran all {len(curve)} steps, up to rate {last}, without diverging.")
+    if result.timed_out:
+        ending = (f"It stopped after {LR_FINDER_MAX_S} s, at rate {last} (step {len(curve)} of {LR_FINDER_STEPS}): "
+                  "this model is slow on this server. A smaller batch or model finishes the test.")
     source = (session.get("data_source") or {}).get("source")
     data = ("the embedded CIFAR-10 sample (no other dataset was loaded on the Data tab)" if source == "sample"
             else "the dataset loaded on the Data tab")
     kept = (f"It trained a fresh copy of {md_text(config.model.name)} on {data} and threw it away: "
             "nothing of it is kept, and Start still trains from the beginning.")
-    return "\n\n".join([head, ending, result.caveat, kept])
+    return "\n\n".join([head, ending] + ([result.caveat] if suggestion is not None else []) + [kept])
 
 
 def accuracy_interval(evaluated: ev.Evaluated | None) -> str:
