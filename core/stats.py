@@ -151,10 +151,16 @@ def precision_sentence(n: int, accuracy: float | None = None, correct: int | Non
     iv = wilson_interval(correct, n)
     text = (f"Accuracy {iv.estimate:.1%}, ±{100 * iv.half_width:.1f} points on {n:,} images "
             f"(95 % interval {100 * iv.low:.1f}–{iv.high:.1%}).")
-    if iv.half_width > WIDE_HALF_WIDTH:
-        text += (f" The test split is small: runs whose accuracies differ by less than about "
-                 f"{100 * iv.half_width:.0f} points may not really differ; compare them with McNemar's test.")
-    return text
+    warning = small_split_warning(iv)
+    return f"{text} {warning}" if warning else text
+
+
+def small_split_warning(iv: Interval) -> str:
+    """The warning of an accuracy interval wider than ±2 points (WIDE_HALF_WIDTH), else ''."""
+    if iv.half_width <= WIDE_HALF_WIDTH:
+        return ""
+    return (f"The test split is small: runs whose accuracies differ by less than about "
+            f"{100 * iv.half_width:.0f} points may not really differ; compare them with McNemar's test.")
 
 
 def binomial_two_sided(k: int, n: int) -> float:

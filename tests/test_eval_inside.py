@@ -68,12 +68,13 @@ def test_the_summary_carries_the_wilson_and_bootstrap_intervals(lab):
     confusion = np.asarray(record.eval["confusion"])
     n, correct = int(confusion.sum()), int(np.trace(confusion))
     iv = stats.wilson_interval(correct, n)
-    assert f"{n} test images: accuracy **{correct / n:.1%}**" in text
-    assert f"±{100 * iv.half_width:.1f} points on {n:,} images" in text
-    assert f"(95 % interval {100 * iv.low:.1f}–{iv.high:.1%})" in text
+    assert (f"{n} test images: accuracy **{correct / n:.1%}** (95 % CI {iv.span()}, "
+            f"±{100 * iv.half_width:.1f} points)") in text
+    assert text.count(f"{correct / n:.1%}") == 1     # said once, with its interval
     assert "The test split is small" in text        # 30 images: ± many points, and the page says so
+    assert "top-3" not in text                      # 3 classes: top-3 is always 100 %
     f1 = stats.run_macro_f1_interval(record.run_dir)
-    assert f"macro F1 **{record.report().macro_f1:.3f}** (95 % interval {f1.low:.3f}–{f1.high:.3f})" in text
+    assert f"macro F1 **{record.report().macro_f1:.3f}** (95 % CI {f1.span(percent=False)})" in text
     assert f1.low <= record.report().macro_f1 <= f1.high
 
 
@@ -83,9 +84,9 @@ def test_a_run_from_before_per_image_predictions_keeps_its_wilson_interval(lab, 
     (old / rundir.PREDICTIONS_FILE).unlink()
     record = runrecord.load_run(old)
     text = tab_evaluate.summary_text(record, record.report(), "old run")
-    n = record.report().num_samples
     assert "no interval: this run was tested before per-image predictions were saved" in text
-    assert stats.precision_sentence(n, accuracy=record.report().accuracy) in text
+    assert stats.small_split_warning(stats.run_accuracy_interval(old)) in text
+    assert f"(95 % CI {stats.run_accuracy_interval(old).span()}" in text
 
 
 def test_the_overlay_choice_redraws_the_mistakes_with_heat_maps(lab):

@@ -7,7 +7,6 @@ Also the run-list rule Evaluate, Predict and Compare share (``pick_value``, ``re
 ``follow_runs``) and ``whose_run``."""
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +15,7 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from core import explain, identity, rundir, runrecord, stats
+from core import explain, identity, runrecord, stats
 from core.errors import ConfigError, DataError
 from core.inference import find_checkpoint
 from ui import plots
@@ -229,38 +228,27 @@ def images_allowed(record, owner: str | None, who: identity.Who) -> bool:
 
 
 def summary_text(record, report, label: str) -> str:
-    """One paragraph: the run, its accuracy (top-k with their Wilson intervals), macro F1 with its
-    bootstrap interval, weighted F1, and what the test split's size allows one to conclude."""
+    """One paragraph: the run, its accuracy with its Wilson interval (top-k too, where k is fewer
+    than the classes), macro F1 with its bootstrap interval, weighted F1, and a warning when the
+    test split is too small to tell runs apart."""
     split, n = record.eval.get("split", "test"), report.num_samples
-    topk = " · ".join(f"top-{k}: **{v:.1%}** ({_interval(stats.wilson_interval(round(v * n), n), pct=True)})"
-                      for k, v in sorted(report.topk.items()) if k != 1)
-    f1 = _f1_interval(str(record.run_dir), _stamp(record.run_dir / rundir.PREDICTIONS_FILE))
-    f1_text = (f"95 % interval {_interval(f1)}" if f1 is not None
+    acc = stats.wilson_interval(int(np.trace(np.asarray(report.confusion))), n)
+    topk = " · ".join(f"top-{k}: **{v:.1%}** ({stats.wilson_interval(round(v * n), n).span()})"
+                      for k, v in sorted(report.topk.items()) if 1 < k < len(report.class_names))
+    f1 = _f1_interval(record.run_dir)
+    f1_text = (f"95 % CI {f1.span(percent=False)}" if f1 is not None
                else "no interval: this run was tested before per-image predictions were saved")
-    correct = int(np.trace(np.asarray(report.confusion)))
-    return (f"**{label}** — {record.config.model.name if record.config else '?'} on {n} {split} images: "
-            f"accuracy **{report.accuracy:.1%}**{' · ' + topk if topk else ''} · macro F1 "
-            f"**{report.macro_f1:.3f}** ({f1_text}) · weighted F1 {report.weighted_f1:.3f}. "
-            + stats.precision_sentence(n, correct=correct))
+    text = (f"**{label}** — {record.config.model.name if record.config else '?'} on {n:,} {split} images: "
+            f"accuracy **{report.accuracy:.1%}** (95 % CI {acc.span()}, ±{100 * acc.half_width:.1f} points)"
+            f"{' · ' + topk if topk else ''} · macro F1 **{report.macro_f1:.3f}** ({f1_text}) · "
+            f"weighted F1 {report.weighted_f1:.3f}.")
+    warning = stats.small_split_warning(acc)
+    return f"{text} {warning}" if warning else text
 
 
-def _interval(iv: stats.Interval, pct: bool = False) -> str:
-    return f"{100 * iv.low:.1f}–{100 * iv.high:.1f} %" if pct else f"{iv.low:.3f}–{iv.high:.3f}"
-
-
-def _stamp(path: Path) -> int | None:
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return None
-
-
-@functools.lru_cache(maxsize=64)
-def _f1_interval(run_dir: str, stamp: int | None) -> stats.Interval | None:
-    """The bootstrap interval of a run's macro F1 (half a second for 10,000 images: kept per
-    predictions file, ``stamp`` its modification time), None for a run without predictions."""
-    if stamp is None:
-        return None
+def _f1_interval(run_dir: Path) -> stats.Interval | None:
+    """The bootstrap interval of a run's macro F1 (cached by core.stats per predictions file), None
+    for a run without per-image predictions."""
     try:
         return stats.run_macro_f1_interval(run_dir)
     except DataError:
