@@ -197,7 +197,7 @@ def test_a_run_on_someones_upload_shows_its_images_to_its_owner_only(lab):
     t, p = (int(x) for x in np.argwhere(np.asarray(record.eval["confusion"]) > 0)[0])   # a square with images
     mine, _ = tab.show_cell(lab["zip"], names[t], names[p], NO_HEATMAP, a.token, a.request)
     theirs, note = tab.show_cell(lab["zip"], names[t], names[p], NO_HEATMAP, b.token, b.request)
-    assert mine and theirs == [] and OWNER_ONLY in note
+    assert mine and theirs == [] and OWNER_ONLY in note and "most confident first" not in note
     assert tab.errors_gallery(lab["zip"], HEAT_PRED, a.token, a.request)
     assert tab.errors_gallery(lab["zip"], HEAT_PRED, b.token, b.request) == []
     assert tab.pick_cell(lab["zip"], "0\t1\t5", NO_HEATMAP, b.token, b.request)[2] == []

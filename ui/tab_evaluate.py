@@ -199,7 +199,7 @@ class EvaluateTab(Controller):
         p = runrecord.class_index(names, predicted_class, "predicted")
         count = int(np.asarray(record.eval["confusion"])[t, p])
         if not allowed:
-            return [], f"{cell_sentence(count, 0, names[t], names[p])} {OWNER_ONLY}"
+            return [], f"{cell_sentence(count, 0, names[t], names[p], ranked=False)} {OWNER_ONLY}"
         items = runrecord.cell_images(record, t, p, limit=GALLERY_LIMIT, data_dir=self.ctx.data_dir)
         captions = [f"{Path(str(item['file'])).name} · {item['confidence']:.0%}" for item in items]
         return self._gallery(record, items, overlay, captions), cell_sentence(count, len(items), names[t], names[p])
@@ -255,15 +255,17 @@ def _f1_interval(run_dir: Path) -> stats.Interval | None:
         return None
 
 
-def cell_sentence(count: int, shown: int, true_name: str, pred_name: str) -> str:
-    """What a square of the matrix holds, in words ("12 test images are cat but were predicted dog; ...")."""
+def cell_sentence(count: int, shown: int, true_name: str, pred_name: str, ranked: bool = True) -> str:
+    """What a square of the matrix holds, in words ("12 test images are cat but were predicted dog; ...");
+    ``ranked``: the images are shown, most confident first."""
     t, p = f"**{md_text(true_name)}**", f"**{md_text(pred_name)}**"
     if count == 0:
         return (f"No test image of {t} was recognised as {t}." if true_name == pred_name
                 else f"No test image is {t} but was predicted {p}: this square is empty.")
     noun, are, were = ("test image", "is", "was") if count == 1 else ("test images", "are", "were")
-    text = (f"{count:,} {noun} {are} {t} and {were} predicted {t} (correct); most confident first."
-            if true_name == pred_name else f"{count:,} {noun} {are} {t} but {were} predicted {p}; most confident first.")
+    order = "; most confident first." if ranked else "."
+    text = (f"{count:,} {noun} {are} {t} and {were} predicted {t} (correct){order}"
+            if true_name == pred_name else f"{count:,} {noun} {are} {t} but {were} predicted {p}{order}")
     if 0 < shown < count:
         text += f" The {shown} most confident are shown."
     return text
