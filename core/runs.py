@@ -25,7 +25,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from core import events as ev, identity, resume, rundir, storage
+from core import events as ev, identity, resume, rundir, stats, storage
 from core.config import RunConfig
 from core.errors import ConfigError
 from core.rundir import (CARD_FILE, CONFIG_FILE, EVENTS_FILE, INDEX_FILE, META_FILE,  # noqa: F401 (re-exported)
@@ -306,7 +306,8 @@ class RunHistory:
                 continue
             label = run_label(row)
             if as_number(row.get("test_accuracy")) is not None:
-                label += f" · test {row['test_accuracy']:.1%}"
+                iv = stats.accuracy_interval(row["test_accuracy"], row.get("test_images"))
+                label += f" · test {row['test_accuracy']:.1%}" + (f" ±{100 * iv.half_width:.1f}" if iv else "")
             elif row.get("status") != ev.FINISHED:
                 label += f" · {row.get('status')}"
             if who is not None and as_text(row.get("owner")) == who.owner:
