@@ -9,6 +9,7 @@ test is skipped, except under CI (env CI set), where it fails.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import socket
@@ -48,20 +49,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def lab_url(tmp_path_factory, session_data_dir):
+@contextlib.contextmanager
+def served_lab(runs_dir: Path, data_dir: Path, prepare=None):
+    """The dashboard served on a free local port over ``runs_dir`` with one training slot; yields
+    {"url", "runs_dir", "manager", "demo"}. ``prepare(manager)`` runs before the app is built (a
+    run already on the server)."""
     _require_browser()
     from core.jobs import JobManager
     from ui.app import build_app, launch_kwargs
 
-    runs_dir = tmp_path_factory.mktemp("browser-runs")
-    manager = JobManager(runs_dir=runs_dir, data_dir=session_data_dir, max_jobs=1)
-    demo = build_app(manager, data_dir=session_data_dir, runs_dir=runs_dir)
+    manager = JobManager(runs_dir=runs_dir, data_dir=data_dir, max_jobs=1)
+    extra = prepare(manager) if prepare is not None else {}
+    demo = build_app(manager, data_dir=data_dir, runs_dir=runs_dir)
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1",
-                            server_port=_free_port(), **launch_kwargs(session_data_dir, runs_dir))
-    yield url
-    demo.close()
-    manager.shutdown(timeout=20)
+                            server_port=_free_port(), **launch_kwargs(data_dir, runs_dir))
+    try:
+        yield {"url": url, "runs_dir": runs_dir, "manager": manager, "demo": demo, **(extra or {})}
+    finally:
+        demo.close()
+        manager.shutdown(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def lab_url(tmp_path_factory, session_data_dir):
+    with served_lab(tmp_path_factory.mktemp("browser-runs"), session_data_dir) as lab:
+        yield lab["url"]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import pytest
 
 from core import events as ev
 from core.config import RunConfig
-from tests.test_browser import ARGS, ARTIFACTS, CHROMIUM, ROOT, _free_port, _require_browser, open_tab
+from tests.test_browser import ARGS, ARTIFACTS, CHROMIUM, ROOT, _require_browser, open_tab, served_lab
 from tests.test_server_files import jpeg
 
 pytestmark = [pytest.mark.browser, pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")]
@@ -35,24 +35,17 @@ TRAIN_TIMEOUT_MS = 240_000
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, session_data_dir):
     """The dashboard with one training slot and, already on it, a finished run of another browser."""
-    _require_browser()
-    from core.jobs import JobManager
     from core.runs import RunHistory
-    from ui.app import build_app, launch_kwargs
 
-    runs_dir = tmp_path_factory.mktemp("first-time-runs")
-    manager = JobManager(runs_dir=runs_dir, data_dir=session_data_dir, max_jobs=1)
-    older = manager.submit(RunConfig.from_dict({"epochs": 1, "device": "cpu", "data": {"num_workers": 0}}),
-                           owner="browser:someone-else")
-    manager.wait(older.job_id, timeout=180)
-    assert older.status == ev.FINISHED, older.message
-    demo = build_app(manager, data_dir=session_data_dir, runs_dir=runs_dir)
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1",
-                            server_port=_free_port(), **launch_kwargs(session_data_dir, runs_dir))
-    yield {"url": url, "runs_dir": runs_dir, "older": older.job_id, "demo": demo,
-           "label": lambda run_id: RunHistory(runs_dir).label(run_id)}
-    demo.close()
-    manager.shutdown(timeout=20)
+    def older_run(manager) -> dict:
+        older = manager.submit(RunConfig.from_dict({"epochs": 1, "device": "cpu", "data": {"num_workers": 0}}),
+                               owner="browser:someone-else")
+        manager.wait(older.job_id, timeout=180)
+        assert older.status == ev.FINISHED, older.message
+        return {"older": older.job_id}
+
+    with served_lab(tmp_path_factory.mktemp("first-time-runs"), session_data_dir, prepare=older_run) as lab:
+        yield {**lab, "label": lambda run_id: RunHistory(lab["runs_dir"]).label(run_id)}
 
 
 @pytest.fixture(scope="module")

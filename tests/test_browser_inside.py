@@ -19,7 +19,7 @@ import re
 
 import pytest
 
-from tests.test_browser import ARTIFACTS, CHROMIUM, ARGS, _free_port, _require_browser, open_tab
+from tests.test_browser import ARGS, ARTIFACTS, CHROMIUM, open_tab, served_lab
 from tests.test_browser_first_time import TRAIN_TIMEOUT_MS, shows_run, train
 
 pytestmark = [pytest.mark.browser, pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")]
@@ -31,19 +31,10 @@ WAIT_MS = 60_000
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, session_data_dir):
     """The dashboard on an empty runs folder, one training slot."""
-    _require_browser()
-    from core.jobs import JobManager
     from core.runs import RunHistory
-    from ui.app import build_app, launch_kwargs
 
-    runs_dir = tmp_path_factory.mktemp("inside-runs")
-    manager = JobManager(runs_dir=runs_dir, data_dir=session_data_dir, max_jobs=1)
-    demo = build_app(manager, data_dir=session_data_dir, runs_dir=runs_dir)
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1",
-                            server_port=_free_port(), **launch_kwargs(session_data_dir, runs_dir))
-    yield {"url": url, "label": lambda run_id: RunHistory(runs_dir).label(run_id)}
-    demo.close()
-    manager.shutdown(timeout=20)
+    with served_lab(tmp_path_factory.mktemp("inside-runs"), session_data_dir) as lab:
+        yield {**lab, "label": lambda run_id: RunHistory(lab["runs_dir"]).label(run_id)}
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,11 @@ gr = pytest.importorskip("gradio")
 
 from core import compare, events as ev, rundir, stats
 from core.config import RunConfig
-from core.jobs import JobManager
 from core.runrecord import load_run
-from core.runs import RunHistory
 from tests.conftest import SAMPLE_ZIP, TINY_CLASSES
-from tests.test_follow_run import SECRET, Page
+from tests.test_follow_run import Page, lab_context
 from ui import tab_compare
-from ui.common import AppContext, md_text
+from ui.common import md_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,10 +57,8 @@ def _train(ctx, page: Page, folder: Path, seed: int, lr: float) -> str:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, tiny_folder, other_folder):
     """Browser A trains two runs on the same images and one on other test images; B trains one."""
-    tmp = tmp_path_factory.mktemp("cmpstats")
-    manager = JobManager(runs_dir=tmp / "runs", data_dir=tmp / "data", max_jobs=1)
-    ctx = AppContext(manager=manager, data_dir=tmp / "data", runs_dir=tmp / "runs", secret=SECRET)
-    ctx.history = RunHistory(ctx.runs_dir).attach(manager)
+    ctx, _, _ = lab_context(tmp_path_factory.mktemp("cmpstats"))
+    manager = ctx.manager
     a, b = Page("A", "a1a1"), Page("B", "b2b2")
     ids = {"a1": _train(ctx, a, tiny_folder, 1, 0.01), "a2": _train(ctx, a, tiny_folder, 2, 0.05),
            "other": _train(ctx, a, other_folder, 3, 0.01), "b1": _train(ctx, b, tiny_folder, 4, 0.02)}

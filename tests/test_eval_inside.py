@@ -17,10 +17,8 @@ from core import explain, rundir, runrecord, stats
 from core.config import RunConfig
 from core.inference import Predictor
 from core.jobs import JobManager
-from core.runs import RunHistory
-from tests.test_follow_run import SECRET, Page
+from tests.test_follow_run import Page, lab_context
 from ui import tab_evaluate
-from ui.common import AppContext
 from ui.tab_evaluate import HEAT_PRED, HEAT_TRUE, NO_HEATMAP, OWNER_ONLY
 
 
@@ -31,14 +29,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::U
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, tiny_folder, tiny_zip):
     """Browser A's two finished runs: one on a folder of the server, one on A's uploaded zip."""
-    tmp = tmp_path_factory.mktemp("eval-inside")
-    manager = JobManager(runs_dir=tmp / "runs", data_dir=tmp / "data", max_jobs=1)
-    ctx = AppContext(manager=manager, data_dir=tmp / "data", runs_dir=tmp / "runs", secret=SECRET)
-    ctx.history = RunHistory(ctx.runs_dir).attach(manager)
-    with gr.Blocks() as demo:
-        ctx.session = gr.State({})
-        ctx.browser_id = gr.BrowserState(None)
-        tab = tab_evaluate.build(ctx)
+    ctx, demo, (tab,) = lab_context(tmp_path_factory.mktemp("eval-inside"), tab_evaluate)
+    manager = ctx.manager
     a, b = Page("A", "a1a1"), Page("B", "b2b2")
     ids = {}
     for key, source, location in (("folder", "folder", tiny_folder), ("zip", "zip", tiny_zip)):

@@ -51,20 +51,24 @@ class Page:
         self.session, self.shown = {}, {"eval": None, "predict": None}
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("follow")
+def lab_context(tmp: Path, *modules) -> tuple:
+    """A server's context over a fresh runs folder under ``tmp`` (one training slot, signed browser
+    tokens), with the tabs of ``modules`` built in a Blocks: (ctx, blocks, their controllers)."""
     manager = JobManager(runs_dir=tmp / "runs", data_dir=tmp / "data", max_jobs=1)
     ctx = AppContext(manager=manager, data_dir=tmp / "data", runs_dir=tmp / "runs", secret=SECRET)
     ctx.history = RunHistory(ctx.runs_dir).attach(manager)
-    with gr.Blocks() as demo:
+    with gr.Blocks() as blocks:
         ctx.session = gr.State({})
         ctx.browser_id = gr.BrowserState(None)
-        tab_evaluate.build(ctx)
-        tab_predict.build(ctx)
-        tab_compare.build(ctx)
+        tabs = [module.build(ctx) for module in modules]
+    return ctx, blocks, tabs
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    ctx, demo, _ = lab_context(tmp_path_factory.mktemp("follow"), tab_evaluate, tab_predict, tab_compare)
     yield ctx, demo
-    manager.shutdown(timeout=10)
+    ctx.manager.shutdown(timeout=10)
 
 
 def train(ctx, page: Page, folder: Path, seed: int) -> str:

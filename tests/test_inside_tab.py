@@ -16,11 +16,8 @@ from PIL import Image
 from core import events as ev
 from core import explain, gradstats, internals
 from core.config import RunConfig
-from core.jobs import JobManager
-from core.runs import RunHistory
-from tests.test_follow_run import SECRET, Page
+from tests.test_follow_run import Page, lab_context
 from ui import app, tab_inside
-from ui.common import AppContext
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = sorted((ROOT / "assets" / "examples").glob("*.jpg"))[0]
@@ -44,14 +41,8 @@ def _train(ctx, page: Page, folder: Path, record: bool, epochs: int) -> str:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, tiny_folder):
     """Browser A trains 2 epochs with distributions recorded; browser B trains 1 epoch without."""
-    tmp = tmp_path_factory.mktemp("inside")
-    manager = JobManager(runs_dir=tmp / "runs", data_dir=tmp / "data", max_jobs=1)
-    ctx = AppContext(manager=manager, data_dir=tmp / "data", runs_dir=tmp / "runs", secret=SECRET)
-    ctx.history = RunHistory(ctx.runs_dir).attach(manager)
-    with gr.Blocks():
-        ctx.session = gr.State({})
-        ctx.browser_id = gr.BrowserState(None)
-        tab = tab_inside.build(ctx)
+    ctx, _, (tab,) = lab_context(tmp_path_factory.mktemp("inside"), tab_inside)
+    manager = ctx.manager
     a, b = Page("A", "a1a1"), Page("B", "b2b2")
     ids = {"run_b": _train(ctx, b, tiny_folder, record=False, epochs=1),
            "run_a": _train(ctx, a, tiny_folder, record=True, epochs=2)}

@@ -17,11 +17,8 @@ from PIL import Image
 
 from core import explain
 from core.inference import Predictor
-from core.jobs import JobManager
-from core.runs import RunHistory
-from tests.test_follow_run import RUN, SECRET, Page, train
+from tests.test_follow_run import RUN, Page, lab_context, train
 from ui import tab_evaluate, tab_predict
-from ui.common import AppContext
 
 ROOT = Path(__file__).resolve().parent.parent
 CAT = ROOT / "assets" / "examples" / "cat.jpg"
@@ -32,15 +29,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::U
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, tiny_folder):
-    tmp = tmp_path_factory.mktemp("cam")
-    manager = JobManager(runs_dir=tmp / "runs", data_dir=tmp / "data", max_jobs=1)
-    ctx = AppContext(manager=manager, data_dir=tmp / "data", runs_dir=tmp / "runs", secret=SECRET)
-    ctx.history = RunHistory(ctx.runs_dir).attach(manager)
-    with gr.Blocks() as blocks:
-        ctx.session = gr.State({})
-        ctx.browser_id = gr.BrowserState(None)
-        tab_evaluate.build(ctx)
-        tab = tab_predict.build(ctx)
+    ctx, blocks, (_, tab) = lab_context(tmp_path_factory.mktemp("cam"), tab_evaluate, tab_predict)
+    manager = ctx.manager
     a, b = Page("A", "a1a1"), Page("B", "b2b2")
     runs = {"a": train(ctx, a, tiny_folder, seed=0), "b": train(ctx, b, tiny_folder, seed=1)}
     yield {"ctx": ctx, "blocks": blocks, "tab": tab, "a": a, "b": b, "runs": runs}
