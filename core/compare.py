@@ -392,11 +392,8 @@ def scores_text(report: EvalReport, run_dir: str | Path) -> str:
     interval, and the macro F1's bootstrap one where the run kept its per-image predictions."""
     acc = stats.accuracy_interval(report.accuracy, report.num_samples)
     text = f"accuracy {report.accuracy:.1%}" + (f" (95 % CI {acc.span()})" if acc is not None else "")
-    try:
-        f1 = stats.run_macro_f1_interval(run_dir)
-    except LabError:   # a run from before predictions.json: no interval for its F1
-        return f"{text}, macro F1 {report.macro_f1:.3f}"
-    return f"{text}, macro F1 {report.macro_f1:.3f} ({f1.span(percent=False)})"
+    f1 = stats.kept_macro_f1_interval(run_dir)   # None: a run from before predictions.json
+    return f"{text}, macro F1 {report.macro_f1:.3f}" + (f" ({f1.span(percent=False)})" if f1 is not None else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,9 +426,9 @@ def _cli_lines(folders: Sequence[Path]) -> list[str]:
             evaluated.append((report.accuracy, record, report))
     evaluated.sort(key=lambda item: -item[0])
     lines[:0] = [f"{_cli_name(r)}: {scores_text(rep, r.run_dir)}" for _, r, rep in evaluated]
-    wide = [rep for _, _, rep in evaluated[:1] if rep.num_samples and stats.accuracy_interval(
-        rep.accuracy, rep.num_samples).half_width > stats.WIDE_HALF_WIDTH]
-    lines += [f"note: {stats.precision_sentence(rep.num_samples, rep.accuracy)}" for rep in wide]
+    top = stats.accuracy_interval(evaluated[0][2].accuracy, evaluated[0][2].num_samples) if evaluated else None
+    if top is not None and stats.small_split_warning(top):
+        lines.append(f"note: {stats.precision_sentence(top.n, top.estimate)}")
     best = evaluated[0][1] if evaluated else None
     for _, other, _ in evaluated[1:]:
         try:

@@ -218,3 +218,7 @@ class PredictorCache:
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
         return predictor
+
+    def for_run(self, run_dir: str | Path) -> Predictor:
+        """The predictor of a run folder's best checkpoint (else its last: ``find_checkpoint``)."""
+        return self.get(str(find_checkpoint(run_dir)))

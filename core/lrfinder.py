@@ -50,7 +50,7 @@ MAX_STEPS = 500      # a range test is a quick look: more steps is a training ru
 SKIP_START = 0.1     # the first 10 % of the curve is ignored for the suggestion (the average warms up)
 # No suggestion unless the smoothed loss falls by this share below its value after the warm-up: on
 # the sample the tutorial net's loss moved by 1 % in 100 steps, and the rates read off that noise
-# (0.35 by steepest descent, 5e-6 by minimum ÷ 10) gave a run at chance and a run that cannot learn.
+# (0.35 by steepest descent, 5e-6 by minimum ÷ 10): a run at the first ended at chance, the second is too small to learn at.
 MIN_FALL = 0.05
 CAVEAT = ("A rule of thumb, not an optimum: the suggestion comes from how the loss moved during "
           "{steps} steps from these weights with this batch size. A schedule, a longer run or another "

@@ -253,6 +253,15 @@ def run_macro_f1_interval(run_dir: str | Path, seed: int = 0) -> Interval:
     return _cached_macro_f1_interval(str(Path(run_dir).resolve()), st.st_mtime_ns, st.st_size, seed)
 
 
+def kept_macro_f1_interval(run_dir: str | Path) -> Interval | None:
+    """``run_macro_f1_interval``, or None for a run without per-image predictions (evaluated before
+    they were saved, or not finished)."""
+    try:
+        return run_macro_f1_interval(run_dir)
+    except DataError:
+        return None
+
+
 @functools.lru_cache(maxsize=64)
 def _cached_macro_f1_interval(run_dir: str, mtime_ns: int, size: int, seed: int) -> Interval:
     return _run_macro_f1_interval(run_dir, seed)

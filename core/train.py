@@ -174,8 +174,8 @@ class ProgressPrinter:
                 print(f"  note: {stats.precision_sentence(event.num_samples, event.accuracy)}", file=s)
         elif isinstance(event, ev.RunFinished):
             print(f"{event.status}: {event.message}", file=s)
-            if self.run_dir and rundir.read_predictions(self.run_dir) is not None:
-                iv = stats.run_macro_f1_interval(self.run_dir)
+            iv = stats.kept_macro_f1_interval(self.run_dir) if self.run_dir else None
+            if iv is not None:
                 print(f"  macro F1 {iv.estimate:.3f} (95 % bootstrap interval {iv.span(percent=False)}, "
                       f"n = {iv.n:,})", file=s)
 

@@ -243,3 +243,14 @@ def predictors(ctx: AppContext):
     view that runs a model on an image (Predict, Evaluate's heat-maps, Look inside)."""
     from core.inference import PredictorCache
     return ctx.shared.setdefault("predictors", PredictorCache())
+
+
+def seen_run(ctx: AppContext, run_id: str | None, browser_id, request, missing: str) -> tuple:
+    """(run folder, owner, who) of ``run_id``: a run of the history that this caller may see (never
+    a path from the page); ConfigError(``missing``) when no run is given."""
+    if not run_id:
+        raise ConfigError(missing)
+    history = run_history(ctx)
+    who = who_is(ctx, request, browser_id)
+    owner = history.check_access(run_id, who, private=ctx.private_runs)
+    return history.run_dir(run_id), owner, who

@@ -17,9 +17,8 @@ import pandas as pd
 
 from core import explain, identity, runrecord, stats
 from core.errors import ConfigError, DataError
-from core.inference import find_checkpoint
 from ui import plots
-from ui.common import AppContext, Controller, md_text, predictors, run_history, safe, who_is
+from ui.common import AppContext, Controller, md_text, predictors, run_history, safe, seen_run, who_is
 
 GALLERY_LIMIT = 24
 PER_CLASS_HEADERS = ["class", "precision", "recall", "f1", "support"]
@@ -71,13 +70,8 @@ class EvaluateTab(Controller):
     def _access(self, run_id: str | None, browser_id, request):
         """(record, whose-run sentence or None, whether this caller may see the run's images) of a
         run this caller may see; ConfigError without a run."""
-        if not run_id:
-            raise ConfigError(NO_RUN)
-        ctx = self.ctx
-        history = run_history(ctx)   # the id must be a run of the history, one this caller may see
-        who = who_is(ctx, request, browser_id)
-        owner = history.check_access(run_id, who, private=ctx.private_runs)
-        record = runrecord.load_run(history.run_dir(run_id), live_ids=set(ctx.manager.running()))
+        run_dir, owner, who = seen_run(self.ctx, run_id, browser_id, request, NO_RUN)
+        record = runrecord.load_run(run_dir, live_ids=set(self.ctx.manager.running()))
         return record, whose_run(owner, who), images_allowed(record, owner, who)
 
     @safe
@@ -146,7 +140,7 @@ class EvaluateTab(Controller):
         if not isinstance(index, int) or not 0 <= index < len(items):
             raise ConfigError("Click one of the mistakes in the gallery to see its heat-maps.")
         item = items[index]
-        predictor = self._predictor(record)
+        predictor = predictors(self.ctx).for_run(record.run_dir)
         pred = explain.explain_image(predictor, item["image"], item["predicted"], HEAT_OPACITY)
         true = explain.explain_image(predictor, item["image"], item["true"], HEAT_OPACITY)
         return (gr.update(value=pred["image"], label=DETAIL_LABELS[0]),
@@ -204,9 +198,6 @@ class EvaluateTab(Controller):
         captions = [f"{Path(str(item['file'])).name} · {item['confidence']:.0%}" for item in items]
         return self._gallery(record, items, overlay, captions), cell_sentence(count, len(items), names[t], names[p])
 
-    def _predictor(self, record):
-        return predictors(self.ctx).get(str(find_checkpoint(record.run_dir)))
-
     def _gallery(self, record, items: list[dict], overlay: str, captions: list[str]) -> list[tuple]:
         """(image, caption) pairs of ``items``: the images, or their heat-maps (of the predicted or
         the true class, ``overlay``) over the image as the model sees it; at most GALLERY_LIMIT."""
@@ -216,7 +207,7 @@ class EvaluateTab(Controller):
         if overlay == NO_HEATMAP or not items:
             return [(item["image"], caption) for item, caption in zip(items, captions)]
         key = "predicted" if overlay == HEAT_PRED else "true"
-        predictor = self._predictor(record)
+        predictor = predictors(self.ctx).for_run(record.run_dir)
         return [(explain.explain_image(predictor, item["image"], item[key], HEAT_OPACITY)["overlay"], caption)
                 for item, caption in zip(items, captions)]
 
@@ -233,9 +224,9 @@ def summary_text(record, report, label: str) -> str:
     test split is too small to tell runs apart."""
     split, n = record.eval.get("split", "test"), report.num_samples
     acc = stats.wilson_interval(int(np.trace(np.asarray(report.confusion))), n)
-    topk = " · ".join(f"top-{k}: **{v:.1%}** ({stats.wilson_interval(round(v * n), n).span()})"
+    topk = " · ".join(f"top-{k}: **{v:.1%}** ({stats.accuracy_interval(v, n).span()})"
                       for k, v in sorted(report.topk.items()) if 1 < k < len(report.class_names))
-    f1 = _f1_interval(record.run_dir)
+    f1 = stats.kept_macro_f1_interval(record.run_dir)
     f1_text = (f"95 % CI {f1.span(percent=False)}" if f1 is not None
                else "no interval: this run was tested before per-image predictions were saved")
     text = (f"**{label}** — {record.config.model.name if record.config else '?'} on {n:,} {split} images: "
@@ -244,15 +235,6 @@ def summary_text(record, report, label: str) -> str:
             f"weighted F1 {report.weighted_f1:.3f}.")
     warning = stats.small_split_warning(acc)
     return f"{text} {warning}" if warning else text
-
-
-def _f1_interval(run_dir: Path) -> stats.Interval | None:
-    """The bootstrap interval of a run's macro F1 (cached by core.stats per predictions file), None
-    for a run without per-image predictions."""
-    try:
-        return stats.run_macro_f1_interval(run_dir)
-    except DataError:
-        return None
 
 
 def cell_sentence(count: int, shown: int, true_name: str, pred_name: str, ranked: bool = True) -> str:
@@ -340,7 +322,7 @@ def _cell_layout(w: SimpleNamespace) -> None:
         w.cell_pred = gr.Dropdown(label="Predicted class", choices=[], elem_id="eval_cell_pred", scale=2,
                                   info="What the model said (a column of the matrix)")
         w.cell_show = gr.Button("Show these images", elem_id="eval_cell_show", scale=1)
-    w.cell_pick = gr.Textbox("", visible="hidden", elem_id="eval_cell_pick", elem_classes="lab-hidden",
+    w.cell_pick = gr.Textbox("", visible="hidden", elem_id="eval_cell_pick",
                              show_label=False, container=False)
     w.cell_note = gr.Markdown("", elem_id="eval_cell_note")
     w.cell_gallery = gr.Gallery(label="Images of that square (file name, confidence), most confident first",

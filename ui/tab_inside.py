@@ -15,16 +15,14 @@ import numpy as np
 
 from core import gradstats, internals
 from core.errors import ConfigError, ModelError
-from core.inference import find_checkpoint
 from ui import plots
-from ui.common import AppContext, Controller, md_text, predictors, run_history, safe, who_is
-from ui.tab_evaluate import follow_runs, refreshed_run_list, whose_run
+from ui.common import AppContext, Controller, md_text, predictors, run_history, safe, seen_run
+from ui.tab_evaluate import NO_RUN, follow_runs, refreshed_run_list, whose_run
 from ui.tab_predict import EXAMPLES, friendly_image_errors
 
 INTRO = ("**Look inside a trained model**: the filters its first layer learned, what any layer "
          "\"sees\" in an image, and whether its gradients stayed healthy during training. "
          "(Heat-maps of *where* a model looks are on the Predict and Evaluate tabs.)")
-NO_RUN = "Train a model on the Train tab, then pick its run here."
 NO_IMAGE = "Drop an image above, or click one of the examples, to see what this layer responds to."
 HOW_TO_RECORD = ("To record them, tick **'Record weight and gradient distributions'** under More settings on "
                  "the Train tab before training; it costs about 1 % of training time.")
@@ -40,15 +38,11 @@ class InsideTab(Controller):
 
     def _run(self, run_id: str | None, browser_id, request):
         """(run folder, whose-run sentence or None) of a run this caller may see; never a path."""
-        if not run_id:
-            raise ConfigError(NO_RUN)
-        history = run_history(self.ctx)
-        who = who_is(self.ctx, request, browser_id)
-        owner = history.check_access(run_id, who, private=self.ctx.private_runs)
-        return history.run_dir(run_id), whose_run(owner, who)
+        run_dir, owner, who = seen_run(self.ctx, run_id, browser_id, request, NO_RUN)
+        return run_dir, whose_run(owner, who)
 
     def _predictor(self, run_dir):
-        return predictors(self.ctx).get(str(find_checkpoint(run_dir)))
+        return predictors(self.ctx).for_run(run_dir)
 
     @safe
     def refresh_runs(self, session: dict, current: str | None, browser_id, request: gr.Request):

@@ -461,11 +461,8 @@ def lr_note(result: lrfinder.LRFinderResult, suggestion: float | None, config: R
 def accuracy_interval(evaluated: ev.Evaluated | None) -> str:
     """' (95 % CI 36.7–45.4 %, 500 images)': the Wilson interval of a final evaluation's accuracy;
     '' when the event does not carry its image count."""
-    if evaluated is None or not evaluated.num_samples:
-        return ""
-    n = evaluated.num_samples
-    iv = stats.wilson_interval(round(evaluated.accuracy * n), n)
-    return f" (95 % CI {100 * iv.low:.1f}–{100 * iv.high:.1f} %, {n:,} images)"
+    iv = stats.accuracy_interval(evaluated.accuracy, evaluated.num_samples) if evaluated is not None else None
+    return f" (95 % CI {iv.span()}, {iv.n:,} images)" if iv is not None else ""
 
 
 _ACCURACY_IN_MESSAGE = re.compile(r"test accuracy \d+(\.\d+)?\s?%")   # the trainer's finish message
