@@ -47,7 +47,7 @@ FINE = 32                 # thumbnail side kept per image
 BLANK_STD = 4.0
 # Size and aspect outliers: robust z above this, with the spread floored (all 32×32 has no spread).
 SIZE_Z = 3.0
-SIZE_SPREAD_FLOOR = np.log(1.5)      # area: flagged from about 3.4× (or 1/3.4) the median
+SIZE_SPREAD_FLOOR = np.log(2.0)      # area: flagged from 8× (or 1/8) the median (2.8× the side)
 ASPECT_SPREAD_FLOOR = np.log(1.25)   # aspect: flagged from about 2× (or 1/2) the median
 # "Unlike any other of its class": similarity to the K-th nearest same-class neighbour, robust z.
 KNN_K = 5
@@ -387,7 +387,7 @@ def _pair_table(ds: LabDataset, where: np.ndarray, exact: list[tuple[int, int]],
     df["file_b"] = [ds.describe(int(i)) for i in df["b"]]
     df["class_a"] = [ds.classes[ds.targets[int(i)]] for i in df["a"]]
     df["class_b"] = [ds.classes[ds.targets[int(i)]] for i in df["b"]]
-    df = df.astype({"split_a": str, "split_b": str, "leak": bool, "mirrored": bool})
+    df = df.astype({"split_a": str, "split_b": str, "leak": bool, "mirrored": bool, "similarity": "float64"})
     order = df.assign(_k=df["kind"] != "exact").sort_values(["leak", "_k", "similarity", "a", "b"],
                                                             ascending=[False, True, False, True, True])
     return order[PAIR_COLUMNS].reset_index(drop=True)
@@ -420,7 +420,7 @@ def _size_outliers(sizes: np.ndarray) -> list[tuple[int, str, float]]:
 
 
 def _blank_outliers(thumbs: np.ndarray) -> list[tuple[int, str, float]]:
-    std = thumbs.reshape(len(thumbs), -1).astype(np.float32).std(axis=1)
+    std = thumbs.reshape(len(thumbs), -1, thumbs.shape[3]).astype(np.float32).std(axis=1).max(axis=1)
     return [(int(i), f"almost blank: one colour (pixel spread {std[i]:.1f} of 255)",
              round(float(BLANK_STD / max(std[i], 0.1)), 3)) for i in np.nonzero(std < BLANK_STD)[0]]
 
