@@ -6,10 +6,11 @@ big JPEGs are decoded at a reduced scale first with Pillow's draft mode) and a h
 pixels:
 
 * exact duplicates: identical pixel hashes (uint8 pixels + shape), grouped;
-* near duplicates: the 16×16 thumbnails, mean-centred and L2-normalised, compared all against all
-  by matrix products in blocks (and against each other's mirror image, for left-right flips);
-  pairs above ``NEAR_THRESHOLD`` are verified on the 32×32 thumbnails (``FINE_THRESHOLD``), which
-  keeps out different pictures that only share a coarse layout (sky above, ground below);
+* near duplicates: candidates from 8×8 thumbnails (each channel mean-centred, L2-normalised) compared
+  all against all by matrix products in blocks, one side as is, mirrored or cropped a little
+  (``COARSE_THRESHOLD``); each candidate verified on 16×16 views over 22 alignments
+  (``NEAR_THRESHOLD``) and on their high-pass detail (``DETAIL_THRESHOLD``), which keeps out
+  different pictures that only share a layout (a ship on a grey sea);
 * outliers (conservative): almost blank images, sizes or aspect ratios far from the rest, and
   images unlike any other of their class (the similarity to their k-th nearest neighbour of the
   same class far below the class's robust spread);
