@@ -408,10 +408,12 @@ class Applied:
                 else "test images unchanged")
         return f"labels: revision '{self.name}' @{version} ({_counts_text(self.relabelled, self.removed, test)})"
 
-    def record(self, decisions: dict[str, dict], edit_test: bool, key: str) -> dict:
-        """What the run folder's revision.json holds: enough to apply the same decisions again."""
-        return {"ref": self.ref, "name": self.name, "dataset_key": key, "edit_test": edit_test,
-                "digest": self.digest, "decisions": decisions, "applied": sorted(self.applied),
+    def record(self, source: dict) -> dict:
+        """What the run folder's revision.json holds: ``source`` (the record applied: the revision's
+        decisions at its version) and what came of it; enough to apply the same decisions again."""
+        return {"ref": self.ref, "name": self.name, "dataset": source.get("dataset", ""),
+                "dataset_key": source["dataset_key"], "edit_test": bool(source["edit_test"]),
+                "digest": self.digest, "decisions": source["decisions"], "applied": sorted(self.applied),
                 "skipped": self.skipped, "notes": self.notes, "test_edited": self.test_edited,
                 "relabelled": self.relabelled, "removed": self.removed}
 

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from core import datasets, revisions
@@ -263,3 +264,103 @@ def test_array_datasets_hash_their_pixels():
     assert revisions.dataset_key({"kind": "zip", "location": "/tmp/x/a.zip", "extracted": "/d/uploads/ab12"}) == \
         "zip:ab12"
     assert json.loads(json.dumps(revisions.dataset_key({"kind": "sample"}))) == "sample"
+
+
+# ---- the run configuration and training ---------------------------------------------------------------
+def test_config_names_a_revision(tmp_path):
+    from core.config import RunConfig
+    from core.train import build_parser, config_from_args
+
+    cfg = RunConfig.from_dict({"data": {"revision": "r0123456789@7"}})
+    assert RunConfig.from_json(cfg.to_json()).data.revision == "r0123456789@7"
+    assert RunConfig.from_dict({}).data.revision is None                      # older configs load as before
+    for bad in ("../../etc/passwd", "r0123456789", "r0123456789@x", "r0123456789@7/..", 7):
+        with pytest.raises(ConfigError, match="data.revision must be"):
+            RunConfig.from_dict({"data": {"revision": bad}})
+    args = build_parser().parse_args(["--revision", "r00000000ff@2", "--epochs", "1"])
+    assert config_from_args(args).data.revision == "r00000000ff@2"
+
+
+def _revised(tiny_copy, data_dir, edit_test=False):
+    """A revision of tiny_copy: 4 training images relabelled, 3 removed, one test image relabelled."""
+    ds = _load(tiny_copy, data_dir)
+    split = _split(ds)
+    rev = revisions.create_revision(ds, data_dir, name="cleaned 1")
+    for i in split.train[:4]:
+        rev.relabel(ds, i, _other_class(ds, i), "train")
+    for i in split.train[10:13]:
+        rev.remove(ds, i, "train")
+    rev.relabel(ds, split.test[0], _other_class(ds, split.test[0]), "test")
+    rev.set_edit_test(edit_test)
+    rev.save(data_dir)
+    return ds, split, rev
+
+
+def test_prepare_applies_the_revision_after_the_split(tiny_copy, tiny_config, data_dir, tmp_path):
+    from core import trainer
+    ds, split, rev = _revised(tiny_copy, data_dir)
+    tiny_config.data.location, tiny_config.data.revision = str(tiny_copy), rev.ref()
+    prep = trainer.prepare(tiny_config, data_dir=data_dir)
+    assert prep.split.test == split.test and prep.split.val == split.val   # the original labels' split
+    assert prep.split.train == [i for i in split.train if i not in split.train[10:13]]
+    assert [prep.dataset.targets[i] != ds.targets[i] for i in split.train[:4]] == [True] * 4
+    assert prep.dataset.targets[split.test[0]] == ds.targets[split.test[0]]
+    assert "labels: revision 'cleaned 1' @8 (4 relabelled, 3 removed; test images unchanged)" in prep.notes
+    # the revision's file gone: a run folder's revision.json gives the same decisions, and says so
+    saved = prep.revision_record
+    (data_dir / "revisions" / f"{rev.id}.json").unlink()
+    with pytest.raises(revisions.RevisionMissing):
+        trainer.prepare(tiny_config, data_dir=data_dir)
+    again = trainer.prepare(tiny_config, data_dir=data_dir, saved_revision=json.loads(json.dumps(saved)))
+    assert again.revision.digest == prep.revision.digest and again.split.train == prep.split.train
+    assert any("taken from this run folder's revision.json" in n for n in again.notes)
+    # a revision of another dataset is refused, naming both
+    sample = datasets.load_dataset("sample", data_dir=data_dir)
+    other = revisions.create_revision(sample, data_dir, name="sample fix")
+    tiny_config.data.revision = other.ref()
+    with pytest.raises(ConfigError, match="'sample fix'.*made for the dataset 'CIFAR-10 sample', not for 'tiny'"):
+        trainer.prepare(tiny_config, data_dir=data_dir)
+
+
+def _weights(run_dir: Path) -> dict:
+    import torch
+    return torch.load(run_dir / "last.pth", map_location="cpu", weights_only=True)["model"]
+
+
+def test_a_run_on_a_revision_records_it_and_reproduces(tiny_copy, tiny_config, data_dir, tmp_path):
+    import torch
+
+    from core import trainer
+    from core.runs import RunHistory
+    before = _hashes(tiny_copy)
+    ds, split, rev = _revised(tiny_copy, data_dir)
+    runs = tmp_path / "runs"
+    tiny_config.data.location, tiny_config.deterministic = str(tiny_copy), True
+    original = trainer.fit(tiny_config, runs_dir=runs, data_dir=data_dir, run_id="original")
+    tiny_config.data.revision = rev.ref()
+    rev.remove(ds, split.train[20])              # edits after the ref was taken change nothing for it
+    rev.save(data_dir)
+    first = trainer.fit(tiny_config, runs_dir=runs, data_dir=data_dir, run_id="cleaned-a")
+    second = trainer.fit(tiny_config, runs_dir=runs, data_dir=data_dir, run_id="cleaned-b")
+    assert [r.status for r in (original, first, second)] == ["finished"] * 3, first.message
+
+    a, b, o = _weights(first.run_dir), _weights(second.run_dir), _weights(original.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)                     # the same ref reproduces
+    assert any(not torch.equal(a[k], o[k]) for k in a)                 # and trains on other labels
+    saved = json.loads((first.run_dir / "revision.json").read_text(encoding="utf-8"))
+    assert saved["ref"] == rev.ref(8) and saved["digest"] == json.loads(
+        (second.run_dir / "revision.json").read_text(encoding="utf-8"))["digest"]
+    assert len(saved["applied"]) == 7 and saved["test_edited"] is False and len(saved["decisions"]) == 8
+    assert json.loads((first.run_dir / "config.json").read_text())["data"]["revision"] == rev.ref(8)
+    card = json.loads((first.run_dir / "card.json").read_text(encoding="utf-8"))
+    line = "labels: revision 'cleaned 1' @8 (4 relabelled, 3 removed; test images unchanged)"
+    assert line in card["notes"] and card["dataset"]["revision"] == rev.ref(8)
+    assert card["dataset"]["split_sizes"]["train"] == len(split.train) - 3
+    assert not (original.run_dir / "revision.json").exists()
+    p_o, p_a = (json.loads((r.run_dir / "predictions.json").read_text()) for r in (original, first))
+    assert sorted(p_o["index"]) == sorted(p_a["index"]) == split.test and p_o["target"] == p_a["target"]
+    rows = RunHistory(runs).list(rescan=True).set_index("run_id")
+    assert rows.loc["cleaned-a", "revision"] == rev.ref(8) and pd.isna(rows.loc["original", "revision"])
+    assert rows.loc["cleaned-a", "dataset"] == rows.loc["original", "dataset"] == "tiny"
+    assert list(RunHistory(runs).list(filter_text=rev.id)["run_id"].sort_values()) == ["cleaned-a", "cleaned-b"]
+    assert _hashes(tiny_copy) == before                                # training changed no image file
