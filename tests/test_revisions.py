@@ -364,3 +364,25 @@ def test_a_run_on_a_revision_records_it_and_reproduces(tiny_copy, tiny_config, d
     assert rows.loc["cleaned-a", "dataset"] == rows.loc["original", "dataset"] == "tiny"
     assert list(RunHistory(runs).list(filter_text=rev.id)["run_id"].sort_values()) == ["cleaned-a", "cleaned-b"]
     assert _hashes(tiny_copy) == before                                # training changed no image file
+
+
+def test_plan_retrain_pairs_original_and_cleaned(tiny_copy, tiny_config, data_dir):
+    from core.compare import plan_retrain
+    _, _, rev = _revised(tiny_copy, data_dir)
+    tiny_config.data.location, tiny_config.name = str(tiny_copy), "my run"
+    original, cleaned = plan_retrain(tiny_config, rev.id, data_dir)          # a bare id: pinned to the latest
+    assert (original.name, original.data.revision) == ("original labels", None)
+    assert (cleaned.name, cleaned.data.revision) == ("cleaned 1 @8", rev.ref(8))
+    for cfg in (original, cleaned):
+        d = cfg.to_dict()
+        d["data"].pop("revision"), d.pop("name")
+        base = tiny_config.to_dict()
+        base["data"].pop("revision"), base.pop("name")
+        assert d == base                                                      # seed, split, epochs... alike
+    tiny_config.data.revision = rev.ref(3)                                    # already on a revision
+    original, cleaned = plan_retrain(tiny_config, rev.ref(5), data_dir)
+    assert original.data.revision is None and cleaned.data.revision == rev.ref(5) and cleaned.name == "cleaned 1 @5"
+    with pytest.raises(ConfigError, match="not a revision reference"):
+        plan_retrain(tiny_config, "../x", data_dir)
+    with pytest.raises(ConfigError, match="no version 99"):
+        plan_retrain(tiny_config, rev.ref(8).replace("@8", "@99"), data_dir)
