@@ -5,7 +5,8 @@ rates × freezing modes — same data, split, seed, epochs and augmentation, so 
 changes. ``submit_comparison`` queues them on the JobManager (they run ``max_jobs`` at a time) and
 records their group in the run history. ``leaderboard`` ranks finished (or running) runs with
 their accuracy, size, speed and the predicted training memory; ``confusion_difference`` says
-where two runs' confusion matrices differ most.
+where two runs' confusion matrices differ most. ``plan_retrain`` pairs a configuration on the original
+labels with the same on a dataset revision (core.revisions): the retrain loop's comparison.
 
 Command line, every accuracy with its 95 % interval and, for two runs, McNemar's paired test:
 
@@ -141,6 +142,25 @@ def plan_comparison(base: RunConfig, models: Sequence[str], lrs: Sequence[float]
                 cfg.name = f"{model} lr={_fmt_lr(lr)}" + (f" freeze={mode}" if compare_freeze else "")
                 configs.append(cfg.validate())
     return configs
+
+
+def plan_retrain(config: RunConfig, revision_ref: str, data_dir: str | Path | None = None) -> list[RunConfig]:
+    """The retrain loop's pair: [the configuration on the original labels (data.revision None), the same
+    on revision ``revision_ref``], alike in everything else (data, split seed and fractions, seed,
+    epochs, model, optimiser), so the fixed test split compares them. Names: "original labels" and
+    "<revision name> @N". A bare revision id means its latest version (the ref is pinned to it, so later
+    edits do not change the run). A config that already names a revision is compared from the
+    original labels, not from that revision. Unknown revision or version → ConfigError."""
+    from core import revisions
+    from core.datasets import DEFAULT_DATA_DIR
+
+    config.validate()
+    rev, version = revisions.load_revision(revision_ref, DEFAULT_DATA_DIR if data_dir is None else data_dir)
+    original = RunConfig.from_dict(copy.deepcopy(config.to_dict()))
+    original.data.revision, original.name = None, "original labels"
+    cleaned = RunConfig.from_dict(copy.deepcopy(config.to_dict()))
+    cleaned.data.revision, cleaned.name = rev.ref(version), f"{rev.name} @{version}"
+    return [original.validate(), cleaned.validate()]
 
 
 class GroupId(str):

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 from core.choices import OPTIMIZERS, PRECISIONS   # the one list of each (also read by core.train)
 from core.datasets import SOURCES
 from core.errors import ConfigError
+from core.revisions import REF_EXAMPLE, REF_RE
 from core.storage import atomic_write_text
 
 NORMALIZE_CHOICES = ("auto", "tutorial", "imagenet", "dataset", "none")
@@ -41,6 +42,8 @@ class DataConfig:
     batch_size: int = 32              # with lr 0.02 and cosine: the tutorials' recipe, scaled up
     num_workers: int | str = "auto"   # "auto": the tutorials' rule, 0 on machines with <= 2 cores
     in_memory: str = "auto"           # hold small splits as one uint8 tensor (auto: when it fits)
+    revision: str | None = None       # label decisions to train with ("r0123456789@7", core.revisions);
+                                      # None: the dataset's own labels
 
 
 @dataclass
@@ -193,6 +196,9 @@ def _check_data(d: DataConfig) -> None:
         raise ConfigError(f"data.num_workers must be 'auto' or an integer >= 0, got {d.num_workers!r}.")
     _choice("data.normalize", d.normalize, NORMALIZE_CHOICES)
     _choice("data.in_memory", d.in_memory, IN_MEMORY_CHOICES)
+    if d.revision is not None and not REF_RE.fullmatch(d.revision):
+        raise ConfigError(f"data.revision must be a revision reference such as {REF_EXAMPLE} (a revision id, "
+                          f"'@' and its version), or empty for the dataset's own labels; got {d.revision!r:.60}.")
 
 
 def _check_optim(o: OptimConfig) -> None:
@@ -255,6 +261,7 @@ def _build(cls, raw: dict, prefix: str, extra: dict | None = None):
 # What a text field holds, for the type error message.
 _TEXT_HINTS = {
     "data.location": "a torchvision set name, or a folder, .zip or index-file path",
+    "data.revision": "a revision reference such as r0123456789@7",
     "model.name": "a model name such as 'tutorial_net'; python -m core.train --list-models lists them",
     "device": DEVICES_HINT,
 }

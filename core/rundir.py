@@ -14,6 +14,8 @@
     last.pth       the checkpoint Resume continues from; best.pth, the best epoch's weights
     meta.json      what the run history adds: name, tags, owner, group_id, a cached memory estimate
     card.json      what was trained on what, where, with which libraries (write_card)
+    revision.json  a run with data.revision: the ref, the decisions applied (and skipped, and why),
+                   their digest and notes (core.revisions; written by the trainer)
     error.log      the traceback of an internal error
 
 and the runs folder itself ``index.sqlite``, the run history's index (core.runs). Every JSON file
@@ -40,6 +42,7 @@ CONFIG_FILE, EVENTS_FILE, STATUS_FILE, EVAL_FILE = "config.json", "events.jsonl"
 LAST_CKPT, BEST_CKPT = "last.pth", "best.pth"
 META_FILE, CARD_FILE, ERROR_LOG = "meta.json", "card.json", "error.log"
 PREDICTIONS_FILE, INITIAL_WEIGHTS, DISTRIBUTIONS_FILE = "predictions.json", "initial.pth", "distributions.jsonl"
+REVISION_FILE = "revision.json"   # a run on a dataset revision: its ref, digest and the decisions applied
 PREDICTIONS_VERSION = 1
 PREDICTION_COLUMNS = ("index", "target", "predicted", "confidence", "true_prob")
 INDEX_FILE = "index.sqlite"   # in the runs folder, beside the run folders
@@ -319,7 +322,7 @@ def _card_config(run_dir: Path, config) -> dict:
                   "freeze_stages": m.freeze_stages, "init": m.init},
         "dataset": {"name": dataset_label(d), "source": d.source, "location": d.location,
                     "val_fraction": d.val_fraction, "test_fraction": d.test_fraction,
-                    "split_seed": d.split_seed, "normalize": d.normalize,
+                    "split_seed": d.split_seed, "normalize": d.normalize, "revision": d.revision,
                     "augmentation": "custom" if d.train_augment is not None else "default"},
         "training": {"epochs": config.epochs, "batch_size": d.batch_size, "optimizer": config.optim.optimizer,
                      "lr": config.optim.lr, "scheduler": config.optim.scheduler,

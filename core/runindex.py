@@ -33,7 +33,7 @@ from core.runrecord import RunEvents, load_run, mtime, normalize_tags, summarize
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: the revision column (a run's data.revision)
 LIVE_STATUSES = (ev.QUEUED, ev.RUNNING, ev.STOPPING)
 RESCAN_EVERY_S = 30.0
 # (column, SQLite type). Fractions 0..1 for accuracies; bytes for sizes; Unix times.
@@ -46,7 +46,7 @@ INDEX_COLUMNS: list[tuple[str, str]] = [
     ("images_per_sec", "REAL"), ("predicted_memory_bytes", "INTEGER"), ("checkpoint_bytes", "INTEGER"),
     ("group_id", "TEXT"), ("batch_size", "INTEGER"), ("lr", "REAL"), ("optimizer", "TEXT"),
     ("freeze", "TEXT"), ("has_last", "INTEGER"), ("has_eval", "INTEGER"), ("run_dir", "TEXT"),
-    ("status_mtime", "REAL"),
+    ("status_mtime", "REAL"), ("revision", "TEXT"),
 ]
 COLUMN_NAMES = [c for c, _ in INDEX_COLUMNS]
 SORT_COLUMNS = tuple(c for c in COLUMN_NAMES if c not in ("run_dir", "status_mtime"))
@@ -100,7 +100,7 @@ def filter_runs(df: pd.DataFrame, filter_text: str | None = None, status: str | 
     if tag:
         df = df[df["tags"].fillna("").map(lambda t: tag.strip() in normalize_tags(t))]
     if filter_text and filter_text.strip():
-        hay = df[["run_id", "name", "model", "dataset", "tags", "owner", "message"]].fillna("") \
+        hay = df[["run_id", "name", "model", "dataset", "revision", "tags", "owner", "message"]].fillna("") \
             .astype(str).agg(" ".join, axis=1).str.lower()
         keep = pd.Series(True, index=df.index)
         for word in filter_text.lower().split():

@@ -421,6 +421,7 @@ def summarize_record(record: RunRecord, meta: dict | None = None) -> dict[str, A
         "has_eval": int((record.run_dir / EVAL_FILE).is_file()),
         "run_dir": str(record.run_dir),
         "status_mtime": mtime(record.run_dir / STATUS_FILE),
+        "revision": cfg.data.revision if cfg else None,   # the labels' revision ref; None: the dataset's own
     }
 
 

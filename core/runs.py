@@ -246,7 +246,8 @@ class RunHistory:
             "message": "waiting for a free training slot", "created": time.time(), "updated": time.time(),
             "epochs_done": 0, "epochs": config.epochs, "group_id": group_id, "batch_size": config.data.batch_size,
             "lr": config.optim.lr, "optimizer": config.optim.optimizer, "freeze": config.model.freeze,
-            "has_last": 0, "has_eval": 0, "run_dir": str(self.runs_dir / run_id)})
+            "has_last": 0, "has_eval": 0, "run_dir": str(self.runs_dir / run_id),
+            "revision": config.data.revision})
 
     def rebuild(self) -> int:
         """Re-create the index from the run folders; returns the number of runs indexed."""
@@ -270,7 +271,7 @@ class RunHistory:
              group_id: str | None = None, rescan: bool = False) -> pd.DataFrame:
         """The runs as a DataFrame (one row per run, core.runindex.INDEX_COLUMNS), filtered and
         sorted. filter_text: case-insensitive words that must all appear in the run id, name,
-        model, dataset, tags, owner or message. status/model/tag/group_id: exact matches.
+        model, dataset, revision, tags, owner or message. status/model/tag/group_id: exact matches.
         rescan: look at every folder first (else see core.runindex)."""
         return filter_runs(self.index.table(rescan=rescan), filter_text, status, model, tag, sort, descending,
                            group_id)

@@ -4,6 +4,7 @@
     python -m core.train --model resnet18 --epochs 10 --lr 0.05 --scheduler cosine
     python -m core.train --config my_run.json --set optim.lr=0.001 --set data.batch_size=32
     python -m core.train --resume runs/<run-id> --epochs 20 # on from its last checkpoint
+    python -m core.train --source folder --location pets/ --revision r0123456789@7  # a cleaned revision
     python -m core.train --print-config > my_run.json      # the full default configuration
 
 Exit status: 0 finished, 1 failed, 130 stopped (Ctrl-C stops after the current batch and leaves
@@ -31,6 +32,8 @@ FLAGS = {
     "batch_size": ("data.batch_size", int, "batch size"),
     "image_size": ("data.image_size", int, "input size fed to the model (default: what it needs)"),
     "workers": ("data.num_workers", int, "DataLoader workers (default: auto)"),
+    "revision": ("data.revision", str, "train with a revision's label decisions: its id, '@' and "
+                                       "its version, e.g. r0123456789@7"),
     "model": ("model.name", str, "model name (see --list-models)"),
     "freeze": ("model.freeze", str, "none | features | stages"),
     "weights": ("model.weights_path", str, "your own .pth weights to start from"),

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from core import (choices, datasets, events as ev, gradstats, loaders, metrics, models, resources, rundir, storage,
-                  tensorloader, transforms)
+from core import (choices, datasets, events as ev, gradstats, loaders, metrics, models, resources, revisions, rundir,
+                  storage, tensorloader, transforms)
 from core.checkpoints import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from core.config import RunConfig
 from core.errors import ConfigError, LabError, StorageError
@@ -117,6 +117,8 @@ class Prepared:
     val_loader: Any | None
     test_loader: Any | None
     notes: list[str] = field(default_factory=list)
+    revision: Any = None              # core.revisions.Applied when config.data.revision names one
+    revision_record: dict | None = None   # what the run folder's revision.json keeps
 
     @property
     def classes(self) -> list[str]:
@@ -147,8 +149,13 @@ def planned_input(config: RunConfig, data_dir: str | Path = datasets.DEFAULT_DAT
     return len(ds.classes), [1 if ds.mode == "L" else 3, h, w]
 
 
-def prepare(config: RunConfig, data_dir: str | Path = datasets.DEFAULT_DATA_DIR, dataset=None) -> Prepared:
-    """Load data, split it, build the model and the loaders for ``config`` (no training)."""
+def prepare(config: RunConfig, data_dir: str | Path = datasets.DEFAULT_DATA_DIR, dataset=None,
+            saved_revision: dict | None = None) -> Prepared:
+    """Load data, split it, build the model and the loaders for ``config`` (no training).
+
+    With ``data.revision`` the revision's decisions are applied after the split, which is made on the
+    original labels (so train/val/test hold the same images as a run without it). ``saved_revision``:
+    a run folder's revision.json, used when the revision's own file is gone (a resumed run)."""
     config.validate()
     d = config.data
     device = resolve_device(config.device)
@@ -158,6 +165,11 @@ def prepare(config: RunConfig, data_dir: str | Path = datasets.DEFAULT_DATA_DIR,
     split = datasets.split_dataset(ds, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
                                    seed=d.split_seed)
     notes = list(split.warnings)
+    applied = record = None
+    if d.revision:
+        applied, record = _apply_revision(d.revision, ds, split, data_dir, saved_revision)
+        ds, split = applied.dataset, applied.split
+        notes.extend(applied.notes)
     in_channels = 1 if ds.mode == "L" else 3
     native = _native_size(ds)
     created = _build_model(config, ds, in_channels, native, notes)
@@ -170,7 +182,25 @@ def prepare(config: RunConfig, data_dir: str | Path = datasets.DEFAULT_DATA_DIR,
     t_state = transforms.transform_state(eval_spec, normalization, ds.mode, list(input_size))
     return Prepared(config, ds, split, device, created.model, created, input_size, in_channels,
                     normalization, train_spec, eval_spec, t_state, train_loader,
-                    make(split.val, False), make(split.test, False), notes)
+                    make(split.val, False), make(split.test, False), notes, applied, record)
+
+
+def _apply_revision(ref: str, ds, split, data_dir, saved: dict | None):
+    """(Applied, the record for revision.json): revision ``ref`` on ``ds`` and ``split``; from the run
+    folder's ``saved`` revision.json when the revision's file is gone (and it names the same ref)."""
+    extra = []
+    try:
+        source = revisions.revision_record(ref, data_dir)
+    except revisions.RevisionMissing:
+        if not saved or saved.get("ref") != ref or not isinstance(saved.get("decisions"), dict):
+            raise
+        source, extra = saved, [revisions.revision_file_note(ref)]
+    applied = revisions.apply_record(ds, split, source)
+    if saved and saved.get("ref") == ref and saved.get("digest") not in (None, applied.digest):
+        extra.append(f"revision {ref}: the decisions applied now differ from this run's first session "
+                     "(an image changed or is gone since); see revision.json")
+    applied.notes.extend(extra)
+    return applied, applied.record(source)
 
 
 def _build_model(config: RunConfig, ds, in_channels: int, native: tuple[int, int] | None, notes: list[str]):
@@ -680,7 +710,11 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
         ckpt = load_checkpoint(resume_from) if resume_from else None
         _open_run_folder(run_dir, config, emit, data_dir)
         seed_everything(config.seed, config.deterministic)
-        prep = prepare(config, data_dir=data_dir, dataset=dataset)
+        saved = rundir.read_json(run_dir / rundir.REVISION_FILE) if config.data.revision else None
+        prep = prepare(config, data_dir=data_dir, dataset=dataset, saved_revision=saved)
+        if prep.revision_record is not None:
+            with _writing(run_dir, f"writing {rundir.REVISION_FILE}"):
+                rundir.write_json(run_dir / rundir.REVISION_FILE, prep.revision_record)
         run = _setup(config, prep)
         notes = _restore(run, state, ckpt, Path(resume_from).name) if ckpt is not None else []
         if ckpt is None:
