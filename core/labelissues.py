@@ -16,8 +16,8 @@ fold k is trained on the other K − 1 folds and predicts fold k. Two quick mode
 * ``"cnn"`` (the default without weights): a small CNN (``QuickNet``) trained from scratch per fold
   on the images held in memory as one uint8 tensor (``core.tensorloader``: batched crop and flip),
   Nesterov SGD with a one-cycle schedule and label smoothing; bf16 mixed precision where the CPU
-  computes bf16 natively; horizontal-flip averaging at prediction. ``max_seconds`` plans the
-  epochs from a measured speed.
+  computes bf16 natively; horizontal-flip averaging at prediction; on the CPU (deterministic, and
+  the GPU stays with training jobs). ``max_seconds`` plans the epochs from a measured speed.
 
 cleanlab then flags the issues (``cleanlab.filter.find_label_issues``, ``filter_by=FILTER_BY``) and
 scores every image (``cleanlab.rank.get_label_quality_scores``, ``QUALITY_METHOD``; low = suspicious).
@@ -409,8 +409,9 @@ def _cnn_data(ds, idx, report) -> _CnnData:
     pixels = arr.float().div_(255)
     mean = pixels.mean(dim=(0, 2, 3)).tolist()
     std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return _CnnData(arr, mean, std, device, device == "cuda" or _fast_bf16())
+    # The CPU always: deterministic, and the GPU stays with the training jobs (whose memory check does
+    # not know about the finder); a small CNN on 32-px images is CPU-sized work.
+    return _CnnData(arr, mean, std, "cpu", _fast_bf16())
 
 
 def _cnn_probs(ds, idx, y, fold_of, recipe: Recipe, seed, report, notes, deadline=None):
