@@ -196,11 +196,14 @@ def train_three(args, issues, noisy, work: Path, stats) -> tuple[str, bool]:
         print(f"{label}: test accuracy {r['accuracy']:.1%} (95 % interval {r['interval'].span()}, n = {r['n']:,}); "
               f"{r['seconds']:.0f} s{'; ' + words if words else ''}  [{load_avg()}]")
     b, c = runs["(b) noisy labels"], runs["(c) cleaned revision"]
+    how = "point estimates"
     try:
-        print(f"McNemar (c) vs (b): {stats.compare_runs(c['run_dir'], b['run_dir'], names=('cleaned', 'noisy')).sentence}")
+        test = stats.compare_runs(c["run_dir"], b["run_dir"], names=("cleaned", "noisy"))
+        print(f"McNemar (c) vs (b): {test.sentence}")
+        how += f"; McNemar p = {test.p_value:.3g}{'' if test.p_value < stats.ALPHA else ', not significant'}"
     except Exception as err:   # other test images: say why, the accuracies above still stand
         print(f"McNemar (c) vs (b): not computed ({err})")
-    return "(c) cleaned beats (b) noisy", c["accuracy"] > b["accuracy"]
+    return f"(c) cleaned beats (b) noisy ({how})", c["accuracy"] > b["accuracy"]
 
 
 if __name__ == "__main__":
