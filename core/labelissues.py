@@ -454,8 +454,11 @@ def _train_fold(data: _CnnData, train, labels, num_classes, recipe: Recipe, seed
     opt = torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
                            {"params": rest, "weight_decay": 0.0}],
                           lr=recipe.lr, momentum=recipe.momentum, nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, epochs=recipe.epochs,
-                                                steps_per_epoch=len(loader), pct_start=0.25)
+    if recipe.epochs * len(loader) >= 8:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, epochs=recipe.epochs,
+                                                    steps_per_epoch=len(loader), pct_start=0.25)
+    else:   # a one-cycle of under 8 steps divides by zero (the speed probe of a tiny set): a flat rate
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _step: 1.0)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     model.train()
     steps = 0
