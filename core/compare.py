@@ -20,6 +20,7 @@ import math
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -479,3 +480,44 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---- image-level difference of two runs ---------------------------------------------------------
+@dataclass
+class ImageDiff:
+    """The test images one run gets right and the other wrong (items as runrecord.cell_images gives
+    them; ``predicted`` is the run that got it wrong), with the four counts and a sentence."""
+    n: int
+    a_only: list
+    b_only: list
+    a_only_count: int
+    b_only_count: int
+    both_right: int
+    both_wrong: int
+    sentence: str
+
+
+def image_diff(run_a, run_b, limit: int = 24, data_dir=None, names: tuple[str, str] = ("A", "B")) -> ImageDiff:
+    """Where two runs tested on the same images differ, image by image: A right and B wrong (most
+    confident wrong answer of B first), and the reverse. Other test images → DataError (stats)."""
+    from core import runrecord
+
+    pair = stats.paired_predictions(run_a, run_b, (Path(run_a).name, Path(run_b).name))
+    record_a, record_b = runrecord.load_run(run_a), runrecord.load_run(run_b)
+    classes = record_a.report().class_names
+    ca, cb = pair["correct_a"], pair["correct_b"]
+
+    def items(mask, record, pred, conf):
+        order = np.flatnonzero(mask)[np.argsort(-conf[mask], kind="stable")][:limit]
+        rows = pd.DataFrame({"index": pair["index"][order], "true": [classes[t] for t in pair["target"][order]],
+                             "predicted": [classes[p] for p in pred[order]], "confidence": conf[order],
+                             "true_prob": np.zeros(len(order))})
+        return runrecord.image_items(record, rows, data_dir)
+
+    a_only, b_only = ca & ~cb, cb & ~ca
+    counts = (int(a_only.sum()), int(b_only.sum()), int((ca & cb).sum()), int((~ca & ~cb).sum()))
+    sentence = (f"{names[0]} got {counts[0]} image(s) right that {names[1]} got wrong, {names[1]} {counts[1]} that "
+                f"{names[0]} got wrong; both right on {counts[2]}, both wrong on {counts[3]} (of {len(ca)} test "
+                "images).")
+    return ImageDiff(len(ca), items(a_only, record_b, pair["pred_b"], pair["conf_b"]),
+                     items(b_only, record_a, pair["pred_a"], pair["conf_a"]), *counts, sentence)

@@ -178,10 +178,10 @@ def misclassified_items(record: RunRecord, limit: int | None = 24,
     rows = pd.DataFrame({"index": [int(s) for s in rows["sample"]], "true": rows["true"].astype(str),
                          "predicted": rows["predicted"].astype(str), "confidence": rows["confidence"],
                          "true_prob": rows["true_prob"]})
-    return _items(record, rows, data_dir)
+    return image_items(record, rows, data_dir)
 
 
-def _items(record: RunRecord, rows: pd.DataFrame, data_dir: str | Path | None) -> list[dict[str, Any]]:
+def image_items(record: RunRecord, rows: pd.DataFrame, data_dir: str | Path | None) -> list[dict[str, Any]]:
     """Gallery items of ``rows`` [index (dataset index), true, predicted (names), confidence,
     true_prob], in their order; the rows whose image cannot be read are left out."""
     files = (record.eval or {}).get("files", {})
@@ -271,7 +271,7 @@ def cell_images(record: RunRecord, true_class: int | str, predicted_class: int |
     if limit is not None:
         rows = rows.head(limit)
     rows = rows.assign(true=names[t], predicted=names[p])
-    return _items(record, rows, data_dir)
+    return image_items(record, rows, data_dir)
 
 
 def _read_image(path: str):

@@ -276,24 +276,34 @@ def _run_macro_f1_interval(run_dir: str | Path, seed: int) -> Interval:
 
 def compare_runs(run_a: str | Path, run_b: str | Path, names: tuple[str, str] | None = None) -> McNemar:
     """McNemar's test for two runs tested on the same images (matched by dataset index)."""
+    names = names or (Path(run_a).name, Path(run_b).name)
+    pair = paired_predictions(run_a, run_b, names)
+    return mcnemar(pair["correct_a"], pair["correct_b"], names)
+
+
+def paired_predictions(run_a: str | Path, run_b: str | Path, names: tuple[str, str] | None = None) -> dict:
+    """Two runs' per-image predictions on the same test images, in A's order: {"index", "target",
+    "pred_a", "pred_b", "conf_a", "conf_b", "correct_a", "correct_b"} (numpy arrays). Runs tested on
+    other images, other files or other labels → DataError saying why (McNemar and the image diff)."""
     pa, pb = _predictions(run_a), _predictions(run_b)
     names = names or (Path(run_a).name, Path(run_b).name)
     ia, ib = list(pa["index"]), list(pb["index"])
     if sorted(ia) != sorted(ib):
         shared = len(set(ia) & set(ib))
         raise DataError(f"Runs {names[0]} and {names[1]} were tested on different images ({len(ia)} and "
-                        f"{len(ib)}, {shared} in common): McNemar's test needs the same test split "
-                        "(same dataset, test fraction and split seed).")
+                        f"{len(ib)}, {shared} in common): comparing them image by image needs the same test "
+                        "split (same dataset, test fraction and split seed).")
     _check_same_files(run_a, run_b, ia, names)
     order_b = {idx: k for k, idx in enumerate(ib)}
     perm = np.array([order_b[i] for i in ia], dtype=np.int64)
     ta, tb = np.asarray(pa["target"]), np.asarray(pb["target"])[perm]
     if not np.array_equal(ta, tb):
         raise DataError(f"Runs {names[0]} and {names[1]} label the same test images differently: they were "
-                        "trained on different datasets.")
-    correct_a = np.asarray(pa["predicted"]) == ta
-    correct_b = np.asarray(pb["predicted"])[perm] == tb
-    return mcnemar(correct_a, correct_b, names)
+                        "trained on different datasets (or one edited its test labels).")
+    pred_a, pred_b = np.asarray(pa["predicted"]), np.asarray(pb["predicted"])[perm]
+    return {"index": np.asarray(ia), "target": ta, "pred_a": pred_a, "pred_b": pred_b,
+            "conf_a": np.asarray(pa["confidence"], dtype=float), "conf_b": np.asarray(pb["confidence"], dtype=float)[perm],
+            "correct_a": pred_a == ta, "correct_b": pred_b == tb}
 
 
 def _check_same_files(run_a: str | Path, run_b: str | Path, indices, names: tuple[str, str]) -> None:

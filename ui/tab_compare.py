@@ -368,6 +368,24 @@ def pair_view(ctx: AppContext, run_a: str | None, run_b: str | None, normalize: 
     return figs[0], figs[1], text, _for_display(table), paired
 
 
+def image_diff_view(ctx: AppContext, run_a: str | None, run_b: str | None, who: identity.Who) -> tuple:
+    """(sentence, A-right-B-wrong gallery, B-right-A-wrong gallery) of two runs ``who`` may see."""
+    if not run_a or not run_b or run_a == run_b:
+        return "", gr.update(value=[], label="A right, B wrong"), gr.update(value=[], label="B right, A wrong")
+    h = _history(ctx)
+    for run_id in (run_a, run_b):
+        h.check_access(run_id, who, private=ctx.private_runs)
+    try:
+        diff = compare.image_diff(h.run_dir(run_a), h.run_dir(run_b), limit=24, data_dir=ctx.data_dir)
+    except LabError as err:
+        return (f"**No image-level comparison:** {md_text(str(err))}", gr.update(value=[]), gr.update(value=[]))
+    gallery = lambda items: [(i["image"], f"{i['file'].rsplit('/', 1)[-1]}: {i['caption']}") for i in items]  # noqa: E731
+    return (f"**Image by image:** {md_text(diff.sentence)} Below, the most confident wrong answers first "
+            "(true class → the other run's answer).",
+            gr.update(value=gallery(diff.a_only), label=f"A right, B wrong ({diff.a_only_count})"),
+            gr.update(value=gallery(diff.b_only), label=f"B right, A wrong ({diff.b_only_count})"))
+
+
 def paired_test(dir_a, dir_b, same_run: bool) -> str:
     """McNemar's test of runs A and B on their shared test images, in words; or why there is none."""
     if same_run:
@@ -602,6 +620,11 @@ class CompareTab(Controller):
     def show_pair(self, a, b, normalize_rows, browser_id=None, request: gr.Request = None):
         return pair_view(self.ctx, a, b, bool(normalize_rows), self._who(browser_id, request))
 
+    @safe
+    def show_image_diff(self, a, b, browser_id=None, request: gr.Request = None):
+        """The test images A gets right and B wrong, and the reverse, with their counts."""
+        return image_diff_view(self.ctx, a, b, self._who(browser_id, request))
+
     # ---- the run history ----------------------------------------------------------------
     @safe
     def refresh_history(self, filter_text, status, browser_id=None, request: gr.Request = None):
@@ -734,6 +757,9 @@ class CompareWidgets:
     pair_md: gr.Markdown
     mcnemar: gr.Markdown
     pair_table: gr.Dataframe
+    diff_note: gr.Markdown
+    diff_a: gr.Gallery
+    diff_b: gr.Gallery
     filter: gr.Textbox
     status: gr.Dropdown
     hist_refresh: gr.Button
@@ -828,8 +854,16 @@ def _pair_section() -> dict:
     mcnemar = gr.Markdown("", elem_id="cmp_mcnemar")
     pair_table = gr.Dataframe(pd.DataFrame(columns=DIFF_DISPLAY), label="Where they differ", interactive=False,
                               elem_id="cmp_diff")
+    # image by image: what one run gets right and the other wrong (the loop of Clean data ends here)
+    diff_note = gr.Markdown("", elem_id="cmp_diff_note")
+    with gr.Row():
+        diff_a = gr.Gallery(label="A right, B wrong", columns=6, height=300, elem_id="cmp_diff_a",
+                            allow_preview=False)
+        diff_b = gr.Gallery(label="B right, A wrong", columns=6, height=300, elem_id="cmp_diff_b",
+                            allow_preview=False)
     return {"run_a": run_a, "run_b": run_b, "normalize": normalize, "cm_a": cm_a, "cm_b": cm_b,
-            "pair_md": pair_md, "mcnemar": mcnemar, "pair_table": pair_table}
+            "pair_md": pair_md, "mcnemar": mcnemar, "pair_table": pair_table, "diff_note": diff_note,
+            "diff_a": diff_a, "diff_b": diff_b}
 
 
 def _history_table_rows() -> dict:
@@ -922,7 +956,9 @@ def _wire_comparison(ctx: AppContext, w: CompareWidgets, tab: CompareTab) -> Non
     for widget in (w.run_a, w.run_b, w.normalize):
         # reads both runs' predictions (McNemar) and bootstraps their F1: a few at a time
         widget.change(tab.show_pair, pair_inputs, pair_outputs, api_visibility="private",
-                      concurrency_id="cmp_pair", concurrency_limit=2)
+                      concurrency_id="cmp_pair", concurrency_limit=2).then(
+            tab.show_image_diff, [w.run_a, w.run_b, me], [w.diff_note, w.diff_a, w.diff_b],
+            api_visibility="private", concurrency_id="cmp_pair", concurrency_limit=2, show_progress="hidden")
 
 
 def _wire_history(ctx: AppContext, w: CompareWidgets, tab: CompareTab) -> None:
