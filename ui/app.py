@@ -15,7 +15,7 @@ import gradio as gr
 
 from core import identity
 from core.runs import RunHistory
-from ui import tab_compare, tab_data, tab_evaluate, tab_inside, tab_memory, tab_model, tab_predict, tab_train
+from ui import tab_clean, tab_compare, tab_data, tab_evaluate, tab_inside, tab_memory, tab_model, tab_predict, tab_train
 from ui.common import AppContext, Controller, safe
 
 TITLE = "Classifier Lab"
@@ -84,7 +84,7 @@ PROJECTOR_RESTORE_JS = (f"() => {{ let on = false; try {{ on = localStorage.getI
 
 # (label, module): each module's build(ctx) lays out and wires its tab, on_load(ctx, demo) adds the
 # page-load events (after every tab is built, so a tab can link to those after it).
-TABS = [("Data", tab_data), ("Model", tab_model), ("Memory", tab_memory), ("Train", tab_train),
+TABS = [("Data", tab_data), ("Clean data", tab_clean), ("Model", tab_model), ("Memory", tab_memory), ("Train", tab_train),
         ("Evaluate", tab_evaluate), ("Look inside", tab_inside), ("Compare", tab_compare), ("Predict", tab_predict)]
 
 
