@@ -9,7 +9,7 @@
     python -m core.clean revise --revision r0123456789 --undo
 
 `labels` writes the ranking of every examined image as CSV (most suspicious first; columns index,
-file, split, given, suggested, given_prob, suggested_prob, quality, flagged, fold). `revise` prints
+file, split, given, suggested, given_prob, suggested_prob, quality, flagged, cleanlab, fold). `revise` prints
 the revision and the reference to train on: python -m core.train --revision REF.
 
 The split (and so which images are "train", "val", "test") is the one a run with the same

@@ -12,7 +12,7 @@ from core import clean
 from tests.conftest import ROOT
 
 COLUMNS = ["index", "file", "split", "given", "suggested", "given_prob", "suggested_prob", "quality",
-           "flagged", "fold"]
+           "flagged", "cleanlab", "fold"]
 
 
 def test_labels_writes_the_ranking_as_csv(tiny_folder, tmp_path, capsys):

@@ -145,5 +145,5 @@ def test_another_browsers_run_is_refused_in_private_mode(lab, monkeypatch):
 
 def test_the_tab_sits_between_evaluate_and_compare():
     labels = [label for label, _ in app.TABS]
-    assert labels == ["Data", "Model", "Memory", "Train", "Evaluate", "Look inside", "Compare", "Predict"]
+    assert labels == ["Data", "Clean data", "Model", "Memory", "Train", "Evaluate", "Look inside", "Compare", "Predict"]
     assert dict(app.TABS)["Look inside"] is tab_inside

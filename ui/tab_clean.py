@@ -454,12 +454,12 @@ def layout(ctx: AppContext) -> SimpleNamespace:
         w.health_btn = gr.Button("Check data health", variant="primary", elem_id="clean_health_btn")
         w.health_summary = gr.Markdown("", elem_id="clean_health_summary")
         with gr.Row():
-            w.leaks = gr.Gallery(label="Leaks: the same image in training and test/validation", columns=3,
+            w.leaks = gr.Gallery(label="Leaks: the same image in training and test/validation", columns=3, fit_columns=False, object_fit="contain",
                                  height=260, elem_id="clean_leaks", allow_preview=False)
-            w.dups = gr.Gallery(label="Duplicates within one split", columns=3, height=260, elem_id="clean_dups",
+            w.dups = gr.Gallery(label="Duplicates within one split", columns=3, height=260, fit_columns=False, object_fit="contain", elem_id="clean_dups",
                                 allow_preview=False)
         with gr.Row():
-            w.outliers = gr.Gallery(label="Outliers", columns=4, height=260, elem_id="clean_outliers",
+            w.outliers = gr.Gallery(label="Outliers", columns=4, height=260, fit_columns=False, object_fit="contain", elem_id="clean_outliers",
                                     allow_preview=False)
             w.balance = gr.Plot(None, label="Class balance", elem_id="clean_balance")
         with gr.Row():

@@ -857,9 +857,9 @@ def _pair_section() -> dict:
     # image by image: what one run gets right and the other wrong (the loop of Clean data ends here)
     diff_note = gr.Markdown("", elem_id="cmp_diff_note")
     with gr.Row():
-        diff_a = gr.Gallery(label="A right, B wrong", columns=6, height=300, elem_id="cmp_diff_a",
+        diff_a = gr.Gallery(label="A right, B wrong", columns=4, height=300, fit_columns=False, object_fit="contain", elem_id="cmp_diff_a",
                             allow_preview=False)
-        diff_b = gr.Gallery(label="B right, A wrong", columns=6, height=300, elem_id="cmp_diff_b",
+        diff_b = gr.Gallery(label="B right, A wrong", columns=4, height=300, fit_columns=False, object_fit="contain", elem_id="cmp_diff_b",
                             allow_preview=False)
     return {"run_a": run_a, "run_b": run_b, "normalize": normalize, "cm_a": cm_a, "cm_b": cm_b,
             "pair_md": pair_md, "mcnemar": mcnemar, "pair_table": pair_table, "diff_note": diff_note,
