@@ -267,9 +267,11 @@ class CleanTab(Controller):
         session["clean_pos"] = session["clean_page"] * PAGE
         return self._review(session)
 
+    @safe
     def prev_page(self, session):
         return self.page(session, -1)
 
+    @safe
     def next_page(self, session):
         return self.page(session, 1)
 
@@ -545,6 +547,7 @@ def on_load(ctx: AppContext, demo: gr.Blocks) -> None:
     if cmp_tab is not None and tabs is not None:
         outputs = [tabs, w.retrain_note, cmp_tab.w.group, cmp_tab.w.selected] + cmp_tab.w.show_outputs
 
+    @safe
     def retrain(values, request: gr.Request):
         out = tab.retrain(values, request)     # under safe: an error is a toast, not a tuple
         return out[1] if len(outputs) == 1 else out
