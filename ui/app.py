@@ -50,7 +50,8 @@ CSS = """
 .toast-body { pointer-events: none !important; }
 .toast-body .toast-close { pointer-events: auto !important; }
 /* Mistake captions ("automobile → truck 51%") wrap inside the thumbnail instead of ending in "…". */
-#eval_errors .caption-label, #eval_cell_gallery .caption-label { white-space: normal; max-width: calc(100% - 8px); left: 4px; right: 4px;
+#eval_errors .caption-label, #eval_cell_gallery .caption-label, #cmp_diff_a .caption-label, #cmp_diff_b .caption-label,
+#clean_review .caption-label { white-space: normal; max-width: calc(100% - 8px); left: 4px; right: 4px;
   text-align: center; line-height: 1.25; }
 #predict_image img, #inside_image img { min-width: 60%; max-height: 100%; object-fit: contain;
   image-rendering: pixelated; }
