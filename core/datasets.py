@@ -797,7 +797,7 @@ SOURCES: Registry[Callable[..., LabDataset]] = Registry("dataset source")
 # the listing (ScanLimits). See load_dataset.
 
 # The embedded sample, checked once per data folder: a class opening the page together would
-# otherwise decode its 2,500 images once per student. Keyed by (sample folder, source); the folder's
+# otherwise decode its 6,000 images once per student. Keyed by (sample folder, source); the folder's
 # mtime tells a re-extracted sample from the one in the cache.
 _SAMPLE_CACHE: dict[tuple[str, str], tuple[int, LabDataset]] = {}
 _SAMPLE_LOCK = threading.Lock()

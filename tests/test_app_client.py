@@ -137,18 +137,18 @@ def test_named_endpoints_and_start_training_parameters(lab):
 def test_browse_sample_split_augment_model_and_memory(lab):
     c = new_client(lab)
     info, gallery, dist, sizes, skipped, note, table, split_plot = load_sample(c)
-    assert "**CIFAR-10 sample** — 2,500 images, 10 classes, colour" in info
-    assert "train 2,000, test 500" in info
+    assert "**CIFAR-10 sample** — 6,000 images, 10 classes, colour" in info
+    assert "train 5,000, test 1,000" in info
     assert len(gallery) == 30 and {g["caption"] for g in gallery} == set(SAMPLE_CLASSES)
     assert all(g["image"]["path"] for g in gallery)
-    assert table_rows(sizes) == [[32, 32, "RGB", 2500]] and table_rows(skipped) == []
-    assert note.startswith("1,750 train · 250 validation · 500 test")
+    assert table_rows(sizes) == [[32, 32, "RGB", 6000]] and table_rows(skipped) == []
+    assert note.startswith("4,400 train · 600 validation · 1,000 test")
     assert [r[0] for r in table_rows(table)] == SAMPLE_CLASSES
     assert plot_json(dist)["data"] and plot_json(split_plot)["data"]
 
     note, table, _ = c.predict(20, 10, 1, api_name="/split")
-    assert note.startswith("1,500 train · 500 validation · 500 test") and "seed 1" in note
-    assert table_rows(table)[0] == ["airplane", 150, 50, 50, 250]
+    assert note.startswith("3,800 train · 1,200 validation · 1,000 test") and "seed 1" in note
+    assert table_rows(table)[0] == ["airplane", 380, 120, 100, 600]
 
     assert len(c.predict("random", api_name="/reshuffle")) == 32
 
@@ -311,7 +311,7 @@ def test_two_users_at_once_do_not_see_each_other(lab, tiny_zip):
     assert out[0].startswith("Finished")
     assert "value" not in poll(b)[0]
     # and B's data choice is still its own after A trained on the zip
-    assert b.predict(10, 10, 0, api_name="/split")[0].startswith("1,750 train · 250 validation · 500 test")
+    assert b.predict(10, 10, 0, api_name="/split")[0].startswith("4,400 train · 600 validation · 1,000 test")
 
 
 def test_second_user_is_queued_while_the_only_slot_trains(lab):
@@ -356,7 +356,7 @@ def test_stop_a_running_run_resume_it_while_others_keep_working(lab, tiny_zip):
     # B is not queued behind A's training: each answer comes while A is still training.
     summary = b.predict("resnet18", True, "none", 0, 32, "sgd", "fp32", "8 GB", api_name="/memory")[0]
     assert "training needs **" in summary and not job.done
-    assert "2,500 images" in load_sample(b)[0] and not job.done
+    assert "6,000 images" in load_sample(b)[0] and not job.done
     assert len(b.predict("random", api_name="/reshuffle")) == 32 and not job.done
     assert b.predict("lenet5", True, "none", 0, False, api_name="/layer_table")[0].startswith("**62,006 of")
     assert not job.done

@@ -119,7 +119,7 @@ def test_student_flow_in_the_browser(page):
     pg = page
     t0 = time.time()
     # 1. Data: the embedded sample is loaded on opening; the preview gallery shows real thumbnails.
-    expect(pg.locator("#data_info")).to_contain_text("2,500 images, 10 classes", timeout=60_000)
+    expect(pg.locator("#data_info")).to_contain_text("6,000 images, 10 classes", timeout=60_000)
     thumbs = pg.locator("#data_gallery img")
     expect(thumbs.first).to_be_visible(timeout=30_000)
     assert thumbs.count() >= 10
@@ -168,7 +168,7 @@ def test_student_flow_in_the_browser(page):
     shot(pg, "03-memory")
 
     # 3. Train: 10 epochs at the default batch size, on the sample; the curves redraw while it trains (the page polls
-    #    every second; an epoch of 1,750 images takes 0.5 s on an idle 2-core machine, up to ~8 s on a
+    #    every second; an epoch of 4,400 images takes 0.3 s on an idle 2-core machine, up to ~8 s on a
     #    busy one, so fewer epochs can finish between two polls).
     open_tab(pg, "Train")
     epochs = pg.locator("#epochs input[type=number]")
@@ -205,7 +205,7 @@ def test_student_flow_in_the_browser(page):
             pg.wait_for_load_state()
             pg.lab["console_errors"] = [e for e in pg.lab["console_errors"]
                                         if not e.startswith(("AbortError", "Unexpected error Connection errored out"))]
-            expect(pg.locator("#data_info")).to_contain_text("2,500 images", timeout=60_000)
+            expect(pg.locator("#data_info")).to_contain_text("6,000 images", timeout=60_000)
             open_tab(pg, "Train")
             status = pg.locator("#train_status textarea")
             expect(status).to_have_value(re.compile(rf"^(Training|Finished) — tutorial_net — run {run_id}"),

@@ -129,7 +129,7 @@ def test_three_model_comparison_survives_a_restart(browser_context, tmp_path_fac
     try:
         pg = _new_page(browser_context)
         pg.goto(lab.url)
-        expect(pg.locator("#data_info")).to_contain_text("2,500 images, 10 classes", timeout=60_000)
+        expect(pg.locator("#data_info")).to_contain_text("6,000 images, 10 classes", timeout=60_000)
 
         # Pick exactly the three models, two epochs each, and train them all.
         open_tab(pg, "Compare")
@@ -192,7 +192,7 @@ def test_three_model_comparison_survives_a_restart(browser_context, tmp_path_fac
     try:
         pg = _new_page(browser_context)
         pg.goto(lab.url)
-        expect(pg.locator("#data_info")).to_contain_text("2,500 images", timeout=60_000)
+        expect(pg.locator("#data_info")).to_contain_text("6,000 images", timeout=60_000)
         open_tab(pg, "Compare")
         expect(pg.locator("#cmp_group input")).to_have_value(group, timeout=30_000)
         rows = _wait_for_board(pg, 3, timeout_s=60)

@@ -69,7 +69,7 @@ def open_page(browser, server, size: str):
     pg.lab = {"page_errors": []}
     pg.on("pageerror", lambda e: pg.lab["page_errors"].append(str(e)))
     pg.goto(server["url"])
-    expect(pg.locator("#data_info")).to_contain_text("2,500 images", timeout=60_000)
+    expect(pg.locator("#data_info")).to_contain_text("6,000 images", timeout=60_000)
     return pg
 
 
@@ -264,7 +264,7 @@ def test_a_webcam_shot_goes_into_the_chosen_class(server, browser):
     context = browser.new_context(viewport=SIZES["1280x800"], permissions=["camera"])
     pg = context.new_page()
     pg.goto(server["url"])
-    expect(pg.locator("#data_info")).to_contain_text("2,500 images", timeout=60_000)
+    expect(pg.locator("#data_info")).to_contain_text("6,000 images", timeout=60_000)
     pg.locator("#builder").get_by_text("Make your own dataset").click()
     for cls in ("me", "not me"):
         pg.locator("#builder_name").locator("input, textarea").fill(cls)

@@ -48,7 +48,7 @@ def pg(server):
         page.lab = {"page_errors": []}
         page.on("pageerror", lambda e: page.lab["page_errors"].append(str(e)))
         page.goto(server["url"])
-        expect(page.locator("#data_info")).to_contain_text("2,500 images", timeout=WAIT_MS)
+        expect(page.locator("#data_info")).to_contain_text("6,000 images", timeout=WAIT_MS)
         yield page
         browser.close()
 

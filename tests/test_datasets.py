@@ -30,7 +30,7 @@ def jpeg(sample_zip: Path, cls: str, k: int, split: str = "train") -> bytes:
 
 @functools.lru_cache(maxsize=None)
 def _open_zip(path: str) -> zipfile.ZipFile:
-    return zipfile.ZipFile(path)  # parsing the 2,500-entry directory once, not per image
+    return zipfile.ZipFile(path)  # parsing the 6,000-entry directory once, not per image
 
 
 def _zip_member(path: str, name: str) -> bytes:
@@ -57,22 +57,22 @@ def sample(session_data_dir):
 def test_sample_counts_and_predefined_split(sample):
     assert sample.name == D.SAMPLE_NAME
     assert sample.classes == CLASSES
-    assert len(sample) == 2500 and sample.mode == "RGB"
-    assert {k: len(v) for k, v in sample.splits.items()} == {"train": 2000, "test": 500}
+    assert len(sample) == 6000 and sample.mode == "RGB"
+    assert {k: len(v) for k, v in sample.splits.items()} == {"train": 5000, "test": 1000}
     assert sample.skipped == [] and sample.warnings == []
     assert sample.source == {"kind": "sample"}
     s = D.summarize(sample)
-    assert s.total == 2500
+    assert s.total == 6000
     assert s.per_class["class"].tolist() == CLASSES
-    assert s.per_class["images"].tolist() == [250] * 10
+    assert s.per_class["images"].tolist() == [600] * 10
     assert s.per_class["share"].tolist() == pytest.approx([0.1] * 10)
-    assert s.sizes.to_dict("records") == [{"width": 32, "height": 32, "mode": "RGB", "images": 2500}]
+    assert s.sizes.to_dict("records") == [{"width": 32, "height": 32, "mode": "RGB", "images": 6000}]
     assert s.skipped.empty and list(s.skipped.columns) == ["file", "reason"]
-    # the split tables of the source: 200 train + 50 test per class
+    # the split tables of the source: 500 train + 100 test per class
     table = D.split_table(sample, D.split_dataset(sample, val_fraction=0.0))
     assert list(table.columns) == ["class", "train", "val", "test", "total"]
-    assert table["train"].tolist() == [200] * 10 and table["test"].tolist() == [50] * 10
-    assert table["val"].tolist() == [0] * 10 and table["total"].tolist() == [250] * 10
+    assert table["train"].tolist() == [500] * 10 and table["test"].tolist() == [100] * 10
+    assert table["val"].tolist() == [0] * 10 and table["total"].tolist() == [600] * 10
 
 
 def test_sample_item_api(sample):
@@ -144,9 +144,9 @@ def test_random_split_stratified_disjoint_covering(unsplit):
     assert not (tr & va or tr & te or va & te)
     assert tr | va | te == set(range(len(unsplit)))
     table = D.split_table(unsplit, sp)
-    assert table["val"].tolist() == [25] * 10  # 250 per class × 0.1
-    assert table["test"].tolist() == [50] * 10
-    assert table["train"].tolist() == [175] * 10
+    assert table["val"].tolist() == [60] * 10  # 600 per class × 0.1
+    assert table["test"].tolist() == [120] * 10
+    assert table["train"].tolist() == [420] * 10
     assert sp.warnings == [] and "random" in sp.note
     assert sp.train == sorted(sp.train)
 
@@ -165,9 +165,9 @@ def test_predefined_split_train_test_carves_val_from_train(sample):
     assert sp.test == sorted(sample.splits["test"])  # test used as is; test_fraction unused
     assert set(sp.train) | set(sp.val) == set(sample.splits["train"])
     assert not set(sp.train) & set(sp.val)
-    # val = 0.1 of the WHOLE dataset (250 images), stratified: 25 per class
+    # val = 0.1 of the WHOLE dataset (600 images), stratified: 60 per class
     table = D.split_table(sample, sp)
-    assert table["val"].tolist() == [25] * 10 and table["train"].tolist() == [175] * 10
+    assert table["val"].tolist() == [60] * 10 and table["train"].tolist() == [440] * 10
     assert "predefined" in sp.note
     assert D.split_dataset(sample, seed=5).val != sp.val
 

@@ -302,7 +302,7 @@ def test_the_sample_is_checked_once_per_data_folder_and_each_load_gets_its_own_c
     monkeypatch.setattr(D, "check_image", lambda p: checked.append(p) or real_check(p))
     first = D.load_dataset("sample", data_dir=tmp_path / "data")
     n = len(checked)
-    assert n == len(first) == 2500
+    assert n == len(first) == 6000
     second = D.load_dataset("sample", data_dir=tmp_path / "data")
     assert len(checked) == n                       # no image decoded again
     assert second is not first and second.targets == first.targets and second.paths == first.paths
