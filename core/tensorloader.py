@@ -2,8 +2,8 @@
 
 Why: on a 2-core CPU the per-image PIL → tensor pipeline costs more than the tutorial Net's own
 step (benchmarks/bench_speed.py measures both paths side by side). Holding the split as uint8 and doing the
-tutorials' augmentation (random crop with zero padding, horizontal flip) on whole batches removes
-that cost. It supports exactly those steps; other specs use the DataLoader path.
+tutorials' augmentation (random crop from a zero- or reflect-padded image, horizontal flip) on whole
+batches removes that cost. It supports exactly those steps; other specs use the DataLoader path.
 
 ``TensorLoader`` iterates ``(images float32 N×C×H×W normalised, labels int64)`` like a DataLoader,
 with a per-epoch order that depends only on (seed, epoch) so a resumed run sees the same batches.
@@ -24,7 +24,7 @@ AUTO_MAX_BYTES = 512 * 1024 * 1024
 def batched_augment_params(spec: Sequence[dict], size: tuple[int, int]) -> dict | None:
     """Translate a transforms spec into batched-augmentation parameters, or None when it uses a
     step this path does not reproduce (or a crop size other than the image size)."""
-    padding, flip_p = 0, 0.0
+    padding, flip_p, mode = 0, 0.0, "constant"
     for step in spec:
         name, params = step.get("name"), step.get("params", {}) or {}
         if name not in SUPPORTED_STEPS:
@@ -38,25 +38,43 @@ def batched_augment_params(spec: Sequence[dict], size: tuple[int, int]) -> dict 
             crop = params.get("size", size[0])
             crop = (crop, crop) if isinstance(crop, int) else tuple(crop)
             pad = params.get("padding", 0) or 0
-            if crop != tuple(size) or not isinstance(pad, int) or params.get("padding_mode", "constant") != "constant" \
-                    or params.get("fill", 0) not in (0, None) or params.get("pad_if_needed"):
+            mode = params.get("padding_mode", "constant")
+            if crop != tuple(size) or not isinstance(pad, int) or mode not in ("constant", "reflect") \
+                    or params.get("fill", 0) not in (0, None) or params.get("pad_if_needed") \
+                    or (mode == "reflect" and pad >= min(size)):
                 return None
             padding = pad
         elif name == "RandomHorizontalFlip":
             flip_p = float(params.get("p", 0.5))
-    return {"padding": padding, "flip_p": flip_p}
+    return {"padding": padding, "flip_p": flip_p, "padding_mode": mode}
+
+
+def _reflect_index(n: int, pad: int) -> torch.Tensor:
+    """Source rows (or columns) of a reflect-padded axis of length n: torch's "reflect" (the edge
+    pixel is not repeated), as index arrays so uint8 tensors can be padded by gathering."""
+    i = torch.arange(-pad, n + pad).abs()
+    return torch.where(i > n - 1, 2 * (n - 1) - i, i)
+
+
+def pad_images(images: torch.Tensor, pad: int, mode: str = "constant") -> torch.Tensor:
+    """N×C×H×W uint8 images padded by ``pad`` on every side, with zeros or by reflection."""
+    if mode == "reflect":
+        h, w = images.shape[2:]
+        rows, cols = _reflect_index(h, pad).to(images.device), _reflect_index(w, pad).to(images.device)
+        return images.index_select(2, rows).index_select(3, cols)
+    return torch.nn.functional.pad(images, [pad] * 4)
 
 
 class TensorLoader:
     """Batches from a uint8 tensor (N×C×H×W) on ``device``, normalised with ``mean``/``std``.
 
     train=True: a fresh permutation each epoch (seeded by ``set_epoch``), random crop from a
-    zero-padded copy and random horizontal flip, done on the whole batch.
+    zero- or reflect-padded copy (``padding_mode``) and random horizontal flip, on the whole batch.
     """
 
     def __init__(self, images: torch.Tensor, labels: Sequence[int], batch_size: int, train: bool,
                  mean: Sequence[float], std: Sequence[float], padding: int = 0, flip_p: float = 0.0,
-                 seed: int = 0, device: str | torch.device = "cpu"):
+                 seed: int = 0, device: str | torch.device = "cpu", padding_mode: str = "constant"):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError("TensorLoader needs a uint8 tensor shaped N×C×H×W")
         self.device = torch.device(device)
@@ -75,7 +93,7 @@ class TensorLoader:
         self.std = torch.tensor(list(std)[:c] if len(std) >= c else list(std) * c,
                                 device=self.device).view(1, c, 1, 1) * 255.0
         if self.padding:  # pad once, not per batch
-            self.padded = torch.nn.functional.pad(self.images, [self.padding] * 4)
+            self.padded = pad_images(self.images, self.padding, padding_mode)
         self.dataset = self  # DataLoader-like attribute some callers read (len(loader.dataset))
 
     def __len__(self) -> int:  # batches per epoch

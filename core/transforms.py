@@ -725,7 +725,8 @@ def default_train_spec(image_size: int | Sequence[int], native_size: int | Seque
                        hflip: bool = True) -> list[dict]:
     """The tutorials' training augmentation.
 
-    Below 64 px: RandomCrop(size, padding=size//8) + RandomHorizontalFlip (the CIFAR recipe), with
+    Below 64 px: RandomCrop(size, padding=size//16, reflect) + RandomHorizontalFlip (the CIFAR recipe:
+    ±2 px for 32×32, which trains to higher accuracy in 10 epochs than the tutorials' ±4 px of zeros), with
     Resize + CenterCrop first when ``native_size`` is given and differs. From 64 px:
     RandomResizedCrop + flip (the ImageNet recipe, any input size). ``image_size`` is an int or
     (height, width); ``native_size`` the images' common size as (width, height), like
@@ -739,7 +740,8 @@ def default_train_spec(image_size: int | Sequence[int], native_size: int | Seque
     else:
         spec = [{"name": "Resize", "params": {"size": size}}, {"name": "CenterCrop", "params": {"size": size}}] \
             if _differs(image_size, native_size) else []
-        spec.append({"name": "RandomCrop", "params": {"size": size, "padding": min(h, w) // 8}})
+        spec.append({"name": "RandomCrop", "params": {"size": size, "padding": max(1, min(h, w) // 16),
+                                                      "padding_mode": "reflect"}})
     if hflip:
         spec.append({"name": "RandomHorizontalFlip", "params": {"p": 0.5}})
     return normalize_spec(spec)

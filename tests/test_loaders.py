@@ -71,7 +71,7 @@ def test_train_loader_shuffles_deterministically(sample, split):
 
 def test_set_epoch_reseeds_and_skips(sample, split):
     t = T.build_transform([], "none", "RGB")
-    idx = split.train[::25]  # 70 images → batches of 16, 16, 16, 16, 6
+    idx = split.train[::63]  # 70 images → batches of 16, 16, 16, 16, 6
     dl = L.make_loader(sample, idx, t, batch_size=16, train=True, num_workers=0, seed=0)
     assert len(dl) == 5 and dl.batch_sampler.batch_size == 16
     L.set_epoch(dl, 7)
@@ -137,9 +137,11 @@ def test_bad_loader_arguments(sample, split):
         L.make_loader(sample, split.val, t, batch_size=4, train=False, device="gpu0")
 
 
-def test_tensor_loader_crops_and_flips_exactly_like_per_image_indexing(sample_zip):
+@pytest.mark.parametrize("mode", ["constant", "reflect"])
+def test_tensor_loader_crops_and_flips_exactly_like_per_image_indexing(sample_zip, mode):
     """The batched crop/flip (two gathers) gives, pixel for pixel, the crop at the drawn offsets of
-    the zero-padded image, mirrored when its flip was drawn, then normalised."""
+    the zero- or reflect-padded image (torch's own padding of the float image), mirrored when its
+    flip was drawn, then normalised."""
     import torch
 
     import io
@@ -156,13 +158,13 @@ def test_tensor_loader_crops_and_flips_exactly_like_per_image_indexing(sample_zi
     images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()          # 37×3×32×32 uint8
     mean, std, pad, seed, epoch, bs = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3], 4, 7, 3, 16
     loader = TensorLoader(images, list(range(37)), bs, train=True, mean=mean, std=std, padding=pad,
-                          flip_p=0.5, seed=seed)
+                          flip_p=0.5, seed=seed, padding_mode=mode)
     loader.set_epoch(epoch)
     batches = list(loader)
     # the same draws, in the same order, from the loader's documented generator
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(37, generator=gen)
-    padded = torch.nn.functional.pad(images, [pad] * 4)
+    padded = torch.nn.functional.pad(images.float(), [pad] * 4, mode=mode)
     m = torch.tensor(mean).view(3, 1, 1) * 255
     s = torch.tensor(std).view(3, 1, 1) * 255
     flipped_some = kept_some = False

@@ -202,7 +202,7 @@ def test_tta_bad_kind(image):
 
 def test_default_specs():
     assert T.default_train_spec(32, (32, 32)) == T.normalize_spec([
-        {"name": "RandomCrop", "params": {"size": 32, "padding": 4}},
+        {"name": "RandomCrop", "params": {"size": 32, "padding": 2, "padding_mode": "reflect"}},
         {"name": "RandomHorizontalFlip", "params": {"p": 0.5}}])
     assert T.default_eval_spec(32, (32, 32)) == []
     big = T.default_train_spec(224)
@@ -217,7 +217,7 @@ def test_default_specs():
     assert [s["name"] for s in T.default_eval_spec(32, native_size=28)] == ["Resize", "CenterCrop"]
     assert T.default_eval_spec(96, native_size=(96, 96)) == []
     assert T.default_train_spec(64, 64)[0]["name"] == "RandomResizedCrop"
-    assert T.default_train_spec(16, 16)[0]["params"]["padding"] == 2
+    assert T.default_train_spec(16, 16)[0]["params"]["padding"] == 1
 
 
 def test_default_specs_produce_the_right_size(image):
