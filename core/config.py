@@ -71,6 +71,7 @@ class OptimConfig:
     gamma: float = 0.1                # decay factor (Step, MultiStep, Exponential, Plateau)
     plateau_patience: int = 2         # Plateau: epochs without improvement before the rate is cut
     warmup_epochs: int = 0            # linear warm-up from lr/warmup_steps to lr (not with onecycle)
+    onecycle_warmup: float = 0.25     # onecycle: the fraction of the steps spent rising to the peak rate
     label_smoothing: float = 0.0
     class_weights: str | list[float] | None = None  # None | "balanced" (inverse frequency) | list
     accumulation_steps: int = 1       # gradient accumulation: a bigger batch on a small card
@@ -94,6 +95,10 @@ class RunConfig:
                                       # tensorboard package), even when the server logs no run by default
     record_distributions: bool = False  # per epoch, weight quantiles and gradient norms of every layer
                                       # (core.gradstats; distributions.jsonl in the run folder)
+    time_budget_s: float | None = None  # seconds the whole run may take: the epochs (and the schedule that
+                                      # ends with them) are planned from a measured speed (core.cost);
+                                      # None: train the configured epochs
+    compile: bool = False             # torch.compile the model (pays for long runs of bigger models only)
     name: str | None = None           # a label for the run; None: model name and time
 
     # ---- serialisation -------------------------------------------------------------------
@@ -161,6 +166,9 @@ class RunConfig:
         _check_rates_and_seeds(self)
         _check_optim(o)
         _positive_int("epochs", self.epochs)
+        if self.time_budget_s is not None and not MIN_BUDGET_S <= self.time_budget_s <= MAX_BUDGET_S:
+            raise ConfigError(f"time_budget_s must be empty (train the epochs set) or between {MIN_BUDGET_S:g} s "
+                              f"and {MAX_BUDGET_S // 3600:g} hours, got {self.time_budget_s:g}.")
         if o.warmup_epochs >= self.epochs:
             # the warm-up would take the whole run: the schedule would never start
             raise ConfigError(f"optim.warmup_epochs must be less than epochs ({self.epochs}), "
@@ -207,6 +215,9 @@ def _check_optim(o: OptimConfig) -> None:
         raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}.")
     if o.weight_decay < 0:
         raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay}.")
+    if not 0.0 < o.onecycle_warmup < 1.0:
+        raise ConfigError(f"optim.onecycle_warmup must be a fraction of the steps in (0, 1), e.g. 0.25; "
+                          f"got {o.onecycle_warmup}.")
     if not 0.0 <= o.label_smoothing < 1.0:
         raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}.")
     if not 0.0 < o.gamma <= 1.0:
@@ -229,6 +240,8 @@ def _check_optim(o: OptimConfig) -> None:
 
 MAX_LR = 100.0        # far above any useful rate: a typo (1e308) is told so, not trained into NaN
 MAX_SEED = 2**32 - 1  # NumPy's seeds stop here
+MIN_BUDGET_S = 5.0    # below this the speed measurement and data preparation take the whole budget
+MAX_BUDGET_S = 7 * 24 * 3600.0
 
 
 def _check_rates_and_seeds(config: "RunConfig") -> None:

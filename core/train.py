@@ -5,7 +5,13 @@
     python -m core.train --config my_run.json --set optim.lr=0.001 --set data.batch_size=32
     python -m core.train --resume runs/<run-id> --epochs 20 # on from its last checkpoint
     python -m core.train --source folder --location pets/ --revision r0123456789@7  # a cleaned revision
+    python -m core.train --time-budget 5m                  # as many epochs as fit in 5 minutes
+    python -m core.train --no-recipe                       # the plain defaults, not the recipe for the data
     python -m core.train --print-config > my_run.json      # the full default configuration
+
+Settings not given (by a flag, --set or --config) come from the recipe for the data and the model
+(core.recipes: batch, epochs, optimiser, rate, schedule, label smoothing, precision); the line
+"recipe: ..." says which.
 
 Exit status: 0 finished, 1 failed, 130 stopped (Ctrl-C stops after the current batch and leaves
 a checkpoint to resume from).
@@ -18,7 +24,8 @@ import sys
 import threading
 from pathlib import Path
 
-from core import events as ev, rundir, stats
+from core import events as ev, recipes, rundir, stats
+from core.cost import parse_duration
 from core.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, SOURCES, RunConfig
 from core.datasets import DEFAULT_DATA_DIR
 from core.errors import LabError
@@ -45,6 +52,8 @@ FLAGS = {
     "device": ("device", str, "auto | cpu | cuda | cuda:N | mps"),
     "precision": ("precision", str, f"{', '.join(PRECISIONS)}"),
     "seed": ("seed", int, "random seed"),
+    "time_budget": ("time_budget_s", "duration", "train for at most this long, e.g. 90s, 5m, 1h: the epochs "
+                                                 "are planned from this machine's measured speed"),
     "name": ("name", str, "a label for the run"),
 }
 
@@ -55,8 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", help=f"a JSON run configuration (as saved in runs/<id>/{rundir.CONFIG_FILE})")
     for flag, (_, typ, help_) in FLAGS.items():
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, help=help_)
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=_duration_arg if typ == "duration" else typ,
+                       help=help_)
     p.add_argument("--pretrained", action="store_true", default=None, help="start from ImageNet weights")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the model (10-70 s of compiling; pays for long runs of bigger models)")
+    p.add_argument("--no-recipe", action="store_true",
+                   help="keep the plain defaults for settings not given, instead of the recipe for the data and model")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="set any field, e.g. optim.momentum=0.8 (value parsed as JSON when it can be)")
     p.add_argument("--resume", help=f"continue a run (its folder, or its {rundir.LAST_CKPT}) from its last checkpoint; "
@@ -71,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write TensorBoard logs into the run folder (sets the config's tensorboard "
                         "field; needs `pip install tensorboard`)")
     return p
+
+
+def _duration_arg(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except LabError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def resume_plan(args: argparse.Namespace) -> ResumePlan | None:
@@ -117,6 +138,8 @@ def config_from_args(args: argparse.Namespace, plan: ResumePlan | None = None) -
             _assign(raw, dotted, value)
     if args.pretrained:
         _assign(raw, "model.pretrained", True)
+    if getattr(args, "compile", None):
+        _assign(raw, "compile", True)
     if getattr(args, "tensorboard", False):   # recorded in the run's config.json; the trainer does the logging
         _assign(raw, "tensorboard", True)
     for item in args.set:
@@ -131,6 +154,26 @@ def config_from_args(args: argparse.Namespace, plan: ResumePlan | None = None) -
     if plan is not None:
         raw["epochs"] = plan.config.epochs
     return RunConfig.from_dict(raw)
+
+
+def given_fields(args: argparse.Namespace) -> set[str]:
+    """The dotted fields the command line sets (flags and --set): a recipe leaves them alone."""
+    given = {dotted for flag, (dotted, _, _) in FLAGS.items() if getattr(args, flag, None) is not None}
+    given |= {item.split("=", 1)[0].strip() for item in args.set}
+    if "epochs" in given or "time_budget_s" in given:
+        given.add("epochs")
+    return given
+
+
+def with_recipe(config: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """A new run without --config: the recipe for its data and model fills the settings not given
+    (--no-recipe: the plain defaults). Says so on stderr."""
+    if args.no_recipe or args.config or args.resume:
+        return config
+    recipe = recipes.for_config(config, args.data_dir)
+    print(f"recipe: {recipe.describe()} Flags override any of these; --no-recipe keeps the plain defaults.",
+          file=sys.stderr)
+    return recipes.apply(config, recipe, keep=given_fields(args))
 
 
 def _assign(raw: dict, dotted: str, value) -> None:
@@ -200,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{spec.name:22s} {spec.family:14s} {spec.description}")
             return 0
         plan = resume_plan(args)
-        config = config_from_args(args, plan)
+        config = with_recipe(config_from_args(args, plan), args)
         if args.print_config:
             print(config.to_json())
             return 0
