@@ -21,6 +21,8 @@ there; the in-memory path and num_workers=0 resume exactly.
 from __future__ import annotations
 
 import contextlib
+import copy
+import io
 import logging
 import math
 import os
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core import (choices, datasets, events as ev, gradstats, loaders, metrics, models, resources, revisions, rundir,
+from core import (choices, cost, datasets, events as ev, gradstats, loaders, metrics, models, resources, revisions, rundir,
                   storage, tensorloader, transforms)
 from core.checkpoints import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from core.config import RunConfig
@@ -307,7 +309,8 @@ def build_scheduler(optimizer, config: RunConfig, steps_per_epoch: int):
     # OneCycle has its own warm-up (pct_start) and is stepped per optimiser step.
     steps = math.ceil(steps_per_epoch / o.accumulation_steps) * epochs
     max_lrs = [g["lr"] for g in optimizer.param_groups]
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=steps), True
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=steps,
+                                               pct_start=o.onecycle_warmup), True
 
 
 def resume_scheduler(scheduler, optimizer, config: RunConfig, saved: dict | None, *, saved_kind: str,
@@ -368,8 +371,10 @@ def _replan_onecycle(scheduler, optimizer, saved: dict, remaining: int):
     the added steps, as fitting "one more cycle" does; it keeps the same peak rate."""
     planned, done = saved["total_steps"], saved["last_epoch"]
     max_lrs = [g["max_lr"] for g in optimizer.param_groups]
+    # the old plan's rising fraction (its first phase ends at pct_start * total - 1), kept by the new one
+    pct = min(0.99, max(0.01, (float(saved["_schedule_phases"][0]["end_step"]) + 1) / planned))
     if done >= planned - 1:
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=remaining)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=remaining, pct_start=pct)
     if remaining == 1:   # nothing to stretch: the old plan's next step
         scheduler.load_state_dict(saved)
         return scheduler
@@ -379,7 +384,7 @@ def _replan_onecycle(scheduler, optimizer, saved: dict, remaining: int):
     # (last_epoch >= 0), OneCycleLR keeps the bounds (initial, peak and floor rate, momentum range)
     # that the optimiser's state brought from the checkpoint.
     total = max(remaining, -(-(remaining - 1) * planned // (planned - 1 - done)))
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total,
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total, pct_start=pct,
                                                last_epoch=total - remaining - 1)
 
 
@@ -594,6 +599,103 @@ def evaluate(model, loader, loss_fn, device, precision="fp32", class_names=None,
 
 
 # ---------------------------------------------------------------------------------------------
+# Cost before Start: a few real steps timed (core.cost holds the estimate and its arithmetic)
+# ---------------------------------------------------------------------------------------------
+def _sync_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_train_steps(prep, config: RunConfig, max_seconds: float) -> tuple[float, int, torch.nn.Module, object]:
+    """(mean seconds per step after the warm-up, steps timed, the model copy, its optimiser)."""
+    model = copy.deepcopy(prep.model)
+    if config.model.name in CHANNELS_LAST_MODELS:
+        model = model.to(memory_format=torch.channels_last)
+        model._lab_channels_last = True
+    model.to(prep.device)
+    models.set_train_mode(model, True)
+    optimizer = build_optimizer(model, config)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
+    loader = prep.train_loader
+    _set_loader_epoch(loader, config.seed, 0, 0)
+    times, t_begin = [], time.perf_counter()
+    batch_iter = iter(loader)
+    for k in range(min(cost.MAX_STEPS, _batches_used(loader, config.data.batch_size) * 4)):
+        t0 = time.perf_counter()
+        try:
+            x, y = next(batch_iter)
+        except StopIteration:   # a small set: go round again
+            batch_iter = iter(loader)
+            x, y = next(batch_iter)
+        _, _, loss = _forward(model, x, y, loss_fn, prep.device, config.precision)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        _sync_device(prep.device)
+        times.append(time.perf_counter() - t0)
+        spent, timed = time.perf_counter() - t_begin, k + 1 - cost.WARMUP_STEPS
+        if timed > 0 and (spent >= max_seconds * 0.8 or (timed >= cost.ENOUGH_STEPS and spent >= cost.ENOUGH_S)):
+            break
+    timed = times[cost.WARMUP_STEPS:] or times
+    return sum(timed) / len(timed), len(timed), model, optimizer
+
+
+def _eval_batch_seconds(prep, config: RunConfig, model) -> float:
+    """Seconds per evaluation batch: the mean of up to 3 after one warm-up batch."""
+    loader = prep.val_loader or prep.test_loader or prep.train_loader
+    models.set_train_mode(model, False)
+    times = []
+    with torch.inference_mode():
+        for k, (x, _) in enumerate(loader):
+            t0 = time.perf_counter()
+            x = x.to(prep.device)
+            if _channels_last(model):
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(prep.device, config.precision):
+                model(x).float().cpu()
+            times.append(time.perf_counter() - t0)
+            if k >= 3:
+                break
+    timed = times[1:] or times
+    return sum(timed) / len(timed)
+
+
+def _checkpoint_seconds(model, optimizer) -> float:
+    """One last.pth write (serialised to memory), plus half of one for best.pth."""
+    t0 = time.perf_counter()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, io.BytesIO())
+    return 1.5 * (time.perf_counter() - t0)
+
+
+def measure_cost(prep: Prepared, config: RunConfig | None = None,
+                 max_seconds: float = cost.MAX_MEASURE_S) -> cost.CostEstimate:
+    """Time a few real steps of the run ``prep`` (a Prepared) describes; see the module doc."""
+    config = config or prep.config
+    t0 = time.perf_counter()
+    rng = torch.random.get_rng_state()
+    try:
+        step_s, steps, model, optimizer = _timed_train_steps(prep, config, max_seconds)
+        eval_s = _eval_batch_seconds(prep, config, model)
+        ckpt_s = _checkpoint_seconds(model, optimizer)
+    finally:
+        torch.random.set_rng_state(rng)   # the run's own draws stay what they would have been
+    batches = _batches_used(prep.train_loader, config.data.batch_size)
+    return cost.CostEstimate(step_s, eval_s, batches, len(prep.val_loader) if prep.val_loader else 0,
+                        len(prep.test_loader) if prep.test_loader else 0, ckpt_s, steps,
+                        time.perf_counter() - t0)
+
+
+def estimate_cost(config: RunConfig, data_dir, max_seconds: float = cost.MAX_MEASURE_S) -> tuple[cost.CostEstimate, float]:
+    """(estimate, seconds the data preparation took) for ``config`` before it is started: the
+    dashboard's "cost before Start". Prepares the data and model as the run will."""
+    t0 = time.perf_counter()
+    prep = prepare(config, data_dir=data_dir)
+    prepared_s = time.perf_counter() - t0
+    return measure_cost(prep, config, max_seconds), prepared_s
+
+
+# ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
 @dataclass
@@ -689,7 +791,8 @@ def fit(config: RunConfig, on_event: EventSink | None = None, should_stop: StopF
     from where it stopped, up to ``config.epochs`` epochs (see ``resume_scheduler`` for a count
     other than the checkpoint's). Errors never escape: a failed run ends with a
     RunFinished(status='failed') event carrying the reason, and is returned as such. The
-    deterministic and cudnn switches are put back as they were when the run ends.
+    deterministic and cudnn switches are put back as they were when the run ends. A new run with
+    ``config.time_budget_s`` sets ``config.epochs`` to the epochs it plans (core.cost).
     """
     with _restoring_global_switches():
         return _fit(config, on_event, should_stop, runs_dir=runs_dir, data_dir=data_dir, run_id=run_id,
@@ -715,7 +818,9 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
         if prep.revision_record is not None:
             with _writing(run_dir, f"writing {rundir.REVISION_FILE}"):
                 rundir.write_json(run_dir / rundir.REVISION_FILE, prep.revision_record)
+        budget = _plan_budget(config, prep, run_dir, emit, t_start) if config.time_budget_s and ckpt is None else None
         run = _setup(config, prep)
+        run.deadline = budget
         notes = _restore(run, state, ckpt, Path(resume_from).name) if ckpt is not None else []
         if ckpt is None:
             _save_initial_weights(run, run_dir)
@@ -725,6 +830,8 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
                                    config, emit)
         status = ev.FINISHED
         message = f"finished {state.epochs_done} epoch(s)"
+        if state.out_of_time:
+            message += f" of the {config.epochs} planned: the time budget was reached"
         if report is not None:
             message += f"; test accuracy {report.accuracy:.1%}"
     except Exception as err:   # every way a run ends early, bugs included: ended with its reason (fit's promise)
@@ -749,6 +856,7 @@ class TrainState:
     partial: dict | None = None       # that epoch's record from train_one_epoch (sums, cut accumulation group)
     rng: dict | None = None           # the RNG state to continue that epoch with
     epoch_times: list[float] = field(default_factory=list)   # this session's, for the ETA
+    out_of_time: bool = False         # the time budget ended the run before its planned epochs
 
     @property
     def bad_epochs(self) -> int:
@@ -772,6 +880,7 @@ class _Run:
     eval_loss_fn: nn.Module
     warmup_steps: int
     recorder: gradstats.DistributionRecorder | None = None   # config.record_distributions
+    deadline: float | None = None     # a time budget's end (time.time()), less the final evaluation
 
     @property
     def batches(self) -> int:
@@ -820,6 +929,10 @@ def _setup(config: RunConfig, prep: Prepared) -> _Run:
         model = nn.DataParallel(model)
         prep.notes.append(f"DataParallel over {torch.cuda.device_count()} GPUs")
     core_model = model.module if isinstance(model, nn.DataParallel) else model
+    if config.compile:   # checkpoints keep core_model's own state_dict (no "_orig_mod." prefixes)
+        model = torch.compile(model)
+        prep.notes.append("torch.compile: the first steps compile the model (10–70 s on a CPU); it pays "
+                          "for long runs of bigger models (ResNet-18 +21 %), not for the tutorial Net")
     optimizer = build_optimizer(core_model, config)
     for g in optimizer.param_groups:
         g["base_lr"] = g["lr"]
@@ -880,6 +993,7 @@ def _train_epochs(run: _Run, state: TrainState, run_dir: Path, emit: _RunLog, sh
     for epoch in range(state.epochs_done + 1, config.epochs + 1):
         if should_stop():
             raise _StopRequested
+        t_epoch = time.time()
         _start_epoch(run, state, epoch)
         stats = train_one_epoch(run.model, prep.train_loader, run.optimizer, run.loss_fn, prep.device, epoch=epoch,
                                 config=config, scaler=run.scaler, scheduler=run.scheduler,
@@ -902,6 +1016,38 @@ def _train_epochs(run: _Run, state: TrainState, run_dir: Path, emit: _RunLog, sh
             val = evaluate(run.model, prep.val_loader, run.eval_loss_fn, prep.device, config.precision)
         if _end_epoch(run, state, epoch, stats, val, lr_used, run_dir, emit):
             break
+        if _out_of_time(run, epoch, t_epoch, emit):
+            state.out_of_time = True
+            break
+
+
+def _out_of_time(run: _Run, epoch: int, t_epoch: float, emit: _RunLog) -> bool:
+    """True when the run has a time budget and another epoch as long as this one would end past it
+    (the machine turned slower than measured): the run ends here, on time to within one epoch."""
+    if run.deadline is None or epoch >= run.config.epochs:
+        return False
+    if time.time() + (time.time() - t_epoch) <= run.deadline:
+        return False
+    emit(ev.StatusChanged(status=ev.RUNNING, message=f"time budget reached: stopping after epoch {epoch} of the "
+                          f"{run.config.epochs} planned (this machine ran slower than measured)"))
+    return True
+
+
+def _plan_budget(config: RunConfig, prep: Prepared, run_dir: Path, emit: _RunLog, t_start: float) -> float:
+    """config.time_budget_s: measure this machine's speed on the run (core.cost), set config.epochs
+    to what fits (config.json says so, and the schedule is built for it), note the plan; return the
+    deadline for the epochs (the budget's end less the final evaluation)."""
+    emit(ev.StatusChanged(status=ev.RUNNING, message="timing a few steps to plan the epochs for the time budget"))
+    est = measure_cost(prep, config)
+    budget = config.time_budget_s
+    config.epochs = cost.plan_epochs(est, budget, time.time() - t_start)
+    if config.optim.warmup_epochs >= config.epochs:
+        config.optim.warmup_epochs = 0
+    with _writing(run_dir, f"writing {CONFIG_FILE}"):
+        config.save(run_dir / CONFIG_FILE)
+    prep.notes.append(f"time budget {cost._duration(budget)}: {config.epochs} epoch(s) planned, "
+                      f"{est.describe(config.epochs)}")
+    return t_start + budget - est.test_seconds
 
 
 def _record_distributions(run: _Run, run_dir: Path, epoch: int) -> None:
