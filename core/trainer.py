@@ -58,6 +58,8 @@ REPORT_EVERY_S = 0.25   # BatchEnded at most ~4 per second (the dashboard redraw
 CHANNELS_LAST_MODELS = frozenset({"mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
                                   "efficientnet_b0", "shufflenet_v2_x1_0"})
 
+NOT_CONVOLUTIONAL = frozenset({"vit_b_16"})   # channels_last would only add transposes
+
 EventSink = Callable[[ev.Event], None]
 StopFlag = Callable[[], bool]
 
@@ -418,6 +420,15 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def uses_channels_last(config: RunConfig, device: torch.device) -> bool:
+    """Whether a run trains in channels_last: the families measured faster so on the CPU
+    (CHANNELS_LAST_MODELS), and on a CUDA GPU every convolutional network in mixed precision (the
+    layout tensor cores take without transposes; NVIDIA's advice, as airbench does)."""
+    if config.model.name in CHANNELS_LAST_MODELS:
+        return True
+    return device.type == "cuda" and config.precision != "fp32" and config.model.name not in NOT_CONVOLUTIONAL
+
+
 def _channels_last(model: nn.Module) -> bool:
     """Whether the model takes its input in channels_last (CHANNELS_LAST_MODELS). Looks through
     DataParallel: the wrapper does not carry the attributes of the model inside it."""
@@ -609,7 +620,7 @@ def _sync_device(device: torch.device) -> None:
 def _timed_train_steps(prep, config: RunConfig, max_seconds: float) -> tuple[float, int, torch.nn.Module, object]:
     """(mean seconds per step after the warm-up, steps timed, the model copy, its optimiser)."""
     model = copy.deepcopy(prep.model)
-    if config.model.name in CHANNELS_LAST_MODELS:
+    if uses_channels_last(config, prep.device):
         model = model.to(memory_format=torch.channels_last)
         model._lab_channels_last = True
     model.to(prep.device)
@@ -921,7 +932,7 @@ def _setup(config: RunConfig, prep: Prepared) -> _Run:
     device, model = prep.device, prep.model
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not config.deterministic
-    if config.model.name in CHANNELS_LAST_MODELS:
+    if uses_channels_last(config, device):
         model = model.to(memory_format=torch.channels_last)
         model._lab_channels_last = True
     model.to(device)

@@ -28,6 +28,27 @@ def test_a_small_set_gets_more_epochs_and_a_smaller_batch():
     assert tiny.fields["epochs"] == 40
 
 
+def test_on_a_gpu_the_batch_is_larger_and_precision_mixed():
+    gpu = recipes.recommend("cifar_fast", pretrained=False, n_train=50_000, image_side=32, device_type="cuda")
+    assert gpu.fields["data.batch_size"] == 512 and gpu.fields["optim.lr"] == pytest.approx(0.2)
+    assert gpu.fields["precision"] in ("bf16", "fp16")
+
+
+def test_channels_last_on_the_cpu_where_measured_and_on_a_gpu_in_mixed_precision():
+    import torch
+
+    from core import trainer
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    config = RunConfig()
+    assert not trainer.uses_channels_last(config, cpu)
+    config.precision = "bf16"
+    assert trainer.uses_channels_last(config, gpu) and not trainer.uses_channels_last(config, cpu)
+    config.model.name = "vit_b_16"
+    assert not trainer.uses_channels_last(config, gpu)
+    config.model.name = "mobilenet_v3_small"
+    assert trainer.uses_channels_last(config, cpu)
+
+
 def test_fine_tuning_and_transformers_have_their_own_recipes():
     ft = recipes.recommend("resnet18", pretrained=True, n_train=2_000, image_side=224)
     assert ft.fields["optim.lr"] == 0.01 and ft.fields["optim.head_lr"] == 0.1 and 3 <= ft.fields["epochs"] <= 10
