@@ -6,7 +6,7 @@ class score and keeps the positive part. It is Captum's ``LayerGradCam`` (with
 (bilinear) to the input size, then divided by its maximum so it lies in [0, 1]. The layer per
 family is ``core.models.cam_layer``: the last module whose output is still a spatial map (ResNet
 ``layer4``, VGG/AlexNet/DenseNet/MobileNet/EfficientNet/SqueezeNet/ConvNeXt ``features``,
-ShuffleNet ``conv5``, the tutorial net ``conv2``, LeNet ``act2``).
+ShuffleNet ``conv5``, FastCIFAR ``group3``, the tutorial net ``conv2``, LeNet ``act2``).
 
 A ViT has no spatial map: its "tokens" layer is the last block's first LayerNorm
 (``encoder.layers.encoder_layer_11.ln_1``), whose patch tokens are the last the class token

@@ -76,6 +76,8 @@ SAVED_CASES = [
     pytest.param("vit_b_16", 32, 2, "none", True, marks=_slow),  # attention (fused CPU kernel), 64 tokens
     pytest.param("alexnet", 32, 2, "none", True, marks=_slow),  # dropout in the classifier
     ("lenet5", 32, 4, "none", False),                 # tanh, average pooling
+    ("cifar_fast_small", 32, 4, "none", False),       # GELU, max-pool indices, global max-pool, bias-free head
+    ("cifar_fast", 64, 2, "features", False),         # the full widths, backbone frozen, a 64×64 input
 ]
 
 

@@ -618,6 +618,7 @@ def _bn_stats(model):
 @pytest.mark.parametrize("name,mode,stages", [
     ("resnet18", "stages", 2),
     ("mobilenet_v3_small", "features", 0),
+    ("cifar_fast_small", "stages", 2),   # stem and group1 frozen, group2/3 and the head train
     pytest.param("vgg11_bn", "stages", 3, marks=pytest.mark.slow),   # a 133M-parameter model
 ])
 def test_frozen_params_and_bn_stats_do_not_move(name, mode, stages, real_batch):
@@ -657,6 +658,73 @@ def test_frozen_params_and_bn_stats_do_not_move(name, mode, stages, real_batch):
             assert not torch.equal(mean, bn_before[n][0])  # a trained BN layer does update
     M.set_train_mode(model, False)
     assert not any(m.training for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------
+# FastCIFAR (airbench94 in plain modules)
+# ---------------------------------------------------------------------------------------------
+
+def _airbench_params(widths, classes=10, c_in=3):
+    """Parameters of airbench's network counted by hand: stem 2×2 conv with bias (24 ch), per group
+    two bias-free 3×3 convs and two BatchNorms (scale + shift), bias-free head."""
+    n, prev = c_in * 24 * 4 + 24, 24
+    for w in widths:
+        n += prev * w * 9 + w * w * 9 + 2 * 2 * w
+        prev = w
+    return n + prev * classes
+
+
+def test_fast_cifar_shapes_parameters_and_layers():
+    assert M.count_params("cifar_fast", 10) == _airbench_params((64, 256, 256)) == 1_972_792
+    assert M.count_params("cifar_fast_small", 10) == _airbench_params((32, 64, 128)) == 295_096
+    assert M.count_params("cifar_fast", 10, in_channels=1) == _airbench_params((64, 256, 256), c_in=1)
+    for name in ("cifar_fast", "cifar_fast_small"):
+        spec = M.get_model_spec(name)
+        assert spec.family == "FastCIFAR" and not spec.fixed_size and not spec.has_pretrained
+        cm = M.create_model(name, 10, input_size=32)
+        assert cm.model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+        assert cm.model(torch.zeros(2, 3, 64, 64)).shape == (2, 10)   # one model, any size
+        assert cm.model(torch.zeros(1, 3, 24, 40)).shape == (1, 10)
+        # 32×32: the 2×2 stem leaves 31×31, each group halves it: 15, 7, 3 (airbench's 3×3 map)
+        df = M.layer_table(cm.model, (3, 32, 32)).set_index("layer")
+        assert df.loc["stem.0", "output_shape"] == "[1, 24, 31, 31]"
+        assert df.loc["group3.6", "output_shape"] == f"[1, {cm.model.head.in_features}, 3, 3]"
+        assert M.first_conv_name(name) == "stem.0" and M.cam_layer(name) == ("group3", "conv")
+        assert M.list_stages(name) == ["stem", "group1", "group2", "group3"]
+        assert [id(p) for p in M.head_parameters(cm.model, name)] == [id(cm.model.head.weight)]
+    with pytest.raises(ModelError, match="three positive group widths"):
+        M.FastCIFAR(widths=(32, 64))
+
+
+def _sample_batch(sample_zip, per_class: int = 4):
+    """``per_class`` real training images of each of the sample's 10 classes, in [-1, 1]."""
+    xs, ys = [], []
+    with zipfile.ZipFile(sample_zip) as z:
+        classes = sorted({n.split("/")[2] for n in z.namelist() if n.count("/") == 3})
+        for label, c in enumerate(classes):
+            for i in range(per_class):
+                img = Image.open(io.BytesIO(z.read(f"cifar10-sample/train/{c}/{i:04d}.jpg"))).convert("RGB")
+                xs.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1)
+                ys.append(label)
+    return torch.stack(xs), torch.tensor(ys)
+
+
+@pytest.mark.parametrize("name", ["cifar_fast_small", pytest.param("cifar_fast", marks=pytest.mark.slow)])
+def test_fast_cifar_learns_a_batch_of_the_sample(name, sample_zip):
+    x, y = _sample_batch(sample_zip)
+    assert len(set(y.tolist())) == 10
+    torch.manual_seed(0)
+    model = M.create_model(name, 10, input_size=32).model.train()
+    opt = torch.optim.SGD(M.param_groups(model, name, lr=0.01, weight_decay=5e-4), lr=0.01, momentum=0.9,
+                          nesterov=True)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert math.isfinite(losses[-1]) and losses[-1] < 0.5 * losses[0], losses
 
 
 def test_param_groups():
