@@ -172,7 +172,7 @@ def training_memory(config: RunConfig, num_classes: int, input_shape: Sequence[i
     factory = _factory(config, num_classes, input_shape)
     est = estimate_memory(factory, factory.input_shape, config.data.batch_size, optimizer=config.optim.optimizer,
                           momentum=config.optim.momentum, precision=config.precision, inference=False,
-                          target_device=_target(device_type))
+                          target_device=_target(device_type), accumulation_steps=config.optim.accumulation_steps)
     return int(est.required_bytes)
 
 
@@ -185,7 +185,8 @@ def largest_fitting_batch(config: RunConfig, num_classes: int, input_shape: Sequ
     factory = _factory(config, num_classes, input_shape)
     return int(max_batch_size(factory, factory.input_shape, budget_bytes, optimizer=config.optim.optimizer,
                               momentum=config.optim.momentum, precision=config.precision,
-                              target_device=_target(device_type), limit=max(1, int(limit))))
+                              target_device=_target(device_type), limit=max(1, int(limit)),
+                              accumulation_steps=config.optim.accumulation_steps))
 
 
 def training_budget(free_bytes: int | None, cap_bytes: int | None, device_type: str) -> tuple[int | None, str]:

@@ -141,3 +141,15 @@ def test_numbers_do_not_wrap(tabs):
     cells, styles = _shown(layers_out, layers)
     assert "2,359,296" in cells                                    # a 3×3 512→512 conv
     assert any("white-space: nowrap" in s for s in styles)
+
+
+def test_gradient_accumulation_raises_the_peak_and_says_why(ctx):
+    """Issue 16: with accumulation the 2nd and later batches hold the gradients all step long."""
+    calculate = tab_memory.MemoryTab(ctx).calculate
+    one = calculate({}, "resnet18", False, "none", 0, 32, "sgd", "fp32", "8 GB", 0, 1, progress=lambda *a, **k: None)
+    four = calculate({}, "resnet18", False, "none", 0, 32, "sgd", "fp32", "8 GB", 0, 4, progress=lambda *a, **k: None)
+    peak = lambda text: float(text[0].split("training needs **")[1].split("\xa0MiB")[0].replace(",", ""))
+    assert peak(four) > peak(one) * 1.05
+    assert "batch 32 accumulated over 4 (the peak of the 2nd and later batches" in four[0]
+    with pytest.raises(gr.Error, match="Gradient accumulation must be a whole number"):
+        calculate({}, "resnet18", False, "none", 0, 32, "sgd", "fp32", "8 GB", 0, 1.5, progress=lambda *a, **k: None)

@@ -11,6 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from core import choices, memory
+from core.errors import ConfigError
 from ui import plots
 from ui.common import AppContext, Controller, safe
 from ui.tab_model import model_shape
@@ -72,18 +73,23 @@ class MemoryTab(Controller):
 
     @safe
     def calculate(self, session, name, stem, freeze, stages, batch_size, opt, prec, budget_label, size_px=0,
-                  progress=gr.Progress()):
+                  accumulation=1, progress=gr.Progress()):
         classes, channels, size = model_shape(session, name, stem, size_px)
         factory = memory.ZooFactory(name, classes, channels, tuple(size), bool(stem), freeze, int(stages or 0))
         progress(0.2, desc="Tracing the model on the meta device…")
-        est = memory.estimate_memory(factory, factory.input_shape, int(batch_size), optimizer=opt, precision=prec)
+        accumulation = _whole_steps(accumulation)
+        est = memory.estimate_memory(factory, factory.input_shape, int(batch_size), optimizer=opt, precision=prec,
+                                     accumulation_steps=accumulation)
         train, infer = bar_components(est)
         gb = float(budget_label.split()[0])
         progress(0.6, desc="Finding the largest batch…")
-        best = memory.max_batch_size(factory, factory.input_shape, gb * 1e9, optimizer=opt, precision=prec)
+        best = memory.max_batch_size(factory, factory.input_shape, gb * 1e9, optimizer=opt, precision=prec,
+                                     accumulation_steps=accumulation)
         fits = f"**Largest batch for {budget_label}: {int(best):,}**" if int(best) else \
             f"**Nothing fits in {budget_label}**: {best.reason}"
-        text = (f"{name}, {channels}×{size[0]}×{size[1]} input, batch {int(batch_size)}, {opt}, {prec}: "
+        accumulated = (f" accumulated over {accumulation} (the peak of the 2nd and later batches, which hold "
+                       f"the gradients)" if accumulation > 1 else "")
+        text = (f"{name}, {channels}×{size[0]}×{size[1]} input, batch {int(batch_size)}{accumulated}, {opt}, {prec}: "
                 f"{_peak_sentence(est)} · {est.trainable_params:,} of {est.num_params:,} parameters trainable · "
                 f"{fits}. A GPU also needs its CUDA context and library workspaces (0.3–1 GB) on top.")
         fig = plots.memory_breakdown(train, title="Memory for one step", inference=infer)
@@ -106,6 +112,9 @@ def layout() -> SimpleNamespace:
                                elem_id="mem_precision")
         w.budget = gr.Dropdown([f"{g} GB" for g in memory.MEMORY_BUDGETS_GB], value="8 GB",
                                label="Memory budget", elem_id="mem_budget")
+        w.accumulation = gr.Number(1, label="Gradient accumulation (batches)", precision=0, minimum=1,
+                                   info="from the 2nd batch of a group on, the gradients are held all step long",
+                                   elem_id="mem_accumulation")
         w.compute = gr.Button("Compute", variant="primary", elem_id="mem_compute")
     w.summary = gr.Markdown("", elem_id="mem_summary")
     with gr.Row():
@@ -120,7 +129,7 @@ def calculate_io(ctx: AppContext, w: SimpleNamespace) -> tuple[list, list]:
     """(inputs, outputs) of MemoryTab.calculate: the model choices are the Model tab's widgets."""
     m = ctx.shared["model"].w
     inputs = [ctx.session, m.name, m.stem, m.freeze, m.stages, w.batch, w.optimizer, w.precision, w.budget,
-              m.image_size]
+              m.image_size, w.accumulation]
     return inputs, [w.summary, w.breakdown, w.per_layer, w.table]
 
 
@@ -130,13 +139,24 @@ def build(ctx: AppContext) -> MemoryTab:
     inputs, outputs = calculate_io(ctx, w)
     w.compute.click(tab.calculate, inputs, outputs, api_name="memory", show_progress_on=[w.summary],
                     concurrency_limit=4)
-    for comp in (w.optimizer, w.precision, w.budget):
+    for comp in (w.optimizer, w.precision, w.budget, w.accumulation):
         comp.change(tab.calculate, inputs, outputs, api_visibility="private", show_progress_on=[w.summary],
                     concurrency_limit=4)
     w.batch.release(tab.calculate, inputs, outputs, api_visibility="private", show_progress_on=[w.summary],
                     concurrency_limit=4)
     ctx.shared["memory"] = tab   # on_load
     return tab
+
+
+def _whole_steps(value) -> int:
+    """The accumulation box as a whole number of batches (empty: 1)."""
+    try:
+        steps = int(value or 1)
+    except (TypeError, ValueError):
+        raise ConfigError(f"Gradient accumulation must be a whole number of batches, 1 or more; got {value!r}.") from None
+    if steps < 1 or steps != float(value or 1):
+        raise ConfigError(f"Gradient accumulation must be a whole number of batches, 1 or more; got {value!r}.")
+    return steps
 
 
 def _layer_names(layers: pd.DataFrame | None) -> pd.DataFrame | None:
