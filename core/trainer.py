@@ -641,11 +641,12 @@ def _timed_train_steps(prep, config: RunConfig, max_seconds: float) -> tuple[flo
         except StopIteration:   # a small set: go round again
             batch_iter = iter(loader)
             x, y = next(batch_iter)
-        _, _, loss = _forward(model, x, y, loss_fn, prep.device, config.precision)
+        out, y, loss = _forward(model, x, y, loss_fn, prep.device, config.precision)
+        loss.item()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss.item()
+        (out.argmax(1) == y).sum().item()   # the epoch's running accuracy, as train_one_epoch keeps it
         _sync_device(prep.device)
         times.append(time.perf_counter() - t0)
         spent, timed = time.perf_counter() - t_begin, k + 1 - cost.WARMUP_STEPS
