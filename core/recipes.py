@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from core import cpuspeed
 from core.config import RunConfig
 
 SMALL_IMAGE = 64            # below this side length: the CIFAR-style recipe (crop + flip, no resizing)
@@ -80,9 +81,10 @@ def _precision(model: str, device_type: str) -> str:
     import torch
     if device_type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    # On a CPU with native bf16 even the tutorial Net trains faster in it (the embedded sample, 40
-    # epochs: 10.1 s against 12.7 s, test accuracy 55 % against 56 %); the bigger models gain more.
-    if device_type == "cpu" and cpu_has_bf16():
+    # On a CPU with native bf16, where it measured faster for the model (core.cpuspeed: the tutorial
+    # Net 10.1 s against 12.7 s for 40 sample epochs, 55 % against 56 % test accuracy; ResNet-18 2.3×;
+    # the depthwise families slower).
+    if device_type == "cpu" and cpu_has_bf16() and cpuspeed.bf16_pays(model):
         return "bf16"
     return "fp32"
 

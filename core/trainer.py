@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core import (choices, cost, datasets, events as ev, gradstats, loaders, metrics, models, resources, revisions, rundir,
+from core import (choices, cost, cpuspeed, datasets, events as ev, gradstats, loaders, metrics, models, resources, revisions, rundir,
                   storage, tensorloader, transforms)
 from core.checkpoints import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from core.config import RunConfig
@@ -52,15 +52,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RUNS_DIR = Path("runs")
 REPORT_EVERY_S = 0.25   # BatchEnded at most ~4 per second (the dashboard redraws at 2-4 Hz)
-# Models trained in channels_last memory format: it pays for the depthwise convolutions of the
-# MobileNet/EfficientNet families on the CPU and not for ResNet-18 or the tutorial Net
-# (their dense convolutions gain nothing). FastCIFAR gains too (its max-pool/BN/GELU run on
-# channels_last maps; 2 threads, batch 128, median of interleaved reps): cifar_fast_small
-# 1.60x in fp32 (939 -> 1,501 images/s) and 1.73x in bf16 (2,018 -> 3,484); cifar_fast 1.07x
-# fp32 (303 -> 323) and 1.64x bf16 (715 -> 1,172).
-CHANNELS_LAST_MODELS = frozenset({"mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
-                                  "efficientnet_b0", "shufflenet_v2_x1_0", "cifar_fast", "cifar_fast_small"})
-
 NOT_CONVOLUTIONAL = frozenset({"vit_b_16"})   # channels_last would only add transposes
 
 EventSink = Callable[[ev.Event], None]
@@ -424,16 +415,16 @@ def _autocast(device: torch.device, precision: str):
 
 
 def uses_channels_last(config: RunConfig, device: torch.device) -> bool:
-    """Whether a run trains in channels_last: the families measured faster so on the CPU
-    (CHANNELS_LAST_MODELS), and on a CUDA GPU every convolutional network in mixed precision (the
-    layout tensor cores take without transposes; NVIDIA's advice, as airbench does)."""
-    if config.model.name in CHANNELS_LAST_MODELS:
-        return True
-    return device.type == "cuda" and config.precision != "fp32" and config.model.name not in NOT_CONVOLUTIONAL
+    """Whether a run trains in channels_last: on the CPU where it measured faster for the model in
+    the run's precision (core.cpuspeed), on a CUDA GPU every convolutional network in mixed
+    precision (the layout tensor cores take without transposes; NVIDIA's advice, as airbench does)."""
+    if device.type == "cuda":
+        return config.precision != "fp32" and config.model.name not in NOT_CONVOLUTIONAL
+    return device.type == "cpu" and cpuspeed.channels_last_pays(config.model.name, config.precision)
 
 
 def _channels_last(model: nn.Module) -> bool:
-    """Whether the model takes its input in channels_last (CHANNELS_LAST_MODELS). Looks through
+    """Whether the model takes its input in channels_last (uses_channels_last). Looks through
     DataParallel: the wrapper does not carry the attributes of the model inside it."""
     inner = model.module if isinstance(model, nn.DataParallel) else model
     return getattr(inner, "_lab_channels_last", False)
