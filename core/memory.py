@@ -936,6 +936,26 @@ class _Prepared:
             for p in model.parameters():
                 p.grad = None
 
+    def _optimizer_for(self, model, ctx, spec: OptimizerSpec, momentum: float, options: dict, target_device: str):
+        """The simulated step's optimiser with its state present, made once per model twin and
+        optimiser settings (later batch sizes reuse it): a step on stand-in gradients creates the
+        state (free on fake/meta tensors)."""
+        opts = dict(options)
+        if target_device == "cuda":
+            opts.setdefault("foreach", True)  # PyTorch's default on CUDA; the CPU default is the for-loop
+        opt_key = (id(model), spec.name, momentum, tuple(sorted((k, repr(v)) for k, v in opts.items())))
+        opt = self._optimizers.get(opt_key)
+        if opt is None:  # made once per model twin and reused by later batch sizes
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            opt = spec.build(trainable, momentum, opts)
+            with ctx():
+                for p in trainable:
+                    p.grad = torch.zeros_like(p)
+            opt.step()  # outside the fake mode: optimisers read their 'step' counters with .item()
+            opt.zero_grad(set_to_none=True)
+            self._optimizers[opt_key] = opt
+        return opt
+
     def _run(self, model, mode, x, y, precision, spec, momentum, options, simulate_step, inference,
              target_device, accumulate=False) -> _Run:
         fake = mode is not None
@@ -949,22 +969,8 @@ class _Prepared:
             del loss, logits
         else:
             # One steady-state training step with live-tensor tracking; its forward is also the
-            # one whose saved tensors are counted. The optimiser state is created first by a step
-            # on stand-in gradients (free on fake/meta tensors).
-            opts = dict(options)
-            if target_device == "cuda":
-                opts.setdefault("foreach", True)  # PyTorch's default on CUDA; the CPU default is the for-loop
-            opt_key = (id(model), spec.name, momentum, tuple(sorted((k, repr(v)) for k, v in opts.items())))
-            opt = self._optimizers.get(opt_key)
-            if opt is None:  # made once per model twin and reused by later batch sizes
-                trainable = [p for p in model.parameters() if p.requires_grad]
-                opt = spec.build(trainable, momentum, opts)
-                with ctx():
-                    for p in trainable:
-                        p.grad = torch.zeros_like(p)
-                opt.step()  # outside the fake mode: optimisers read their 'step' counters with .item()
-                opt.zero_grad(set_to_none=True)
-                self._optimizers[opt_key] = opt
+            # one whose saved tensors are counted.
+            opt = self._optimizer_for(model, ctx, spec, momentum, options, target_device)
             if accumulate:
                 # Gradient accumulation, from the second micro-batch of a group on: the gradients of
                 # the earlier ones are held through the whole forward and backward (which adds into
