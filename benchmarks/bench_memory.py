@@ -2,7 +2,7 @@
 
     python benchmarks/bench_memory.py [--quick] [--models resnet18,vgg11] [--device cpu|cuda]
                                       [--precision fp32|fp16|bf16] [--optimizer sgd]
-                                      [--onednn on|off|both] [--threads 2]
+                                      [--onednn on|off|both] [--threads 2] [--accumulation 1,4]
 
 For each model, input size and batch it prints one row of a Markdown table:
 
@@ -26,11 +26,16 @@ For each model, input size and batch it prints one row of a Markdown table:
   sum/meas   sum of components / measured (for comparison: it counts activations and gradients
              as if they coexisted and leaves out optimiser temporaries).
   saved act  predicted saved-activation bytes / bytes saved by autograd in the real forward.
+  acc        gradient accumulation steps. Above 1 the estimate simulates, and the measurement
+             measures, a later micro-batch of a group: the first step's gradients are kept and
+             held through the measured step's forward and backward (which adds into them), so
+             the baseline includes them. Every later micro-batch holds the same tensors.
 
 Inputs: 32×32 with the small-input stem for torchvision models (batches 1, 8, 32) and 224×224 with
 the standard stem for the torchvision models (batches 1, 8); ``--quick``: 32×32 batch 4 for every
 model plus ResNet-18 and VGG-11 at 224×224 batch 2. A model that cannot train at a batch (batch 1
-with BatchNorm on a 1×1 map) gets a row saying so.
+with BatchNorm on a 1×1 map) gets a row saying so. ``--accumulation 1,4`` gives every case a row per
+value (default 1; ``--quick`` adds ResNet-18 32×32 small stem batch 4 with accumulation 4).
 """
 from __future__ import annotations
 
@@ -57,7 +62,8 @@ def zoo_names() -> list[tuple[str, bool]]:
     return [(s.name, s.tv_name is not None) for s in list_models()]
 
 
-def cases(quick: bool, names: list[tuple[str, bool]]) -> list[tuple[str, int, bool, int]]:
+def cases(quick: bool, names: list[tuple[str, bool]], accumulation: list[int]) -> list[tuple[str, int, bool, int, int]]:
+    """(name, input size, small stem, batch, accumulation steps) of every row."""
     out = []
     for name, tv in names:
         if quick:
@@ -72,7 +78,10 @@ def cases(quick: bool, names: list[tuple[str, bool]]) -> list[tuple[str, int, bo
                 out.append((name, 224, False, 2))
         else:
             out += [(name, 224, False, b) for b in (1, 8)]
-    return out
+    rows = [(*case, acc) for case in out for acc in accumulation]
+    if quick and 4 not in accumulation and any(n == "resnet18" for n, _ in names):
+        rows.append(("resnet18", 32, True, 4, 4))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--onednn", choices=("on", "off", "both"), default="both",
                     help="CPU only: measure with oneDNN on, off or both (default both)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--accumulation", default="1", help="comma-separated gradient accumulation steps (default 1)")
     args = ap.parse_args(argv)
+    try:
+        accumulation = [int(v) for v in args.accumulation.split(",") if v.strip()]
+    except ValueError:
+        accumulation = []
+    if not accumulation or min(accumulation) < 1:
+        ap.error(f"--accumulation {args.accumulation!r}: give whole numbers of batches, 1 or more, e.g. 1,4")
 
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA GPU is available")
@@ -109,24 +125,24 @@ def main(argv: list[str] | None = None) -> int:
     for mode in onednn_modes:
         label = "measured" if mode is None else f"measured oneDNN {'on' if mode else 'off'}"
         meas_cols += [f"{label} MiB", "peak/meas", "sum/meas", "≤10 %"]
-    header = ["model", "input", "batch", "predicted sum MiB", "simulated peak MiB", *meas_cols,
+    header = ["model", "input", "batch", "acc", "predicted sum MiB", "simulated peak MiB", *meas_cols,
               "saved act pred/real", "estimate s", "measure s"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
 
     ratios: dict[str, list[float]] = {str(m): [] for m in onednn_modes}
     t_all = time.perf_counter()
-    for name, size, small, batch in cases(args.quick, names):
+    for name, size, small, batch, acc in cases(args.quick, names, accumulation):
         shape = (3, size, size)
         label = f"{size}×{size}" + (" small stem" if small else "")
         f = ZooFactory(name, 10, input_size=size, small_input_stem=small)
         try:
             t0 = time.perf_counter()
             est = estimate_memory(f, shape, batch, optimizer=args.optimizer, precision=args.precision,
-                                  target_device=args.device, inference=False)
+                                  target_device=args.device, inference=False, accumulation_steps=acc)
             t_est = time.perf_counter() - t0
         except LabError as err:
-            print(f"| {name} | {label} | {batch} | cannot train: {str(err)[:90]} |" + " |" * (len(header) - 4))
+            print(f"| {name} | {label} | {batch} | {acc} | cannot train: {str(err)[:90]} |" + " |" * (len(header) - 5))
             sys.stdout.flush()
             continue
         cells, t_meas, saved_ratio = [], 0.0, ""
@@ -135,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             model = f()
             t0 = time.perf_counter()
             real = measure_training_step_memory(model, shape, batch, optimizer=args.optimizer,
-                                                precision=args.precision, device=args.device, onednn=mode)
+                                                precision=args.precision, device=args.device, onednn=mode,
+                                                accumulation_steps=acc)
             t_meas += time.perf_counter() - t0
             del model
             if torch.cuda.is_available():
@@ -146,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{est.training_total_bytes / real['peak_bytes']:.3f}",
                       "ok" if abs(ratio - 1) <= 0.10 else "**no**"]
             saved_ratio = f"{est.activation_bytes / max(1, real['saved_activation_bytes']):.4f}"
-        row = [name, label, str(batch), f"{est.training_total_bytes / MiB:,.1f}", f"{est.step_peak_bytes / MiB:,.1f}",
+        row = [name, label, str(batch), str(acc), f"{est.training_total_bytes / MiB:,.1f}", f"{est.step_peak_bytes / MiB:,.1f}",
                *cells, saved_ratio, f"{t_est:.2f}", f"{t_meas:.1f}"]
         print("| " + " | ".join(row) + " |")
         sys.stdout.flush()

@@ -165,6 +165,11 @@ class MemoryEstimate:
     on CUDA). ``required_bytes`` is the simulated peak (the sum where no step was simulated):
     what to budget. None includes backend scratch space (oneDNN/cuDNN workspaces) or the CUDA
     context beyond ``device_overhead_bytes``.
+    ``accumulation_steps`` > 1 (gradient accumulation): the simulated step is a later micro-batch
+    of a group, which holds the earlier ones' gradients from before its forward to after its
+    backward (backward adds into them). The components are the same; then they all coexist at the
+    end of the forward pass, so the peak is the sum plus backward's temporaries (the new gradient
+    of a layer before it is added in, the gradients flowing between layers).
     """
 
     model: str
@@ -200,6 +205,14 @@ class MemoryEstimate:
         """What to budget for training: the simulated step peak (the sum of components when the
         step was not simulated)."""
         return self.step_peak_bytes if self.step_peak_bytes is not None else self.training_total_bytes
+
+    @property
+    def peak_phase(self) -> str | None:
+        """The phase of the step (``step_phase_peaks`` key) where the simulated peak is; None
+        when no step was simulated."""
+        if not self.step_phase_peaks:
+            return None
+        return max(self.step_phase_peaks, key=self.step_phase_peaks.__getitem__)
 
     @property
     def training_total_mib(self) -> float:
@@ -1111,7 +1124,9 @@ def estimate_memory(model_factory: Callable[[], nn.Module], input_shape: tuple[i
     :class:`ZooFactory` instances are their own key; other factories are not cached.
     ``accumulation_steps`` > 1 (gradient accumulation, ``batch_size`` images a micro-batch): the
     simulated step holds the gradients of the earlier micro-batches through forward and backward,
-    as every micro-batch after a group's first does (measured 6–30 % above a plain step's peak).
+    as every micro-batch after a group's first does (the CPU allocator peak of a real one at 32×32,
+    above a plain step's: tutorial Net +0 %, MobileNet-V3-small +2.5 %, ResNet-18 +8.9 %,
+    ResNet-18 small stem +10.8 %).
     """
     _check_factory(model_factory)
     shape = _check_shape(input_shape)

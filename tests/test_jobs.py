@@ -229,6 +229,26 @@ def test_a_run_that_cannot_fit_is_refused_before_it_is_queued(tmp_path, tiny_con
     assert job.status == ev.FINISHED, job.message
 
 
+def test_the_memory_check_counts_gradient_accumulation(tmp_path, tiny_config):
+    """Issue 16: the Train tab's Start checks the run's memory with its accumulation steps. ResNet-18
+    (small stem, 32×32, batch 16) needs about 10 % more from the 2nd micro-batch of a group on (the
+    gradients are held through forward and backward): a cap that fits the plain run refuses it
+    accumulated, and names a smaller batch that fits accumulated. Nothing trains here."""
+    tiny_config.model.name, tiny_config.model.small_input_stem = "resnet18", True
+    plain = resources.training_memory(tiny_config, 3, [3, 32, 32], "cpu")
+    tiny_config.optim.accumulation_steps = 2
+    accumulated = resources.training_memory(tiny_config, 3, [3, 32, 32], "cpu")
+    assert accumulated > plain * 1.05
+    manager = JobManager(runs_dir=tmp_path, max_jobs=1, max_job_memory=plain)
+    with pytest.raises(ConfigError) as refused:
+        manager.check_fits(tiny_config, now=True)
+    fits = int(str(refused.value).split(" Batch ")[1].split()[0])
+    assert 1 <= fits < 16
+    assert resources.largest_fitting_batch(tiny_config, 3, [3, 32, 32], plain, "cpu", limit=16) == fits
+    tiny_config.optim.accumulation_steps = 1
+    manager.check_fits(tiny_config, now=True)   # the plain run is admitted under the same cap
+
+
 def test_a_run_the_memory_check_cannot_size_is_admitted(tmp_path, tiny_config):
     """A dataset that is not there cannot be sized: the run is queued and says what is wrong itself."""
     tiny_config.data.location = str(tmp_path / "nope")

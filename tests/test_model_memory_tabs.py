@@ -151,5 +151,19 @@ def test_gradient_accumulation_raises_the_peak_and_says_why(ctx):
     peak = lambda text: float(text[0].split("training needs **")[1].split("\xa0MiB")[0].replace(",", ""))
     assert peak(four) > peak(one) * 1.05
     assert "batch 32 accumulated over 4 (the peak of the 2nd and later batches" in four[0]
+    # The sentence says why the peak passes the bars' sum: backward's temporaries, not the optimiser.
+    assert "backward frees saved activations" in one[0]
+    assert "above it: the earlier batches' gradients are held from the start" in four[0]
+    assert "backward makes temporaries" in four[0] and "optimiser step makes temporaries" not in four[0]
     with pytest.raises(gr.Error, match="Gradient accumulation must be a whole number"):
         calculate({}, "resnet18", False, "none", 0, 32, "sgd", "fp32", "8 GB", 0, 1.5, progress=lambda *a, **k: None)
+
+
+def test_the_peak_sentence_names_the_phase_of_the_peak(ctx):
+    """The tutorial Net's peak (batch 32) is above the bars' sum at the end of backward, not in
+    the optimiser step, which SGD's for-loop runs in place; the sentence said 'optimiser' before."""
+    est = memory.estimate_memory(memory.ZooFactory("tutorial_net", 10), (3, 32, 32), 32, target_device="cpu",
+                                 inference=False)
+    assert est.step_peak_bytes > est.training_total_bytes and est.peak_phase == "backward"
+    text = tab_memory._peak_sentence(est)
+    assert "above it: backward makes temporaries" in text and "optimiser" not in text

@@ -58,14 +58,24 @@ def _peak_sentence(est: memory.MemoryEstimate) -> str:
     if est.step_peak_bytes is None:
         head = f"training needs **{peak}** (the sum of the components, as the training bar shows)"
     else:
-        relation = ("below it: backward frees saved activations as gradients appear"
-                    if est.step_peak_bytes <= est.training_total_bytes else
-                    "above it: the optimiser step makes temporaries")
+        relation = _relation(est)
         head = (f"training needs **{peak}** at its peak (the simulated step, the table's 'training step peak'); "
                 f"the training bar adds up the components as if all were held at once, {total} (the table's "
                 f"'training total'), and the peak is {relation}")
     inference = est.inference_total_bytes
     return head + (f"; inference **{fmt_mib(inference)}**" if inference is not None else "")
+
+
+def _relation(est: memory.MemoryEstimate) -> str:
+    """Why the simulated peak is below or above the sum of the components (checked against
+    ``est.peak_phase``, the phase of the step where the peak is)."""
+    if est.step_peak_bytes <= est.training_total_bytes:
+        return "below it: backward frees saved activations as gradients appear"
+    if est.peak_phase == "optimizer step":
+        return "above it: the optimiser step makes temporaries"
+    held = ("the earlier batches' gradients are held from the start, so everything coexists at the end of "
+            "the forward pass, and " if est.accumulation_steps > 1 else "")
+    return f"above it: {held}backward makes temporaries (each layer's new gradients, those flowing between layers)"
 
 
 class MemoryTab(Controller):
