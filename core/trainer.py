@@ -641,14 +641,16 @@ def _timed_train_steps(prep, config: RunConfig, max_seconds: float) -> tuple[flo
         _sync_device(prep.device)
         times.append(time.perf_counter() - t0)
         spent, timed = time.perf_counter() - t_begin, k + 1 - cost.WARMUP_STEPS
-        if timed > 0 and (spent >= max_seconds * 0.8 or (timed >= cost.ENOUGH_STEPS and spent >= cost.ENOUGH_S)):
-            break
+        if spent >= max_seconds or (timed > 0 and (spent >= max_seconds * 0.8 or
+                                                   (timed >= cost.ENOUGH_STEPS and spent >= cost.ENOUGH_S))):
+            break   # a model whose steps take longer than the budget is timed on what fits (even one step)
     timed = times[cost.WARMUP_STEPS:] or times
     return sum(timed) / len(timed), len(timed), model, optimizer
 
 
-def _eval_batch_seconds(prep, config: RunConfig, model) -> float:
-    """Seconds per evaluation batch: the mean of up to 3 after one warm-up batch."""
+def _eval_batch_seconds(prep, config: RunConfig, model, max_seconds: float) -> float:
+    """Seconds per evaluation batch: the mean of up to 3 after one warm-up batch (fewer when they
+    take longer than ``max_seconds``)."""
     loader = prep.val_loader or prep.test_loader or prep.train_loader
     models.set_train_mode(model, False)
     times = []
@@ -661,7 +663,7 @@ def _eval_batch_seconds(prep, config: RunConfig, model) -> float:
             with _autocast(prep.device, config.precision):
                 model(x).float().cpu()
             times.append(time.perf_counter() - t0)
-            if k >= 3:
+            if k >= 3 or sum(times) >= max_seconds:
                 break
     timed = times[1:] or times
     return sum(timed) / len(timed)
@@ -682,7 +684,7 @@ def measure_cost(prep: Prepared, config: RunConfig | None = None,
     rng = torch.random.get_rng_state()
     try:
         step_s, steps, model, optimizer = _timed_train_steps(prep, config, max_seconds)
-        eval_s = _eval_batch_seconds(prep, config, model)
+        eval_s = _eval_batch_seconds(prep, config, model, max_seconds / 3)
         ckpt_s = _checkpoint_seconds(model, optimizer)
     finally:
         torch.random.set_rng_state(rng)   # the run's own draws stay what they would have been
