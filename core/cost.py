@@ -23,7 +23,10 @@ from dataclasses import dataclass
 from core.errors import LabError
 
 MAX_MEASURE_S = 3.0
-STATED_ERROR = 0.15   # an epoch after the first takes the predicted training time to within this fraction
+STATED_ERROR = 0.15
+# The plan fills this share of the time left: an epoch a few per cent slower than measured (a busy
+# machine) then still finishes the schedule instead of being cut at the budget.
+PLAN_SHARE = 0.95   # an epoch after the first takes the predicted training time to within this fraction
 WARMUP_STEPS = 2      # left out of the mean: oneDNN and the allocator set themselves up
 MAX_STEPS = 200
 ENOUGH_STEPS, ENOUGH_S = 20, 1.0   # a measurement may end early once it has this many steps and seconds
@@ -82,8 +85,9 @@ def _duration(seconds: float) -> str:
 
 def plan_epochs(estimate: CostEstimate, budget_s: float, elapsed_s: float) -> int:
     """The epochs that fit in ``budget_s`` seconds of which ``elapsed_s`` are spent (data
-    preparation and the measurement), leaving time for the final test evaluation; at least 1."""
-    left = budget_s - elapsed_s - estimate.test_seconds
+    preparation and the measurement), leaving time for the final test evaluation and a margin
+    (PLAN_SHARE); at least 1."""
+    left = (budget_s - elapsed_s - estimate.test_seconds) * PLAN_SHARE
     return max(1, math.floor(left / max(estimate.epoch_seconds, 1e-9)))
 
 

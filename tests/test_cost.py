@@ -36,7 +36,7 @@ def test_plan_epochs_leaves_time_for_the_final_evaluation():
                             test_batches=20, checkpoint_seconds=0.0, measured_steps=8, measure_seconds=1.0)
     assert est.train_seconds == pytest.approx(1.0) and est.epoch_seconds == pytest.approx(1.1)
     assert est.test_seconds == pytest.approx(1.0) and est.run_seconds(3) == pytest.approx(4.3)
-    assert cost.plan_epochs(est, budget_s=13.0, elapsed_s=1.0) == 10     # (13 - 1 - 1) / 1.1
+    assert cost.plan_epochs(est, budget_s=13.0, elapsed_s=1.0) == 9      # (13 - 1 - 1) × 0.95 / 1.1
     assert cost.plan_epochs(est, budget_s=2.0, elapsed_s=5.0) == 1       # never fewer than one
     assert "per epoch" in est.describe(3) and "8 training steps" in est.describe(3)
 
@@ -66,7 +66,8 @@ def test_a_time_budget_ends_on_time(session_data_dir, tmp_path):
     result = trainer.fit(config, runs_dir=tmp_path / "runs", data_dir=session_data_dir)
     elapsed = time.perf_counter() - t0
     assert result.status == ev.FINISHED and config.epochs >= 2   # planned from the measured speed
-    assert result.epochs_completed == config.epochs
+    # all planned epochs, unless the machine turned slower than measured (then it says so)
+    assert result.epochs_completed == config.epochs or "the time budget was reached" in result.message
     saved = json.loads((result.run_dir / CONFIG_FILE).read_text())
     assert saved["epochs"] == config.epochs and saved["time_budget_s"] == 8.0   # it reproduces as planned
     longest = max(row["seconds"] for row in result.history)

@@ -64,7 +64,7 @@ def test_tutorial_net_beats_chance_clearly_on_the_embedded_sample(tmp_path, sess
     assert evaluated and evaluated[0].split == "test"
     assert evaluated[0].accuracy >= 0.30, f"test accuracy {evaluated[0].accuracy:.1%}"
     report = json.loads((result.run_dir / "eval.json").read_text())
-    assert sum(map(sum, report["confusion"])) == 500   # 50 test images per class
+    assert sum(map(sum, report["confusion"])) == 1000   # 100 test images per class
     kinds = [e.kind for e in seen]
     assert kinds[0] == "StatusChanged" and kinds[-1] == "RunFinished"
     assert kinds.index("RunStarted") < kinds.index("EpochEnded") < kinds.index("Evaluated")
