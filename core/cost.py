@@ -5,7 +5,7 @@ run's own steps); this module holds the estimate, its arithmetic and its wording
 data path, on a copy of the model, so the run itself is untouched) and a few evaluation batches,
 for at most ``max_seconds`` (3 s by default), and extrapolates: seconds per epoch (training,
 validation and the checkpoints), for the whole run, and for the final test evaluation.
-The first two steps are left out of the mean (oneDNN and the allocator set themselves up then), so
+The first two steps are left out of the median (oneDNN and the allocator set themselves up then), so
 the figure is what an epoch after the first costs; the first epoch of a run is a little slower.
 
 ``plan_epochs`` turns a time budget into epochs: as many as fit in what is left of the budget after
@@ -27,7 +27,7 @@ STATED_ERROR = 0.15
 # The plan fills this share of the time left: an epoch a few per cent slower than measured (a busy
 # machine) then still finishes the schedule instead of being cut at the budget.
 PLAN_SHARE = 0.95   # an epoch after the first takes the predicted training time to within this fraction
-WARMUP_STEPS = 2      # left out of the mean: oneDNN and the allocator set themselves up
+WARMUP_STEPS = 2      # left out of the median: oneDNN and the allocator set themselves up
 MAX_STEPS = 200
 ENOUGH_STEPS, ENOUGH_S = 20, 1.0   # a measurement may end early once it has this many steps and seconds
 

@@ -28,6 +28,7 @@ import math
 import os
 import random
 import re
+import statistics
 import threading
 import time
 import traceback
@@ -612,7 +613,7 @@ def _sync_device(device: torch.device) -> None:
 
 
 def _timed_train_steps(prep, config: RunConfig, max_seconds: float) -> tuple[float, int, torch.nn.Module, object]:
-    """(mean seconds per step after the warm-up, steps timed, the model copy, its optimiser)."""
+    """(median seconds per step after the warm-up, steps timed, the model copy, its optimiser)."""
     model = copy.deepcopy(prep.model)
     if uses_channels_last(config, prep.device):
         model = model.to(memory_format=torch.channels_last)
@@ -645,7 +646,8 @@ def _timed_train_steps(prep, config: RunConfig, max_seconds: float) -> tuple[flo
                                                    (timed >= cost.ENOUGH_STEPS and spent >= cost.ENOUGH_S))):
             break   # a model whose steps take longer than the budget is timed on what fits (even one step)
     timed = times[cost.WARMUP_STEPS:] or times
-    return sum(timed) / len(timed), len(timed), model, optimizer
+    # the median: a step slowed by another process (a shared server, a busy laptop) does not move it
+    return statistics.median(timed), len(timed), model, optimizer
 
 
 def _eval_batch_seconds(prep, config: RunConfig, model, max_seconds: float) -> float:

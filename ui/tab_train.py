@@ -730,7 +730,7 @@ def _cost_comparison(session: dict, job, snap: dict) -> str:
     if not epochs or predicted.get("key") != _cost_key(job.config):
         return ""
     later = [e.seconds for e in epochs[1:]] or [epochs[0].seconds]
-    return "epoch training time " + cost.compare(predicted["train_seconds"], statistics.fmean(later))
+    return "epoch training time " + cost.compare(predicted["train_seconds"], statistics.median(later))
 
 
 def _progress_html(snap: dict | None, batches: list | None = None, compared: str = "") -> str:
