@@ -21,6 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_RUN_HISTORY", "False")
 
+import core  # noqa: E402,F401  (before anything loads torch: it sets the CPU threads' short spin-wait)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Classifier Lab: train, inspect, compare and use image classifiers.")
