@@ -15,16 +15,25 @@ Settings not given (by a flag, --set or --config) come from the recipe for the d
 
 Exit status: 0 finished, 1 failed, 130 stopped (Ctrl-C stops after the current batch and leaves
 a checkpoint to resume from).
+
+Distributed data-parallel on several GPUs or machines (docs/distributed.md):
+
+    torchrun --nproc_per_node=4 -m core.train --model resnet18 --batch-size 512 --lr 0.2
+
+data.batch_size is the global batch (here 4 processes × 128) and the learning rate is the one for
+that global batch. Rank 0 prints the progress and writes the run folder; a Ctrl-C stops every
+process after the same batch (each exits with 130; torchrun itself then reports a failed child).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import threading
 from pathlib import Path
 
-from core import events as ev, recipes, rundir, stats
+from core import distributed, events as ev, recipes, rundir, stats
 from core.cost import parse_duration
 from core.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, SOURCES, RunConfig
 from core.datasets import DEFAULT_DATA_DIR
@@ -267,16 +276,32 @@ def main(argv: list[str] | None = None) -> int:
         config, on_event=on_event, should_stop=stop.is_set, runs_dir=args.runs_dir, data_dir=args.data_dir,
         resume_from=plan.checkpoint if plan is not None else None)), daemon=True)
     worker.start()
+    _wait_for(worker, stop)
+    result = box["result"]
+    if distributed.launch_env().rank == 0:
+        print(str(Path(result.run_dir)))
+    elif result.status == ev.FAILED:   # rank 0 reports the run; another rank says why it failed itself
+        print(f"rank {distributed.launch_env().rank}: {result.status}: {result.message}", file=sys.stderr)
+    return {ev.FINISHED: 0, ev.STOPPED: 130}.get(result.status, 1)
+
+
+def _wait_for(worker: threading.Thread, stop: threading.Event) -> None:
+    """Wait for the training thread; the first Ctrl-C asks it to stop after the current batch.
+    Under torchrun the launcher passes Ctrl-C on to every process again at once, so there a second
+    one is ignored: all ranks stop together, rank 0 saves the checkpoint (torchrun kills what has
+    not ended 30 s later)."""
     try:
         while worker.is_alive():
             worker.join(0.2)
     except KeyboardInterrupt:
-        print("\nstopping after the current batch (Ctrl-C again to abort)...", file=sys.stderr)
+        torchrun = distributed.launch_env().distributed
+        if torchrun:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if distributed.launch_env().rank == 0:
+            print("\nstopping after the current batch" + ("" if torchrun else " (Ctrl-C again to abort)") + "...",
+                  file=sys.stderr)
         stop.set()
         worker.join()
-    result = box["result"]
-    print(str(Path(result.run_dir)))
-    return {ev.FINISHED: 0, ev.STOPPED: 130}.get(result.status, 1)
 
 
 if __name__ == "__main__":
