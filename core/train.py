@@ -272,11 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     box: dict = {}
     # fit runs in a worker thread so Ctrl-C (delivered to the main thread) becomes a clean stop
     # request: the run ends after the current batch and writes its last checkpoint to resume from.
-    worker = threading.Thread(target=lambda: box.update(result=fit(
-        config, on_event=on_event, should_stop=stop.is_set, runs_dir=args.runs_dir, data_dir=args.data_dir,
-        resume_from=plan.checkpoint if plan is not None else None)), daemon=True)
-    worker.start()
-    _wait_for(worker, stop)
+    done = threading.Event()
+
+    def train() -> None:
+        try:
+            box["result"] = fit(config, on_event=on_event, should_stop=stop.is_set, runs_dir=args.runs_dir,
+                                data_dir=args.data_dir, resume_from=plan.checkpoint if plan is not None else None)
+        finally:
+            done.set()
+    threading.Thread(target=train, daemon=True).start()
+    _wait_for(done, stop)
     result = box["result"]
     if distributed.launch_env().rank == 0:
         print(str(Path(result.run_dir)))
@@ -285,14 +290,16 @@ def main(argv: list[str] | None = None) -> int:
     return {ev.FINISHED: 0, ev.STOPPED: 130}.get(result.status, 1)
 
 
-def _wait_for(worker: threading.Thread, stop: threading.Event) -> None:
-    """Wait for the training thread; the first Ctrl-C asks it to stop after the current batch.
+def _wait_for(done: threading.Event, stop: threading.Event) -> None:
+    """Wait for the training thread to be ``done``; the first Ctrl-C asks it to stop after the
+    current batch. (An Event, not Thread.join: a KeyboardInterrupt inside join can leave CPython
+    believing the thread has ended while it still runs.)
     Under torchrun the launcher passes Ctrl-C on to every process again at once, so there a second
     one is ignored: all ranks stop together, rank 0 saves the checkpoint (torchrun kills what has
     not ended 30 s later)."""
     try:
-        while worker.is_alive():
-            worker.join(0.2)
+        while not done.wait(0.2):
+            pass
     except KeyboardInterrupt:
         torchrun = distributed.launch_env().distributed
         if torchrun:
@@ -301,7 +308,8 @@ def _wait_for(worker: threading.Thread, stop: threading.Event) -> None:
             print("\nstopping after the current batch" + ("" if torchrun else " (Ctrl-C again to abort)") + "...",
                   file=sys.stderr)
         stop.set()
-        worker.join()
+        while not done.wait(0.2):
+            pass
 
 
 if __name__ == "__main__":
