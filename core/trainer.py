@@ -13,10 +13,13 @@ Reproducibility: each epoch's order and augmentation depend only on (seed, epoch
 are checkpointed, so "2 epochs in one go" and "1 epoch, stop, resume 1 epoch" give the same weights
 on the CPU (tests/test_trainer.py checks it) — also when the stop comes in the middle of an epoch
 or of a gradient-accumulation group: the RNG state is taken before the next batch is fetched and
-the checkpoint keeps the unfinished group's gradients. One exception: DataLoader worker processes
-(num_workers > 0; "auto" gives 0 on machines with 2 cores or fewer) augment with their own RNGs,
-seeded when they start, which a checkpoint cannot hold, so a resumed run's augmentation differs
-there; the in-memory path and num_workers=0 resume exactly.
+the checkpoint keeps the unfinished group's gradients. The DataLoader path seeds each image's
+augmentation by (epoch seed, image) (core.loaders), so it resumes exactly with any number of workers.
+
+Under ``torchrun`` (core.distributed, docs/distributed.md) the same loop runs in every process with
+DistributedDataParallel: data.batch_size is the global batch, each rank trains its strided share of
+it, the stop request is all-reduced between batches, validation and the test run on rank 0, and only
+rank 0 writes the run folder. N processes train the same weights as one (tests/test_distributed.py).
 """
 from __future__ import annotations
 
