@@ -49,12 +49,26 @@ class TransformedSubset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, k: int):
+    def __getitem__(self, k):
+        """Item ``k``, or ``(k, seed)`` from a training sampler: the image's augmentation is then drawn
+        from a generator seeded by (the epoch's seed, the image's index) only, so it is the same in
+        any worker, in any process of a distributed run, and after a resume."""
+        k, seed = k if isinstance(k, tuple) else (k, None)
         i = self.indices[k]
         image = self.ds.load_image(i)
         if self.transform is not None:
-            image = self.transform(image)
+            if seed is None:
+                image = self.transform(image)
+            else:
+                with torch.random.fork_rng(devices=[]):   # the caller's RNG is left as it was
+                    torch.manual_seed(sample_seed(seed, i))
+                    image = self.transform(image)
         return image, self.ds.targets[i]
+
+
+def sample_seed(epoch_seed: int, index: int) -> int:
+    """The seed of one image's augmentation in one epoch (``index``: its index in the dataset)."""
+    return (int(epoch_seed) * 1_000_003 + int(index)) % (2**63 - 1)
 
 
 class SkippingBatchSampler(BatchSampler):
@@ -62,17 +76,26 @@ class SkippingBatchSampler(BatchSampler):
 
     The skipped batches are still drawn, so the remaining ones are exactly those of an uninterrupted
     epoch; only their indices are produced, no image is loaded for them. ``skip`` applies once.
+
+    Distributed (``world_size`` > 1): ``batch_size`` is the global batch, and this rank gets the
+    rank-strided slice ``batch[rank::world_size]`` of each global batch of the one seeded
+    permutation, so the ranks together train exactly the batches one process would. With
+    ``epoch_seed`` set (the trainer sets it each epoch) it yields ``(index, epoch_seed)`` pairs,
+    which give each image an augmentation of its own (TransformedSubset).
     """
 
-    def __init__(self, sampler, batch_size: int, drop_last: bool = False):
+    def __init__(self, sampler, batch_size: int, drop_last: bool = False, rank: int = 0, world_size: int = 1):
         super().__init__(sampler, batch_size, drop_last)
         self.skip = 0
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.epoch_seed: int | None = None
 
     def __iter__(self):
         skip, self.skip = self.skip, 0
         for k, batch in enumerate(super().__iter__()):
             if k >= skip:
-                yield batch
+                batch = batch[self.rank::self.world_size]
+                yield batch if self.epoch_seed is None else [(i, self.epoch_seed) for i in batch]
 
 
 def _is_cuda(device: str | torch.device) -> bool:
@@ -83,12 +106,15 @@ def _is_cuda(device: str | torch.device) -> bool:
 
 
 def make_loader(ds: LabDataset, indices: Sequence[int], transform: Callable | None, batch_size: int, train: bool,
-                num_workers: int | str = "auto", device: str | torch.device = "cpu", seed: int = 0) -> DataLoader:
+                num_workers: int | str = "auto", device: str | torch.device = "cpu", seed: int = 0,
+                rank: int = 0, world_size: int = 1) -> DataLoader:
     """A DataLoader over ``ds[indices]``: shuffled (seeded) only when ``train``; pin_memory only for CUDA;
     persistent workers when there are any; the last partial batch is kept (drop_last=False).
 
-    The generator also seeds the workers, so worker-side augmentation is reproducible for a seed;
-    with 0 workers augmentation draws from the global torch RNG (seeded by the trainer).
+    The generator also seeds the workers. Once ``set_epoch`` has given the loader an epoch seed,
+    each training image's augmentation depends only on (that seed, the image), whatever the number
+    of workers or processes; before, it draws from the process's (or worker's) torch RNG.
+    ``rank``/``world_size``: this process's share of each global batch (SkippingBatchSampler).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an integer ≥ 1, got {batch_size!r}.")
@@ -103,7 +129,7 @@ def make_loader(ds: LabDataset, indices: Sequence[int], transform: Callable | No
     sampler = RandomSampler(subset, generator=generator) if train else SequentialSampler(subset)
     return DataLoader(
         subset,
-        batch_sampler=SkippingBatchSampler(sampler, batch_size, drop_last=False),
+        batch_sampler=SkippingBatchSampler(sampler, batch_size, drop_last=False, rank=rank, world_size=world_size),
         generator=generator,
         num_workers=workers,
         pin_memory=_is_cuda(device),
@@ -113,13 +139,15 @@ def make_loader(ds: LabDataset, indices: Sequence[int], transform: Callable | No
 
 def set_epoch(loader: DataLoader, seed: int, skip_batches: int = 0) -> None:
     """Make the loader's next pass reproducible: reseed its generator (shuffle order, worker seeds)
-    with ``seed`` (the trainer passes one per epoch) and skip its first ``skip_batches`` batches.
-
-    With persistent workers the worker RNGs are seeded once, at their start; only the order is reset.
-    """
+    with ``seed`` (the trainer passes one per epoch), seed each image's augmentation by (``seed``,
+    the image) and skip its first ``skip_batches`` batches. The per-image seeds travel with the
+    indices, so persistent workers (seeded once, at their start) augment reproducibly too."""
     if loader.generator is not None:
         loader.generator.manual_seed(int(seed))
+    sampler = loader.batch_sampler
+    if isinstance(sampler, SkippingBatchSampler):
+        sampler.epoch_seed = int(seed)
     if skip_batches:
-        if not isinstance(loader.batch_sampler, SkippingBatchSampler):
+        if not isinstance(sampler, SkippingBatchSampler):
             raise ConfigError("This loader cannot skip batches: build it with make_loader.")
-        loader.batch_sampler.skip = int(skip_batches)
+        sampler.skip = int(skip_batches)

@@ -70,11 +70,17 @@ class TensorLoader:
 
     train=True: a fresh permutation each epoch (seeded by ``set_epoch``), random crop from a
     zero- or reflect-padded copy (``padding_mode``) and random horizontal flip, on the whole batch.
+
+    Distributed (``world_size`` > 1): ``batch_size`` is the global batch; every rank draws the same
+    permutation and the crops and flips of the whole global batch, and keeps the rank-strided slice
+    ``[rank::world_size]`` of each, so the ranks together train exactly the images, crops and flips
+    one process would. ``len()`` and ``num_samples()`` stay the global counts.
     """
 
     def __init__(self, images: torch.Tensor, labels: Sequence[int], batch_size: int, train: bool,
                  mean: Sequence[float], std: Sequence[float], padding: int = 0, flip_p: float = 0.0,
-                 seed: int = 0, device: str | torch.device = "cpu", padding_mode: str = "constant"):
+                 seed: int = 0, device: str | torch.device = "cpu", padding_mode: str = "constant",
+                 rank: int = 0, world_size: int = 1):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError("TensorLoader needs a uint8 tensor shaped N×C×H×W")
         self.device = torch.device(device)
@@ -85,6 +91,7 @@ class TensorLoader:
         self.padding = int(padding) if train else 0
         self.flip_p = float(flip_p) if train else 0.0
         self.seed = seed
+        self.rank, self.world_size = int(rank), int(world_size)
         self.epoch = 0
         self.skip_batches = 0
         c = images.shape[1]
@@ -122,6 +129,13 @@ class TensorLoader:
                 flip = torch.rand(len(idx), generator=gen) < self.flip_p
             if b < self.skip_batches:
                 continue
+            if self.world_size > 1:   # this rank's share of the global batch, with its draws
+                share = slice(self.rank, None, self.world_size)
+                idx = idx[share]
+                if self.padding:
+                    oy, ox = oy[share], ox[share]
+                if self.flip_p:
+                    flip = flip[share]
             idx_d = idx.to(self.device)
             # Crop and flip as two gathers (rows, then columns) on the selected images: the same
             # pixels as indexing with four broadcast index tensors, several times cheaper, and

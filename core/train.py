@@ -15,16 +15,25 @@ Settings not given (by a flag, --set or --config) come from the recipe for the d
 
 Exit status: 0 finished, 1 failed, 130 stopped (Ctrl-C stops after the current batch and leaves
 a checkpoint to resume from).
+
+Distributed data-parallel on several GPUs or machines (docs/distributed.md):
+
+    torchrun --nproc_per_node=4 -m core.train --model resnet18 --batch-size 512 --lr 0.2
+
+data.batch_size is the global batch (here 4 processes × 128) and the learning rate is the one for
+that global batch. Rank 0 prints the progress and writes the run folder; a Ctrl-C stops every
+process after the same batch (each exits with 130; torchrun itself then reports a failed child).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import threading
 from pathlib import Path
 
-from core import events as ev, recipes, rundir, stats
+from core import distributed, events as ev, recipes, rundir, stats
 from core.cost import parse_duration
 from core.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, SOURCES, RunConfig
 from core.datasets import DEFAULT_DATA_DIR
@@ -263,20 +272,44 @@ def main(argv: list[str] | None = None) -> int:
     box: dict = {}
     # fit runs in a worker thread so Ctrl-C (delivered to the main thread) becomes a clean stop
     # request: the run ends after the current batch and writes its last checkpoint to resume from.
-    worker = threading.Thread(target=lambda: box.update(result=fit(
-        config, on_event=on_event, should_stop=stop.is_set, runs_dir=args.runs_dir, data_dir=args.data_dir,
-        resume_from=plan.checkpoint if plan is not None else None)), daemon=True)
-    worker.start()
-    try:
-        while worker.is_alive():
-            worker.join(0.2)
-    except KeyboardInterrupt:
-        print("\nstopping after the current batch (Ctrl-C again to abort)...", file=sys.stderr)
-        stop.set()
-        worker.join()
+    done = threading.Event()
+
+    def train() -> None:
+        try:
+            box["result"] = fit(config, on_event=on_event, should_stop=stop.is_set, runs_dir=args.runs_dir,
+                                data_dir=args.data_dir, resume_from=plan.checkpoint if plan is not None else None)
+        finally:
+            done.set()
+    threading.Thread(target=train, daemon=True).start()
+    _wait_for(done, stop)
     result = box["result"]
-    print(str(Path(result.run_dir)))
+    if distributed.launch_env().rank == 0:
+        print(str(Path(result.run_dir)))
+    elif result.status == ev.FAILED:   # rank 0 reports the run; another rank says why it failed itself
+        print(f"rank {distributed.launch_env().rank}: {result.status}: {result.message}", file=sys.stderr)
     return {ev.FINISHED: 0, ev.STOPPED: 130}.get(result.status, 1)
+
+
+def _wait_for(done: threading.Event, stop: threading.Event) -> None:
+    """Wait for the training thread to be ``done``; the first Ctrl-C asks it to stop after the
+    current batch. (An Event, not Thread.join: a KeyboardInterrupt inside join can leave CPython
+    believing the thread has ended while it still runs.)
+    Under torchrun the launcher passes Ctrl-C on to every process again at once, so there a second
+    one is ignored: all ranks stop together, rank 0 saves the checkpoint (torchrun kills what has
+    not ended 30 s later)."""
+    try:
+        while not done.wait(0.2):
+            pass
+    except KeyboardInterrupt:
+        torchrun = distributed.launch_env().distributed
+        if torchrun:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if distributed.launch_env().rank == 0:
+            print("\nstopping after the current batch" + ("" if torchrun else " (Ctrl-C again to abort)") + "...",
+                  file=sys.stderr)
+        stop.set()
+        while not done.wait(0.2):
+            pass
 
 
 if __name__ == "__main__":

@@ -13,10 +13,13 @@ Reproducibility: each epoch's order and augmentation depend only on (seed, epoch
 are checkpointed, so "2 epochs in one go" and "1 epoch, stop, resume 1 epoch" give the same weights
 on the CPU (tests/test_trainer.py checks it) — also when the stop comes in the middle of an epoch
 or of a gradient-accumulation group: the RNG state is taken before the next batch is fetched and
-the checkpoint keeps the unfinished group's gradients. One exception: DataLoader worker processes
-(num_workers > 0; "auto" gives 0 on machines with 2 cores or fewer) augment with their own RNGs,
-seeded when they start, which a checkpoint cannot hold, so a resumed run's augmentation differs
-there; the in-memory path and num_workers=0 resume exactly.
+the checkpoint keeps the unfinished group's gradients. The DataLoader path seeds each image's
+augmentation by (epoch seed, image) (core.loaders), so it resumes exactly with any number of workers.
+
+Under ``torchrun`` (core.distributed, docs/distributed.md) the same loop runs in every process with
+DistributedDataParallel: data.batch_size is the global batch, each rank trains its strided share of
+it, the stop request is all-reduced between batches, validation and the test run on rank 0, and only
+rank 0 writes the run folder. N processes train the same weights as one (tests/test_distributed.py).
 """
 from __future__ import annotations
 
@@ -40,8 +43,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from core import (choices, cost, cpuspeed, datasets, events as ev, gradstats, loaders, metrics, models, resources, revisions, rundir,
-                  storage, tensorloader, transforms)
+from torch.nn.parallel import DistributedDataParallel
+
+from core import (choices, cost, cpuspeed, datasets, distributed, events as ev, gradstats, loaders, metrics, models,
+                  resources, revisions, rundir, storage, tensorloader, transforms)
 from core.checkpoints import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from core.config import RunConfig
 from core.errors import ConfigError, LabError, StorageError
@@ -157,7 +162,7 @@ def prepare(config: RunConfig, data_dir: str | Path = datasets.DEFAULT_DATA_DIR,
     a run folder's revision.json, used when the revision's own file is gone (a resumed run)."""
     config.validate()
     d = config.data
-    device = resolve_device(config.device)
+    device = distributed.local_device(resolve_device(config.device))
     if choices.PRECISIONS.get(config.precision).cuda_only and device.type != "cuda":
         raise ConfigError(f"{config.precision} mixed precision needs a CUDA GPU; use bf16 or fp32 on this device.")
     ds = dataset if dataset is not None else datasets.load_dataset(d.source, d.location, data_dir=data_dir)
@@ -174,6 +179,7 @@ def prepare(config: RunConfig, data_dir: str | Path = datasets.DEFAULT_DATA_DIR,
     created = _build_model(config, ds, in_channels, native, notes)
     input_size = tuple(created.input_size)  # the model may round it (ViT: a multiple of its patch)
     normalization, train_spec, eval_spec = _pipeline_specs(config, ds, split, native, input_size)
+    _check_distributed_batch(config, len(split.train), notes)
     make = _loader_maker(config, ds, device, native, input_size, normalization, train_spec, eval_spec, notes)
     train_loader = make(split.train, True)
     if train_loader is None:
@@ -182,6 +188,25 @@ def prepare(config: RunConfig, data_dir: str | Path = datasets.DEFAULT_DATA_DIR,
     return Prepared(config, ds, split, device, created.model, created, input_size, in_channels,
                     normalization, train_spec, eval_spec, t_state, train_loader,
                     make(split.val, False), make(split.test, False), notes, applied, record)
+
+
+def _check_distributed_batch(config: RunConfig, n_train: int, notes: list[str]) -> None:
+    """Under torchrun data.batch_size is the global batch: each of the N processes trains
+    batch_size / N images of it. ConfigError when N does not divide it, or when the epoch's last
+    batch (the one trained: see ``_batches_used``) would leave a process without an image."""
+    n, bs = distributed.world_size(), config.data.batch_size
+    if n == 1:
+        return
+    if bs % n:
+        raise ConfigError(f"data.batch_size {bs} is the global batch, shared by the {n} processes of this "
+                          f"torchrun: {n} must divide it. Use a batch size that is a multiple of {n}, e.g. "
+                          f"{max(n, bs // n * n)} or {(bs // n + 1) * n}.")
+    last = n_train % bs
+    if last and last < n and not (last == 1 and n_train > bs):
+        raise ConfigError(f"the epoch's last batch has {last} training image(s), fewer than the {n} processes of "
+                          f"this torchrun, so one would train on none: change data.batch_size ({bs}) so the "
+                          f"{n_train} training images leave none or at least {n} in the last batch.")
+    notes.append(distributed.describe(bs, config.optim.lr))
 
 
 def _apply_revision(ref: str, ds, split, data_dir, saved: dict | None):
@@ -257,19 +282,22 @@ def _loader_maker(config: RunConfig, ds, device, native, input_size, normalizati
     notes.append("data: in-memory uint8 tensor, batched crop/flip" if use_memory
                  else f"data: DataLoader with {loaders.resolve_num_workers(d.num_workers, d.batch_size)} worker(s)")
 
+    shard = {"rank": distributed.rank(), "world_size": distributed.world_size()}
+
     def make(indices, train):
         if not len(indices):
             return None
+        share = shard if train else {}   # training is sharded; evaluation runs whole on rank 0
         if use_memory:
             arr = ds.to_uint8_array(indices, size=None if tuple(native) == tuple(input_size) else input_size)
             images = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()
             return tensorloader.TensorLoader(
                 images, [ds.targets[i] for i in indices], d.batch_size, train,
                 normalization.mean, normalization.std, seed=config.seed, device=device,
-                **(batched if train else {}))
+                **(batched if train else {}), **share)
         return loaders.make_loader(ds, list(indices), train_tf if train else eval_tf, d.batch_size,
                                    train=train, num_workers=d.num_workers, device=str(device),
-                                   seed=config.seed)
+                                   seed=config.seed, **share)
     return make
 
 
@@ -426,8 +454,8 @@ def uses_channels_last(config: RunConfig, device: torch.device) -> bool:
 
 def _channels_last(model: nn.Module) -> bool:
     """Whether the model takes its input in channels_last (uses_channels_last). Looks through
-    DataParallel: the wrapper does not carry the attributes of the model inside it."""
-    inner = model.module if isinstance(model, nn.DataParallel) else model
+    DataParallel and DistributedDataParallel: the wrappers do not carry the model's attributes."""
+    inner = model.module if isinstance(model, (nn.DataParallel, DistributedDataParallel)) else model
     return getattr(inner, "_lab_channels_last", False)
 
 
@@ -464,7 +492,8 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, epoch: int, co
     for p, grad in zip(params, (resume_partial or {}).get("grads") or ()):
         if grad is not None:   # the first half of an accumulation group, from before the stop
             p.grad = grad.to(p.device)
-    tally, report = _EpochTally(resume_partial), _BatchReports(emit, epoch, len(loader), used)
+    tally = _EpochTally(resume_partial if distributed.is_main() else None)   # the stop's sums are global ones
+    report = _BatchReports(emit, epoch, len(loader), used)
     step = step_offset
     batch_iter = iter(loader)
     for b in range(skip_batches + 1, used + 1):
@@ -484,7 +513,8 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, epoch: int, co
         # shorter, and dividing by the full group size would give its batches less weight.
         group_start = (b - 1) // accumulation * accumulation + 1
         group_size = min(accumulation, used - group_start + 1)
-        scaled = loss / group_size
+        global_n = _global_batch_size(loader, b, config.data.batch_size)
+        scaled = loss / group_size if global_n == y.shape[0] else loss * _rank_share(y.shape[0], global_n) / group_size
         (scaler.scale(scaled) if scaler else scaled).backward()
         lr = optimizer.param_groups[0]["lr"]   # reported: the rate this batch trained at, not the next one's
         if b - group_start + 1 == group_size:
@@ -493,7 +523,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, epoch: int, co
             _optimizer_step(model, optimizer, scaler, config.optim.grad_clip,
                             scheduler if per_batch_scheduler else None)
         tally.add(out, y, loss_value)
-        report(b, step, loss_value, lr, y.shape[0])
+        report(b, step, loss_value, lr, global_n)
     return tally.result()
 
 
@@ -502,6 +532,19 @@ def _batches_used(loader, batch_size: int) -> int:
     cannot take statistics of a single value per channel (1×1 feature maps fail outright)."""
     batches = len(loader)
     return batches - 1 if batches > 1 and batch_size > 1 and _num_samples(loader) % batch_size == 1 else batches
+
+
+def _global_batch_size(loader, batch: int, batch_size: int) -> int:
+    """Images in global batch ``batch`` (1-based) of an epoch: all processes together."""
+    return min(batch_size, _num_samples(loader) - (batch - 1) * batch_size)
+
+
+def _rank_share(n_local: int, n_global: int) -> float:
+    """The factor on this rank's mean loss that makes DistributedDataParallel's average over the
+    ranks the mean over the global batch, also when the ranks' shares differ by an image (the last
+    batch): n_local × world_size / n_global. (With class weights the loss is a weighted mean, and
+    the result is then close to, not exactly, one process's.)"""
+    return n_local * distributed.world_size() / n_global
 
 
 def _forward(model, x, y, loss_fn, device: torch.device, precision: str):
@@ -556,7 +599,10 @@ class _EpochTally:
         self.seen += n
 
     def result(self, stopped_at: int | None = None, grads: list | None = None) -> dict:
-        """train_one_epoch's answer; after a stop, ``partial`` is what continuing needs (see there)."""
+        """train_one_epoch's answer; after a stop, ``partial`` is what continuing needs (see there).
+        Under torchrun the sums are those of all ranks (one all-reduce)."""
+        self.loss_sum, self.correct, self.seen = distributed.sum_all([self.loss_sum, self.correct, self.seen])
+        self.correct, self.seen = int(self.correct), int(self.seen)
         partial = None if stopped_at is None else {"loss_sum": self.loss_sum, "correct": self.correct,
                                                    "seen": self.seen, "grads": grads, "rng": capture_rng_state()}
         return {"loss": self.loss_sum / max(self.seen, 1), "accuracy": self.correct / max(self.seen, 1),
@@ -745,6 +791,8 @@ def _save_checkpoints(run_dir: Path, state: dict, *, best: bool, doing: str) -> 
     what Resume continues from, and what the status counts — is still the previous epoch's. (If
     only last.pth fails, best.pth already holds the new epoch; Resume trains that epoch again,
     with the same seeds, and writes both.)"""
+    if not distributed.is_main():   # under torchrun rank 0 writes them (every rank holds the same weights)
+        return
     with _writing(run_dir, doing):
         if best:
             save_checkpoint(run_dir / BEST_CKPT, state)
@@ -804,17 +852,31 @@ def fit(config: RunConfig, on_event: EventSink | None = None, should_stop: StopF
     deterministic and cudnn switches are put back as they were when the run ends. A new run with
     ``config.time_budget_s`` sets ``config.epochs`` to the epochs it plans (core.cost).
     """
-    with _restoring_global_switches():
+    with _restoring_global_switches(), distributed.session(cuda=_wants_cuda(config.device)):
         return _fit(config, on_event, should_stop, runs_dir=runs_dir, data_dir=data_dir, run_id=run_id,
                     resume_from=resume_from, dataset=dataset)
 
 
+def _wants_cuda(device: str) -> bool:
+    """Whether a run asking for ``device`` trains on CUDA (torchrun's process group then uses NCCL)."""
+    name = str(device or "auto")
+    return name.startswith("cuda") or (name == "auto" and torch.cuda.is_available())
+
+
+class _Quiet:
+    """The event log of a rank other than 0 under torchrun: it writes and reports nothing."""
+    tensorboard = None
+
+    def __call__(self, event: ev.Event) -> None:
+        pass
+
+
 def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | None, *, runs_dir, data_dir,
          run_id, resume_from, dataset) -> FitResult:
-    should_stop = should_stop or (lambda: False)
-    run_dir = Path(resume_from).parent if resume_from else Path(runs_dir) / (run_id or new_run_id(config))
+    should_stop = distributed.agreed_stop(should_stop or (lambda: False))   # every rank stops at the same batch
+    run_dir = Path(resume_from).parent if resume_from else Path(runs_dir) / distributed.broadcast(run_id or new_run_id(config))
     run_id = run_dir.name
-    emit = _RunLog(run_dir, on_event, config)
+    emit = _RunLog(run_dir, on_event, config) if distributed.is_main() else _Quiet()
     t_start = time.time()
     state = TrainState()
     prep = None
@@ -822,10 +884,10 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
         # In here: a missing or damaged checkpoint fails the run with the reason, as fit promises.
         ckpt = load_checkpoint(resume_from) if resume_from else None
         _open_run_folder(run_dir, config, emit, data_dir)
-        seed_everything(config.seed, config.deterministic)
+        seed_everything(config.seed + distributed.rank(), config.deterministic)   # per rank: seed + rank
         saved = rundir.read_json(run_dir / rundir.REVISION_FILE) if config.data.revision else None
         prep = prepare(config, data_dir=data_dir, dataset=dataset, saved_revision=saved)
-        if prep.revision_record is not None:
+        if prep.revision_record is not None and distributed.is_main():
             with _writing(run_dir, f"writing {rundir.REVISION_FILE}"):
                 rundir.write_json(run_dir / rundir.REVISION_FILE, prep.revision_record)
         budget = _plan_budget(config, prep, run_dir, emit, t_start) if config.time_budget_s and ckpt is None else None
@@ -836,8 +898,11 @@ def _fit(config: RunConfig, on_event: EventSink | None, should_stop: StopFlag | 
             _save_initial_weights(run, run_dir)
         _announce(run, state, run_dir, emit, notes)
         _train_epochs(run, state, run_dir, emit, should_stop)
-        report = _final_evaluation(run_dir, prep, run.model, run.core_model, run.eval_loss_fn, prep.device,
-                                   config, emit)
+        report = None   # under torchrun: rank 0 evaluates, the others wait for it
+        if distributed.is_main():
+            report = _final_evaluation(run_dir, prep, run.eval_model, run.core_model, run.eval_loss_fn, prep.device,
+                                       config, emit)
+        distributed.barrier()
         status = ev.FINISHED
         message = f"finished {state.epochs_done} epoch(s)"
         if state.out_of_time:
@@ -880,7 +945,7 @@ class _Run:
     """What a run trains with, built once from its Prepared (``_setup``)."""
     config: RunConfig
     prep: Prepared
-    model: nn.Module                  # what runs the batches: the model, or DataParallel around it
+    model: nn.Module                  # what runs the batches: the model, or (Distributed)DataParallel around it
     core_model: nn.Module             # the model itself: what checkpoints hold
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -895,6 +960,12 @@ class _Run:
     @property
     def batches(self) -> int:
         return len(self.prep.train_loader)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What evaluates: under torchrun the plain model (rank 0 evaluates alone, and
+        DistributedDataParallel's forward would wait for the other ranks), else the training one."""
+        return self.core_model if distributed.active() else self.model
 
     def checkpoint(self, state: TrainState, epoch_count: int, batches_done: int = 0,
                    partial: dict | None = None) -> dict:
@@ -914,7 +985,10 @@ class _Run:
 
 
 def _open_run_folder(run_dir: Path, config: RunConfig, emit: _RunLog, data_dir) -> None:
-    """The run folder with config.json, the TensorBoard log when asked, and status "preparing"."""
+    """The run folder with config.json, the TensorBoard log when asked, and status "preparing".
+    Under torchrun only rank 0 writes it; the other ranks write nothing anywhere."""
+    if not distributed.is_main():
+        return
     with _writing(run_dir, "creating the run folder"):
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / CONFIG_FILE)
@@ -926,8 +1000,9 @@ def _open_run_folder(run_dir: Path, config: RunConfig, emit: _RunLog, data_dir) 
 
 
 def _setup(config: RunConfig, prep: Prepared) -> _Run:
-    """The model on its device (channels_last, DataParallel as configured), the optimiser,
-    scheduler, fp16 scaler and losses."""
+    """The model on its device (channels_last; under torchrun DistributedDataParallel, which starts
+    every rank from rank 0's weights; else DataParallel as configured), the optimiser, scheduler,
+    fp16 scaler and losses."""
     device, model = prep.device, prep.model
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not config.deterministic
@@ -935,10 +1010,12 @@ def _setup(config: RunConfig, prep: Prepared) -> _Run:
         model = model.to(memory_format=torch.channels_last)
         model._lab_channels_last = True
     model.to(device)
-    if config.multi_gpu and device.type == "cuda" and torch.cuda.device_count() > 1:
+    if distributed.active():   # one process per device (torchrun); DataParallel is not used with it
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    elif config.multi_gpu and device.type == "cuda" and torch.cuda.device_count() > 1:
         model = nn.DataParallel(model)
         prep.notes.append(f"DataParallel over {torch.cuda.device_count()} GPUs")
-    core_model = model.module if isinstance(model, nn.DataParallel) else model
+    core_model = model.module if isinstance(model, (nn.DataParallel, DistributedDataParallel)) else model
     if config.compile:   # checkpoints keep core_model's own state_dict (no "_orig_mod." prefixes)
         model = torch.compile(model)
         prep.notes.append("torch.compile: the first steps compile the model (10–70 s on a CPU); it pays "
@@ -953,7 +1030,8 @@ def _setup(config: RunConfig, prep: Prepared) -> _Run:
     loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
                                   label_smoothing=config.optim.label_smoothing)
     warmup_steps = 0 if config.optim.scheduler == "onecycle" else config.optim.warmup_epochs * batches
-    recorder = gradstats.DistributionRecorder(core_model, scaler) if config.record_distributions else None
+    recorder = (gradstats.DistributionRecorder(core_model, scaler)
+                if config.record_distributions and distributed.is_main() else None)
     return _Run(config, prep, model, core_model, optimizer, scheduler, per_batch, scaler, loss_fn,
                 nn.CrossEntropyLoss(), warmup_steps, recorder)
 
@@ -991,8 +1069,9 @@ def _announce(run: _Run, state: TrainState, run_dir: Path, emit: _RunLog, notes:
                        params_trainable=sum(p.numel() for p in params if p.requires_grad),
                        batches_per_epoch=run.batches, start_epoch=state.epochs_done, epochs=config.epochs,
                        notes=prep.notes + notes, start_batch=state.skip_batches))
-    with _writing(run_dir, f"writing {STATUS_FILE}"):
-        write_status(run_dir, ev.RUNNING, "training", pid=os.getpid())
+    if distributed.is_main():
+        with _writing(run_dir, f"writing {STATUS_FILE}"):
+            write_status(run_dir, ev.RUNNING, "training", pid=os.getpid())
 
 
 def _train_epochs(run: _Run, state: TrainState, run_dir: Path, emit: _RunLog, should_stop: StopFlag) -> None:
@@ -1022,11 +1101,12 @@ def _train_epochs(run: _Run, state: TrainState, run_dir: Path, emit: _RunLog, sh
             _record_distributions(run, run_dir, epoch)
         lr_used = run.optimizer.param_groups[0]["lr"]   # the epoch's rate, before the scheduler moves it
         val = None
-        if prep.val_loader is not None:
-            val = evaluate(run.model, prep.val_loader, run.eval_loss_fn, prep.device, config.precision)
+        if prep.val_loader is not None:   # under torchrun: on rank 0, its loss and accuracy sent to all
+            val = distributed.on_main(lambda: evaluate(run.eval_model, prep.val_loader, run.eval_loss_fn,
+                                                       prep.device, config.precision))
         if _end_epoch(run, state, epoch, stats, val, lr_used, run_dir, emit):
             break
-        if _out_of_time(run, epoch, t_epoch, emit):
+        if distributed.any_rank(_out_of_time(run, epoch, t_epoch, emit)):
             state.out_of_time = True
             break
 
@@ -1050,11 +1130,12 @@ def _plan_budget(config: RunConfig, prep: Prepared, run_dir: Path, emit: _RunLog
     emit(ev.StatusChanged(status=ev.RUNNING, message="timing a few steps to plan the epochs for the time budget"))
     est = measure_cost(prep, config)
     budget = config.time_budget_s
-    config.epochs = cost.plan_epochs(est, budget, time.time() - t_start)
+    config.epochs = distributed.broadcast(cost.plan_epochs(est, budget, time.time() - t_start))   # rank 0's plan
     if config.optim.warmup_epochs >= config.epochs:
         config.optim.warmup_epochs = 0
-    with _writing(run_dir, f"writing {CONFIG_FILE}"):
-        config.save(run_dir / CONFIG_FILE)
+    if distributed.is_main():
+        with _writing(run_dir, f"writing {CONFIG_FILE}"):
+            config.save(run_dir / CONFIG_FILE)
     prep.notes.append(f"time budget {cost._duration(budget)}: {config.epochs} epoch(s) planned, "
                       f"{est.describe(config.epochs)}")
     return t_start + budget - est.test_seconds
@@ -1072,6 +1153,8 @@ def _record_distributions(run: _Run, run_dir: Path, epoch: int) -> None:
 def _save_initial_weights(run: _Run, run_dir: Path) -> None:
     """The first conv layer's weights before any training step (``initial.pth``), so its kernels
     can be shown beside the trained ones (core.internals.conv_kernels); a few KB."""
+    if not distributed.is_main():
+        return
     name = models.first_conv_name(run.config.model.name)
     weight = run.core_model.get_submodule(name).weight.detach().cpu().clone()
     with _writing(run_dir, f"saving the initial weights ({rundir.INITIAL_WEIGHTS})"):
@@ -1165,8 +1248,9 @@ def _how_it_ended(err: Exception, config: RunConfig, prep: Prepared | None, stat
         return ev.FAILED, _oom_message(config, shape, len(prep.classes) if prep is not None else None,
                                        prep.device if prep is not None else None)
     log.exception("run %s failed", run_id)   # a bug or an unexpected library error: in the server log,
-    with contextlib.suppress(OSError):       # where it cannot be lost, and in the run folder
-        (run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
+    with contextlib.suppress(OSError):       # where it cannot be lost, and in the run folder (rank 0's)
+        if distributed.is_main():
+            (run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
     return ev.FAILED, (f"internal error: {type(err).__name__}: {without_paths(str(err))} (details in the run's "
                        "error.log and the server's console)")
 
@@ -1213,7 +1297,8 @@ def _finish(run_dir, run_id, emit, status, message, best_epoch, best_metric, epo
             t_start, report=None) -> FitResult:
     seconds = time.time() - t_start
     try:
-        write_status(run_dir, status, message, final=True, seconds=seconds, epochs_completed=epochs_done)
+        if distributed.is_main():
+            write_status(run_dir, status, message, final=True, seconds=seconds, epochs_completed=epochs_done)
     except OSError as err:   # the caller still hears how the run ended (RunFinished below)
         log.warning("status of run %s not written (%s): %s", run_id, status, err)
     emit(ev.RunFinished(status=status, message=message, best_epoch=best_epoch, best_metric=best_metric,
