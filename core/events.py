@@ -97,3 +97,14 @@ class RunFinished(Event):
     best_metric: float | None
     seconds: float
 
+
+
+def from_dict(raw: dict[str, Any]) -> Event:
+    """The event ``to_dict`` wrote (a line of events.jsonl); ValueError for an unknown kind."""
+    kinds = {cls.__name__: cls for cls in Event.__subclasses__()}
+    fields = dict(raw)
+    cls = kinds.get(fields.pop("kind", None))
+    if cls is None:
+        raise ValueError(f"unknown event kind in {raw!r:.80}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in fields.items() if k in names})

@@ -37,7 +37,7 @@ from multiprocessing import connection as mp_connection
 from pathlib import Path
 from typing import Any, Callable
 
-from core import datasets, events as ev, resources
+from core import datasets, events as ev, resources, torchrun
 from core.config import RunConfig
 from core.errors import ConfigError, LabError
 
@@ -239,7 +239,7 @@ class JobManager:
 
     def __init__(self, runs_dir: str | Path = "runs", data_dir: str | Path = datasets.DEFAULT_DATA_DIR,
                  max_jobs: int = 1, fit: Callable | None = None, max_job_memory: int | None = None,
-                 train_threads: int | None = None):
+                 train_threads: int | None = None, cpu_processes: int | None = None):
         if max_jobs < 1:
             raise ConfigError(f"max_jobs must be at least 1, got {max_jobs}.")
         if max_job_memory is not None and max_job_memory <= 0:
@@ -254,6 +254,9 @@ class JobManager:
             raise ConfigError(f"train_threads must be at least 1, got {train_threads}.")
         self.train_threads = train_threads   # each child's torch threads; None: as many as the server's
         self._fit = fit  # injectable for tests; default core.trainer.fit
+        # "use all GPUs" (config.multi_gpu) runs torchrun with one process per GPU; on a machine without
+        # several GPUs, cpu_processes Gloo processes instead (None: such a run trains in one process)
+        self.cpu_processes = cpu_processes
         self._jobs: dict[str, Job] = {}
         self._queue: list[str] = []
         self._running: set[str] = set()
@@ -490,9 +493,12 @@ class JobManager:
         control_r, control_w = self._context.Pipe(duplex=False)
         kwargs = {"runs_dir": self.runs_dir, "data_dir": self.data_dir, "run_id": job.job_id,
                   "resume_from": job.resume_from}
+        fit_fn, procs = self._fit or trainer.fit, self._processes(job.config)
+        if procs > 1:   # in a job process of its own like any run, which drives torchrun's processes
+            fit_fn, kwargs["nproc"] = torchrun.torchrun_fit, procs
         proc = self._context.Process(
             target=_child_main, name=f"train-{job.job_id}",
-            args=(self._fit or trainer.fit, job.config, kwargs, events_w, control_r,
+            args=(fit_fn, job.config, kwargs, events_w, control_r,
                   self.train_threads or torch.get_num_threads(), dict(os.environ)))
         try:
             proc.start()
@@ -510,6 +516,16 @@ class JobManager:
         job._watcher = threading.Thread(target=self._watch, args=(job, proc, events_r), daemon=True,
                                         name=f"job-{job.job_id}")
         job._watcher.start()
+
+    def _processes(self, config: RunConfig) -> int:
+        """How many torchrun processes a run trains with: one per GPU for "use all GPUs" on a machine
+        with several, ``cpu_processes`` on the CPU when set; 1 (an ordinary run) otherwise."""
+        if not config.multi_gpu or self._fit is not None:
+            return 1
+        import torch
+        if config.device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+            return torch.cuda.device_count()
+        return self.cpu_processes or 1
 
     def _watch(self, job: Job, proc, events) -> None:
         """The job's thread in the server: relay the child's events until it ends, then record

@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "re-planned over the epochs that remain (a finished run: N above its epochs)")
     p.add_argument("--runs-dir", default=str(DEFAULT_RUNS_DIR), help="where run folders go (default runs/)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="dataset cache folder (default data/)")
+    p.add_argument("--run-id", help="the run folder's name under --runs-dir (default: model name and time; "
+                                    "the dashboard names its torchrun runs so)")
     p.add_argument("--print-config", action="store_true", help="print the resulting configuration and exit")
     p.add_argument("--list-models", action="store_true", help="list the model zoo and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -277,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     def train() -> None:
         try:
             box["result"] = fit(config, on_event=on_event, should_stop=stop.is_set, runs_dir=args.runs_dir,
-                                data_dir=args.data_dir, resume_from=plan.checkpoint if plan is not None else None)
+                                data_dir=args.data_dir, run_id=args.run_id,
+                                resume_from=plan.checkpoint if plan is not None else None)
         finally:
             done.set()
     threading.Thread(target=train, daemon=True).start()

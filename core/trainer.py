@@ -1013,8 +1013,10 @@ def _setup(config: RunConfig, prep: Prepared) -> _Run:
     if distributed.active():   # one process per device (torchrun); DataParallel is not used with it
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     elif config.multi_gpu and device.type == "cuda" and torch.cuda.device_count() > 1:
+        # the documented fallback of one process (the dashboard and torchrun use DDP instead)
         model = nn.DataParallel(model)
-        prep.notes.append(f"DataParallel over {torch.cuda.device_count()} GPUs")
+        prep.notes.append(f"DataParallel over {torch.cuda.device_count()} GPUs (one process; torchrun with "
+                          "DistributedDataParallel is faster: docs/distributed.md)")
     core_model = model.module if isinstance(model, (nn.DataParallel, DistributedDataParallel)) else model
     if config.compile:   # checkpoints keep core_model's own state_dict (no "_orig_mod." prefixes)
         model = torch.compile(model)

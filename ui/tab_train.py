@@ -332,6 +332,11 @@ def _budget_choice(seconds):
     return text if text in dict((v, k) for k, v in BUDGETS) else gr.skip()
 
 
+def _gpu_count() -> int:
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def _main_settings(ctx: AppContext, w: SimpleNamespace) -> None:
     with gr.Row(equal_height=True):
         w.recipe_note = gr.Markdown(RECIPE_HELP, elem_id="recipe_note")
@@ -395,6 +400,10 @@ def _more_settings(ctx: AppContext) -> None:
     with gr.Row():
         bind(ctx, gr.Number(_D.seed, label="Seed", precision=0), "seed", int)
         bind(ctx, gr.Checkbox(_D.deterministic, label="Deterministic"), "deterministic")
+    gpus = _gpu_count()
+    bind(ctx, gr.Checkbox(_D.multi_gpu, label=f"Use all {gpus} GPUs (torchrun: one process per GPU)", visible=gpus > 1,
+                          info="data-parallel training; the batch size is the global batch over all GPUs",
+                          elem_id="multi_gpu"), "multi_gpu")
     bind(ctx, gr.Checkbox(_D.compile, label="Compile the model (torch.compile)",
                           info="10–70 s of compiling first; pays for long runs of bigger models only"), "compile")
     bind(ctx, gr.Radio(["auto", "on", "off"], value=_D.data.in_memory,
