@@ -705,3 +705,17 @@ def test_the_plateau_schedulers_patience_is_a_setting(tmp_path, tiny_config, mon
     assert result.status == ev.FINISHED, result.message
     lr = tiny_config.optim.lr
     assert [row["lr"] for row in result.history] == pytest.approx([lr, lr, lr * 0.5])
+
+
+@pytest.mark.slow   # torch.compile takes 20-30 s on 2 cores
+def test_compile_trains_and_keeps_plain_checkpoints(tiny_config, tmp_path):
+    """Issue 16: RunConfig.compile runs the model through torch.compile; the checkpoint holds the plain
+    module's state (no "_orig_mod." prefixes), so everything that loads runs reads it as usual."""
+    import torch
+
+    tiny_config.compile = True
+    tiny_config.epochs = 1
+    result = fit(tiny_config, runs_dir=tmp_path)
+    assert result.status == ev.FINISHED, result.message
+    state = torch.load(result.run_dir / "last.pth", weights_only=False)["model"]
+    assert "conv1.weight" in state and not any(k.startswith("_orig_mod") for k in state)
