@@ -134,7 +134,7 @@ def test_student_flow_in_the_browser(page):
                        " return g.scrollWidth <= g.clientWidth + 1; }")
     # The sample has its own test set: the Test % slider says it does not apply; Validation % does.
     expect(pg.locator("#split_test input[type=range]")).to_be_disabled(timeout=20_000)
-    expect(pg.locator("#split_test")).to_contain_text("its own test set (500 images)")
+    expect(pg.locator("#split_test")).to_contain_text("its own test set (1,000 images)")
     expect(pg.locator("#split_val input[type=range]")).to_be_enabled()
     no_error_toasts(pg)
     shot(pg, "01-data")
