@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         lab_log.propagate = False
 
     manager = JobManager(runs_dir=args.runs_dir, data_dir=args.data_dir, max_jobs=max_jobs,
-                         max_job_memory=args.max_job_memory, train_threads=threads)
+                         max_job_memory=args.max_job_memory, train_threads=threads,
+                         multi_gpu_jobs=args.host in LOOPBACK)   # "use all GPUs" for this computer's user only
     if args.tensorboard:
         from core import tb
         from core.errors import LabError

@@ -239,7 +239,8 @@ class JobManager:
 
     def __init__(self, runs_dir: str | Path = "runs", data_dir: str | Path = datasets.DEFAULT_DATA_DIR,
                  max_jobs: int = 1, fit: Callable | None = None, max_job_memory: int | None = None,
-                 train_threads: int | None = None, cpu_processes: int | None = None):
+                 train_threads: int | None = None, cpu_processes: int | None = None,
+                 multi_gpu_jobs: bool = True):
         if max_jobs < 1:
             raise ConfigError(f"max_jobs must be at least 1, got {max_jobs}.")
         if max_job_memory is not None and max_job_memory <= 0:
@@ -257,6 +258,8 @@ class JobManager:
         # "use all GPUs" (config.multi_gpu) runs torchrun with one process per GPU; on a machine without
         # several GPUs, cpu_processes Gloo processes instead (None: such a run trains in one process)
         self.cpu_processes = cpu_processes
+        # off on a server for a class: one user's "use all GPUs" would take every GPU from the others
+        self.multi_gpu_jobs = multi_gpu_jobs
         self._jobs: dict[str, Job] = {}
         self._queue: list[str] = []
         self._running: set[str] = set()
@@ -285,6 +288,10 @@ class JobManager:
             # offline without the ImageNet file: say so now, naming the file, not from a failed run
             from core import models
             models.check_pretrained(config.model.name)
+        if config.multi_gpu and not self.multi_gpu_jobs:
+            raise ConfigError("Use all GPUs is off on this server: it is shared by a class, and one run on every "
+                              "GPU would take them from everyone else. Untick it (the run trains on one device), "
+                              "or train on all GPUs with torchrun from a terminal (docs/distributed.md).")
         if config.tensorboard:   # fail now, with the install command, rather than in the queue
             from core import tb
             tb.require()

@@ -9,6 +9,7 @@ import pytest
 
 from core import events as ev
 from core.config import RunConfig
+from core.errors import ConfigError
 from core.jobs import JobManager
 
 
@@ -48,3 +49,15 @@ def test_stop_ends_every_process_with_a_checkpoint(manager, tiny_folder):
     assert job.status == ev.STOPPED, job.message
     assert (manager.runs_dir / job.job_id / "last.pth").is_file()
     assert sum(isinstance(e, ev.EpochEnded) for e in job.events) < 200
+
+
+def test_a_class_server_refuses_use_all_gpus(tmp_path, tiny_folder):
+    """Served to a class (launch.py on a non-loopback host), one student's run on every GPU would take
+    them from the others: the manager refuses it before queueing, and says what to do."""
+    m = JobManager(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", max_jobs=1, multi_gpu_jobs=False)
+    try:
+        with pytest.raises(ConfigError, match="Use all GPUs is off on this server"):
+            m.submit(_config(tiny_folder, 1), owner="browser:student")
+        assert m.jobs() == []
+    finally:
+        m.shutdown(timeout=10)

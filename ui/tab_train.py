@@ -400,7 +400,7 @@ def _more_settings(ctx: AppContext) -> None:
     with gr.Row():
         bind(ctx, gr.Number(_D.seed, label="Seed", precision=0), "seed", int)
         bind(ctx, gr.Checkbox(_D.deterministic, label="Deterministic"), "deterministic")
-    gpus = _gpu_count()
+    gpus = _gpu_count() if getattr(ctx.manager, "multi_gpu_jobs", False) else 0   # off on a class's server
     bind(ctx, gr.Checkbox(_D.multi_gpu, label=f"Use all {gpus} GPUs (torchrun: one process per GPU)", visible=gpus > 1,
                           info="data-parallel training; the batch size is the global batch over all GPUs",
                           elem_id="multi_gpu"), "multi_gpu")
