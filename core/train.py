@@ -178,13 +178,27 @@ def given_fields(args: argparse.Namespace) -> set[str]:
 
 def with_recipe(config: RunConfig, args: argparse.Namespace) -> RunConfig:
     """A new run without --config: the recipe for its data and model fills the settings not given
-    (--no-recipe: the plain defaults). Says so on stderr."""
+    (--no-recipe: the plain defaults). A rate goes with its optimiser and batch: with --optimizer
+    other than the recipe's, the recipe's rate, momentum and weight decay are not used; with a batch
+    of your own and no rate, the recipe's rate is scaled to it. Says on stderr what it set."""
     if args.no_recipe or args.config or args.resume:
         return config
-    recipe = recipes.for_config(config, args.data_dir)
-    print(f"recipe: {recipe.describe()} Flags override any of these; --no-recipe keeps the plain defaults.",
-          file=sys.stderr)
-    return recipes.apply(config, recipe, keep=given_fields(args))
+    try:
+        recipe = recipes.for_config(config, args.data_dir)
+    except LabError as err:   # e.g. a torchvision set not downloaded yet: the run itself will fetch or explain
+        print(f"recipe: none ({err}); the plain defaults are used for the settings not given.", file=sys.stderr)
+        return config
+    keep = given_fields(args)
+    if "optim.optimizer" in keep and config.optim.optimizer != recipe.fields.get("optim.optimizer"):
+        keep |= {"optim.lr", "optim.head_lr", "optim.momentum", "optim.weight_decay"}
+    out = recipes.apply(config, recipe, keep=keep)
+    if "data.batch_size" in keep and "optim.lr" not in keep:
+        out.optim.lr = recipe.fields["optim.lr"] * config.data.batch_size / recipe.fields["data.batch_size"]
+    applied = [k for k in recipe.fields if k not in keep]
+    print(f"recipe for {recipe.situation}: set {', '.join(applied) or 'nothing'}"
+          f"{'; kept yours: ' + ', '.join(sorted(keep & set(recipe.fields))) if keep & set(recipe.fields) else ''}. "
+          "--print-config shows every value; --no-recipe keeps the plain defaults.", file=sys.stderr)
+    return out
 
 
 def _assign(raw: dict, dotted: str, value) -> None:

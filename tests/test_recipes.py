@@ -99,10 +99,14 @@ def test_the_command_line_fills_what_is_not_given_from_the_recipe(capsys, sessio
     dd = ["--data-dir", str(session_data_dir)]
     got = _printed(capsys, *dd)
     assert got["config"]["optim"]["scheduler"] == "onecycle" and got["config"]["epochs"] == 40
-    assert got["err"].startswith("recipe: Recipe for training from scratch")
+    assert got["err"].startswith("recipe for training from scratch on small images (4,400 training images): set ")
     given = _printed(capsys, *dd, "--lr", "0.01", "--set", "optim.scheduler=cosine", "--epochs", "3")
     assert given["config"]["optim"]["lr"] == 0.01 and given["config"]["optim"]["scheduler"] == "cosine"
     assert given["config"]["epochs"] == 3 and given["config"]["data"]["batch_size"] == 128
+    adam = _printed(capsys, *dd, "--optimizer", "adam")["config"]["optim"]     # SGD's rate is not Adam's
+    assert adam["optimizer"] == "adam" and adam["lr"] == RunConfig().optim.lr and adam["scheduler"] == "onecycle"
+    small = _printed(capsys, *dd, "--batch-size", "32")["config"]["optim"]     # the rate follows the batch
+    assert small["lr"] == pytest.approx(0.05 * 32 / 128)
     plain = _printed(capsys, *dd, "--no-recipe")["config"]
     assert plain == RunConfig().to_dict()
     saved = tmp_path / "run.json"

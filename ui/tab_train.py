@@ -186,15 +186,15 @@ class TrainTab(Controller):
         ctx = self.ctx
         session = values[ctx.session]
         config = page_config(ctx, values)
-        recipe = recipes.for_config(config, ctx.data_dir)
-        m = config.model
-        key = [config.data.source, config.data.location, m.name, m.pretrained, m.weights_path, recipe.situation]
-        if not force and session.get("recipe_key") == key:
+        key = _recipe_key(config)
+        if not force and session.get("recipe_key") == key:   # decided before any dataset is read
             return (gr.skip(),) * (1 + len(self.recipe_widgets))
+        recipe = recipes.for_config(config, ctx.data_dir)
+        updates = widget_updates(ctx, self.recipe_widgets, recipes.apply(config, recipe))
         session["recipe_key"] = key
-        note = f"{recipe.describe()} {' '.join(w[0].upper() + w[1:] + '.' for w in recipe.why)} " \
-               "Change any setting; **Recommended settings** puts the recipe back."
-        return (note, *widget_updates(ctx, self.recipe_widgets, recipes.apply(config, recipe)))
+        note = f"{recipe.describe()} {' '.join(recipe.why)}. Change any setting; **Recommended settings** puts " \
+               "the recipe back."
+        return (note, *updates)
 
     @safe
     def estimate_cost(self, values: dict, progress=gr.Progress()):
@@ -256,6 +256,7 @@ class TrainTab(Controller):
             return ((gr.skip() if text is None else text, gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False))
                     + (gr.skip(),) * len(self.settings))
         session["seen"] = -1
+        session["recipe_key"] = _recipe_key(job.config)   # the settings shown are the run's: no recipe over them
         done = job.done  # before rendering (see poll)
         return (_render(ctx, job, session) + (gr.Timer(active=not done),)
                 + tuple(widget_updates(ctx, self.settings, job.config)))
@@ -721,6 +722,13 @@ def _status_text(ctx: AppContext, job, snap: dict, evaluated: ev.Evaluated | Non
                    else f"epoch {last.epoch}/{started.epochs}")
     text = f"{label} — {snap['model']} — run {job.job_id}: {_with_interval(message, evaluated)}"
     return f"{text}\n{NEXT_STEPS}" if status == ev.FINISHED else text
+
+
+def _recipe_key(config: RunConfig) -> list:
+    """What a recipe is chosen for: the data and the model (not the split or other settings, whose
+    edits stay when the Train tab opens again)."""
+    d, m = config.data, config.model
+    return [d.source, d.location, m.name, m.pretrained, m.weights_path]
 
 
 def _cost_key(config: RunConfig) -> str:
