@@ -23,10 +23,13 @@ from dataclasses import dataclass
 from core.errors import LabError
 
 MAX_MEASURE_S = 3.0
-STATED_ERROR = 0.15
+STATED_ERROR = 0.15   # an epoch after the first takes the predicted training time to within this fraction
 # The plan fills this share of the time left: an epoch a few per cent slower than measured (a busy
 # machine) then still finishes the schedule instead of being cut at the budget.
-PLAN_SHARE = 0.95   # an epoch after the first takes the predicted training time to within this fraction
+PLAN_SHARE = 0.95
+# A budget plans at most this many epochs (the Epochs slider's end): "1 hour" of the tutorial Net on
+# the sample would otherwise be some 10,000 epochs, each a checkpoint and a row on every open page.
+MAX_PLANNED_EPOCHS = 200
 WARMUP_STEPS = 2      # left out of the median: oneDNN and the allocator set themselves up
 MAX_STEPS = 200
 ENOUGH_STEPS, ENOUGH_S = 20, 1.0   # a measurement may end early once it has this many steps and seconds
@@ -61,19 +64,13 @@ class CostEstimate:
         return epochs * self.epoch_seconds + self.test_seconds
 
     def describe(self, epochs: int) -> str:
-        return (f"≈ {_duration(self.epoch_seconds)} per epoch, ≈ {_duration(self.run_seconds(epochs))} for "
+        return (f"≈ {duration(self.epoch_seconds)} per epoch, ≈ {duration(self.run_seconds(epochs))} for "
                 f"{epochs} epoch{'s' * (epochs != 1)} (measured on this machine: {self.measured_steps} training "
                 f"steps in {self.measure_seconds:.1f} s)")
 
-    def to_dict(self) -> dict:
-        return {"step_seconds": self.step_seconds, "eval_batch_seconds": self.eval_batch_seconds,
-                "train_batches": self.train_batches, "val_batches": self.val_batches,
-                "test_batches": self.test_batches, "checkpoint_seconds": self.checkpoint_seconds,
-                "train_seconds": self.train_seconds, "epoch_seconds": self.epoch_seconds,
-                "measured_steps": self.measured_steps, "measure_seconds": self.measure_seconds}
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     if seconds < 10:
         return f"{seconds:.1f} s"
     if seconds < 120:
@@ -86,9 +83,9 @@ def _duration(seconds: float) -> str:
 def plan_epochs(estimate: CostEstimate, budget_s: float, elapsed_s: float) -> int:
     """The epochs that fit in ``budget_s`` seconds of which ``elapsed_s`` are spent (data
     preparation and the measurement), leaving time for the final test evaluation and a margin
-    (PLAN_SHARE); at least 1."""
+    (PLAN_SHARE); at least 1 and at most MAX_PLANNED_EPOCHS (the run then ends before its budget)."""
     left = (budget_s - elapsed_s - estimate.test_seconds) * PLAN_SHARE
-    return max(1, math.floor(left / max(estimate.epoch_seconds, 1e-9)))
+    return min(MAX_PLANNED_EPOCHS, max(1, math.floor(left / max(estimate.epoch_seconds, 1e-9))))
 
 
 _UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
@@ -105,6 +102,6 @@ def parse_duration(text: str) -> float:
 
 
 def compare(predicted_train_s: float, measured_train_s: float) -> str:
-    """'0.42 s, predicted 0.40 s (+5 %)': an epoch's training time against the prediction."""
+    """'0.42 s, predicted 0.40 s (+5%)': an epoch's training time against the prediction."""
     diff = (measured_train_s - predicted_train_s) / max(predicted_train_s, 1e-9)
     return f"{measured_train_s:.2f} s, predicted {predicted_train_s:.2f} s ({diff:+.0%})"

@@ -186,6 +186,8 @@ def _prepare_child(threads: int, environ: dict[str, str]) -> None:
     # spawned process would.
     os.environ.clear()
     os.environ.update(environ)
+    # torch.compile (config.compile) compiles in a pool of its own: no more workers than the run's threads
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
     import torch
     torch.set_num_threads(threads)   # as many as the server's torch uses (what a run in a thread had)
     try:

@@ -24,6 +24,7 @@ rank 0 writes the run folder. N processes train the same weights as one (tests/t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import io
 import logging
@@ -1118,6 +1119,8 @@ def _out_of_time(run: _Run, epoch: int, t_epoch: float, emit: _RunLog) -> bool:
     (the machine turned slower than measured): the run ends here, on time to within one epoch."""
     if run.deadline is None or epoch >= run.config.epochs:
         return False
+    if run.config.compile and epoch == 1:   # compiling made it long; the plan timed the compiled-free step
+        return False
     if time.time() + (time.time() - t_epoch) <= run.deadline:
         return False
     emit(ev.StatusChanged(status=ev.RUNNING, message=f"time budget reached: stopping after epoch {epoch} of the "
@@ -1133,13 +1136,16 @@ def _plan_budget(config: RunConfig, prep: Prepared, run_dir: Path, emit: _RunLog
     est = measure_cost(prep, config)
     budget = config.time_budget_s
     config.epochs = distributed.broadcast(cost.plan_epochs(est, budget, time.time() - t_start))   # rank 0's plan
+    notes = [f"time budget {cost.duration(budget)}: {config.epochs} epoch(s) planned, {est.describe(config.epochs)}"]
+    if config.epochs == cost.MAX_PLANNED_EPOCHS:
+        notes.append(f"the plan stops at {cost.MAX_PLANNED_EPOCHS} epochs, so the run ends before its budget")
     if config.optim.warmup_epochs >= config.epochs:
+        notes.append(f"warm-up of {config.optim.warmup_epochs} epoch(s) left out: the plan has {config.epochs}")
         config.optim.warmup_epochs = 0
-    if distributed.is_main():
+    if distributed.is_main():   # what was planned, as an ordinary run: --config replays exactly these epochs
         with _writing(run_dir, f"writing {CONFIG_FILE}"):
-            config.save(run_dir / CONFIG_FILE)
-    prep.notes.append(f"time budget {cost._duration(budget)}: {config.epochs} epoch(s) planned, "
-                      f"{est.describe(config.epochs)}")
+            dataclasses.replace(config, time_budget_s=None).save(run_dir / CONFIG_FILE)
+    prep.notes.extend(notes)
     return t_start + budget - est.test_seconds
 
 

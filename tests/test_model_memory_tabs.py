@@ -155,8 +155,9 @@ def test_gradient_accumulation_raises_the_peak_and_says_why(ctx):
     assert "backward frees saved activations" in one[0]
     assert "above it: the earlier batches' gradients are held from the start" in four[0]
     assert "backward makes temporaries" in four[0] and "optimiser step makes temporaries" not in four[0]
-    with pytest.raises(gr.Error, match="Gradient accumulation must be a whole number"):
-        calculate({}, "resnet18", False, "none", 0, 32, "sgd", "fp32", "8 GB", 0, 1.5, progress=lambda *a, **k: None)
+    for bad in (1.5, 10**9, float("inf")):
+        with pytest.raises(gr.Error, match="Gradient accumulation must be a whole number"):
+            calculate({}, "resnet18", False, "none", 0, 32, "sgd", "fp32", "8 GB", 0, bad, progress=lambda *a, **k: None)
 
 
 def test_the_peak_sentence_names_the_phase_of_the_peak(ctx):

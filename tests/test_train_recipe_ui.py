@@ -70,7 +70,7 @@ def test_estimate_time_then_the_run_is_compared_with_it(page, tiny_folder):
     session = {"data_source": {"source": "folder", "location": str(tiny_folder)}}
     values = _values(ctx, session, **{"data.batch_size": 16, "epochs": 3})
     text = train.estimate_cost(values)
-    assert text.startswith("**Time on this machine:** ≈ ") and "for 3 epochs" in text
+    assert text.startswith("**Time:** ≈ ") and "for 3 epochs" in text and "training takes ≈ " in text
     predicted = session["cost"]["train_seconds"]
     assert predicted > 0
     config = config_from_widgets(ctx, values, session)

@@ -98,7 +98,7 @@ class MemoryTab(Controller):
         fits = f"**Largest batch for {budget_label}: {int(best):,}**" if int(best) else \
             f"**Nothing fits in {budget_label}**: {best.reason}"
         accumulated = (f" accumulated over {accumulation} (the peak of the 2nd and later batches, which hold "
-                       f"the gradients)" if accumulation > 1 else "")
+                       f"the gradients; the largest batch below is the batch of one step)" if accumulation > 1 else "")
         text = (f"{name}, {channels}×{size[0]}×{size[1]} input, batch {int(batch_size)}{accumulated}, {opt}, {prec}: "
                 f"{_peak_sentence(est)} · {est.trainable_params:,} of {est.num_params:,} parameters trainable · "
                 f"{fits}. A GPU also needs its CUDA context and library workspaces (0.3–1 GB) on top.")
@@ -158,14 +158,19 @@ def build(ctx: AppContext) -> MemoryTab:
     return tab
 
 
+MAX_ACCUMULATION = 4096   # far above any real use; the estimate is the same from 2 on (every later batch alike)
+
+
 def _whole_steps(value) -> int:
     """The accumulation box as a whole number of batches (empty: 1)."""
+    wrong = ConfigError(f"Gradient accumulation must be a whole number of batches from 1 to {MAX_ACCUMULATION:,}; "
+                        f"got {value!r}.")
     try:
         steps = int(value or 1)
-    except (TypeError, ValueError):
-        raise ConfigError(f"Gradient accumulation must be a whole number of batches, 1 or more; got {value!r}.") from None
-    if steps < 1 or steps != float(value or 1):
-        raise ConfigError(f"Gradient accumulation must be a whole number of batches, 1 or more; got {value!r}.")
+    except (TypeError, ValueError, OverflowError):
+        raise wrong from None
+    if not 1 <= steps <= MAX_ACCUMULATION or steps != float(value or 1):
+        raise wrong
     return steps
 
 

@@ -215,9 +215,9 @@ class TrainTab(Controller):
             plan = f" With the time budget the run plans **{epochs} epoch{'s' * (epochs != 1)}**."
         else:
             epochs, plan = config.epochs, ""
-        return (f"**Time on this machine:** {est.describe(epochs)}; preparing the data took {prepared_s:.1f} s."
-                f"{plan} The progress line compares the run's epochs with this estimate "
-                f"(expected within ±{cost.STATED_ERROR:.0%} from the second epoch).")
+        return (f"**Time:** {est.describe(epochs)}; preparing the data took {prepared_s:.1f} s.{plan} Of an epoch, "
+                f"training takes ≈ {cost.duration(est.train_seconds)}: the progress line compares the run's epochs "
+                f"with that (within ±{cost.STATED_ERROR:.0%} from the second epoch on an otherwise idle machine).")
 
     @safe
     def use_lr(self, session: dict):
