@@ -438,10 +438,14 @@ class JobManager:
         try:
             fits = resources.largest_fitting_batch(config, classes, shape, budget, device.type,
                                                    limit=config.data.batch_size)
+            # The message also suggests accumulation, whose peak is higher: size that batch for it.
+            accumulated = fits if config.optim.accumulation_steps > 1 or fits < 1 else \
+                resources.largest_fitting_batch(config, classes, shape, budget, device.type, limit=fits,
+                                                accumulation_steps=2)
         except Exception:   # the refusal stands; only the suggested batch is missing
             log.exception("no batch suggestion for a %s run", config.model.name)
-            fits = None
-        return resources.refusal_message(config, shape, need, words, fits)
+            fits = accumulated = None
+        return resources.refusal_message(config, shape, need, words, fits, accumulated)
 
     def _free_memory(self, device_type: str, will_wait: bool) -> int | None:
         """Memory free for a run on ``device_type``. A run that waits for a slot starts after the

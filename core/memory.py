@@ -362,6 +362,15 @@ def _check_batch(batch_size: Any) -> int:
     return int(batch_size)
 
 
+def _check_accumulation(steps: Any) -> int:
+    """``accumulation_steps``: batches whose gradients add up before each optimiser step."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) and not (
+            isinstance(steps, float) and steps.is_integer()) or int(steps) < 1:
+        raise ConfigError(f"accumulation_steps (gradient accumulation) must be a whole number of batches, 1 or "
+                          f"more (1: none); got {steps!r}.")
+    return int(steps)
+
+
 def _check_precision(precision: Any) -> str:
     name = _norm_name(precision)
     aliases = {"float32": "fp32", "32": "fp32", "float16": "fp16", "half": "fp16", "16": "fp16",
@@ -1135,7 +1144,7 @@ def estimate_memory(model_factory: Callable[[], nn.Module], input_shape: tuple[i
     spec, momentum, options = _check_optimizer(optimizer, momentum, optimizer_options)
     overhead = _check_bytes(device_overhead_bytes, "device_overhead_bytes", allow_zero=True)
     target_device = _check_target(target_device)
-    accumulation = _check_batch(accumulation_steps) if accumulation_steps != 1 else 1
+    accumulation = _check_accumulation(accumulation_steps)
     est, _ = _estimate(None, model_factory, shape, batch, spec, momentum, precision, overhead, options,
                        bool(simulate_step), bool(inference), target_device, _factory_key(model_factory, cache_key),
                        accumulation)
@@ -1196,7 +1205,7 @@ def max_batch_size(model_factory: Callable[[], nn.Module], input_shape: tuple[in
     if total not in _TOTALS:
         raise ConfigError(f"Unknown total {total!r}. Choose one of: {', '.join(_TOTALS)}.")
     limit = _check_batch(limit)
-    accumulation = _check_batch(accumulation_steps) if accumulation_steps != 1 else 1
+    accumulation = _check_accumulation(accumulation_steps)
     key = _factory_key(model_factory, cache_key)
     simulate = total in ("required", "step_peak")
     inference = total == "inference"
@@ -1384,7 +1393,7 @@ def measure_training_step_memory(model: nn.Module, input_shape: tuple[int, int, 
     y = _random_labels(model, x, g, device)
     ac_device = device.type if device.type in ("cuda", "cpu") else "cpu"
 
-    accumulate = accumulation_steps > 1
+    accumulate = _check_accumulation(accumulation_steps) > 1
 
     def step(trace: bool) -> _SavedTrace | None:
         return _training_step(model, opt, x, y, precision, ac_device, trace, keep_grads=accumulate and not trace)

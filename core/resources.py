@@ -177,16 +177,19 @@ def training_memory(config: RunConfig, num_classes: int, input_shape: Sequence[i
 
 
 def largest_fitting_batch(config: RunConfig, num_classes: int, input_shape: Sequence[int], budget_bytes: float,
-                          device_type: str = "cuda", limit: int = 1 << 20) -> int:
+                          device_type: str = "cuda", limit: int = 1 << 20,
+                          accumulation_steps: int | None = None) -> int:
     """The largest batch (at most ``limit``) whose training step the estimator says fits in
     ``budget_bytes``; 0 when not even batch 1 does. Activations grow linearly with the batch, so
-    ``core.memory.max_batch_size`` finds it in a handful of estimates."""
+    ``core.memory.max_batch_size`` finds it in a handful of estimates. ``accumulation_steps``:
+    the gradient accumulation to size it for (default: the run's own)."""
     from core.memory import max_batch_size
     factory = _factory(config, num_classes, input_shape)
+    steps = config.optim.accumulation_steps if accumulation_steps is None else accumulation_steps
     return int(max_batch_size(factory, factory.input_shape, budget_bytes, optimizer=config.optim.optimizer,
                               momentum=config.optim.momentum, precision=config.precision,
                               target_device=_target(device_type), limit=max(1, int(limit)),
-                              accumulation_steps=config.optim.accumulation_steps))
+                              accumulation_steps=steps))
 
 
 def training_budget(free_bytes: int | None, cap_bytes: int | None, device_type: str) -> tuple[int | None, str]:
@@ -204,9 +207,12 @@ def training_budget(free_bytes: int | None, cap_bytes: int | None, device_type: 
 
 
 def refusal_message(config: RunConfig, input_shape: Sequence[int], need_bytes: int, budget_words: str,
-                    fitting_batch: int | None) -> str:
+                    fitting_batch: int | None, accumulated_batch: int | None = None) -> str:
     """Why a run is refused and what to change, e.g. "This run needs about 9.3 GiB (resnet50,
-    batch 4096, 224×224) but 2.8 GiB of memory is free for training now. Batch 256 fits; ..."."""
+    batch 4096, 224×224) but 2.8 GiB of memory is free for training now. Batch 256 fits; ...".
+    ``fitting_batch`` fits with the run's own accumulation; ``accumulated_batch`` (None: the same)
+    fits with gradient accumulation, whose peak is higher (the 2nd and later batches of a group
+    hold the gradients all step long): the batch the message pairs with accumulation."""
     _, h, w = (int(v) for v in input_shape)
     text = (f"This run needs about {format_size(need_bytes)} ({config.model.name}, batch "
             f"{config.data.batch_size}, {w}×{h}) but {budget_words}.")
@@ -215,6 +221,12 @@ def refusal_message(config: RunConfig, input_shape: Sequence[int], need_bytes: i
     if fitting_batch < 1:
         return text + (" Not even batch 1 fits: pick a smaller model or input size, freeze layers, or "
                        "use bf16 mixed precision.")
-    accumulate = math.ceil(config.data.batch_size * config.optim.accumulation_steps / fitting_batch)
-    return text + (f" Batch {fitting_batch} fits; lower the batch size (or pick a smaller input size / model). "
-                   f"To keep the effective batch, use gradient accumulation over {accumulate} steps.")
+    text += f" Batch {fitting_batch} fits; lower the batch size (or pick a smaller input size / model)."
+    batch = fitting_batch if accumulated_batch is None else accumulated_batch
+    if batch < 1:
+        return text
+    accumulate = math.ceil(config.data.batch_size * config.optim.accumulation_steps / batch)
+    if batch == fitting_batch:
+        return text + f" To keep the effective batch, use gradient accumulation over {accumulate} steps."
+    return text + (f" To keep the effective batch, use batch {batch} with gradient accumulation over {accumulate} "
+                   "steps (from a group's 2nd batch on the gradients are held all step long, so less fits).")

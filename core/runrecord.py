@@ -430,6 +430,11 @@ def memory_key(config: RunConfig | None, num_classes: int, input_shape) -> str |
     if config is None or not num_classes or not input_shape:
         return None
     m, o = config.model, config.optim
-    return json.dumps([m.name, int(num_classes), [int(v) for v in input_shape], config.data.batch_size,
-                       o.optimizer, o.momentum, config.precision, m.freeze, m.freeze_stages,
-                       m.small_input_stem])
+    key = [m.name, int(num_classes), [int(v) for v in input_shape], config.data.batch_size,
+           o.optimizer, o.momentum, config.precision, m.freeze, m.freeze_stages, m.small_input_stem]
+    # Gradient accumulation raises the peak (the gradients are held all step long). Appended only
+    # above 1, so the keys of plain runs, whose estimate it does not change, stay valid; estimates
+    # cached for accumulated runs before the estimator counted it no longer match.
+    if o.accumulation_steps > 1:
+        key.append({"accumulation_steps": int(o.accumulation_steps)})
+    return json.dumps(key)

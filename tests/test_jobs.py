@@ -249,6 +249,31 @@ def test_the_memory_check_counts_gradient_accumulation(tmp_path, tiny_config):
     manager.check_fits(tiny_config, now=True)   # the plain run is admitted under the same cap
 
 
+def test_a_refused_plain_run_is_offered_a_batch_that_fits_accumulated(tmp_path, tiny_config):
+    """The refusal of a run without accumulation names the batch that fits as it is, and the batch
+    to pair with accumulation to keep the effective batch: that one must fit with accumulation (the
+    gradients held all step long), which is less. ResNet-18 (small stem, 32×32, batch 16) under a
+    cap that batch 12 fits without accumulation (it suggested batch 12 with accumulation before)."""
+    tiny_config.model.name, tiny_config.model.small_input_stem = "resnet18", True
+    tiny_config.data.batch_size = 12
+    cap = resources.training_memory(tiny_config, 3, [3, 32, 32], "cpu")
+    tiny_config.data.batch_size = 16
+    manager = JobManager(runs_dir=tmp_path, max_jobs=1, max_job_memory=cap)
+    with pytest.raises(ConfigError) as refused:
+        manager.check_fits(tiny_config, now=True)
+    text = str(refused.value)
+    assert "Batch 12 fits; lower the batch size" in text
+    batch = int(text.split("use batch ")[1].split()[0])
+    steps = int(text.split("gradient accumulation over ")[1].split()[0])
+    assert 1 <= batch < 12 and steps == -(-16 // batch) >= 2
+    assert "the gradients are held all step long, so less fits" in text
+    tiny_config.data.batch_size, tiny_config.optim.accumulation_steps = batch, steps
+    manager.check_fits(tiny_config, now=True)   # what it suggests is admitted under the same cap
+    tiny_config.data.batch_size = batch + 1
+    with pytest.raises(ConfigError):   # and it is the largest such batch
+        manager.check_fits(tiny_config, now=True)
+
+
 def test_a_run_the_memory_check_cannot_size_is_admitted(tmp_path, tiny_config):
     """A dataset that is not there cannot be sized: the run is queued and says what is wrong itself."""
     tiny_config.data.location = str(tmp_path / "nope")

@@ -502,6 +502,9 @@ def test_zoo_factory_results_are_cached():
     ({"input_shape": (3, 0, 32)}, ["Input shape"]),
     ({"momentum": -0.1}, ["Momentum"]),
     ({"device_overhead_bytes": -1}, ["device_overhead_bytes"]),
+    ({"accumulation_steps": 0}, ["accumulation_steps (gradient accumulation)", "1 or more", "got 0"]),
+    ({"accumulation_steps": 1.5}, ["accumulation_steps", "whole number of batches"]),
+    ({"accumulation_steps": True}, ["accumulation_steps"]),
 ])
 def test_bad_input_is_a_config_error(kwargs, words):
     args = {"model_factory": factory("tutorial_net"), "input_shape": (3, 32, 32), "batch_size": 4} | kwargs

@@ -543,3 +543,21 @@ def test_the_listener_follows_a_live_run_by_the_new_lines_of_its_events(runs_cop
     taken.clear()
     history.get(managed)                                  # no longer followed: read afresh
     assert taken == [events.stat().st_size]
+
+
+def test_the_cached_memory_estimate_is_keyed_by_gradient_accumulation():
+    """Issue 16: accumulation raises a run's predicted training memory (the gradients are held all
+    step long), so a cached estimate of an accumulated run made before the estimator counted it must
+    not match; the keys of plain runs stay what they were (their estimate did not change)."""
+    from core.runrecord import memory_key
+
+    config = RunConfig()
+    plain = memory_key(config, 10, [3, 32, 32])
+    assert json.loads(plain) == [config.model.name, 10, [3, 32, 32], config.data.batch_size, config.optim.optimizer,
+                                 config.optim.momentum, config.precision, config.model.freeze,
+                                 config.model.freeze_stages, config.model.small_input_stem]
+    config.optim.accumulation_steps = 4
+    accumulated = memory_key(config, 10, [3, 32, 32])
+    assert accumulated != plain and json.loads(accumulated)[-1] == {"accumulation_steps": 4}
+    config.optim.accumulation_steps = 2
+    assert memory_key(config, 10, [3, 32, 32]) not in (plain, accumulated)
