@@ -46,7 +46,7 @@ def _applied(ctx, train, out) -> dict:
 def test_the_recipe_fills_the_settings_and_says_which(page):
     ctx, train = page.ctx, page.train
     out = train.recommend(_values(ctx, {}))
-    assert out[0].startswith("Recipe for training from scratch on small images (4,400 training images)")
+    assert out[0].startswith("**Recipe for training from scratch on small images (4,400 training images)")
     got = _applied(ctx, train, out)
     assert got["data.batch_size"] == 128 and got["epochs"] == 40 and got["optim.scheduler"] == "onecycle"
     assert got["optim.lr"] == 0.05 and got["optim.nesterov"] is True and got["optim.label_smoothing"] == 0.1

@@ -192,8 +192,7 @@ class TrainTab(Controller):
         recipe = recipes.for_config(config, ctx.data_dir)
         updates = widget_updates(ctx, self.recipe_widgets, recipes.apply(config, recipe))
         session["recipe_key"] = key
-        note = f"{recipe.describe()} {' '.join(recipe.why)}. Change any setting; **Recommended settings** puts " \
-               "the recipe back."
+        note = f"**{recipe.describe()}** Change any setting; Recommended settings puts the recipe back."
         return (note, *updates)
 
     @safe
@@ -339,9 +338,8 @@ def _gpu_count() -> int:
 
 
 def _main_settings(ctx: AppContext, w: SimpleNamespace) -> None:
-    with gr.Row(equal_height=True):
-        w.recipe_note = gr.Markdown(RECIPE_HELP, elem_id="recipe_note")
-        w.recipe_btn = gr.Button("Recommended settings", size="sm", scale=0, min_width=190, elem_id="recipe_btn")
+    w.recipe_note = gr.Markdown(RECIPE_HELP, elem_id="recipe_note")
+    w.recipe_btn = gr.Button("Recommended settings", size="sm", elem_id="recipe_btn")
     with gr.Row():
         bind(ctx, gr.Slider(1, 200, value=_D.epochs, step=1, label="Epochs", elem_id="epochs"), "epochs")
         bind(ctx, gr.Dropdown(BUDGETS, value="epochs", label="Train for", elem_id="time_budget",
@@ -422,7 +420,7 @@ def _run_view(w: SimpleNamespace) -> None:
         w.start = gr.Button("Start training", variant="primary", elem_id="start_btn")
         w.stop = gr.Button("Stop", variant="stop", elem_id="stop_btn")
         w.resume = gr.Button("Resume last run", elem_id="resume_btn")
-    with gr.Row(equal_height=True):
+    with gr.Row():
         w.cost_note = gr.Markdown(COST_HELP, elem_id="cost_note")
         w.cost_btn = gr.Button("Estimate time", size="sm", scale=0, min_width=150, elem_id="cost_btn")
     w.status = gr.Textbox(label="Status", interactive=False, elem_id="train_status",
