@@ -102,6 +102,9 @@ def shot(pg, name: str) -> None:
 def open_tab(pg, name: str) -> None:
     pg.get_by_role("tab", name=name, exact=True).click()
     pg.wait_for_timeout(300)
+    if name == "Train":   # opening it fills the settings from the recipe: edit them after that, not before
+        from playwright.sync_api import expect
+        expect(pg.locator("#recipe_note")).to_contain_text("Recipe for", timeout=60_000)
 
 
 def _toasts(pg) -> list[str]:
