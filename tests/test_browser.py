@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from core.config import DataConfig
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -99,10 +98,12 @@ def shot(pg, name: str) -> None:
     pg.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
-def open_tab(pg, name: str) -> None:
+def open_tab(pg, name: str, recipe: bool = True) -> None:
     pg.get_by_role("tab", name=name, exact=True).click()
     pg.wait_for_timeout(300)
-    if name == "Train":   # opening it fills the settings from the recipe: edit them after that, not before
+    # Opening the Train tab fills the settings from the recipe: edit them after that, not before
+    # (recipe=False: a page that reconnected to a run shows that run's settings, and no recipe comes).
+    if name == "Train" and recipe:
         from playwright.sync_api import expect
         expect(pg.locator("#recipe_note")).to_contain_text("Recipe for", timeout=60_000)
 
@@ -178,7 +179,8 @@ def test_student_flow_in_the_browser(page):
     epochs.fill("10")
     epochs.press("Enter")
     expect(pg.locator("#epochs input[type=range]")).to_have_value("10")
-    expect(pg.locator("#batch_size input")).to_have_value(str(DataConfig().batch_size))  # the engine's default
+    expect(pg.locator("#batch_size input")).to_have_value("128")   # the recipe's, not DataConfig's 32
+    expect(pg.locator("#recipe_note")).to_contain_text("Recipe for training from scratch on small images")
     pg.locator("#start_btn").click()
     status = pg.locator("#train_status textarea")
     expect(status).to_have_value(re.compile(r"^(Starting|Training|Queued)"), timeout=20_000)
@@ -209,7 +211,7 @@ def test_student_flow_in_the_browser(page):
             pg.lab["console_errors"] = [e for e in pg.lab["console_errors"]
                                         if not e.startswith(("AbortError", "Unexpected error Connection errored out"))]
             expect(pg.locator("#data_info")).to_contain_text("6,000 images", timeout=60_000)
-            open_tab(pg, "Train")
+            open_tab(pg, "Train", recipe=False)
             status = pg.locator("#train_status textarea")
             expect(status).to_have_value(re.compile(rf"^(Training|Finished) — tutorial_net — run {run_id}"),
                                          timeout=20_000)
