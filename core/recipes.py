@@ -77,14 +77,14 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def _precision(model: str, device_type: str) -> str:
+def _precision(model: str, device_type: str, tiny_maps: bool = False) -> str:
     import torch
     if device_type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     # On a CPU with native bf16, where it measured faster for the model (core.cpuspeed: the tutorial
     # Net 10.1 s against 12.7 s for 40 sample epochs, 55 % against 56 % test accuracy; ResNet-18 2.3×;
     # the depthwise families slower).
-    if device_type == "cpu" and cpu_has_bf16() and cpuspeed.bf16_pays(model):
+    if device_type == "cpu" and cpu_has_bf16() and cpuspeed.bf16_pays(model, tiny_maps):
         return "bf16"
     return "fp32"
 
@@ -98,13 +98,15 @@ def _batch(n_train: int, device_type: str = "cpu") -> int:
     return b
 
 
-def recommend(model: str, *, pretrained: bool, n_train: int, image_side: int, device_type: str = "cpu") -> Recipe:
+def recommend(model: str, *, pretrained: bool, n_train: int, image_side: int, device_type: str = "cpu",
+              small_stem: bool = True) -> Recipe:
     """The recipe for training ``model`` (pretrained or not) on ``n_train`` images fed at
-    ``image_side`` pixels, on a device of ``device_type`` ('cpu', 'cuda', 'mps')."""
+    ``image_side`` pixels, on a device of ``device_type`` ('cpu', 'cuda', 'mps'); ``small_stem``: the
+    model's small-input stem is on (model.small_input_stem)."""
     n = max(1, n_train)
     batch = _batch(n, device_type)
     common = {"data.batch_size": batch, "optim.scheduler": "onecycle", "optim.onecycle_warmup": 0.25,
-              "optim.warmup_epochs": 0, "optim.label_smoothing": 0.1, "precision": _precision(model, device_type)}
+              "optim.warmup_epochs": 0, "optim.label_smoothing": 0.1, "precision": _precision(model, device_type, tiny_maps=not small_stem and image_side < SMALL_IMAGE)}
     if model in TRANSFORMERS:
         lr = 1e-4 if pretrained else 1e-3
         fields = {"optim.optimizer": "adamw", "optim.lr": lr, "optim.head_lr": None, "optim.weight_decay": 0.05}
@@ -168,4 +170,5 @@ def for_config(config: RunConfig, data_dir, dataset=None) -> Recipe:
     h, w = trainer.input_size_for(config, trainer._native_size(ds))
     device = trainer.resolve_device(config.device)
     return recommend(config.model.name, pretrained=bool(config.model.pretrained or config.model.weights_path),
-                     n_train=len(split.train), image_side=min(h, w), device_type=device.type)
+                     n_train=len(split.train), image_side=min(h, w), device_type=device.type,
+                     small_stem=config.model.small_input_stem)

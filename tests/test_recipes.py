@@ -58,6 +58,8 @@ def test_bf16_only_where_it_measured_faster():
     pick = lambda m: recipes.recommend(m, pretrained=False, n_train=5000, image_side=32).fields["precision"]
     assert pick("resnet18") == pick("cifar_fast") == "bf16"
     assert pick("mobilenet_v3_small") == pick("shufflenet_v2_x1_0") == pick("alexnet") == "fp32"
+    imagenet_stem = recipes.recommend("resnet18", pretrained=False, n_train=5000, image_side=32, small_stem=False)
+    assert imagenet_stem.fields["precision"] == "fp32"   # 8×8 maps and smaller: bf16 measured slower
 
 
 def test_fine_tuning_and_transformers_have_their_own_recipes():
