@@ -453,6 +453,15 @@ def uses_channels_last(config: RunConfig, device: torch.device) -> bool:
     return device.type == "cpu" and cpuspeed.channels_last_pays(config.model.name, config.precision)
 
 
+def _on_device(model: nn.Module, config: RunConfig, device: torch.device) -> nn.Module:
+    """``model`` in the run's memory layout (marked, for _channels_last) on ``device``: the one set-up
+    the run and the cost measurement share."""
+    if uses_channels_last(config, device):
+        model = model.to(memory_format=torch.channels_last)
+        model._lab_channels_last = True
+    return model.to(device)
+
+
 def _channels_last(model: nn.Module) -> bool:
     """Whether the model takes its input in channels_last (uses_channels_last). Looks through
     DataParallel and DistributedDataParallel: the wrappers do not carry the model's attributes."""
@@ -661,11 +670,7 @@ def _sync_device(device: torch.device) -> None:
 
 def _timed_train_steps(prep, config: RunConfig, max_seconds: float) -> tuple[float, int, torch.nn.Module, object]:
     """(median seconds per step after the warm-up, steps timed, the model copy, its optimiser)."""
-    model = copy.deepcopy(prep.model)
-    if uses_channels_last(config, prep.device):
-        model = model.to(memory_format=torch.channels_last)
-        model._lab_channels_last = True
-    model.to(prep.device)
+    model = _on_device(copy.deepcopy(prep.model), config, prep.device)
     models.set_train_mode(model, True)
     optimizer = build_optimizer(model, config)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
@@ -1007,10 +1012,7 @@ def _setup(config: RunConfig, prep: Prepared) -> _Run:
     device, model = prep.device, prep.model
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not config.deterministic
-    if uses_channels_last(config, device):
-        model = model.to(memory_format=torch.channels_last)
-        model._lab_channels_last = True
-    model.to(device)
+    model = _on_device(model, config, device)
     if distributed.active():   # one process per device (torchrun); DataParallel is not used with it
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     elif config.multi_gpu and device.type == "cuda" and torch.cuda.device_count() > 1:
